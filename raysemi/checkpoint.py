@@ -1,0 +1,61 @@
+"""The raysemi checkpoint format: networks, config and (for resuming) the whole training state.
+
+Files are plain `torch.save` dicts of tensors and primitives, loaded with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from raysemi.errors import UserError
+
+FORMAT = "raysemi-checkpoint"
+VERSION = 1
+
+
+def save(path: str | Path, payload: dict[str, Any]) -> Path:
+    """Write atomically (temp file, then rename) so a crash never leaves half a checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save({"format": FORMAT, "version": VERSION, **payload}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a raysemi checkpoint; anything else is a one-line UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint file not found")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # pickle errors, zip errors, unsafe globals
+        raise UserError(f"{path}: not a raysemi checkpoint (torch.load failed: {str(err).splitlines()[0][:200]})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise UserError(f"{path}: format: not a raysemi checkpoint; expected a file written by raysemi.train")
+    for key in ("config", "networks"):
+        if key not in ckpt:
+            raise UserError(f"{path}: {key}: missing from the checkpoint")
+    return ckpt
+
+
+def load_network(module: nn.Module, state: dict[str, Any], path: str | Path, name: str) -> None:
+    """`load_state_dict` with a clear error when the checkpoint is for another architecture."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as err:
+        first = [line.strip() for line in str(err).splitlines() if line.strip()][1:2]
+        raise UserError(f"{path}: networks.{name}: does not match the model "
+                        f"({first[0][:200] if first else 'state dict mismatch'})") from None

@@ -1,0 +1,272 @@
+"""One typed config: every hyperparameter of every strategy, with the reference defaults.
+
+Values come from the dataclass defaults, then a YAML file, then CLI flags (each field is a flag,
+its name with dashes). `validate()` turns bad values into one-line `UserError`s that name the
+source, the field, the value and what was expected. The resolved config is saved next to a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from raysemi.errors import UserError
+
+#: YAML keys accepted as other names of a field (the reference's spelling).
+ALIASES = {"DAN_lr": "dan_lr", "T": "uncertainty_passes", "labeled_num": "labeled_patients"}
+
+
+def _f(default: Any, help: str, group: str = "training") -> Any:
+    """A dataclass field with its help text and CLI group (read by `add_config_arguments`)."""
+    kw = {"default_factory": lambda: default} if isinstance(default, (list, tuple)) else {"default": default}
+    return field(metadata={"help": help, "group": group}, **kw)
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs. Defaults are those of the SSL4MIS 2D ACDC scripts."""
+
+    # what and where
+    method: str = _f("supervised", "strategy to train (see --list-methods)", "run")
+    model: str = _f("auto", "network: 'auto' takes the strategy's own (unet, or unet_ds for pyramid_consistency)", "run")
+    data: str = _f("phantom", "dataset root in the SSL4MIS ACDC layout, or 'phantom' for the built-in synthetic set", "run")
+    labeled_patients: int = _f(7, "number of training patients whose slices are labeled (taken in list order)", "run")
+    num_classes: int = _f(4, "output classes, background included (ACDC: background, RV, Myo, LV)", "run")
+    in_channels: int = _f(1, "image channels", "run")
+    output: str = _f("", "run folder for config, checkpoints and log (default: runs/<method>-<time>)", "run")
+    device: str = _f("auto", "'auto' (cuda when available), 'cpu', 'cuda' or 'cuda:N'", "run")
+    seed: int = _f(1337, "random seed for weights, sampling and augmentation", "run")
+    # optimisation
+    max_iterations: int = _f(30000, "training iterations (optimizer steps)")
+    batch_size: int = _f(24, "slices per batch (labeled + unlabeled)")
+    labeled_bs: int = _f(12, "labeled slices per batch; the rest are unlabeled")
+    patch_size: tuple[int, int] = _f((256, 256), "training slice size H W (slices are resized to it)")
+    base_lr: float = _f(0.01, "SGD learning rate before the poly decay")
+    momentum: float = _f(0.9, "SGD momentum")
+    weight_decay: float = _f(1e-4, "SGD weight decay")
+    amp: str = _f("auto", "mixed precision: 'auto' (bf16 on CUDA, off on CPU), 'bf16' or 'off'")
+    channels_last: str = _f("auto", "channels_last memory format: 'auto' (on with bf16 on CUDA), 'on' or 'off'")
+    # semi-supervised
+    consistency: float = _f(0.1, "final weight of the unsupervised term", "strategy")
+    consistency_rampup: float = _f(200.0, "ramp length of the consistency weight, in ramp units", "strategy")
+    rampup_interval: int = _f(150, "iterations per ramp unit (the reference's iter // 150)", "strategy")
+    mt_warmup: int = _f(1000, "mean_teacher: iterations before the consistency term starts (reference: 1000)", "strategy")
+    ema_decay: float = _f(0.99, "teacher EMA decay (mean_teacher, uamt, ict)", "strategy")
+    uncertainty_threshold_start: float = _f(0.75, "uamt: threshold start, as a fraction of ln 2", "strategy")
+    uncertainty_threshold_end: float = _f(1.0, "uamt: threshold end, as a fraction of ln 2", "strategy")
+    uncertainty_passes: int = _f(8, "uamt: noisy teacher passes T for the uncertainty map", "strategy")
+    ict_alpha: float = _f(0.2, "ict: Beta(alpha, alpha) of the mixing factor", "strategy")
+    entropy_classes: int = _f(4, "entropy_minimization: C in the ln(C) normaliser (the 2D reference hard-codes 4)", "strategy")
+    dan_lr: float = _f(1e-4, "adversarial: discriminator Adam learning rate (reference DAN_lr)", "strategy")
+    # evaluation and reporting
+    eval_interval: int = _f(200, "validate every this many iterations", "evaluation")
+    eval_batch_size: int = _f(32, "slices per forward pass during validation", "evaluation")
+    eval_hd95: bool = _f(True, "compute HD95 at each validation (Dice only when off)", "evaluation")
+    eval_model: str = _f("student", "network to validate and keep: 'student' or 'teacher' (EMA)", "evaluation")
+    log_interval: int = _f(20, "log training losses every this many iterations", "evaluation")
+    tracking_uri: str = _f("", "MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)", "tracking")
+    experiment: str = _f("raysemi", "MLflow experiment name", "tracking")
+    run_name: str = _f("", "MLflow run name (default: the run folder's name)", "tracking")
+    # testing
+    fault_nan_at: int = _f(-1, "testing only: make the loss NaN at this iteration (-1: never)", "testing")
+
+    # ---- derived -------------------------------------------------------------------------
+    @property
+    def unlabeled_bs(self) -> int:
+        return self.batch_size - self.labeled_bs
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["patch_size"] = list(self.patch_size)
+        return d
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return from_dict({**self.to_dict(), **changes}, source="overrides")
+
+    def validate(self, source: str | dict[str, str] = "config") -> "TrainConfig":
+        """Check every value; raise UserError naming source, field, value and expectation.
+
+        `source` names where the values came from: one string, or a field -> source mapping
+        (fields not in it are reported as coming from 'config').
+        """
+        from raysemi.methods import list_methods, resolve_method_name
+        from raysemi.models import list_models
+
+        def bad(name: str, expected: str) -> None:
+            src = source.get(name, "config") if isinstance(source, dict) else source
+            raise UserError(f"{src}: {name}: {getattr(self, name)!r} is invalid; expected {expected}")
+
+        try:
+            self.method = resolve_method_name(self.method)
+        except KeyError:
+            bad("method", f"one of {', '.join(list_methods())}")
+        if self.model != "auto" and self.model not in list_models():
+            bad("model", f"'auto' or one of {', '.join(list_models())}")
+        for name in ("num_classes",):
+            if getattr(self, name) < 2:
+                bad(name, "an integer >= 2")
+        for name in ("in_channels", "max_iterations", "batch_size", "eval_interval", "eval_batch_size",
+                     "log_interval", "rampup_interval", "uncertainty_passes", "entropy_classes"):
+            if getattr(self, name) < 1:
+                bad(name, "an integer >= 1" if name != "uncertainty_passes" else "T >= 1")
+        if self.entropy_classes < 2:
+            bad("entropy_classes", "an integer >= 2")
+        if self.labeled_patients < 1:
+            bad("labeled_patients", "at least 1 labeled patient")
+        if not 1 <= self.labeled_bs < self.batch_size and self.method != "supervised":
+            bad("labeled_bs", f"1 <= labeled_bs < batch_size ({self.batch_size}) so that the batch holds unlabeled slices")
+        if self.method == "supervised" and self.labeled_bs < 1:
+            bad("labeled_bs", "an integer >= 1")
+        if len(self.patch_size) != 2 or min(self.patch_size) < 16 or any(p % 16 for p in self.patch_size):
+            bad("patch_size", "two multiples of 16 (the UNet halves the size four times), e.g. 256 256")
+        for name in ("base_lr", "dan_lr"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v > 0):
+                bad(name, "a finite number > 0")
+        for name in ("weight_decay", "consistency", "consistency_rampup", "mt_warmup"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                bad(name, "a finite number >= 0")
+        if not 0 <= self.momentum < 1:
+            bad("momentum", "a number in [0, 1)")
+        if not 0 <= self.ema_decay < 1:
+            bad("ema_decay", "a number in [0, 1)")
+        if not (math.isfinite(self.ict_alpha) and self.ict_alpha > 0):
+            bad("ict_alpha", "a number > 0 (Beta(alpha, alpha))")
+        for name in ("uncertainty_threshold_start", "uncertainty_threshold_end"):
+            if not 0 <= getattr(self, name) <= 2:
+                bad(name, "a fraction of ln 2 in [0, 2]")
+        if self.amp not in ("auto", "bf16", "off"):
+            bad("amp", "'auto', 'bf16' or 'off'")
+        if self.channels_last not in ("auto", "on", "off"):
+            bad("channels_last", "'auto', 'on' or 'off'")
+        if self.eval_model not in ("student", "teacher"):
+            bad("eval_model", "'student' or 'teacher'")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            bad("device", "'auto', 'cpu', 'cuda' or 'cuda:N'")
+        return self
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _field_type(name: str) -> Any:
+    return typing.get_type_hints(TrainConfig)[name]
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    """Check a raw (YAML or CLI) value against the field's type; ints are accepted for floats."""
+    typ = _field_type(name)
+
+    def wrong(expected: str) -> UserError:
+        return UserError(f"{source}: {name}: {value!r} has the wrong type; expected {expected}")
+
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise wrong("true or false")
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise wrong("an integer")
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise wrong("a number")
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        raise wrong("a string")
+    # tuple[int, int]
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return tuple(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value, value)
+    raise wrong("two integers, e.g. [256, 256]")
+
+
+def from_dict(values: dict[str, Any], source: str = "config", base: TrainConfig | None = None) -> TrainConfig:
+    """Build a TrainConfig from a mapping; unknown keys and wrong types are UserErrors."""
+    if not isinstance(values, dict):
+        raise UserError(f"{source}: expected a mapping of config fields, got {type(values).__name__}")
+    kwargs = base.to_dict() if base is not None else {}
+    for key, value in values.items():
+        name = ALIASES.get(key, key)
+        if name not in FIELDS:
+            close = difflib.get_close_matches(str(key), list(FIELDS), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise UserError(f"{source}: {key}: unknown config key{hint}; expected one of the TrainConfig fields")
+        kwargs[name] = _coerce(name, value, source)
+    if "patch_size" in kwargs:
+        kwargs["patch_size"] = tuple(kwargs["patch_size"])
+    return TrainConfig(**kwargs)
+
+
+def load_yaml(path: str | Path, base: TrainConfig | None = None) -> TrainConfig:
+    """Read a YAML config file (a mapping of fields); errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: config file not found")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    return from_dict(values, source=str(path), base=base)
+
+
+def save_yaml(config: TrainConfig, path: str | Path) -> Path:
+    """Write the resolved config; `load_yaml` reads it back unchanged."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    return path
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """Add one flag per config field (`--batch-size`, `--ema-decay`, ...), default 'not given'."""
+    groups: dict[str, Any] = {}
+    defaults = TrainConfig()
+    for name, f in FIELDS.items():
+        if name in skip:
+            continue
+        group_name = f.metadata["group"]
+        if group_name not in groups:
+            groups[group_name] = parser.add_argument_group(f"config: {group_name}")
+        group = groups[group_name]
+        typ = _field_type(name)
+        flags = ["--" + name.replace("_", "-")]
+        flags += ["--" + a.replace("_", "-") for a, n in ALIASES.items() if n == name and len(a) > 1]
+        help_text = f"{f.metadata['help']} (default: {getattr(defaults, name)!r})"
+        kw: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
+        if typ is bool:
+            group.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
+        elif typ in (int, float, str):
+            group.add_argument(*flags, type=typ, metavar=name.upper() if typ is not str else "TEXT", **kw)
+        else:
+            group.add_argument(*flags, type=int, nargs=2, metavar=("H", "W"), **kw)
+
+
+def resolve(args: argparse.Namespace, config_file: str | None) -> TrainConfig:
+    """Defaults < YAML file < CLI flags; validated."""
+    sources: dict[str, str] = {}
+    config = TrainConfig()
+    if config_file:
+        config = load_yaml(config_file)
+        raw = yaml.safe_load(Path(config_file).read_text()) or {}
+        sources.update({ALIASES.get(k, k): str(config_file) for k in raw})
+    overrides = {k: v for k, v in vars(args).items() if k in FIELDS}
+    if overrides:
+        config = from_dict(overrides, source="command line", base=config)
+        sources.update({k: "--" + k.replace("_", "-") for k in overrides})
+    return config.validate(source=sources)

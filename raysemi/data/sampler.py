@@ -1,0 +1,142 @@
+"""Training slices as one tensor on the device, and the reference's two-stream batch sampling.
+
+A batch holds `labeled_bs` labeled slices (each drawn once per labeled epoch, reshuffled every
+epoch, an incomplete last group dropped, as `TwoStreamBatchSampler` does), then
+`batch_size - labeled_bs` unlabeled slices from an endless reshuffled stream. Indices are drawn on
+the CPU with a seeded generator (cheap, device independent); images never leave the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from raysemi.data.augment import augment, random_affines
+from raysemi.data.layout import TrainSlices
+
+
+@dataclass
+class Batch:
+    """`image` (B, C, H, W): the labeled slices first, then the unlabeled ones; `label` holds the
+    labels of the first `labeled_bs` slices only (B_l, H, W)."""
+
+    image: Tensor
+    label: Tensor
+
+    @property
+    def labeled_bs(self) -> int:
+        return self.label.shape[0]
+
+    @property
+    def unlabeled(self) -> Tensor:
+        return self.image[self.labeled_bs:]
+
+
+def resize_nearest(x: np.ndarray | Tensor, size: tuple[int, int]) -> Tensor:
+    """Nearest resize of (H, W) or (N, H, W) to `size`; integer labels stay integers."""
+    t = torch.as_tensor(x)
+    squeeze = t.dim() == 2
+    t = t[None] if squeeze else t
+    if tuple(t.shape[-2:]) != tuple(size):
+        dtype = t.dtype
+        t = F.interpolate(t[:, None].float(), size=tuple(size), mode="nearest")[:, 0].to(dtype)
+    return t[0] if squeeze else t
+
+
+@dataclass
+class TrainTensors:
+    """Training slices resized to the patch size; `labels` has rows for labeled slices only."""
+
+    images: Tensor  # (N, 1, H, W) float32
+    labels: Tensor  # (N_labeled, H, W) uint8, row i belongs to images[labeled_idx[i]]
+    labeled_idx: Tensor
+    unlabeled_idx: Tensor
+
+    @classmethod
+    def from_slices(cls, data: TrainSlices, patch_size: tuple[int, int]) -> "TrainTensors":
+        images = torch.stack([resize_nearest(im, patch_size) for im in data.images])[:, None].float()
+        labels = torch.stack([resize_nearest(data.labels[int(i)], patch_size) for i in data.labeled_idx]).to(torch.uint8) \
+            if len(data.labeled_idx) else torch.zeros(0, *patch_size, dtype=torch.uint8)
+        return cls(images, labels, torch.as_tensor(data.labeled_idx, dtype=torch.long),
+                   torch.as_tensor(data.unlabeled_idx, dtype=torch.long))
+
+    def to(self, device: torch.device | str) -> "TrainTensors":
+        return TrainTensors(self.images.to(device), self.labels.to(device), self.labeled_idx, self.unlabeled_idx)
+
+
+class _Stream:
+    """Endless shuffled passes over `n` items, served `k` at a time."""
+
+    def __init__(self, n: int, k: int, generator: torch.Generator, drop_last: bool) -> None:
+        if n < 1 or (drop_last and n < k):
+            raise ValueError(f"cannot draw {k} of {n} items per batch")
+        self.n, self.k, self.gen, self.drop_last = n, k, generator, drop_last
+        self.perm = torch.randperm(n, generator=generator)
+        self.pos = 0
+
+    def next(self) -> Tensor:
+        out = []
+        need = self.k
+        while need:
+            if self.pos >= self.n or (self.drop_last and self.n - self.pos < self.k):
+                self.perm, self.pos = torch.randperm(self.n, generator=self.gen), 0
+            take = self.perm[self.pos:self.pos + need]
+            self.pos += len(take)
+            need -= len(take)
+            out.append(take)
+        return torch.cat(out)
+
+    def state(self) -> dict:
+        return {"perm": self.perm.clone(), "pos": self.pos}
+
+    def load(self, state: dict) -> None:
+        self.perm, self.pos = state["perm"].clone(), int(state["pos"])
+
+
+class BatchSampler:
+    """Draws augmented batches from device-resident `TrainTensors`.
+
+    `unlabeled_bs = 0` gives labeled-only batches (the supervised baseline). The labeled stream
+    wraps without dropping when there are fewer labeled slices than `labeled_bs`.
+    """
+
+    def __init__(self, data: TrainTensors, labeled_bs: int, unlabeled_bs: int, seed: int,
+                 augment_batches: bool = True) -> None:
+        self.data = data
+        self.generator = torch.Generator().manual_seed(seed)
+        n_lab = len(data.labeled_idx)
+        self.labeled = _Stream(n_lab, labeled_bs, self.generator, drop_last=n_lab >= labeled_bs)
+        self.unlabeled = _Stream(len(data.unlabeled_idx), unlabeled_bs, self.generator, False) if unlabeled_bs else None
+        if unlabeled_bs and len(data.unlabeled_idx) == 0:
+            raise ValueError("no unlabeled slices: every training patient is labeled")
+        self.augment = augment_batches
+
+    def next(self) -> Batch:
+        device = self.data.images.device
+        rows = self.labeled.next()
+        idx = self.data.labeled_idx[rows]
+        if self.unlabeled is not None:
+            idx = torch.cat([idx, self.data.unlabeled_idx[self.unlabeled.next()]])
+        image = self.data.images[idx.to(device)]
+        label = self.data.labels[rows.to(device)].long()
+        if self.augment:
+            theta = random_affines(len(idx), self.generator, tuple(image.shape[-2:]))
+            lab_full = torch.zeros(image.shape[0], *image.shape[-2:], dtype=torch.long, device=device)
+            lab_full[: len(rows)] = label
+            image, lab_full = augment(image, lab_full, theta)
+            label = lab_full[: len(rows)]
+        return Batch(image.contiguous(), label)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "labeled": self.labeled.state(),
+                "unlabeled": self.unlabeled.state() if self.unlabeled else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.labeled.load(state["labeled"])
+        if self.unlabeled is not None and state["unlabeled"] is not None:
+            self.unlabeled.load(state["unlabeled"])

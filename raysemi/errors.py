@@ -1,0 +1,46 @@
+"""User-facing errors and the CLI wrapper that turns them into one line and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+
+class UserError(ValueError):
+    """Bad input from the user: printed as one line, never as a traceback (unless --debug)."""
+
+
+def run_cli(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = None) -> int:
+    """Run a CLI entry point: a UserError (or ValueError from a constructor) becomes one line.
+
+    Exit code 2 for bad input; `--debug` anywhere on the command line, or RAYSEMI_DEBUG=1,
+    re-raises instead so the traceback is shown.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("RAYSEMI_DEBUG") == "1"
+    try:
+        return main(args) or 0
+    except UserError as err:
+        if debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a `--debug` flag on every CLI; usage errors exit 2 with one line."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+        self.add_argument("--debug", action="store_true",
+                          help="show full tracebacks instead of one-line errors")
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        self.exit(2, f"error: {message}\n")

@@ -1,0 +1,263 @@
+"""The method-agnostic training loop: the same code under `raysemi.train`, Ray Tune and tests.
+
+It owns what the reference repeats in every script: SGD with the poly schedule, the teacher's
+EMA update, the strategy's after-step hook, evaluation every `eval_interval` iterations,
+best-checkpoint keeping, NaN detection and reporting through callbacks. No Ray or MLflow here:
+those arrive as callbacks.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from raysemi import checkpoint
+from raysemi.config import TrainConfig
+from raysemi.data import BatchSampler, Dataset, TrainTensors
+from raysemi.errors import UserError
+from raysemi.inference import evaluate_volumes
+from raysemi.methods import create_method, get_method
+from raysemi.metrics import Summary
+from raysemi.models import create_model
+from raysemi.schedules import ema_alpha, poly_lr
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+class Callback:
+    """Hooks the loop calls; override what you need. `trainer` is the running `Trainer`."""
+
+    def on_train_start(self, trainer: "Trainer") -> None: ...
+    def on_log(self, trainer: "Trainer", iteration: int, metrics: dict[str, float]) -> None: ...
+    def on_eval(self, trainer: "Trainer", iteration: int, metrics: dict[str, float], is_best: bool) -> None: ...
+    def on_train_end(self, trainer: "Trainer", result: "LoopResult") -> None: ...
+
+
+@dataclass
+class LoopResult:
+    iterations: int
+    best_dice: float
+    best_iteration: int
+    best_metrics: dict[str, float]
+    last_metrics: dict[str, float]
+    seconds: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device: {name!r} is not available on this machine (no CUDA); use --device cpu")
+    return device
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, alpha: float) -> None:
+    """`theta_t = alpha * theta_t + (1 - alpha) * theta_s` over parameters (not buffers, as the
+    reference)."""
+    t_params = [p for p in teacher.parameters()]
+    s_params = [p.detach() for p in student.parameters()]
+    if hasattr(torch, "_foreach_lerp_"):
+        torch._foreach_lerp_(t_params, s_params, 1.0 - alpha)
+    else:  # pragma: no cover
+        for t, s in zip(t_params, s_params):
+            t.mul_(alpha).add_(s, alpha=1.0 - alpha)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """Builds the strategy, its networks and optimisers from a config, and trains them."""
+
+    def __init__(self, config: TrainConfig, data: Dataset, callbacks: list[Callback] | tuple = (),
+                 output_dir: str | Path | None = None, device: torch.device | None = None) -> None:
+        self.config = config
+        self.data = data
+        self.callbacks = list(callbacks)
+        self.output_dir = Path(output_dir) if output_dir else None
+        self.device = device or resolve_device(config.device)
+        seed_everything(config.seed)
+        cls = get_method(config.method)
+        self.model_name = cls.models[0] if config.model == "auto" else config.model
+        if self.model_name not in cls.models:
+            raise UserError(f"config: model: {self.model_name!r} cannot be used by {cls.name}; "
+                            f"expected one of {', '.join(cls.models)}")
+        student = create_model(self.model_name, in_channels=config.in_channels, num_classes=config.num_classes)
+        try:
+            self.strategy = create_method(config.method, student, **config.to_dict())
+        except ValueError as err:
+            raise UserError(f"config: {err}") from None
+        self.amp = config.amp == "bf16" or (config.amp == "auto" and self.device.type == "cuda")
+        self.channels_last = config.channels_last == "on" or (
+            config.channels_last == "auto" and self.amp and self.device.type == "cuda")
+        self.strategy.to(self.device)
+        if self.channels_last:
+            self.strategy.to(memory_format=torch.channels_last)
+        self.optimizer = torch.optim.SGD(self.strategy.student.parameters(), lr=config.base_lr,
+                                         momentum=config.momentum, weight_decay=config.weight_decay)
+        self.extra_optimizers = self.strategy.extra_optimizers()
+        self.train_tensors = TrainTensors.from_slices(data.train, config.patch_size).to(self.device)
+        unlabeled_bs = config.unlabeled_bs if cls.uses_unlabeled else 0
+        labeled_bs = config.labeled_bs if cls.uses_unlabeled else config.batch_size
+        try:
+            self.sampler = BatchSampler(self.train_tensors, labeled_bs, unlabeled_bs, config.seed)
+        except ValueError as err:
+            raise UserError(f"{data.root}: {err}") from None
+        self.iteration = 0
+        self.best: dict[str, Any] = {"dice": -math.inf, "iteration": -1, "metrics": {}}
+        self.history: list[dict[str, float]] = []
+        self.last_metrics: dict[str, float] = {}
+
+    # -- evaluation ------------------------------------------------------------------------
+    def eval_network(self, which: str | None = None) -> nn.Module:
+        which = which or self.config.eval_model
+        if which == "teacher":
+            if self.strategy.teacher is None:
+                raise UserError(f"config: eval_model: 'teacher' but {self.config.method} has no teacher; expected 'student'")
+            return self.strategy.teacher
+        return self.strategy.student
+
+    def evaluate(self, volumes=None, which: str | None = None, distances: bool | None = None) -> Summary:
+        """Per-volume metrics of the student (or teacher) on the validation volumes (or others)."""
+        net = self.eval_network(which)
+        return evaluate_volumes(net, self.data.val if volumes is None else volumes, self.config.num_classes,
+                                self.config.patch_size, self.device, self.config.eval_batch_size,
+                                self.config.eval_hd95 if distances is None else distances, self.amp,
+                                self.channels_last)
+
+    # -- state -----------------------------------------------------------------------------
+    def checkpoint_payload(self, full: bool = True) -> dict[str, Any]:
+        """Networks and config; with `full`, everything needed to resume bit-for-bit."""
+        payload: dict[str, Any] = {
+            "config": self.config.to_dict(), "model": self.model_name, "iteration": self.iteration,
+            "best": {"dice": float(self.best["dice"]), "iteration": int(self.best["iteration"])},
+            "networks": {name: m.state_dict() for name, m in self.strategy.networks().items()},
+        }
+        if full:
+            payload.update(
+                optimizer=self.optimizer.state_dict(),
+                extra_optimizers={k: o.state_dict() for k, o in self.extra_optimizers.items()},
+                sampler=self.sampler.state_dict(),
+                rng={"torch": torch.get_rng_state(),
+                     "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None},
+                history=[{k: float(v) for k, v in h.items()} for h in self.history],
+                best_metrics={k: float(v) for k, v in self.best["metrics"].items()},
+            )
+        return payload
+
+    def save(self, path: str | Path, full: bool = True) -> Path:
+        return checkpoint.save(path, self.checkpoint_payload(full))
+
+    def load(self, path: str | Path) -> None:
+        """Resume from a full checkpoint written by `save`."""
+        ckpt = checkpoint.load(path, map_location=self.device)
+        nets = self.strategy.networks()
+        for name, state in ckpt["networks"].items():
+            if name not in nets:
+                raise UserError(f"{path}: networks.{name}: not a network of {self.config.method}")
+            checkpoint.load_network(nets[name], state, path, name)
+        if "optimizer" not in ckpt:
+            raise UserError(f"{path}: optimizer: missing; expected a full (resumable) checkpoint such as last.pt")
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        for k, state in ckpt.get("extra_optimizers", {}).items():
+            self.extra_optimizers[k].load_state_dict(state)
+        self.sampler.load_state_dict(ckpt["sampler"])
+        torch.set_rng_state(ckpt["rng"]["torch"].cpu())
+        if ckpt["rng"].get("cuda") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu(), self.device)
+        self.iteration = int(ckpt["iteration"])
+        self.best = {"dice": ckpt["best"]["dice"], "iteration": ckpt["best"]["iteration"],
+                     "metrics": dict(ckpt.get("best_metrics", {}))}
+        self.history = list(ckpt.get("history", []))
+
+    # -- training --------------------------------------------------------------------------
+    def _validate(self) -> None:
+        summary = self.evaluate()
+        metrics = {f"val/{k}": v for k, v in summary.means().items()}
+        metrics["iteration"] = float(self.iteration)
+        is_best = metrics["val/dice"] > self.best["dice"]
+        if is_best:
+            self.best = {"dice": metrics["val/dice"], "iteration": self.iteration, "metrics": metrics}
+        metrics["val/best_dice"] = float(self.best["dice"])
+        self.history.append(metrics)
+        self.last_metrics = metrics
+        if self.output_dir is not None:
+            if is_best:
+                self.save(self.output_dir / "best.pt", full=False)
+            self.save(self.output_dir / "last.pt", full=True)
+        for cb in self.callbacks:
+            cb.on_eval(self, self.iteration, metrics, is_best)
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
+
+    def fit(self) -> LoopResult:
+        cfg = self.config
+        start = time.perf_counter()
+        for cb in self.callbacks:
+            cb.on_train_start(self)
+        self.strategy.train()
+        teacher = self.strategy.teacher
+        t_log, it_log = time.perf_counter(), self.iteration
+        while self.iteration < cfg.max_iterations:
+            it = self.iteration
+            batch = self.sampler.next()
+            if self.channels_last:
+                batch.image = batch.image.contiguous(memory_format=torch.channels_last)
+            lr = poly_lr(it, cfg.max_iterations, cfg.base_lr)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            with self._autocast():
+                out = self.strategy.step(batch, it)
+            loss = out["loss"]
+            if it == cfg.fault_nan_at:  # test switch: a trial that diverges
+                loss = loss * float("nan")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            if teacher is not None:
+                ema_update(teacher, self.strategy.student, ema_alpha(it, self.strategy.ema_decay))
+            with self._autocast():
+                extra = self.strategy.after_step(batch, it)
+            self.iteration += 1
+            done = self.iteration >= cfg.max_iterations
+            if self.iteration % cfg.log_interval == 0 or done:
+                logs = {f"train/{k}": float(v.detach()) if isinstance(v, Tensor) else float(v)
+                        for k, v in {**out, **extra}.items()}
+                logs["train/loss"] = float(loss.detach())
+                if not math.isfinite(logs["train/loss"]):
+                    raise TrainingDiverged(f"loss is {logs['train/loss']} at iteration {self.iteration} "
+                                           f"({cfg.method}, base_lr={cfg.base_lr}, consistency={cfg.consistency})")
+                now = time.perf_counter()
+                logs["lr"] = lr
+                logs["it_per_s"] = (self.iteration - it_log) / max(now - t_log, 1e-9)
+                t_log, it_log = now, self.iteration
+                for cb in self.callbacks:
+                    cb.on_log(self, self.iteration, logs)
+            if self.iteration % cfg.eval_interval == 0 or done:
+                self._validate()
+                self.strategy.train()
+        if not self.history:  # resumed at the end, or max_iterations 0
+            self._validate()
+        result = LoopResult(self.iteration, float(self.best["dice"]), int(self.best["iteration"]),
+                            dict(self.best["metrics"]), dict(self.last_metrics), time.perf_counter() - start,
+                            list(self.history))
+        for cb in self.callbacks:
+            cb.on_train_end(self, result)
+        return result
