@@ -1,0 +1,525 @@
+"""Bad input through the real CLIs: exit code 2, one `error:` line naming the file or field and the
+value, no traceback (unless --debug), and nothing lost or half-written.
+
+The first cases run `python -m ...` in a subprocess exactly as a user would; the rest call the same
+`main` through `raysemi.errors.run_cli` in-process (a subprocess costs seconds of torch import).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from raysemi.errors import run_cli
+
+TINY = ["--labeled-patients", "2", "--patch-size", "32", "32", "--batch-size", "4", "--labeled-bs", "2",
+        "--max-iterations", "2", "--eval-interval", "2", "--device", "cpu"]
+KEEP = "precious user data\n"
+
+
+# ---- helpers ---------------------------------------------------------------------------------------
+def case(id_: str, *values, **kw):
+    return pytest.param(*values, id=id_, **kw)
+
+
+def train_args(data, out, *extra) -> list[str]:
+    """The tiny control run; flags in `extra` come last, so they override the tiny ones."""
+    return ["--data", str(data), *TINY, "--output", str(out), *map(str, extra)]
+
+
+def run_module(module: str, args: list, cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess:
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{cwd}/mlflow.db")
+    env.pop("RAYSEMI_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=timeout)
+
+
+def call(main, args: list, capsys) -> tuple[int, str]:
+    """`main` through run_cli in-process: (exit code, stderr)."""
+    capsys.readouterr()
+    try:
+        rc = run_cli(main, [str(a) for a in args])
+    except SystemExit as exit_:  # argparse errors exit from inside main
+        rc = exit_.code
+    return rc, capsys.readouterr().err
+
+
+def assert_one_line_error(rc: int, stderr: str, *needles: str, usage_ok: bool = False) -> str:
+    """Exit 2 and exactly one non-blank `error:` line holding every needle; argparse-level errors
+    (`usage_ok`) may print their usage block before it. Returns the error line."""
+    assert "Traceback" not in stderr, stderr
+    assert rc == 2, f"exit code {rc}, stderr:\n{stderr}"
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert lines, "nothing on stderr"
+    if usage_ok and len(lines) > 1:
+        assert lines[0].startswith("usage:"), stderr
+        assert sum(line.startswith("error:") for line in lines) == 1, stderr
+    else:
+        assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{stderr}"
+    line = lines[-1]
+    assert line.startswith("error:"), stderr
+    for needle in needles:
+        assert needle in line, f"{needle!r} not in {line!r}"
+    return line
+
+
+def seeded_output(tmp_path: Path) -> Path:
+    """A run folder that already holds a user's file (the runs below pass --overwrite)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text(KEEP)
+    return out
+
+
+def assert_untouched(out: Path) -> None:
+    """The seeded run folder still holds exactly the user's file, unchanged: nothing half-written."""
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert (out / "keep.txt").read_text() == KEEP
+
+
+def assert_no_run_folder(out: Path) -> None:
+    assert not out.exists() or not any(out.iterdir()), f"half-written run folder: {list(out.iterdir())}"
+
+
+def running_runs(db: Path) -> int:
+    """MLflow runs left in state RUNNING (a run started for a job that then refused to train)."""
+    if not db.is_file():
+        return 0
+    with sqlite3.connect(db) as con:
+        try:
+            return con.execute("SELECT COUNT(*) FROM runs WHERE status = 'RUNNING'").fetchone()[0]
+        except sqlite3.OperationalError:  # no tables yet
+            return 0
+
+
+def rewrite_h5(path: Path, drop: str | None = None, **change) -> Path:
+    """Rewrite an HDF5 case file with dataset `drop` removed and datasets replaced by
+    `change[name](old_array)`; attributes (spacing) are kept."""
+    with h5py.File(path, "r") as f:
+        data = {k: f[k][()] for k in f}
+        attrs = dict(f.attrs)
+    if drop:
+        del data[drop]
+    for name, fn in change.items():
+        data[name] = fn(data[name])
+    with h5py.File(path, "w") as f:
+        for k, v in data.items():
+            f.create_dataset(k, data=v)
+        for k, v in attrs.items():
+            f.attrs[k] = v
+    return path
+
+
+def _list(root: Path, split: str) -> list[str]:
+    return [s for s in (root / f"{split}.list").read_text().split() if s]
+
+
+def labeled_slice(root: Path) -> Path:
+    """A slice of the first patient of train_slices.list: labeled under --labeled-patients 2."""
+    return root / "data" / "slices" / f"{_list(root, 'train_slices')[0]}.h5"
+
+
+def unlabeled_slice(root: Path) -> Path:
+    return root / "data" / "slices" / f"{_list(root, 'train_slices')[-1]}.h5"
+
+
+def val_volume(root: Path) -> Path:
+    return root / "data" / f"{_list(root, 'val')[0]}.h5"
+
+
+def _with(fn):
+    def edit(a):
+        a = a.copy()
+        fn(a)
+        return a
+    return edit
+
+
+def _set_first(value):
+    return _with(lambda a: a.__setitem__((0,) * a.ndim, value))
+
+
+@pytest.fixture
+def data_copy(tiny_phantom, tmp_path) -> Path:
+    return Path(shutil.copytree(tiny_phantom, tmp_path / "data"))
+
+
+@pytest.fixture(scope="module")
+def mlflow_db(tmp_path_factory) -> Path:
+    """One sqlite store shared by the in-process runs, created up front so that MLflow's one-off
+    'creating tables' log lines do not land in a case's stderr."""
+    from mlflow.tracking import MlflowClient
+
+    db = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()
+    return db
+
+
+@pytest.fixture
+def in_process(monkeypatch, tmp_path, mlflow_db) -> Path:
+    """Environment of an in-process CLI call: MLflow to the shared store, cwd in tmp_path."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{mlflow_db}")
+    monkeypatch.delenv("RAYSEMI_DEBUG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    return mlflow_db
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_phantom, tmp_path_factory) -> Path:
+    """A real 2-iteration run folder (best.pt, last.pt, config.yaml) for the checkpoint cases.
+
+    It doubles as a control: one unlabeled slice of its data lacks `label`, which is allowed
+    (only the labeled patients' slices need one)."""
+    from raysemi.train import main
+
+    base = tmp_path_factory.mktemp("trained")
+    data = Path(shutil.copytree(tiny_phantom, base / "data"))
+    rewrite_h5(unlabeled_slice(data), drop="label")
+    out = base / "run"
+    assert run_cli(main, train_args(data, out, "--no-mlflow")) == 0
+    return out
+
+
+# ---- true subprocess runs --------------------------------------------------------------------------
+def test_missing_data_folder_subprocess(tmp_path):
+    out = tmp_path / "run"
+    r = run_module("raysemi.train", train_args("/nonexistent", out), tmp_path)
+    assert_one_line_error(r.returncode, r.stderr, "/nonexistent", "data folder not found")
+    assert_no_run_folder(out)
+    assert running_runs(tmp_path / "mlflow.db") == 0
+
+
+def test_missing_list_file_subprocess(data_copy, tmp_path):
+    (data_copy / "val.list").unlink()
+    out = tmp_path / "run"
+    r = run_module("raysemi.train", train_args(data_copy, out), tmp_path)
+    assert_one_line_error(r.returncode, r.stderr, str(data_copy / "val.list"), "not found")
+    assert_no_run_folder(out)
+    assert running_runs(tmp_path / "mlflow.db") == 0
+
+
+def test_output_folder_with_other_content_is_refused_subprocess(tiny_phantom, tmp_path):
+    out = seeded_output(tmp_path)
+    r = run_module("raysemi.train", train_args(tiny_phantom, out), tmp_path)  # no --overwrite
+    assert_one_line_error(r.returncode, r.stderr, str(out), "not empty")
+    assert_untouched(out)
+
+
+def test_yaml_unknown_key_subprocess(tiny_phantom, tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("batch_sise: 8\n")
+    out = tmp_path / "run"
+    r = run_module("raysemi.train", ["--config", cfg, *train_args(tiny_phantom, out)], tmp_path)
+    line = assert_one_line_error(r.returncode, r.stderr, str(cfg), "batch_sise", "unknown")
+    assert "batch_size" in line  # the suggestion
+    assert_no_run_folder(out)
+
+
+def test_tracking_server_not_answering_fails_fast_subprocess(tiny_phantom, tmp_path):
+    out = tmp_path / "run"
+    start = time.perf_counter()
+    r = run_module("raysemi.train", train_args(tiny_phantom, out, "--tracking-uri", "http://127.0.0.1:9"),
+                   tmp_path)
+    seconds = time.perf_counter() - start
+    assert_one_line_error(r.returncode, r.stderr, "tracking_uri", "http://127.0.0.1:9")
+    assert not out.exists(), "the tracking store must be checked before the run folder is made"
+    assert seconds < 30, f"took {seconds:.0f}s; expected a fast failure before any training"
+
+
+def test_evaluate_random_bytes_subprocess(tiny_phantom, tmp_path):
+    ckpt = tmp_path / "random.pt"
+    ckpt.write_bytes(random.Random(0).randbytes(4096))
+    csv = tmp_path / "results.csv"
+    csv.write_text(KEEP)
+    r = run_module("raysemi.evaluate", ["--checkpoint", ckpt, "--data", tiny_phantom, "--split", "val",
+                                        "--device", "cpu", "--out", csv], tmp_path)
+    assert_one_line_error(r.returncode, r.stderr, str(ckpt), "not a raysemi checkpoint")
+    assert csv.read_text() == KEEP
+
+
+def test_phantom_refuses_folder_with_other_content_subprocess(tmp_path):
+    out = seeded_output(tmp_path)
+    r = run_module("raysemi.data", ["phantom", "--out", out, "--patients", "3", "--size", "32", "32"], tmp_path)
+    assert_one_line_error(r.returncode, r.stderr, str(out), "not empty")
+    assert_untouched(out)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run.")], "temp folder left behind"
+
+
+def test_debug_shows_the_traceback_subprocess(tmp_path):
+    r = run_module("raysemi.train", train_args("/nonexistent", tmp_path / "run", "--debug"), tmp_path)
+    assert r.returncode not in (0, 2)
+    assert "Traceback" in r.stderr
+    assert "UserError" in r.stderr and "/nonexistent" in r.stderr
+
+
+# ---- training: corrupted data sets (in-process) ----------------------------------------------------
+DATA_CASES = [
+    # id, corrupt(root) -> the file the message must name, needles
+    case("missing_slice_file", lambda r: (unlabeled_slice(r).unlink(), unlabeled_slice(r))[1],
+         ["listed in train_slices.list", "missing"]),
+    case("labeled_slice_without_image", lambda r: rewrite_h5(labeled_slice(r), drop="image"), ["image", "missing"]),
+    case("labeled_slice_without_label", lambda r: rewrite_h5(labeled_slice(r), drop="label"), ["label", "missing"]),
+    case("val_volume_without_image", lambda r: rewrite_h5(val_volume(r), drop="image"), ["image", "missing"]),
+    case("val_volume_without_label", lambda r: rewrite_h5(val_volume(r), drop="label"), ["label", "missing"]),
+    case("labeled_slice_shape_mismatch", lambda r: rewrite_h5(labeled_slice(r), label=lambda a: a[:16]),
+         ["label", "(16, 32)", "(32, 32)"]),
+    case("val_volume_shape_mismatch", lambda r: rewrite_h5(val_volume(r), label=lambda a: a[:, :, :16]),
+         ["label", "32, 16)", "32, 32)"]),
+    case("label_value_7", lambda r: rewrite_h5(labeled_slice(r), label=_set_first(7)), ["label", "[7]", "[0, 4)"]),
+    case("label_value_negative", lambda r: rewrite_h5(val_volume(r), label=lambda a: (a.astype(np.int16) - 1)),
+         ["label", "-1", "[0, 4)"]),
+    case("nan_in_labeled_slice", lambda r: rewrite_h5(labeled_slice(r), image=_set_first(np.nan)), ["image", "NaN"]),
+    case("inf_in_unlabeled_slice", lambda r: rewrite_h5(unlabeled_slice(r), image=_set_first(np.inf)),
+         ["image", "inf"]),
+    case("inf_in_val_volume", lambda r: rewrite_h5(val_volume(r), image=_set_first(-np.inf)), ["image", "inf"]),
+    case("not_hdf5", lambda r: (labeled_slice(r).write_bytes(b"not hdf5"), labeled_slice(r))[1], ["HDF5"]),
+]
+
+
+@pytest.mark.parametrize("corrupt,needles", DATA_CASES)
+def test_corrupt_data(corrupt, needles, data_copy, tmp_path, in_process, capsys):
+    from raysemi.train import main
+
+    bad_file = corrupt(data_copy)
+    out = seeded_output(tmp_path)
+    before = running_runs(in_process)
+    rc, err = call(main, train_args(data_copy, out, "--overwrite"), capsys)
+    assert_one_line_error(rc, err, str(bad_file), *needles)
+    assert_untouched(out)
+    assert running_runs(in_process) == before
+
+
+def test_unlabeled_slice_without_label_is_fine(trained_run):
+    """Control (the run is made by the `trained_run` fixture): it trained and reported."""
+    assert {"config.yaml", "best.pt", "last.pt", "results.json", "train.log"} <= {p.name for p in trained_run.iterdir()}
+
+
+# ---- training: bad values (in-process) -------------------------------------------------------------
+VALUE_CASES = [
+    # id, extra flags, needles
+    case("labeled_patients_more_than_listed", ["--labeled-patients", "99"],
+         ["train_slices.list", "labeled_patients: 99"]),
+    case("labeled_patients_zero", ["--labeled-patients", "0"], ["--labeled-patients", "labeled_patients: 0 "]),
+    case("labeled_bs_not_below_batch_size", ["--method", "mean_teacher", "--batch-size", "4", "--labeled-bs", "4"],
+         ["--labeled-bs", "labeled_bs: 4 ", "batch_size (4)"]),
+    case("unknown_method", ["--method", "fixmatch"], ["--method", "'fixmatch'", "mean_teacher"]),
+    case("ema_decay_one", ["--method", "mean_teacher", "--ema-decay", "1.0"], ["ema_decay: 1.0 ", "[0, 1)"]),
+    case("ema_decay_negative", ["--method", "mean_teacher", "--ema-decay", "-0.1"], ["ema_decay: -0.1 "]),
+    case("consistency_negative", ["--method", "mean_teacher", "--consistency", "-1"], ["consistency: -1"]),
+    case("consistency_rampup_negative", ["--method", "mean_teacher", "--consistency-rampup", "-5"],
+         ["consistency_rampup: -5"]),
+    case("ict_alpha_zero", ["--method", "ict", "--ict-alpha", "0"], ["ict_alpha: 0"]),
+    case("ict_odd_unlabeled_count", ["--method", "ict", "--batch-size", "5", "--labeled-bs", "2"],
+         ["batch_size - labeled_bs = 3", "even"]),
+    case("uncertainty_passes_zero", ["--method", "uamt", "--uncertainty-passes", "0"],
+         ["uncertainty_passes: 0 ", "T >= 1"]),
+    case("dan_lr_zero", ["--method", "adversarial", "--dan-lr", "0"], ["dan_lr: 0"]),
+    case("pyramid_consistency_with_unet", ["--method", "pyramid_consistency", "--model", "unet"],
+         ["model", "'unet'", "pyramid_consistency", "unet_ds"]),
+    case("mean_teacher_with_unet_ds", ["--method", "mean_teacher", "--model", "unet_ds"],
+         ["model", "'unet_ds'", "mean_teacher"]),
+    case("unknown_model", ["--model", "resnet"], ["--model", "'resnet'"]),
+    case("patch_size_not_multiple_of_16", ["--patch-size", "30", "30"], ["patch_size", "(30, 30)"]),
+    case("device_cuda_without_cuda", ["--device", "cuda"], ["device", "'cuda'"],
+         marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
+]
+
+
+@pytest.mark.parametrize("extra,needles", VALUE_CASES)
+def test_bad_value(extra, needles, tiny_phantom, tmp_path, in_process, capsys):
+    from raysemi.train import main
+
+    out = seeded_output(tmp_path)
+    before = running_runs(in_process)
+    rc, err = call(main, train_args(tiny_phantom, out, "--overwrite", *extra), capsys)
+    assert_one_line_error(rc, err, *needles)
+    assert_untouched(out)
+    assert running_runs(in_process) == before, "an MLflow run was started and left RUNNING"
+
+
+ARGPARSE_CASES = [
+    case("unknown_flag", ["--bogus"], ["--bogus"]),
+    case("not_an_integer", ["--batch-size", "big"], ["--batch-size", "'big'"]),
+]
+
+
+@pytest.mark.parametrize("extra,needles", ARGPARSE_CASES)
+def test_argparse_errors(extra, needles, tiny_phantom, tmp_path, in_process, capsys):
+    from raysemi.train import main
+
+    out = seeded_output(tmp_path)
+    rc, err = call(main, train_args(tiny_phantom, out, "--overwrite", *extra), capsys)
+    assert_one_line_error(rc, err, *needles, usage_ok=True)
+    assert_untouched(out)
+
+
+# ---- training: YAML configs (in-process) -----------------------------------------------------------
+@pytest.mark.parametrize("text,needles", [
+    ("batch_size: big\n", ["batch_size", "'big'", "integer"]),
+    ('batch_size: "big"\n', ["batch_size", "'big'", "integer"]),
+    ("base_lr: [0.1]\n", ["base_lr", "[0.1]"]),
+    ("patch_size: [32, 32, 32]\n", ["patch_size", "[32, 32, 32]"]),
+    ("ema_decay: 1.5\nmethod: mean_teacher\n", ["ema_decay", "1.5"]),
+    ("- just\n- a list\n", ["mapping"]),
+    ("batch_size: [1\n", ["not valid YAML"]),
+], ids=["wrong_type", "wrong_type_quoted", "float_as_list", "patch_size_three", "bad_value", "not_a_mapping",
+        "not_yaml"])
+def test_bad_yaml(text, needles, tiny_phantom, tmp_path, in_process, capsys):
+    from raysemi.train import main
+
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(text)
+    out = seeded_output(tmp_path)
+    rc, err = call(main, ["--config", cfg, *train_args(tiny_phantom, out, "--overwrite")], capsys)
+    assert_one_line_error(rc, err, str(cfg), *needles)
+    assert_untouched(out)
+
+
+def test_missing_yaml_file(tiny_phantom, tmp_path, in_process, capsys):
+    from raysemi.train import main
+
+    cfg = tmp_path / "nope.yaml"
+    rc, err = call(main, ["--config", cfg, *train_args(tiny_phantom, tmp_path / "run")], capsys)
+    assert_one_line_error(rc, err, str(cfg), "not found")
+    assert_no_run_folder(tmp_path / "run")
+
+
+def test_yaml_alias_key_is_accepted(tiny_phantom, tmp_path, in_process, capsys):
+    """Control: the reference's `DAN_lr` spelling is a config key; the run trains and logs."""
+    from raysemi.train import main
+
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("method: adversarial\nDAN_lr: 0.001\n")
+    out = tmp_path / "run"
+    before = running_runs(in_process)
+    rc, err = call(main, ["--config", cfg, *train_args(tiny_phantom, out)], capsys)
+    assert rc == 0, err
+    assert "error" not in err.lower() and "Traceback" not in err
+    saved = (out / "config.yaml").read_text()
+    assert "dan_lr: 0.001" in saved and "method: adversarial" in saved
+    assert (out / "results.json").is_file()
+    assert running_runs(in_process) == before
+    with sqlite3.connect(in_process) as con:
+        assert con.execute("SELECT status FROM runs WHERE name = ?", (out.name,)).fetchall()[-1] == ("FINISHED",)
+
+
+def test_resume_from_a_non_checkpoint_keeps_the_run_folder(trained_run, tmp_path, in_process, capsys):
+    """--resume with a bad file must not rewrite the run it was meant to continue."""
+    from raysemi.train import main
+
+    run = Path(shutil.copytree(trained_run, tmp_path / "run"))
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    bad = tmp_path / "random.pt"
+    bad.write_bytes(random.Random(1).randbytes(4096))
+    config = Path(trained_run / "config.yaml").read_text()
+    data = next(line.split(": ", 1)[1] for line in config.splitlines() if line.startswith("data:"))
+    rc, err = call(main, train_args(data, run, "--resume", bad, "--max-iterations", "4", "--no-mlflow"), capsys)
+    assert_one_line_error(rc, err, str(bad), "not a raysemi checkpoint")
+    after = {p.name: p.read_bytes() for p in run.iterdir()}
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    assert not changed, f"files of the run folder changed by a refused --resume: {changed}"
+
+
+# ---- evaluate: checkpoints that are not (or do not fit) raysemi checkpoints (in-process) ------------
+def _plain_dict(path: Path, trained: Path) -> None:
+    torch.save({"config": {}, "networks": {}, "weights": torch.zeros(3)}, path)
+
+
+def _num_classes_3(path: Path, trained: Path) -> None:
+    ckpt = torch.load(trained / "best.pt", weights_only=True)
+    ckpt["config"]["num_classes"] = 3
+    torch.save(ckpt, path)
+
+
+def _drop_state_key(path: Path, trained: Path) -> None:
+    ckpt = torch.load(trained / "best.pt", weights_only=True)
+    state = ckpt["networks"]["student"]
+    del state[next(iter(state))]
+    torch.save(ckpt, path)
+
+
+def _unknown_model(path: Path, trained: Path) -> None:
+    ckpt = torch.load(trained / "best.pt", weights_only=True)
+    ckpt["model"] = "resnet"
+    torch.save(ckpt, path)
+
+
+def _truncated(path: Path, trained: Path) -> None:
+    path.write_bytes((trained / "best.pt").read_bytes()[:100_000])
+
+
+def _empty_file(path: Path, trained: Path) -> None:
+    path.write_bytes(b"")
+
+
+EVAL_CASES = [
+    case("plain_torch_dict", _plain_dict, ["format", "not a raysemi checkpoint"]),
+    case("num_classes_3", _num_classes_3, ["networks.student", "does not match", "head"]),
+    case("state_dict_key_dropped", _drop_state_key, ["networks.student", "does not match", "Missing key"]),
+    case("unknown_model_name", _unknown_model, ["model", "'resnet'"]),
+    case("empty_file", _empty_file, ["not a raysemi checkpoint"]),
+    case("truncated_checkpoint", _truncated, ["not a raysemi checkpoint"]),
+    case("missing_file", None, ["not found"]),
+]
+
+
+@pytest.mark.parametrize("make,needles", EVAL_CASES)
+def test_evaluate_bad_checkpoint(make, needles, trained_run, tiny_phantom, tmp_path, in_process, capsys):
+    from raysemi.evaluate import main
+
+    ckpt = tmp_path / "bad.pt"
+    if make is not None:
+        make(ckpt, trained_run)
+    csv = tmp_path / "results.csv"
+    csv.write_text(KEEP)
+    rc, err = call(main, ["--checkpoint", ckpt, "--data", tiny_phantom, "--split", "val", "--device", "cpu",
+                          "--out", csv], capsys)
+    assert_one_line_error(rc, err, str(ckpt), *needles)
+    assert csv.read_text() == KEEP
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["bad.pt", "results.csv"][make is None:])
+
+
+def test_evaluate_good_checkpoint_on_corrupt_data(trained_run, data_copy, tmp_path, in_process, capsys):
+    from raysemi.evaluate import main
+
+    bad = rewrite_h5(val_volume(data_copy), label=_set_first(9))
+    csv = tmp_path / "results.csv"
+    csv.write_text(KEEP)
+    rc, err = call(main, ["--checkpoint", trained_run / "best.pt", "--data", data_copy, "--split", "val",
+                          "--device", "cpu", "--out", csv], capsys)
+    assert_one_line_error(rc, err, str(bad), "label", "[9]")
+    assert csv.read_text() == KEEP
+
+
+# ---- phantom CLI (in-process) ----------------------------------------------------------------------
+def test_phantom_overwrite_refuses_a_folder_that_is_not_a_phantom(tmp_path, in_process, capsys):
+    from raysemi.data.__main__ import main
+
+    out = seeded_output(tmp_path)
+    rc, err = call(main, ["phantom", "--out", out, "--patients", "3", "--size", "32", "32", "--overwrite"], capsys)
+    assert_one_line_error(rc, err, str(out), "refusing")
+    assert_untouched(out)
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["--patients", "2"], ["patients", "2"]),
+    (["--size", "16", "16"], ["size", "(16, 16)"]),
+], ids=["too_few_patients", "too_small"])
+def test_phantom_bad_values(args, needles, tmp_path, in_process, capsys):
+    from raysemi.data.__main__ import main
+
+    out = tmp_path / "ph"
+    rc, err = call(main, ["phantom", "--out", out, *args], capsys)
+    assert_one_line_error(rc, err, *needles)
+    assert not out.exists()

@@ -1,0 +1,83 @@
+import math
+
+import numpy as np
+import pytest
+from medpy.metric import binary as mb
+
+from raysemi.metrics import Summary, binary_metrics, case_metrics, diagonal
+
+
+def box(shape, sl):
+    a = np.zeros(shape, bool)
+    a[sl] = True
+    return a
+
+
+def test_hand_computed_dice_and_jaccard():
+    pred = box((1, 4, 4), np.s_[0, 0:2, 0:2])  # 4 voxels
+    gt = box((1, 4, 4), np.s_[0, 0:2, 0:1])  # 2 voxels, inside pred
+    m = binary_metrics(pred, gt)
+    assert m["dice"] == pytest.approx(2 * 2 / (4 + 2))
+    assert m["jaccard"] == pytest.approx(2 / 4)
+
+
+def test_distances_use_spacing_and_match_medpy():
+    pred = box((4, 20, 20), np.s_[1:3, 2:10, 3:9])
+    gt = box((4, 20, 20), np.s_[1:4, 4:12, 3:11])
+    spacing = (10.0, 1.5, 0.7)
+    m = binary_metrics(pred, gt, spacing)
+    assert m["hd95"] == pytest.approx(mb.hd95(pred, gt, spacing))
+    assert m["asd"] == pytest.approx(mb.asd(pred, gt, spacing))
+    assert m["dice"] == pytest.approx(mb.dc(pred, gt))
+    # in voxels the distance differs
+    assert binary_metrics(pred, gt)["hd95"] == pytest.approx(mb.hd95(pred, gt))
+    assert m["hd95"] != pytest.approx(binary_metrics(pred, gt)["hd95"])
+
+
+def test_shifted_square_hd95_by_hand():
+    # a 2D square shifted by 3 pixels along x: every surface distance is <= 3, the max is 3
+    pred = box((10, 10), np.s_[2:6, 2:6])
+    gt = box((10, 10), np.s_[2:6, 5:9])
+    m = binary_metrics(pred, gt, (1.0, 2.0))
+    assert m["hd95"] == pytest.approx(6.0)  # 3 pixels * 2 mm
+
+
+@pytest.mark.parametrize("pred_empty,gt_empty,dice,dist", [
+    (True, True, 1.0, 0.0),        # nothing to find, nothing found
+    (True, False, 0.0, "diag"),    # missed structure: worst distance, not the reference's 0
+    (False, True, 0.0, "diag"),    # structure invented where there is none
+])
+def test_empty_mask_rule(pred_empty, gt_empty, dice, dist):
+    shape, spacing = (3, 8, 8), (10.0, 1.0, 1.0)
+    full = box(shape, np.s_[1, 2:5, 2:5])
+    empty = np.zeros(shape, bool)
+    m = binary_metrics(empty if pred_empty else full, empty if gt_empty else full, spacing)
+    expected = diagonal(shape, spacing) if dist == "diag" else dist
+    assert m["dice"] == dice and m["hd95"] == pytest.approx(expected) and m["asd"] == pytest.approx(expected)
+    assert m["empty_pred"] == float(pred_empty and not gt_empty)
+
+
+def test_diagonal_by_hand():
+    assert diagonal((3, 8, 8), (10.0, 1.0, 1.0)) == pytest.approx(math.sqrt(20 ** 2 + 7 ** 2 + 7 ** 2))
+
+
+def test_case_metrics_per_class_and_summary_counts_empty_predictions():
+    gt = np.zeros((2, 6, 6), int)
+    gt[0, 1:3, 1:3] = 1
+    gt[1, 3:5, 3:5] = 2
+    pred = gt.copy()
+    pred[pred == 2] = 0  # class 2 missed
+    rows = case_metrics(pred, gt, num_classes=3)
+    assert [r["dice"] for r in rows] == [1.0, 0.0]
+    s = Summary(["a", "b"], [("case1", rows), ("case2", case_metrics(gt, gt, 3))])
+    means = s.means()
+    assert means["dice_a"] == 1.0 and means["dice_b"] == 0.5 and means["dice"] == 0.75
+    assert means["empty_pred"] == 1.0
+    assert "1 class-volume pairs predicted empty" in s.format()
+
+
+def test_bad_shapes_raise():
+    with pytest.raises(ValueError, match="shape"):
+        binary_metrics(np.zeros((3, 3), bool), np.zeros((3, 4), bool))
+    with pytest.raises(ValueError, match="spacing"):
+        binary_metrics(np.ones((3, 3), bool), np.ones((3, 3), bool), (1.0, 1.0, 1.0))

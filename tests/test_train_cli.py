@@ -1,0 +1,103 @@
+"""The train and evaluate CLIs end to end, into a real SQLite MLflow store in a temp folder."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from raysemi.errors import run_cli
+from raysemi.train import main as train_main
+
+TINY = ["--labeled-patients", "2", "--patch-size", "32", "32", "--batch-size", "4", "--labeled-bs", "2",
+        "--max-iterations", "6", "--eval-interval", "3", "--log-interval", "2", "--device", "cpu"]
+
+
+def test_train_cli_logs_to_the_default_sqlite_store(tiny_phantom, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "base.yaml").write_text("method: mean_teacher\nema_decay: 0.95\nbase_lr: 0.02\n")
+    code = run_cli(train_main, ["--config", "base.yaml", "--data", str(tiny_phantom), *TINY,
+                                "--base-lr", "0.03", "--output", "runs/mt", "--mt-warmup", "0"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "val split, best checkpoint" in out and "test split" in out and "hd95" in out
+    run_dir = tmp_path / "runs" / "mt"
+    for name in ("config.yaml", "best.pt", "last.pt", "train.log", "results.json"):
+        assert (run_dir / name).is_file(), name
+    resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert resolved["ema_decay"] == 0.95 and resolved["base_lr"] == 0.03 and resolved["method"] == "mean_teacher"
+    results = json.loads((run_dir / "results.json").read_text())
+    assert 0.0 <= results["test"]["dice"] <= 1.0
+
+    assert (tmp_path / "mlflow.db").is_file()
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("raysemi")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["method"] == "mean_teacher" and run.data.params["ema_decay"] == "0.95"
+    assert run.data.params["base_lr"] == "0.03" and run.data.params["patch_size"] == "32 32"
+    assert run.data.tags["strategy"] == "mean_teacher"
+    dice = client.get_metric_history(run.info.run_id, "val/dice")
+    assert [m.step for m in dice] == [3, 6]
+    loss = client.get_metric_history(run.info.run_id, "train/loss")
+    assert [m.step for m in loss] == [2, 4, 6]
+    for name in ("train/consistency", "train/consistency_weight", "lr", "val/hd95", "val/dice_lv", "test_best/dice"):
+        assert client.get_metric_history(run.info.run_id, name), name
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "best.pt", "results.json", "train.log"} <= artifacts
+
+
+def test_resume_continues_from_last_checkpoint(tiny_phantom, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["--data", str(tiny_phantom), *TINY, "--no-mlflow", "--method", "supervised"]
+    assert run_cli(train_main, [*args, "--output", "a", "--max-iterations", "3"]) == 0
+    assert run_cli(train_main, [*args, "--output", "a", "--resume", "a/last.pt"]) == 0
+    log = (tmp_path / "a" / "train.log").read_text()
+    assert "6 iterations from 3" in log
+
+
+def test_output_folder_with_a_run_is_not_overwritten(tiny_phantom, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    code = run_cli(train_main, ["--data", str(tiny_phantom), *TINY, "--no-mlflow", "--output", "taken"])
+    assert code == 2 and "taken: output folder exists" in capsys.readouterr().err
+    assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in (tmp_path / "taken").iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.slow
+def test_module_entry_points_and_evaluate_round_trip(tiny_phantom, tmp_path):
+    """As a user runs them: python -m raysemi.train, then python -m raysemi.evaluate on its checkpoint."""
+    env_uri = f"sqlite:///{tmp_path / 'm.db'}"
+    train = subprocess.run([sys.executable, "-m", "raysemi.train", "--method", "supervised", "--data", str(tiny_phantom),
+                            *TINY, "--output", str(tmp_path / "run"), "--tracking-uri", env_uri],
+                           capture_output=True, text=True, cwd=tmp_path)
+    assert train.returncode == 0, train.stderr
+    csv_path = tmp_path / "per_volume.csv"
+    ev = subprocess.run([sys.executable, "-m", "raysemi.evaluate", "--checkpoint", str(tmp_path / "run" / "best.pt"),
+                         "--split", "test", "--device", "cpu", "--out", str(csv_path)],
+                        capture_output=True, text=True, cwd=tmp_path)
+    assert ev.returncode == 0, ev.stderr
+    assert "dice" in ev.stdout and "lv" in ev.stdout
+    rows = csv_path.read_text().splitlines()
+    assert rows[0].startswith("case,class,dice,hd95,asd,jaccard")
+    assert len(rows) == 1 + 6 * 3  # 3 test patients x 2 volumes x 3 classes
+    # the evaluate CLI reproduces the training run's own test numbers for the same checkpoint
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    mean_line = [line for line in ev.stdout.splitlines() if line.startswith("mean")][0]
+    assert float(mean_line.split()[1]) == pytest.approx(results["test"]["dice"], abs=1e-4)
+    help_text = subprocess.run([sys.executable, "-m", "raysemi.train", "--help"], capture_output=True, text=True)
+    assert "--ema-decay" in help_text.stdout and "--list-methods" in help_text.stdout
+
+
+def test_list_methods_shows_all_seven_with_hyperparameters(capsys):
+    assert run_cli(train_main, ["--list-methods"]) == 0
+    out = capsys.readouterr().out
+    for name in ("supervised", "mean_teacher", "uncertainty_aware_mean_teacher", "interpolation_consistency",
+                 "entropy_minimization", "pyramid_consistency", "adversarial"):
+        assert name in out
+    assert "ict_alpha=0.2" in out and "dan_lr=0.0001" in out and "uncertainty_passes=8" in out
