@@ -41,8 +41,9 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
         raise UserError(f"{path}: checkpoint file not found")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # pickle errors, zip errors, unsafe globals
-        raise UserError(f"{path}: not a raysemi checkpoint (torch.load failed: {str(err).splitlines()[0][:200]})") from None
+    except Exception as err:  # pickle errors, zip errors, unsafe globals, empty files
+        raise UserError(f"{path}: not a raysemi checkpoint (not a torch file that loads safely: "
+                        f"{type(err).__name__}); expected a file written by raysemi.train") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"{path}: format: not a raysemi checkpoint; expected a file written by raysemi.train")
     for key in ("config", "networks"):

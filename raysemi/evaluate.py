@@ -32,14 +32,17 @@ def load_network(path: str | Path, which: str | None, device):
     """(network on `device`, config) from a checkpoint; clear errors when it does not fit."""
     from raysemi import checkpoint
     from raysemi.config import from_dict
-    from raysemi.models import create_model
+    from raysemi.models import create_model, list_models
 
     ckpt = checkpoint.load(path, device)
     config = from_dict(ckpt["config"], source=f"{path}: config").validate(source=f"{path}: config")
     which = which or config.eval_model
     if which not in ckpt["networks"]:
         raise UserError(f"{path}: networks.{which}: not in the checkpoint (has {', '.join(ckpt['networks'])})")
-    net = create_model(ckpt.get("model", "unet"), in_channels=config.in_channels, num_classes=config.num_classes)
+    model = ckpt.get("model", "unet")
+    if model not in list_models():
+        raise UserError(f"{path}: model: {model!r} is unknown; expected one of {', '.join(list_models())}")
+    net = create_model(model, in_channels=config.in_channels, num_classes=config.num_classes)
     checkpoint.load_network(net, ckpt["networks"][which], path, which)
     return net.to(device).eval(), config
 

@@ -123,6 +123,9 @@ class Trainer:
         self.best: dict[str, Any] = {"dice": -math.inf, "iteration": -1, "metrics": {}}
         self.history: list[dict[str, float]] = []
         self.last_metrics: dict[str, float] = {}
+        self.last_logs: dict[str, float] = {}
+        self._start_time = time.perf_counter()
+        self._t_log, self._it_log = self._start_time, 0
 
     # -- evaluation ------------------------------------------------------------------------
     def eval_network(self, which: str | None = None) -> nn.Module:
@@ -207,15 +210,20 @@ class Trainer:
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
 
-    def fit(self) -> LoopResult:
-        cfg = self.config
-        start = time.perf_counter()
+    def start(self) -> None:
+        """Call the callbacks' `on_train_start` and put the networks in training mode."""
+        self._start_time = time.perf_counter()
+        self._t_log, self._it_log = time.perf_counter(), self.iteration
         for cb in self.callbacks:
             cb.on_train_start(self)
         self.strategy.train()
+
+    def train_until(self, stop: int) -> None:
+        """Train up to iteration `stop` (capped at max_iterations), validating on the way."""
+        cfg = self.config
         teacher = self.strategy.teacher
-        t_log, it_log = time.perf_counter(), self.iteration
-        while self.iteration < cfg.max_iterations:
+        stop = min(stop, cfg.max_iterations)
+        while self.iteration < stop:
             it = self.iteration
             batch = self.sampler.next()
             if self.channels_last:
@@ -246,18 +254,28 @@ class Trainer:
                                            f"({cfg.method}, base_lr={cfg.base_lr}, consistency={cfg.consistency})")
                 now = time.perf_counter()
                 logs["lr"] = lr
-                logs["it_per_s"] = (self.iteration - it_log) / max(now - t_log, 1e-9)
-                t_log, it_log = now, self.iteration
+                logs["it_per_s"] = (self.iteration - self._it_log) / max(now - self._t_log, 1e-9)
+                self._t_log, self._it_log = now, self.iteration
+                self.last_logs = logs
                 for cb in self.callbacks:
                     cb.on_log(self, self.iteration, logs)
             if self.iteration % cfg.eval_interval == 0 or done:
                 self._validate()
                 self.strategy.train()
-        if not self.history:  # resumed at the end, or max_iterations 0
+
+    def finish(self) -> LoopResult:
+        """Validate if nothing was validated yet; call `on_train_end`; return the result."""
+        if not self.history:  # resumed at the end, or nothing trained
             self._validate()
         result = LoopResult(self.iteration, float(self.best["dice"]), int(self.best["iteration"]),
-                            dict(self.best["metrics"]), dict(self.last_metrics), time.perf_counter() - start,
-                            list(self.history))
+                            dict(self.best["metrics"]), dict(self.last_metrics),
+                            time.perf_counter() - self._start_time, list(self.history))
         for cb in self.callbacks:
             cb.on_train_end(self, result)
         return result
+
+    def fit(self) -> LoopResult:
+        """Train to `max_iterations` from the current iteration (0, or where `load` left it)."""
+        self.start()
+        self.train_until(self.config.max_iterations)
+        return self.finish()

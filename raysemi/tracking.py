@@ -138,3 +138,113 @@ class MLflowCallback(Callback):
     def on_train_end(self, trainer: Trainer, result: LoopResult) -> None:
         self.run.log_metrics({"best/val_dice": result.best_dice, "best/iteration": result.best_iteration},
                              result.iterations)
+
+
+def make_tune_callback(uri: str, experiment: str, parent_run_id: str, state_file: Path, base: dict[str, Any],
+                       max_iterations: int):
+    """A Ray Tune callback that logs every trial as a nested MLflow run under the search's parent
+    run, from the driver: one writer, so SQLite never sees concurrent writers and trials need no
+    route to the tracking server (Ray's own MLflow callback cannot nest runs).
+
+    Tags: `strategy`, `trial_id`, `status` (running, completed, stopped_early, failed) and
+    `failure_reason`; params: the trial's whole resolved config plus `searched/<field>`; metrics:
+    everything the trial reports, at step = iteration. The Tune trial id -> MLflow run id map is
+    written to `state_file` on every change, so a resumed search (`--resume`) logs into the same
+    child runs instead of opening new ones. (Defined in a function so that importing this module
+    does not import Ray.)
+    """
+    import json
+
+    from ray.tune import Callback as TuneCallback
+
+    from raysemi.search_space import trial_values
+
+    class MLflowTrialCallback(TuneCallback):
+        def __init__(self) -> None:
+            self.runs: dict[str, str] = json.loads(state_file.read_text()) if state_file.is_file() else {}
+            self.logged_step: dict[str, int] = {}
+            self._client = None
+
+        @property
+        def client(self):
+            if self._client is None:
+                from mlflow.tracking import MlflowClient
+
+                self._client = MlflowClient(tracking_uri=uri)
+                self.experiment_id = experiment_id(self._client, experiment, uri)
+            return self._client
+
+        def __getstate__(self):  # Tune pickles its callbacks with the experiment state
+            return {**self.__dict__, "_client": None}
+
+        def _save(self) -> None:
+            tmp = state_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.runs, indent=1))
+            tmp.replace(state_file)
+
+        def _run(self, trial) -> MLflowRun:
+            run = MLflowRun.__new__(MLflowRun)
+            run.client = self.client
+            run.uri, run.experiment_id = uri, self.experiment_id
+            if trial.trial_id in self.runs:
+                run.run_id = self.runs[trial.trial_id]
+                return run
+            method, values = trial_values(trial.config)
+            run.run_id = self.client.create_run(self.experiment_id, run_name=f"{method}-{trial.trial_id}", tags={
+                "mlflow.parentRunId": parent_run_id, "strategy": method, "trial_id": trial.trial_id,
+                "status": "running"}).info.run_id
+            self.runs[trial.trial_id] = run.run_id
+            self._save()
+            merged = {**base, **values, "method": method}
+            run.log_params(flat_params(merged))
+            run.log_params({f"searched/{k}": v for k, v in values.items()})
+            return run
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            run = self._run(trial)
+            self.client.update_run(run.run_id, status="RUNNING")
+            run.set_tags({"status": "running"})
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            run = self._run(trial)
+            step = int(result.get("iteration", 0))
+            if step <= self.logged_step.get(trial.trial_id, -1):
+                return  # already logged (a restarted trial replays nothing twice)
+            self.logged_step[trial.trial_id] = step
+            metrics = {k: v for k, v in result.items() if isinstance(k, str) and ("/" in k or k in ("lr", "it_per_s"))
+                       and isinstance(v, (int, float)) and not isinstance(v, bool)}
+            run.log_metrics(metrics, step)
+            if result.get("node_id"):
+                run.set_tags({"node_id": result["node_id"]})
+            if result.get("diverged"):
+                run.set_tags({"status": "failed", "failure_reason": result.get("failure_reason", "diverged")})
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            run = self._run(trial)
+            last = trial.last_result or {}
+            if last.get("diverged"):
+                status, mlflow_status = "failed", "FAILED"
+            elif int(last.get("iteration", 0)) < max_iterations:
+                status, mlflow_status = "stopped_early", "FINISHED"
+            else:
+                status, mlflow_status = "completed", "FINISHED"
+            run.set_tags({"status": status})
+            run.end(mlflow_status)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            run = self._run(trial)
+            reason = ""
+            try:
+                reason = (trial.get_error() or "").strip().splitlines()[-1]
+            except Exception:
+                pass
+            run.set_tags({"status": "failed", "failure_reason": reason or "error (see the trial's error.txt)"})
+            run.end("FAILED")
+
+        def get_state(self):
+            return {"runs": dict(self.runs)}
+
+        def set_state(self, state):
+            self.runs.update(state.get("runs", {}))
+
+    return MLflowTrialCallback()

@@ -49,11 +49,10 @@ def default_output(config: TrainConfig) -> Path:
     return Path("runs") / f"{config.method}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def prepare_output(out: Path, overwrite: bool, resume: bool) -> None:
+def check_output(out: Path, overwrite: bool, resume: bool) -> None:
     if out.exists() and any(out.iterdir()) and not (overwrite or resume):
         raise UserError(f"{out}: output folder exists and is not empty; choose another --output, or pass "
                         "--overwrite (files there are replaced, none deleted) or --resume")
-    out.mkdir(parents=True, exist_ok=True)
 
 
 def main(argv: list[str]) -> int:
@@ -73,19 +72,22 @@ def main(argv: list[str]) -> int:
     from raysemi.loop import Trainer, TrainingDiverged
 
     out = Path(config.output) if config.output else default_output(config)
-    prepare_output(out, args.overwrite, bool(args.resume))
-    config.output = str(out)
+    check_output(out, args.overwrite, bool(args.resume))
     data = load_dataset(config.data, config.labeled_patients, config.num_classes)
+    # the trainer checks device, model and strategy options before anything is written
+    trainer = Trainer(config, data)
+    if args.resume:
+        trainer.load(args.resume)
+    out.mkdir(parents=True, exist_ok=True)
+    config.output = str(out)
+    trainer.output_dir = out
+    save_yaml(config, out / "config.yaml")
     console = ConsoleCallback(out / "train.log")
-    callbacks = [console]
+    trainer.callbacks.append(console)
     run = None
     if not args.no_mlflow:
         run = MLflowRun(uri, config.experiment, config.run_name or out.name, tags={"run_dir": str(out.resolve())})
-        callbacks.append(MLflowCallback(run, out))
-    trainer = Trainer(config, data, callbacks, output_dir=out)
-    save_yaml(config, out / "config.yaml")
-    if args.resume:
-        trainer.load(args.resume)
+        trainer.callbacks.append(MLflowCallback(run, out))
     console.write(f"run folder: {out}" + (f"; MLflow run {run.run_id} in {uri}" if run else ""))
     try:
         result = trainer.fit()

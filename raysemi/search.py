@@ -1,0 +1,281 @@
+"""`python -m raysemi.search`: Ray Tune + Optuna (TPE) + ASHA over one strategy or several,
+every trial logged to MLflow as a nested run of the search.
+
+    python -m raysemi.search --method mean_teacher --gpus 4
+    python -m raysemi.search --method all --num-samples 64 --seeds 2 --data data/ACDC
+    python -m raysemi.search --method mt,ict,dan --gpus 1 --gpus-per-trial 0.25
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from raysemi.config import FIELDS, TrainConfig, add_config_arguments, from_dict, load_yaml, save_yaml
+from raysemi.errors import ArgumentParser, UserError, run_cli
+
+#: config fields the search sets through its own options
+OWN = ("method", "data", "labeled_patients", "max_iterations", "eval_interval", "seed", "tracking_uri",
+       "experiment", "device", "output", "run_name")
+STATE_FILE = "raysemi_search.json"
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m raysemi.search", description=(
+        "Search the hyperparameters of one strategy (or several, and the strategy itself) with Ray Tune: "
+        "Optuna's TPE proposes configs, ASHA stops weak trials early on validation Dice. Without --data it "
+        "runs on the built-in phantom. Ends with a leaderboard, best_config.yaml (accepted by "
+        "python -m raysemi.train --config), the best checkpoint and plots, in the search folder and in MLflow."))
+    s = p.add_argument_group("search")
+    s.add_argument("--method", default="mean_teacher",
+                   help="a strategy, a comma-separated list (mt,ict,dan) or 'all' (then the strategy is searched too)")
+    s.add_argument("--data", default="phantom", help="dataset root in the SSL4MIS ACDC layout, or 'phantom'; "
+                   "on a cluster, read by the driver only (trials get it through Ray's object store)")
+    s.add_argument("--labeled-patients", type=int, default=None, help="labeled training patients (default: config's 7)")
+    s.add_argument("--num-samples", type=int, default=16, help="configs to try")
+    s.add_argument("--max-iterations", type=int, default=None, help="iterations per trial (default: config's)")
+    s.add_argument("--eval-interval", type=int, default=None, help="validate (and report to ASHA) every N iterations")
+    s.add_argument("--seeds", type=int, default=1, help="train each sampled config with K seeds; score the mean")
+    s.add_argument("--search-space", default=None, help="YAML of field -> distribution for one strategy, or a "
+                   "folder of <strategy>.yaml (default: the shipped search_spaces/)")
+    s.add_argument("--grace-period", type=int, default=None, help="ASHA: iterations before a trial can be stopped "
+                   "(default: a quarter of --max-iterations, at least one evaluation)")
+    s.add_argument("--reduction-factor", type=float, default=3, help="ASHA: keep the top 1/factor at each rung")
+    s.add_argument("--max-failures", type=int, default=2, help="retries of a failing trial (from its checkpoint)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the sampler and of the trials' training")
+    r = p.add_argument_group("resources")
+    r.add_argument("--gpus", type=float, default=None, help="GPUs to use in total (default: all visible; 0: CPU trials)")
+    r.add_argument("--gpus-per-trial", type=float, default=None, help="GPUs per trial; fractions share a GPU (default: 1)")
+    r.add_argument("--cpus-per-trial", type=int, default=1, help="CPUs per trial")
+    r.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)")
+    r.add_argument("--address", default=None, help="join a running Ray cluster ('auto' or HOST:PORT; default: "
+                   "$RAY_ADDRESS, else a local Ray)")
+    t = p.add_argument_group("tracking and storage")
+    t.add_argument("--tracking-uri", default="", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    t.add_argument("--experiment", default="raysemi-search", help="MLflow experiment")
+    t.add_argument("--name", default=None, help="search name (default: search-<methods>-<time>); rerunning with the "
+                   "same name continues it")
+    t.add_argument("--storage", default="runs", help="Tune's storage path; the search folder is STORAGE/NAME")
+    t.add_argument("--resume", action="store_true", help="continue an interrupted search (needs --name)")
+    p.add_argument("--config", metavar="BASE.yaml", help="fixed values for everything not searched")
+    add_config_arguments(p, skip=OWN)
+    return p
+
+
+def resolve_methods(spec: str) -> list[str]:
+    from raysemi.methods import list_methods, resolve_method_name
+
+    if spec.strip().lower() == "all":
+        return list_methods()
+    out = []
+    for name in [s for s in spec.split(",") if s.strip()]:
+        try:
+            canonical = resolve_method_name(name)
+        except KeyError as err:
+            raise UserError(f"--method: {err.args[0]}") from None
+        if canonical not in out:
+            out.append(canonical)
+    if not out:
+        raise UserError("--method: empty; expected a strategy, a comma-separated list or 'all'")
+    return out
+
+
+def base_config(args) -> TrainConfig:
+    """--config < config flags < the search's own options; validated (method checked per trial)."""
+    sources: dict[str, str] = {}
+    cfg = load_yaml(args.config) if args.config else TrainConfig()
+    overrides = {k: v for k, v in vars(args).items() if k in FIELDS and k not in OWN}
+    own = {"data": args.data, "seed": args.seed}
+    for k in ("labeled_patients", "max_iterations", "eval_interval"):
+        if getattr(args, k) is not None:
+            own[k] = getattr(args, k)
+    cfg = from_dict({**overrides, **own}, source="command line", base=cfg)
+    sources.update({k: "--" + k.replace("_", "-") for k in {**overrides, **own}})
+    return cfg.validate(source=sources)
+
+
+def check_resources(args, cluster: dict[str, float]) -> tuple[float, float, int]:
+    """(gpus, gpus_per_trial, max concurrent trials); clear errors instead of a search that waits."""
+    available = float(cluster.get("GPU", 0))
+    gpus = available if args.gpus is None else float(args.gpus)
+    if gpus < 0:
+        raise UserError(f"--gpus: {args.gpus} is invalid; expected 0 or more")
+    if gpus > available:
+        raise UserError(f"--gpus: {args.gpus:g} asked, but the Ray cluster has {available:g} GPUs; "
+                        "expected at most that many (use --gpus 0 for CPU trials)")
+    per = (1.0 if gpus >= 1 else gpus) if args.gpus_per_trial is None else float(args.gpus_per_trial)
+    if gpus == 0:
+        per = 0.0
+    if per < 0 or (gpus > 0 and per == 0):
+        raise UserError(f"--gpus-per-trial: {per:g} is invalid; expected a number > 0 when --gpus is {gpus:g}")
+    if per > gpus:
+        raise UserError(f"--gpus-per-trial: {per:g} is more than --gpus {gpus:g}; no trial could ever start")
+    if per > 1 and per != int(per):
+        raise UserError(f"--gpus-per-trial: {per:g}; expected a fraction of one GPU or a whole number")
+    cpus = float(cluster.get("CPU", 1))
+    if args.cpus_per_trial < 1 or args.cpus_per_trial > cpus:
+        raise UserError(f"--cpus-per-trial: {args.cpus_per_trial} is invalid; expected 1 to {cpus:g} (the cluster's CPUs)")
+    by_cpu = int(cpus // args.cpus_per_trial)
+    concurrency = min(by_cpu, int(gpus // per + 1e-9)) if per > 0 else by_cpu
+    return gpus, per, max(1, concurrency)
+
+
+def start_ray(args) -> dict[str, float]:
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        try:
+            ray.init(address=address, logging_level="ERROR")
+        except Exception as err:
+            raise UserError(f"--address: {address!r}: no Ray cluster answers ({str(err).splitlines()[0][:160]})") from None
+    else:
+        import torch
+
+        ray.init(num_cpus=args.num_cpus or os.cpu_count(), num_gpus=torch.cuda.device_count(),
+                 include_dashboard=False, logging_level="ERROR")
+    return ray.cluster_resources()
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    methods = resolve_methods(args.method)
+    if args.num_samples < 1 or args.seeds < 1:
+        raise UserError("--num-samples and --seeds: expected integers >= 1")
+    base = base_config(args)
+    from raysemi.search_space import load_spaces
+    from raysemi.tracking import check_tracking_uri, resolve_tracking_uri
+
+    spaces = load_spaces(methods, args.search_space)
+    uri = resolve_tracking_uri(args.tracking_uri)
+    check_tracking_uri(uri)
+    storage = Path(args.storage).expanduser().resolve()
+    if args.resume and not args.name:
+        raise UserError("--resume: expected --name of the search to continue")
+    name = args.name or f"search-{'-'.join(methods) if len(methods) <= 2 else 'all'}-{time.strftime('%Y%m%d-%H%M%S')}"
+    exp_dir = storage / name
+    try:
+        storage.mkdir(parents=True, exist_ok=True)
+        probe = storage / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"--storage: {storage} is not writable ({err.strerror})") from None
+
+    from raysemi.data import load_dataset
+
+    print(f"loading data: {base.data}", flush=True)
+    dataset = load_dataset(base.data, base.labeled_patients, base.num_classes)
+    cluster = start_ray(args)
+    try:
+        return _search(args, methods, spaces, base, dataset, uri, storage, name, exp_dir, cluster)
+    finally:
+        import ray
+
+        ray.shutdown()
+
+
+def _search(args, methods, spaces, base: TrainConfig, dataset, uri: str, storage: Path, name: str, exp_dir: Path,
+            cluster: dict) -> int:
+    import optuna
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from raysemi.search_report import summarize
+    from raysemi.search_space import define_by_run
+    from raysemi.trainable import METRIC, TIME_ATTR, train_trial
+    from raysemi.tracking import MLflowRun, flat_params, make_tune_callback
+
+    gpus, per_trial, concurrency = check_resources(args, cluster)
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    print(f"Ray cluster: {len(nodes)} node(s), {cluster.get('CPU', 0):g} CPUs, {cluster.get('GPU', 0):g} GPUs; "
+          f"using {gpus:g} GPUs, {per_trial:g} GPU and {args.cpus_per_trial} CPU per trial, "
+          f"up to {concurrency} trials at once", flush=True)
+
+    state_path = exp_dir / STATE_FILE
+    resuming = tune.Tuner.can_restore(str(exp_dir))
+    if args.resume and not resuming:
+        raise UserError(f"--resume: {exp_dir} holds no search to continue")
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    if resuming and state.get("parent_run_id"):
+        parent = MLflowRun.__new__(MLflowRun)
+        from mlflow.tracking import MlflowClient
+
+        parent.client, parent.uri = MlflowClient(tracking_uri=uri), uri
+        parent.run_id = state["parent_run_id"]
+        parent.client.update_run(parent.run_id, status="RUNNING")
+        print(f"resuming search {name} (MLflow parent run {parent.run_id})", flush=True)
+    else:
+        exp_dir.mkdir(parents=True, exist_ok=True)
+        parent = MLflowRun(uri, args.experiment, name, tags={"search": name, "methods": ",".join(methods),
+                                                           "search_dir": str(exp_dir)})
+        parent.log_params({"search/methods": ",".join(methods), "search/num_samples": args.num_samples,
+                           "search/seeds": args.seeds, "search/gpus": gpus, "search/gpus_per_trial": per_trial,
+                           "search/reduction_factor": args.reduction_factor, **{f"base/{k}": v for k, v in
+                                                                               flat_params(base.to_dict()).items()}})
+        state = {"parent_run_id": parent.run_id, "methods": methods, "tracking_uri": uri}
+        state_path.write_text(json.dumps(state, indent=1))
+        save_yaml(base, exp_dir / "base_config.yaml")
+    print(f"search folder: {exp_dir}\nMLflow: {uri} (experiment {args.experiment!r}, parent run {parent.run_id})",
+          flush=True)
+
+    trainable = tune.with_resources(
+        tune.with_parameters(train_trial, base=base.to_dict(), dataset=dataset, seeds=args.seeds,
+                             gpus_per_trial=per_trial, cpus_per_trial=args.cpus_per_trial),
+        {"cpu": args.cpus_per_trial, "gpu": per_trial})
+    callback = make_tune_callback(uri, args.experiment, parent.run_id, exp_dir / "mlflow_trial_runs.json",
+                                  {k: v for k, v in base.to_dict().items()}, base.max_iterations)
+    try:
+        if resuming:
+            tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True,
+                                       resume_errored=True)
+        else:
+            sampler = optuna.samplers.TPESampler(seed=args.seed, multivariate=True, group=True, constant_liar=True)
+            searcher = OptunaSearch(space=define_by_run(spaces), sampler=sampler)
+            grace = args.grace_period or max(base.eval_interval, base.max_iterations // 4)
+            scheduler = ASHAScheduler(time_attr=TIME_ATTR, max_t=base.max_iterations, grace_period=grace,
+                                      reduction_factor=args.reduction_factor)
+            reporter = tune.CLIReporter(
+                metric_columns={TIME_ATTR: "iter", METRIC: "val dice", "val/hd95": "hd95"},
+                parameter_columns={"method": "strategy", **{f"{m}/{k}": f"{k}" for m in methods for k in spaces[m]}},
+                max_report_frequency=15, sort_by_metric=True)
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(metric=METRIC, mode="max", search_alg=searcher, scheduler=scheduler,
+                                            num_samples=args.num_samples, max_concurrent_trials=concurrency),
+                run_config=tune.RunConfig(
+                    name=name, storage_path=str(storage), callbacks=[callback], progress_reporter=reporter,
+                    failure_config=tune.FailureConfig(max_failures=args.max_failures),
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=1))
+        results = tuner.fit()
+    except KeyboardInterrupt:
+        parent.set_tags({"status": "interrupted"})
+        parent.end("KILLED")
+        print(f"\ninterrupted; continue with: python -m raysemi.search --name {name} --storage {storage} --resume")
+        return 130
+    summary = summarize(results, base, methods, spaces, exp_dir)
+    for path in summary["artifacts"]:
+        parent.log_artifact(path, "plots" if Path(path).suffix == ".png" else None)
+    parent.log_metrics({"best/val_dice": summary["best_dice"], "trials/completed": summary["counts"]["completed"],
+                        "trials/stopped_early": summary["counts"]["stopped_early"],
+                        "trials/failed": summary["counts"]["failed"]}, 0)
+    parent.set_tags({"status": "finished", "best_strategy": summary["best_method"]})
+    parent.end("FINISHED")
+    print(f"\nbest: {summary['best_method']} val dice {summary['best_dice']:.4f}; "
+          f"retrain it: python -m raysemi.train --config {exp_dir / 'best_config.yaml'}")
+    return 0
+
+
+def cli() -> int:
+    return run_cli(main)
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli())

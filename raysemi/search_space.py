@@ -1,0 +1,134 @@
+"""Search spaces: YAML files of `config field -> distribution`, turned into an Optuna
+define-by-run space where the strategy (when several are searched) is a parameter and each
+strategy's own parameters are conditional on it."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from raysemi.config import FIELDS, _field_type
+from raysemi.errors import UserError
+
+TYPES = ("uniform", "loguniform", "int", "choice")
+
+
+@dataclass(frozen=True)
+class Dist:
+    """One parameter's distribution."""
+
+    type: str
+    low: float | None = None
+    high: float | None = None
+    step: float | None = None
+    log: bool = False
+    values: tuple | None = None
+
+    def suggest(self, trial: Any, name: str) -> Any:
+        if self.type == "uniform":
+            return trial.suggest_float(name, self.low, self.high, step=self.step)
+        if self.type == "loguniform":
+            return trial.suggest_float(name, self.low, self.high, log=True)
+        if self.type == "int":
+            return trial.suggest_int(name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
+        return trial.suggest_categorical(name, list(self.values))
+
+
+def parse_dist(source: str, name: str, spec: Any) -> Dist:
+    """Check one entry; errors name the file, the field and what was expected."""
+    where = f"{source}: {name}"
+    if name not in FIELDS:
+        raise UserError(f"{where}: not a config field; expected TrainConfig fields such as consistency, ema_decay, base_lr")
+    if name in ("method", "data", "output", "device", "seed", "tracking_uri", "experiment", "run_name", "max_iterations"):
+        raise UserError(f"{where}: cannot be searched here; expected a hyperparameter (set it with --config or a flag)")
+    if not isinstance(spec, dict) or spec.get("type") not in TYPES:
+        raise UserError(f"{where}: {spec!r} is not a distribution; expected {{type: {'|'.join(TYPES)}, ...}}")
+    kind = spec["type"]
+    unknown = set(spec) - {"type", "low", "high", "step", "log", "values"}
+    if unknown:
+        raise UserError(f"{where}: unknown keys {sorted(unknown)}; expected type, low, high, step, log or values")
+    if kind == "choice":
+        values = spec.get("values")
+        if not isinstance(values, list) or not values:
+            raise UserError(f"{where}: values: {values!r}; expected a non-empty list")
+        return Dist("choice", values=tuple(values))
+    low, high = spec.get("low"), spec.get("high")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (low, high)) \
+            or not low < high:
+        raise UserError(f"{where}: low/high: {low!r}/{high!r}; expected two numbers with low < high")
+    if kind == "loguniform" and low <= 0:
+        raise UserError(f"{where}: low: {low!r}; expected > 0 for a loguniform distribution")
+    typ = _field_type(name)
+    if kind == "int" and typ is not int:
+        raise UserError(f"{where}: type: int, but {name} is a {typ.__name__}; expected uniform or loguniform")
+    if kind in ("uniform", "loguniform") and typ is not float:
+        raise UserError(f"{where}: type: {kind}, but {name} is a {getattr(typ, '__name__', typ)}; expected int or choice")
+    return Dist(kind, float(low), float(high), spec.get("step"), bool(spec.get("log", False)))
+
+
+def load_space(path: str | Path) -> dict[str, Dist]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: search space file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of config field -> distribution")
+    return {name: parse_dist(str(path), name, spec) for name, spec in raw.items()}
+
+
+def shipped_space_path(method: str) -> Path:
+    return Path(str(resources.files("raysemi.search_spaces").joinpath(f"{method}.yaml")))
+
+
+def load_spaces(methods: list[str], override: str | None = None) -> dict[str, dict[str, Dist]]:
+    """Each strategy's space: the shipped file, or `override` (a file for one strategy, or a folder)."""
+    spaces = {}
+    for m in methods:
+        if override and Path(override).is_dir():
+            path = Path(override) / f"{m}.yaml"
+            path = path if path.is_file() else shipped_space_path(m)
+        elif override:
+            if len(methods) > 1:
+                raise UserError(f"--search-space: {override} is one file but {len(methods)} strategies are searched; "
+                                "expected a folder of <strategy>.yaml files")
+            path = Path(override)
+        else:
+            path = shipped_space_path(m)
+        spaces[m] = load_space(path)
+    return spaces
+
+
+def define_by_run(spaces: dict[str, dict[str, Dist]]):
+    """An Optuna define-by-run function: `method` first (when several), then its own parameters,
+    named `<method>/<field>` so every strategy's parameters are distinct (conditional) in TPE."""
+    methods = list(spaces)
+
+    def space(trial) -> dict[str, Any]:
+        method = trial.suggest_categorical("method", methods) if len(methods) > 1 else methods[0]
+        for name, dist in spaces[method].items():
+            dist.suggest(trial, f"{method}/{name}")
+        return {} if len(methods) > 1 else {"method": method}
+
+    return space
+
+
+def trial_values(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(method, {field: value}) from a Tune trial config produced by `define_by_run` (Ray nests
+    the `<method>/<field>` names into `{method: {field: value}}`)."""
+    method = config["method"]
+    values = {}
+    nested = config.get(method)
+    if isinstance(nested, dict):
+        values.update(nested)
+    for key, v in config.items():  # flat form, in case the names were not nested
+        if isinstance(key, str) and key.startswith(method + "/"):
+            values[key.split("/", 1)[1]] = v
+    return method, values

@@ -1,0 +1,117 @@
+"""The Ray Tune function trainable: a trial's values -> TrainConfig -> the same loop as
+`raysemi.train`, reporting at every evaluation with a checkpoint, resuming from one.
+
+With `seeds > 1` the trial trains one model per seed in lockstep and reports the mean validation
+Dice (the reference's gains are within seed noise, so a config is scored on several seeds).
+The dataset arrives through Ray's object store (`tune.with_parameters`), read once per search.
+A loss that turns NaN ends the trial with `diverged = 1` and its reason (retrying from a
+checkpoint would diverge again); any other error is left to Tune's FailureConfig to retry.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from raysemi import checkpoint
+from raysemi.config import from_dict
+from raysemi.data import Dataset
+from raysemi.loop import Callback, Trainer, TrainingDiverged
+from raysemi.search_space import trial_values
+
+#: the metric ASHA and the leaderboard rank by, and the time attribute
+METRIC, TIME_ATTR = "val/dice", "iteration"
+
+
+class _KeepBest(Callback):
+    """Holds the best networks seen (on the CPU), so each checkpoint carries the best model."""
+
+    def __init__(self) -> None:
+        self.payload: dict[str, Any] | None = None
+
+    def on_eval(self, trainer: Trainer, iteration: int, metrics: dict[str, float], is_best: bool) -> None:
+        if is_best:
+            payload = trainer.checkpoint_payload(full=False)
+            payload["networks"] = {k: {n: t.detach().cpu().clone() for n, t in sd.items()}
+                                   for k, sd in payload["networks"].items()}
+            self.payload = copy.deepcopy(payload)
+
+
+def trial_config(config: dict[str, Any], base: dict[str, Any], device: str):
+    """The full TrainConfig of a trial: base config + the trial's sampled values."""
+    method, values = trial_values(config)
+    merged = {**base, **values, "method": method, "device": device}
+    return from_dict(merged, source="trial config").validate(source="trial config")
+
+
+def aggregate(trainers: list[Trainer]) -> dict[str, float]:
+    """Mean over seeds of the last validation and training metrics; per-seed Dice too."""
+    out: dict[str, float] = {}
+    keys = set().union(*(t.last_metrics for t in trainers)) | set().union(*(t.last_logs for t in trainers))
+    for k in sorted(keys):
+        vals = [t.last_metrics.get(k, t.last_logs.get(k)) for t in trainers]
+        vals = [v for v in vals if v is not None]
+        if vals:
+            out[k] = float(np.mean(vals))
+    if len(trainers) > 1:
+        for i, t in enumerate(trainers):
+            out[f"val/dice_seed{i}"] = float(t.last_metrics.get("val/dice", float("nan")))
+        out["val/dice_std"] = float(np.std([t.last_metrics.get("val/dice", 0.0) for t in trainers]))
+    return out
+
+
+def train_trial(config: dict[str, Any], *, base: dict[str, Any], dataset: Dataset, seeds: int = 1,
+                gpus_per_trial: float = 0.0, cpus_per_trial: int = 1) -> None:
+    """Tune entry point (wrapped by `tune.with_parameters` in the search driver)."""
+    from ray import tune
+
+    torch.set_num_threads(max(1, int(cpus_per_trial)))
+    device = "cuda" if gpus_per_trial > 0 and torch.cuda.is_available() else "cpu"
+    cfg = trial_config(config, base, device)
+    keepers = [_KeepBest() for _ in range(seeds)]
+    trainers = [Trainer(cfg.replace(seed=cfg.seed + k), dataset, [keepers[k]]) for k in range(seeds)]
+    ckpt = tune.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            for k, t in enumerate(trainers):
+                t.load(Path(d) / f"seed{k}.pt")
+                best = Path(d) / f"best_seed{k}.pt"
+                if best.is_file():
+                    keepers[k].payload = {key: v for key, v in checkpoint.load(best).items()
+                                          if key not in ("format", "version")}
+    for t in trainers:
+        t.start()
+    base_metrics = {"method": cfg.method, "seeds": seeds, "device": device, "node_id": _node_id()}
+    try:
+        while trainers[0].iteration < cfg.max_iterations:
+            target = (trainers[0].iteration // cfg.eval_interval + 1) * cfg.eval_interval
+            for t in trainers:
+                t.train_until(target)
+            metrics = {**aggregate(trainers), **base_metrics, TIME_ATTR: trainers[0].iteration, "diverged": 0}
+            with tempfile.TemporaryDirectory() as d:
+                for k, t in enumerate(trainers):
+                    t.save(Path(d) / f"seed{k}.pt", full=True)
+                    if keepers[k].payload is not None:
+                        checkpoint.save(Path(d) / f"best_seed{k}.pt", keepers[k].payload)
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+    except TrainingDiverged as err:
+        last = aggregate(trainers)
+        tune.report({**last, **base_metrics, TIME_ATTR: trainers[0].iteration, "diverged": 1,
+                     "failure_reason": str(err), METRIC: 0.0 if not math.isfinite(last.get(METRIC, 0.0)) else
+                     last.get(METRIC, 0.0)})
+
+
+def _node_id() -> str:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # pragma: no cover - outside Ray
+        return os.uname().nodename
