@@ -125,9 +125,10 @@ def check_resources(args, cluster: dict[str, float]) -> tuple[float, float, int]
 
 
 def start_ray(args) -> dict[str, float]:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's classic table, with our columns
     import ray
 
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = args.address or os.environ.get("RAY_ADDRESS")
     if address:
         try:
@@ -140,6 +141,11 @@ def start_ray(args) -> dict[str, float]:
         ray.init(num_cpus=args.num_cpus or os.cpu_count(), num_gpus=torch.cuda.device_count(),
                  include_dashboard=False, logging_level="ERROR")
     return ray.cluster_resources()
+
+
+def trial_dirname(trial) -> str:
+    """Short trial folder names: <strategy>_<trial id>."""
+    return f"{trial.config.get('method', 'trial')}_{trial.trial_id}"
 
 
 def main(argv: list[str]) -> int:
@@ -238,18 +244,21 @@ def _search(args, methods, spaces, base: TrainConfig, dataset, uri: str, storage
                                        resume_errored=True)
         else:
             sampler = optuna.samplers.TPESampler(seed=args.seed, multivariate=True, group=True, constant_liar=True)
-            searcher = OptunaSearch(space=define_by_run(spaces), sampler=sampler)
+            searcher = OptunaSearch(space=define_by_run(spaces), sampler=sampler, metric=METRIC, mode="max")
             grace = args.grace_period or max(base.eval_interval, base.max_iterations // 4)
             scheduler = ASHAScheduler(time_attr=TIME_ATTR, max_t=base.max_iterations, grace_period=grace,
                                       reduction_factor=args.reduction_factor)
             reporter = tune.CLIReporter(
                 metric_columns={TIME_ATTR: "iter", METRIC: "val dice", "val/hd95": "hd95"},
-                parameter_columns={"method": "strategy", **{f"{m}/{k}": f"{k}" for m in methods for k in spaces[m]}},
-                max_report_frequency=15, sort_by_metric=True)
+                # conditional parameters cannot be columns (the reporter looks each up in every trial)
+                parameter_columns={"method": "strategy"} if len(methods) > 1 else
+                {"method": "strategy", **{f"{methods[0]}/{k}": k for k in spaces[methods[0]]}},
+                max_report_frequency=15, sort_by_metric=True, max_column_length=34)
             tuner = tune.Tuner(
                 trainable,
                 tune_config=tune.TuneConfig(metric=METRIC, mode="max", search_alg=searcher, scheduler=scheduler,
-                                            num_samples=args.num_samples, max_concurrent_trials=concurrency),
+                                            num_samples=args.num_samples, max_concurrent_trials=concurrency,
+                                            trial_dirname_creator=trial_dirname, trial_name_creator=trial_dirname),
                 run_config=tune.RunConfig(
                     name=name, storage_path=str(storage), callbacks=[callback], progress_reporter=reporter,
                     failure_config=tune.FailureConfig(max_failures=args.max_failures),
@@ -257,8 +266,12 @@ def _search(args, methods, spaces, base: TrainConfig, dataset, uri: str, storage
         results = tuner.fit()
     except KeyboardInterrupt:
         parent.set_tags({"status": "interrupted"})
-        parent.end("KILLED")
         print(f"\ninterrupted; continue with: python -m raysemi.search --name {name} --storage {storage} --resume")
+        return 130
+    if results.num_terminated + results.num_errors < args.num_samples:  # Ctrl-C: Tune stopped gracefully
+        parent.set_tags({"status": "interrupted"})
+        print(f"\ninterrupted after {results.num_terminated + results.num_errors} of {args.num_samples} trials; "
+              f"continue with: python -m raysemi.search --name {name} --storage {storage} --resume")
         return 130
     summary = summarize(results, base, methods, spaces, exp_dir)
     for path in summary["artifacts"]:

@@ -106,18 +106,24 @@ def load_spaces(methods: list[str], override: str | None = None) -> dict[str, di
     return spaces
 
 
-def define_by_run(spaces: dict[str, dict[str, Dist]]):
-    """An Optuna define-by-run function: `method` first (when several), then its own parameters,
-    named `<method>/<field>` so every strategy's parameters are distinct (conditional) in TPE."""
-    methods = list(spaces)
+class DefineByRun:
+    """An Optuna define-by-run space: `method` first (when several), then its own parameters,
+    named `<method>/<field>` so every strategy's parameters are distinct (conditional) in TPE.
+    A class rather than a closure so that Tune can pickle the searcher's state for `--resume`."""
 
-    def space(trial) -> dict[str, Any]:
+    def __init__(self, spaces: dict[str, dict[str, Dist]]) -> None:
+        self.spaces = spaces
+
+    def __call__(self, trial) -> dict[str, Any]:
+        methods = list(self.spaces)
         method = trial.suggest_categorical("method", methods) if len(methods) > 1 else methods[0]
-        for name, dist in spaces[method].items():
+        for name, dist in self.spaces[method].items():
             dist.suggest(trial, f"{method}/{name}")
         return {} if len(methods) > 1 else {"method": method}
 
-    return space
+
+def define_by_run(spaces: dict[str, dict[str, Dist]]) -> DefineByRun:
+    return DefineByRun(spaces)
 
 
 def trial_values(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:

@@ -98,7 +98,9 @@ def ref_sup(logits, label):
 
 
 def ref_noise(x):
-    """The teacher noise, drawn in the order the strategy draws it."""
+    """The teacher noise, drawn in the order the strategy draws it. (Keep the fixtures' tensor sizes
+    off multiples of 16: torch's CPU randn fills blocks of 16, so there one draw of 2n values equals two
+    draws of n, and the UA-MT chunking would go untested.)"""
     return torch.clamp(torch.randn_like(x) * 0.1, -0.2, 0.2)
 
 
@@ -227,13 +229,13 @@ CASES = [
     pytest.param("mean_teacher", PixelAffine, dict(RAMP, mt_warmup=1000), ref_mean_teacher, dict(mt_warmup=1000),
                  5, 2, 3, 1000, id="mt-at-warmup"),
     pytest.param("uncertainty_aware_mean_teacher", PixelAffine, dict(RAMP, max_iterations=100, uncertainty_passes=8),
-                 ref_uamt, dict(max_iterations=100, uncertainty_passes=8), 4, 2, 4, 50, id="uamt-T8"),
+                 ref_uamt, dict(max_iterations=100, uncertainty_passes=8), 4, 2, 3, 50, id="uamt-T8"),
     pytest.param("uncertainty_aware_mean_teacher", PixelAffine, dict(RAMP, max_iterations=100, uncertainty_passes=3),
-                 ref_uamt, dict(max_iterations=100, uncertainty_passes=3), 5, 2, 4, 0, id="uamt-T3-start"),
+                 ref_uamt, dict(max_iterations=100, uncertainty_passes=3), 5, 2, 5, 0, id="uamt-T3-start"),
     pytest.param("uncertainty_aware_mean_teacher", PixelAffine,
                  dict(RAMP, max_iterations=100, uncertainty_passes=4, uncertainty_threshold_start=0.5,
                       uncertainty_threshold_end=0.9),
-                 ref_uamt, dict(max_iterations=100, uncertainty_passes=4, start=0.5, end=0.9), 4, 2, 4, 400,
+                 ref_uamt, dict(max_iterations=100, uncertainty_passes=4, start=0.5, end=0.9), 4, 2, 3, 400,
                  id="uamt-T4-custom-threshold-end"),
     pytest.param("interpolation_consistency", PixelAffine, dict(RAMP, ict_alpha=0.2, batch_size=4, labeled_bs=2),
                  ref_ict, dict(ict_alpha=0.2), 4, 2, 3, 3149, id="ict-equal-halves"),

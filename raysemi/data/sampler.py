@@ -38,7 +38,7 @@ class Batch:
 
 def resize_nearest(x: np.ndarray | Tensor, size: tuple[int, int]) -> Tensor:
     """Nearest resize of (H, W) or (N, H, W) to `size`; integer labels stay integers."""
-    t = torch.as_tensor(x)
+    t = torch.as_tensor(np.array(x) if isinstance(x, np.ndarray) and not x.flags.writeable else x)
     squeeze = t.dim() == 2
     t = t[None] if squeeze else t
     if tuple(t.shape[-2:]) != tuple(size):
