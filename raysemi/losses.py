@@ -39,8 +39,9 @@ def entropy_map(probs: Tensor, eps: float = 1e-6) -> Tensor:
     return -(probs * torch.log(probs + eps)).sum(dim=1)
 
 
-def normalized_entropy(probs: Tensor, num_classes: int = 2) -> Tensor:
-    """Mean of `entropy / ln(C)`; the reference passes C = 2 whatever the class count."""
+def normalized_entropy(probs: Tensor, num_classes: int = 4) -> Tensor:
+    """Mean of `entropy / ln(C)`. C is a normaliser, not necessarily the class count: the 2D
+    reference hard-codes C = 4, its 3D script C = 2 (METHODS.md says 2; we follow the 2D code)."""
     if num_classes < 2:
         raise ValueError(f"normalized_entropy: num_classes must be >= 2, got {num_classes}")
     return entropy_map(probs.float()).mean() / math.log(num_classes)

@@ -315,7 +315,7 @@ def test_dan_after_step_trains_discriminator_only():
     out["loss"].backward()  # leaves stale gradients on D that its own step must discard
 
     d = strategy.discriminator
-    ref_d = copy.deepcopy(d)
+    ref_d = copy.deepcopy(d).requires_grad_(True)  # the student step freezes D; its own step trains it
     ref_opt = torch.optim.Adam(ref_d.parameters(), lr=dan_lr, betas=(0.9, 0.99))
     d_before = [p.detach().clone() for p in d.parameters()]
     student_before = copy.deepcopy(strategy.student.state_dict())

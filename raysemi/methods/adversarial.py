@@ -41,6 +41,7 @@ class Adversarial(Strategy):
     def step(self, batch: Batch, iteration: int) -> dict[str, Tensor]:
         self.student.train()
         self.discriminator.eval()
+        self.discriminator.requires_grad_(False)  # its gradient here would be discarded: skip the work
         lb = batch.labeled_bs
         logits = self.student(batch.image)
         out = self.supervised(logits, batch)
@@ -56,6 +57,7 @@ class Adversarial(Strategy):
         optimizer = self.extra_optimizers()["discriminator"]
         self.student.eval()
         self.discriminator.train()
+        self.discriminator.requires_grad_(True)
         with torch.no_grad():
             probs = torch.softmax(self.student(batch.image).float(), dim=1)
         d_out = self.discriminator(probs, batch.image.float())

@@ -15,11 +15,12 @@ from raysemi.methods.registry import register_method
 def pyramid_consistency_loss(probs: list[Tensor]) -> Tensor:
     """Mean over outputs s of `mean((P - s)^2 e^{-v_s}) / (mean(e^{-v_s}) + 1e-8) + mean(v_s)`,
     with `P` the mean of the softmax outputs and `v_s = sum_c KL(P || s)` per pixel. `P` is not
-    detached, as in the reference."""
+    detached, as in the reference. `log(s)` is taken of `s` clamped at 1e-30, so a probability that
+    underflows to 0 in float32 gives a large finite term instead of NaN (the reference has none)."""
     mean = torch.stack(probs).mean(dim=0)
     total = 0.0
     for s in probs:
-        v = torch.sum(F.kl_div(torch.log(s), mean, reduction="none"), dim=1, keepdim=True)
+        v = torch.sum(F.kl_div(torch.log(s.clamp_min(1e-30)), mean, reduction="none"), dim=1, keepdim=True)
         ev = torch.exp(-v)
         total = total + torch.mean((mean - s) ** 2 * ev) / (torch.mean(ev) + 1e-8) + torch.mean(v)
     return total / len(probs)

@@ -1,0 +1,213 @@
+"""The search end to end: real local Ray (num_cpus=2), real Optuna TPE, real ASHA, MLflow on a
+SQLite store in a temp folder, data from the phantom generator."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from raysemi.errors import run_cli
+from raysemi.search import main as search_main
+from raysemi.train import main as train_main
+
+TINY = ["--labeled-patients", "3", "--patch-size", "32", "32", "--batch-size", "8", "--labeled-bs", "4",
+        "--max-iterations", "40", "--eval-interval", "10", "--num-cpus", "2", "--cpus-per-trial", "2", "--gpus", "0",
+        "--mt-warmup", "0", "--eval-batch-size", "16"]
+
+
+def children(uri: str, experiment: str):
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    kids = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return client, parents, kids
+
+
+@pytest.fixture(scope="module")
+def search_run(tiny_phantom, tmp_path_factory):
+    """One search built to exercise everything: supervised with a good learning rate, entropy
+    minimisation with a learning rate that cannot learn (ASHA must stop it once the other has set
+    the bar), mean teacher with the NaN switch on (it must fail with its reason, and the search
+    goes on)."""
+    tmp = tmp_path_factory.mktemp("search")
+    spaces = tmp / "spaces"
+    spaces.mkdir()
+    (spaces / "supervised.yaml").write_text("base_lr: {type: choice, values: [0.1]}\n")
+    (spaces / "entropy_minimization.yaml").write_text("base_lr: {type: choice, values: [1.0e-9]}\n")
+    (spaces / "mean_teacher.yaml").write_text("fault_nan_at: {type: choice, values: [15]}\n"
+                                              "consistency: {type: loguniform, low: 0.01, high: 1.0}\n")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    cwd = os.getcwd()
+    os.chdir(tmp)
+    try:
+        code = run_cli(search_main, ["--method", "supervised,em,mt", "--data", str(tiny_phantom), *TINY,
+                                     "--num-samples", "7", "--search-space", str(spaces), "--grace-period", "30",
+                                     "--reduction-factor", "2", "--seed", "3", "--name", "s", "--storage",
+                                     str(tmp / "runs"), "--tracking-uri", uri, "--max-failures", "0"])
+    finally:
+        os.chdir(cwd)
+    return {"code": code, "dir": tmp / "runs" / "s", "uri": uri, "tmp": tmp}
+
+
+@pytest.mark.slow
+def test_search_logs_parent_and_nested_trial_runs(search_run):
+    assert search_run["code"] == 0
+    client, parents, kids = children(search_run["uri"], "raysemi-search")
+    (parent,) = parents
+    assert parent.info.status == "FINISHED" and parent.data.tags["status"] == "finished"
+    assert len(kids) == 7
+    assert all(k.data.tags["mlflow.parentRunId"] == parent.info.run_id for k in kids)
+    assert {k.data.tags["strategy"] for k in kids} <= {"supervised", "entropy_minimization", "mean_teacher"}
+    for k in kids:
+        # the trial's whole resolved config as params, and its identity as tags
+        assert k.data.params["method"] == k.data.tags["strategy"]
+        assert k.data.params["batch_size"] == "8" and k.data.params["patch_size"] == "32 32"
+        assert k.data.tags["trial_id"] and k.data.tags["status"] in ("completed", "stopped_early", "failed")
+        if k.data.tags["status"] != "failed" or client.get_metric_history(k.info.run_id, "val/dice"):
+            steps = [m.step for m in client.get_metric_history(k.info.run_id, "val/dice")]
+            assert steps == sorted(set(steps)) and steps[0] == 10
+    sup = [k for k in kids if k.data.tags["strategy"] == "supervised"]
+    assert sup and all(client.get_metric_history(k.info.run_id, "train/loss") for k in sup)
+    assert all(client.get_metric_history(k.info.run_id, "val/dice_lv") for k in sup)
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"leaderboard.csv", "best_config.yaml", "best_checkpoint.pt", "plots"} <= artifacts
+    plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert {"plots/val_dice_per_trial.png", "plots/best_dice_per_strategy.png"} <= plots
+
+
+@pytest.mark.slow
+def test_nan_trial_fails_with_its_reason_and_the_search_goes_on(search_run):
+    client, _, kids = children(search_run["uri"], "raysemi-search")
+    mt = [k for k in kids if k.data.tags["strategy"] == "mean_teacher"]
+    assert mt, "the seed should sample mean_teacher at least once"
+    for k in mt:
+        assert k.data.tags["status"] == "failed" and k.info.status == "FAILED"
+        assert "loss is nan" in k.data.tags["failure_reason"]
+    others = [k for k in kids if k.data.tags["strategy"] != "mean_teacher"]
+    assert others and all(k.data.tags["status"] in ("completed", "stopped_early") for k in others)
+    rows = list(csv.DictReader(open(search_run["dir"] / "leaderboard.csv")))
+    failed = [r for r in rows if r["status"] == "failed"]
+    assert len(failed) == len(mt) and rows[-len(failed):] == failed and all(r["rank"] == "" for r in failed)
+
+
+@pytest.mark.slow
+def test_asha_stops_the_trial_that_cannot_learn(search_run):
+    _, _, kids = children(search_run["uri"], "raysemi-search")
+    stopped = [k for k in kids if k.data.tags["status"] == "stopped_early"]
+    assert stopped and all(k.data.tags["strategy"] == "entropy_minimization" for k in stopped)
+    rows = list(csv.DictReader(open(search_run["dir"] / "leaderboard.csv")))
+    assert any(r["status"] == "stopped_early" and int(r["iterations"]) < 40 for r in rows)
+
+
+@pytest.mark.slow
+def test_leaderboard_ranks_by_best_validation_dice_and_best_config_retrains(search_run, tiny_phantom):
+    rows = [r for r in csv.DictReader(open(search_run["dir"] / "leaderboard.csv")) if r["rank"]]
+    dice = [float(r["best_val_dice"]) for r in rows]
+    assert dice == sorted(dice, reverse=True) and [int(r["rank"]) for r in rows] == list(range(1, len(rows) + 1))
+    assert rows[0]["method"] == "supervised" and dice[0] > 0.1
+    best = search_run["dir"] / "best_config.yaml"
+    text = best.read_text()
+    assert "method: supervised" in text and "base_lr: 0.1" in text
+    out = search_run["tmp"] / "retrain"
+    # accepted unchanged by raysemi.train (only the budget shortened for the test)
+    assert run_cli(train_main, ["--config", str(best), "--max-iterations", "2", "--eval-interval", "2",
+                                "--no-mlflow", "--output", str(out), "--device", "cpu"]) == 0
+    assert (out / "best.pt").is_file()
+    from raysemi.evaluate import load_network
+
+    net, cfg = load_network(search_run["dir"] / "best_checkpoint.pt", None, "cpu")
+    assert cfg.method == "supervised"
+
+
+@pytest.mark.slow
+def test_asking_for_more_gpus_than_the_cluster_has_is_a_clear_error(tiny_phantom, tmp_path, capsys):
+    code = run_cli(search_main, ["--method", "mean_teacher", "--data", str(tiny_phantom), *TINY[:-8],
+                                 "--num-cpus", "2", "--gpus", "4", "--storage", str(tmp_path),
+                                 "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("error: --gpus: 4 asked, but the Ray cluster has 0 GPUs")
+
+
+@pytest.mark.parametrize("content,match", [
+    ("learning_rate: {type: uniform, low: 0.1, high: 0.2}\n", "learning_rate: not a config field"),
+    ("ema_decay: {type: uniform, low: 0.9}\n", "ema_decay: low/high"),
+    ("consistency: {type: loguniform, low: 0, high: 1}\n", "expected > 0 for a loguniform"),
+    ("uncertainty_passes: {type: uniform, low: 1, high: 8}\n", "uncertainty_passes is a int"),
+])
+def test_bad_search_space_names_file_and_field(tmp_path, capsys, content, match):
+    path = tmp_path / "space.yaml"
+    path.write_text(content)
+    code = run_cli(search_main, ["--method", "mean_teacher", "--search-space", str(path), "--storage", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith(f"error: {path}: ") and match in err and "Traceback" not in err
+
+
+def test_shipped_search_spaces_cover_every_strategy():
+    from raysemi.methods import list_methods
+    from raysemi.search_space import load_spaces
+
+    spaces = load_spaces(list_methods())
+    assert set(spaces) == set(list_methods())
+    assert spaces["mean_teacher"]["consistency"].type == "loguniform"
+    assert {"ema_decay", "base_lr", "consistency_rampup"} <= set(spaces["mean_teacher"])
+    assert {"uncertainty_threshold_start", "uncertainty_threshold_end"} <= set(spaces["uncertainty_aware_mean_teacher"])
+    assert "ict_alpha" in spaces["interpolation_consistency"] and "dan_lr" in spaces["adversarial"]
+
+
+def test_unreachable_tracking_server_fails_before_any_trial(tmp_path, capsys):
+    t0 = time.time()
+    code = run_cli(search_main, ["--method", "mt", "--tracking-uri", "http://127.0.0.1:9", "--storage", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "tracking_uri: 'http://127.0.0.1:9' does not answer" in err
+    assert time.time() - t0 < 30 and not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_interrupted_search_resumes_without_losing_or_duplicating_trials(tiny_phantom, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = [sys.executable, "-m", "raysemi.search", "--method", "mean_teacher", "--data", str(tiny_phantom), *TINY,
+            "--num-samples", "3", "--name", "r", "--storage", str(tmp_path / "runs"), "--tracking-uri", uri]
+    runs_file = tmp_path / "runs" / "r" / "mlflow_trial_runs.json"
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:  # wait until the second trial has started: the first is done
+            if runs_file.is_file() and len(json.loads(runs_file.read_text() or "{}")) >= 2:
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail("the search did not start its second trial in time")
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130 and "--resume" in out
+    before = json.loads(runs_file.read_text())
+    client, _, kids = children(uri, "raysemi-search")
+    finished_before = {k.data.tags["trial_id"] for k in kids if k.data.tags["status"] == "completed"}
+    assert finished_before
+
+    again = subprocess.run(args + ["--resume"], capture_output=True, text=True, cwd=tmp_path, timeout=400)
+    assert again.returncode == 0, again.stdout[-3000:]
+    assert "resuming search r" in again.stdout
+    client, parents, kids = children(uri, "raysemi-search")
+    assert len(parents) == 1 and len(kids) == 3  # nothing logged twice as a new run
+    after = json.loads(runs_file.read_text())
+    assert all(after[t] == run_id for t, run_id in before.items())
+    for k in kids:
+        steps = [m.step for m in client.get_metric_history(k.info.run_id, "val/dice")]
+        assert steps == sorted(set(steps)), steps  # no step logged twice
+        assert k.data.tags["status"] in ("completed", "stopped_early")
+    rows = list(csv.DictReader(open(tmp_path / "runs" / "r" / "leaderboard.csv")))
+    assert finished_before <= {r["trial_id"] for r in rows} and len(rows) == 3
