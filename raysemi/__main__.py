@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 COMMANDS = {
+    "search": "raysemi.search",
     "train": "raysemi.train",
     "evaluate": "raysemi.evaluate",
     "data": "raysemi.data.__main__",

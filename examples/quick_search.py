@@ -1,0 +1,28 @@
+"""Search mean teacher's hyperparameters on the built-in phantom, on the CPUs of this machine.
+
+    python examples/quick_search.py                 # about 5 minutes on 2 cores
+    python examples/quick_search.py --smoke-test    # seconds: what CI runs
+
+Then: `mlflow ui --backend-store-uri sqlite:///mlflow.db` and open the `raysemi-search` experiment.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from raysemi.errors import run_cli
+from raysemi.search import main as search
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _smoke import SMOKE_TRAIN, smoke_data  # noqa: E402
+
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p.add_argument("--smoke-test", action="store_true", help="tiny data and budget, 2 trials")
+args = p.parse_args()
+
+if args.smoke_test:
+    argv = ["--data", smoke_data(Path.cwd()), *SMOKE_TRAIN, "--num-samples", "2", "--name", "quick-smoke"]
+else:
+    argv = ["--labeled-patients", "3", "--patch-size", "64", "64", "--batch-size", "8", "--labeled-bs", "4",
+            "--max-iterations", "400", "--eval-interval", "100", "--num-samples", "8", "--name", "quick"]
+sys.exit(run_cli(search, ["--method", "mean_teacher", "--gpus", "0", "--mt-warmup", "0", *argv]))

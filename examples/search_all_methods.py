@@ -1,0 +1,33 @@
+"""Search over the strategies themselves and their hyperparameters (each strategy's parameters
+conditional on it), using every GPU of this machine (or the CPUs when there is none).
+
+    python examples/search_all_methods.py --data data/ACDC --num-samples 64
+    python examples/search_all_methods.py --smoke-test
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from raysemi.errors import run_cli
+from raysemi.search import main as search
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _smoke import SMOKE_TRAIN, smoke_data  # noqa: E402
+
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p.add_argument("--data", default="phantom")
+p.add_argument("--num-samples", type=int, default=32)
+p.add_argument("--smoke-test", action="store_true", help="tiny data and budget, 3 strategies, 3 trials")
+args = p.parse_args()
+
+gpus = torch.cuda.device_count()
+if args.smoke_test:
+    argv = ["--method", "supervised,em,ict", "--data", smoke_data(Path.cwd()), *SMOKE_TRAIN, "--num-samples", "3",
+            "--gpus", "0", "--name", "all-smoke"]
+else:
+    argv = ["--method", "all", "--data", args.data, "--num-samples", str(args.num_samples), "--max-iterations",
+            "10000", "--gpus", str(gpus), *(["--gpus-per-trial", "0.5"] if gpus else []), "--seeds", "2"]
+sys.exit(run_cli(search, argv))

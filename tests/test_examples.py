@@ -1,0 +1,27 @@
+"""Every example runs with its smoke flag, as CI runs it (rule: examples must not rot)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = sorted(p for p in (Path(__file__).parent.parent / "examples").glob("*.py") if not p.name.startswith("_"))
+
+
+def test_there_are_examples():
+    assert {p.name for p in EXAMPLES} >= {"quick_search.py", "search_all_methods.py", "retrain_best.py"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
+def test_example_runs_with_smoke_flag(example, tmp_path):
+    env_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = subprocess.run([sys.executable, str(example), "--smoke-test"], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=600, env={**__import__("os").environ, "MLFLOW_TRACKING_URI": env_uri})
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-2000:])
+    assert (tmp_path / "mlflow.db").is_file()
+    if "search" in example.name:
+        assert "leaderboard" in proc.stdout and list(tmp_path.glob("runs/*/best_config.yaml"))
+    else:
+        assert list(tmp_path.glob("runs/*/retrained/best.pt"))
