@@ -274,6 +274,18 @@ def _search(args, methods, spaces, base: TrainConfig, dataset, uri: str, storage
               f"continue with: python -m raysemi.search --name {name} --storage {storage} --resume")
         return 130
     summary = summarize(results, base, methods, spaces, exp_dir)
+    best_ckpt = exp_dir / "best_checkpoint.pt"
+    if best_ckpt.is_file():  # the winner's per-class table, as a user would check it
+        from raysemi.evaluate import load_network
+        from raysemi.inference import evaluate_volumes
+        from raysemi.loop import resolve_device
+
+        device = resolve_device("auto")
+        net, cfg = load_network(best_ckpt, None, device)
+        table = evaluate_volumes(net, dataset.val, cfg.num_classes, cfg.patch_size, device, cfg.eval_batch_size,
+                                 True, device.type == "cuda" and cfg.amp != "off")
+        print(f"\nbest trial's checkpoint ({summary['best_method']}) on the validation split:\n{table.format()}")
+        parent.log_metrics({f"best/val_{k}": v for k, v in table.means().items()}, 0)
     for path in summary["artifacts"]:
         parent.log_artifact(path, "plots" if Path(path).suffix == ".png" else None)
     parent.log_metrics({"best/val_dice": summary["best_dice"], "trials/completed": summary["counts"]["completed"],

@@ -70,8 +70,12 @@ def aggregate(trainers: list[Trainer]) -> dict[str, float]:
 def train_trial(config: dict[str, Any], *, base: dict[str, Any], dataset: Dataset, seeds: int = 1,
                 gpus_per_trial: float = 0.0, cpus_per_trial: int = 1) -> None:
     """Tune entry point (wrapped by `tune.with_parameters` in the search driver)."""
+    import logging
+
     from ray import tune
 
+    for name in ("ray.train", "ray.tune"):  # no "Checkpoint successfully created" line per report
+        logging.getLogger(name).setLevel(logging.WARNING)
     torch.set_num_threads(max(1, int(cpus_per_trial)))
     device = "cuda" if gpus_per_trial > 0 and torch.cuda.is_available() else "cpu"
     cfg = trial_config(config, base, device)
