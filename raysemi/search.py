@@ -124,6 +124,28 @@ def check_resources(args, cluster: dict[str, float]) -> tuple[float, float, int]
     return gpus, per, max(1, concurrency)
 
 
+def check_address(address: str) -> None:
+    """Fail in seconds, not minutes, when no Ray cluster is at `address` (ray.init would wait)."""
+    import socket
+    import tempfile
+
+    if address == "auto":
+        marker = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        if not marker.is_file():
+            raise UserError("--address: 'auto' but no Ray cluster runs on this machine; start one with "
+                            "`ray start --head`, or give HOST:PORT of its head")
+        return
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"--address: {address!r} is invalid; expected 'auto' or HOST:PORT (e.g. 10.0.0.1:6379)")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as err:
+        raise UserError(f"--address: {address!r}: no Ray cluster answers ({err.strerror or err}); expected the "
+                        "head's GCS address from `ray start --head` (port 6379 by default)") from None
+
+
 def start_ray(args) -> dict[str, float]:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's classic table, with our columns
@@ -131,6 +153,7 @@ def start_ray(args) -> dict[str, float]:
 
     address = args.address or os.environ.get("RAY_ADDRESS")
     if address:
+        check_address(address)
         try:
             ray.init(address=address, logging_level="ERROR")
         except Exception as err:

@@ -211,3 +211,16 @@ def test_interrupted_search_resumes_without_losing_or_duplicating_trials(tiny_ph
         assert k.data.tags["status"] in ("completed", "stopped_early")
     rows = list(csv.DictReader(open(tmp_path / "runs" / "r" / "leaderboard.csv")))
     assert finished_before <= {r["trial_id"] for r in rows} and len(rows) == 3
+
+
+@pytest.mark.parametrize("address,match", [
+    ("127.0.0.1:9", "--address: '127.0.0.1:9': no Ray cluster answers"),
+    ("nonsense", "--address: 'nonsense' is invalid"),
+])
+def test_address_pointing_at_nothing_fails_fast(tiny_phantom, tmp_path, capsys, address, match):
+    t0 = time.time()
+    code = run_cli(search_main, ["--method", "mt", "--data", str(tiny_phantom), "--labeled-patients", "2",
+                                 "--address", address, "--storage", str(tmp_path),
+                                 "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and match in err[-1] and time.time() - t0 < 30
