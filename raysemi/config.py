@@ -47,7 +47,8 @@ class TrainConfig:
     # optimisation
     max_iterations: int = _f(30000, "training iterations (optimizer steps)")
     batch_size: int = _f(24, "slices per batch (labeled + unlabeled)")
-    labeled_bs: int = _f(12, "labeled slices per batch; the rest are unlabeled")
+    labeled_bs: int = _f(12, "labeled slices per batch; the rest are unlabeled (the supervised baseline ignores it: "
+                                 "its batches are batch_size labeled slices, as the reference's fully supervised script)")
     patch_size: tuple[int, int] = _f((256, 256), "training slice size H W (slices are resized to it)")
     base_lr: float = _f(0.01, "SGD learning rate before the poly decay")
     momentum: float = _f(0.9, "SGD momentum")
@@ -117,6 +118,8 @@ class TrainConfig:
                      "log_interval", "rampup_interval", "uncertainty_passes", "entropy_classes"):
             if getattr(self, name) < 1:
                 bad(name, "an integer >= 1" if name != "uncertainty_passes" else "T >= 1")
+        if self.in_channels != 1:
+            bad("in_channels", "1 (the data reader reads single-channel slices)")
         if self.entropy_classes < 2:
             bad("entropy_classes", "an integer >= 2")
         if self.labeled_patients < 1:

@@ -20,10 +20,11 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="a checkpoint written by raysemi.train (best.pt or last.pt)")
     p.add_argument("--data", default=None, help="dataset root (default: the one the checkpoint was trained on)")
     p.add_argument("--split", default="test", help="list to evaluate: val, test or train")
-    p.add_argument("--model", choices=("student", "teacher"), default=None,
+    p.add_argument("--eval-model", "--model", dest="model", choices=("student", "teacher"), default=None,
                    help="network to evaluate (default: the checkpoint's eval_model)")
     p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda' or 'cuda:N'")
     p.add_argument("--batch-size", type=int, default=32, help="slices per forward pass")
+
     p.add_argument("--out", default=None, help="per-volume CSV to write")
     return p
 
@@ -63,6 +64,8 @@ def write_csv(path: Path, summary) -> None:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size: {args.batch_size} is invalid; expected an integer >= 1")
     from raysemi.data import load_volumes, resolve_data_root
     from raysemi.inference import evaluate_volumes
     from raysemi.loop import resolve_device

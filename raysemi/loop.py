@@ -57,9 +57,15 @@ class LoopResult:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"device: {name!r} is invalid; expected 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device: {name!r} is not available on this machine (no CUDA); use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"device: {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                        "expected cuda:0 .. cuda:N-1")
     return device
 
 
@@ -82,6 +88,24 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def build_strategy(config: TrainConfig, source: str = "config") -> tuple[str, nn.Module]:
+    """(model name, strategy) for a config; UserError when the strategy cannot run with it (a model
+    it cannot use, ICT's odd unlabeled count, an EMA teacher asked of a strategy without one)."""
+    cls = get_method(config.method)
+    model_name = cls.models[0] if config.model == "auto" else config.model
+    if model_name not in cls.models:
+        raise UserError(f"{source}: model: {model_name!r} cannot be used by {cls.name}; "
+                        f"expected one of {', '.join(cls.models)}")
+    student = create_model(model_name, in_channels=config.in_channels, num_classes=config.num_classes)
+    try:
+        strategy = create_method(config.method, student, **config.to_dict())
+    except ValueError as err:
+        raise UserError(f"{source}: {err}") from None
+    if config.eval_model == "teacher" and strategy.teacher is None:
+        raise UserError(f"{source}: eval_model: 'teacher' but {cls.name} has no EMA teacher; expected 'student'")
+    return model_name, strategy
+
+
 class Trainer:
     """Builds the strategy, its networks and optimisers from a config, and trains them."""
 
@@ -94,15 +118,7 @@ class Trainer:
         self.device = device or resolve_device(config.device)
         seed_everything(config.seed)
         cls = get_method(config.method)
-        self.model_name = cls.models[0] if config.model == "auto" else config.model
-        if self.model_name not in cls.models:
-            raise UserError(f"config: model: {self.model_name!r} cannot be used by {cls.name}; "
-                            f"expected one of {', '.join(cls.models)}")
-        student = create_model(self.model_name, in_channels=config.in_channels, num_classes=config.num_classes)
-        try:
-            self.strategy = create_method(config.method, student, **config.to_dict())
-        except ValueError as err:
-            raise UserError(f"config: {err}") from None
+        self.model_name, self.strategy = build_strategy(config)
         self.amp = config.amp == "bf16" or (config.amp == "auto" and self.device.type == "cuda")
         self.channels_last = config.channels_last == "on" or (
             config.channels_last == "auto" and self.amp and self.device.type == "cuda")
@@ -169,7 +185,9 @@ class Trainer:
 
     def load(self, path: str | Path) -> None:
         """Resume from a full checkpoint written by `save`."""
-        ckpt = checkpoint.load(path, map_location=self.device)
+        # onto the CPU first: load_state_dict moves tensors to the parameters' device, and the
+        # sampler's generator state must stay a CPU ByteTensor
+        ckpt = checkpoint.load(path, map_location="cpu")
         nets = self.strategy.networks()
         for name, state in ckpt["networks"].items():
             if name not in nets:

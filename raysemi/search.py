@@ -33,8 +33,9 @@ def build_parser() -> ArgumentParser:
     s = p.add_argument_group("search")
     s.add_argument("--method", default="mean_teacher",
                    help="a strategy, a comma-separated list (mt,ict,dan) or 'all' (then the strategy is searched too)")
-    s.add_argument("--data", default="phantom", help="dataset root in the SSL4MIS ACDC layout, or 'phantom'; "
-                   "on a cluster, read by the driver only (trials get it through Ray's object store)")
+    s.add_argument("--data", default=None, help="dataset root in the SSL4MIS ACDC layout, or 'phantom'; "
+                   "on a cluster, read by the driver only (trials get it through Ray's object store); default: --config's, "
+                   "else the phantom")
     s.add_argument("--labeled-patients", type=int, default=None, help="labeled training patients (default: config's 7)")
     s.add_argument("--num-samples", type=int, default=16, help="configs to try")
     s.add_argument("--max-iterations", type=int, default=None, help="iterations per trial (default: config's)")
@@ -46,7 +47,8 @@ def build_parser() -> ArgumentParser:
                    "(default: a quarter of --max-iterations, at least one evaluation)")
     s.add_argument("--reduction-factor", type=float, default=3, help="ASHA: keep the top 1/factor at each rung")
     s.add_argument("--max-failures", type=int, default=2, help="retries of a failing trial (from its checkpoint)")
-    s.add_argument("--seed", type=int, default=0, help="seed of the sampler and of the trials' training")
+    s.add_argument("--seed", type=int, default=None, help="seed of the sampler and of the trials' training "
+                   "(default: --config's seed, else 1337)")
     r = p.add_argument_group("resources")
     r.add_argument("--gpus", type=float, default=None, help="GPUs to use in total (default: all visible; 0: CPU trials)")
     r.add_argument("--gpus-per-trial", type=float, default=None, help="GPUs per trial; fractions share a GPU (default: 1)")
@@ -60,7 +62,8 @@ def build_parser() -> ArgumentParser:
     t.add_argument("--name", default=None, help="search name (default: search-<methods>-<time>); rerunning with the "
                    "same name continues it")
     t.add_argument("--storage", default="runs", help="Tune's storage path; the search folder is STORAGE/NAME")
-    t.add_argument("--resume", action="store_true", help="continue an interrupted search (needs --name)")
+    t.add_argument("--resume", action="store_true", help="continue an interrupted search (needs --name); the "
+                   "search's own saved settings are used, not the other flags")
     p.add_argument("--config", metavar="BASE.yaml", help="fixed values for everything not searched")
     add_config_arguments(p, skip=OWN)
     return p
@@ -84,17 +87,28 @@ def resolve_methods(spec: str) -> list[str]:
     return out
 
 
-def base_config(args) -> TrainConfig:
-    """--config < config flags < the search's own options; validated (method checked per trial)."""
+def base_config(args, methods: list[str]) -> TrainConfig:
+    """--config < config flags < the search's own options; validated for every searched strategy,
+    so that a setting no trial could run with is refused before Ray starts."""
+    import yaml
+
+    from raysemi.loop import build_strategy
+
     sources: dict[str, str] = {}
-    cfg = load_yaml(args.config) if args.config else TrainConfig()
+    cfg = TrainConfig()
+    if args.config:
+        cfg = load_yaml(args.config)
+        raw = yaml.safe_load(Path(args.config).read_text()) or {}
+        sources.update({k: str(args.config) for k in raw})
     overrides = {k: v for k, v in vars(args).items() if k in FIELDS and k not in OWN}
-    own = {"data": args.data, "seed": args.seed}
-    for k in ("labeled_patients", "max_iterations", "eval_interval"):
-        if getattr(args, k) is not None:
-            own[k] = getattr(args, k)
-    cfg = from_dict({**overrides, **own}, source="command line", base=cfg)
-    sources.update({k: "--" + k.replace("_", "-") for k in {**overrides, **own}})
+    own = {k: getattr(args, k) for k in ("data", "seed", "labeled_patients", "max_iterations", "eval_interval")
+           if getattr(args, k) is not None}
+    if overrides or own:
+        cfg = from_dict({**overrides, **own}, source="command line", base=cfg)
+        sources.update({k: "--" + k.replace("_", "-") for k in {**overrides, **own}})
+    for m in methods:
+        checked = cfg.replace(method=m).validate(source=sources)
+        build_strategy(checked, source=f"{m}")
     return cfg.validate(source=sources)
 
 
@@ -166,6 +180,17 @@ def start_ray(args) -> dict[str, float]:
     return ray.cluster_resources()
 
 
+def load_saved_search(exp_dir: Path) -> dict | None:
+    """The settings a search saved at its start, when `exp_dir` holds one that can continue."""
+    state = exp_dir / STATE_FILE
+    if not state.is_file() or not (exp_dir / "base_config.yaml").is_file():
+        return None
+    try:
+        return json.loads(state.read_text())
+    except json.JSONDecodeError:
+        raise UserError(f"{state}: not valid JSON; the search folder is damaged") from None
+
+
 def trial_dirname(trial) -> str:
     """Short trial folder names: <strategy>_<trial id>."""
     return f"{trial.config.get('method', 'trial')}_{trial.trial_id}"
@@ -173,19 +198,39 @@ def trial_dirname(trial) -> str:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    methods = resolve_methods(args.method)
-    if args.num_samples < 1 or args.seeds < 1:
-        raise UserError("--num-samples and --seeds: expected integers >= 1")
-    base = base_config(args)
+    for flag, value, ok in (("--num-samples", args.num_samples, args.num_samples >= 1),
+                            ("--seeds", args.seeds, args.seeds >= 1),
+                            ("--reduction-factor", args.reduction_factor, args.reduction_factor > 1),
+                            ("--grace-period", args.grace_period, args.grace_period is None or args.grace_period >= 1),
+                            ("--max-failures", args.max_failures, args.max_failures >= 0)):
+        if not ok:
+            raise UserError(f"{flag}: {value} is invalid; expected "
+                            + ("a number > 1" if flag == "--reduction-factor" else "an integer >= 1"
+                               if flag != "--max-failures" else "an integer >= 0"))
+    storage = Path(args.storage).expanduser().resolve()
+    if args.resume and not args.name:
+        raise UserError("--resume: expected --name of the search to continue")
+    saved = load_saved_search(storage / args.name) if args.name else None
+    if saved is not None:  # continuing: the search's own settings, whatever the other flags say
+        if saved.get("finished"):
+            raise UserError(f"--name: search {args.name!r} in {storage} is finished; choose another --name "
+                            "(its results are in that folder)")
+        methods, args.num_samples, args.seeds = saved["methods"], saved["num_samples"], saved["seeds"]
+        args.search_space, args.experiment = saved.get("search_space"), saved.get("experiment", args.experiment)
+        base = load_yaml(storage / args.name / "base_config.yaml")
+        print(f"continuing search {args.name!r} with its saved settings ({', '.join(methods)}, "
+              f"{args.num_samples} samples, {base.max_iterations} iterations)", flush=True)
+    elif args.resume:
+        raise UserError(f"--resume: {storage / args.name} holds no search to continue")
+    else:
+        methods = resolve_methods(args.method)
+        base = base_config(args, methods)
     from raysemi.search_space import load_spaces
     from raysemi.tracking import check_tracking_uri, resolve_tracking_uri
 
     spaces = load_spaces(methods, args.search_space)
-    uri = resolve_tracking_uri(args.tracking_uri)
+    uri = resolve_tracking_uri(args.tracking_uri if saved is None or args.tracking_uri else saved["tracking_uri"])
     check_tracking_uri(uri)
-    storage = Path(args.storage).expanduser().resolve()
-    if args.resume and not args.name:
-        raise UserError("--resume: expected --name of the search to continue")
     name = args.name or f"search-{'-'.join(methods) if len(methods) <= 2 else 'all'}-{time.strftime('%Y%m%d-%H%M%S')}"
     exp_dir = storage / name
     try:
@@ -249,7 +294,10 @@ def _search(args, methods, spaces, base: TrainConfig, dataset, uri: str, storage
                            "search/seeds": args.seeds, "search/gpus": gpus, "search/gpus_per_trial": per_trial,
                            "search/reduction_factor": args.reduction_factor, **{f"base/{k}": v for k, v in
                                                                                flat_params(base.to_dict()).items()}})
-        state = {"parent_run_id": parent.run_id, "methods": methods, "tracking_uri": uri}
+        state = {"parent_run_id": parent.run_id, "methods": methods, "tracking_uri": uri,
+                 "num_samples": args.num_samples, "seeds": args.seeds, "experiment": args.experiment,
+                 "search_space": str(Path(args.search_space).resolve()) if args.search_space else None,
+                 "finished": False}
         state_path.write_text(json.dumps(state, indent=1))
         save_yaml(base, exp_dir / "base_config.yaml")
     print(f"search folder: {exp_dir}\nMLflow: {uri} (experiment {args.experiment!r}, parent run {parent.run_id})",
@@ -297,6 +345,8 @@ def _search(args, methods, spaces, base: TrainConfig, dataset, uri: str, storage
               f"continue with: python -m raysemi.search --name {name} --storage {storage} --resume")
         return 130
     summary = summarize(results, base, methods, spaces, exp_dir)
+    state["finished"] = True
+    state_path.write_text(json.dumps(state, indent=1))
     best_ckpt = exp_dir / "best_checkpoint.pt"
     if best_ckpt.is_file():  # the winner's per-class table, as a user would check it
         from raysemi.evaluate import load_network
@@ -308,13 +358,18 @@ def _search(args, methods, spaces, base: TrainConfig, dataset, uri: str, storage
         table = evaluate_volumes(net, dataset.val, cfg.num_classes, cfg.patch_size, device, cfg.eval_batch_size,
                                  True, device.type == "cuda" and cfg.amp != "off")
         print(f"\nbest trial's checkpoint ({summary['best_method']}) on the validation split:\n{table.format()}")
-        parent.log_metrics({f"best/val_{k}": v for k, v in table.means().items()}, 0)
+        parent.log_metrics({f"best_checkpoint/val_{k}": v for k, v in table.means().items()}, 0)
     for path in summary["artifacts"]:
         parent.log_artifact(path, "plots" if Path(path).suffix == ".png" else None)
     parent.log_metrics({"best/val_dice": summary["best_dice"], "trials/completed": summary["counts"]["completed"],
                         "trials/stopped_early": summary["counts"]["stopped_early"],
                         "trials/failed": summary["counts"]["failed"]}, 0)
     parent.set_tags({"status": "finished", "best_strategy": summary["best_method"]})
+    if not best_ckpt.is_file() and summary["counts"]["completed"] + summary["counts"]["stopped_early"] == 0:
+        parent.end("FAILED")
+        print(f"\nerror: no trial finished: all {summary['counts']['failed']} failed (see failure_reason in "
+              f"leaderboard.csv)", flush=True)
+        return 1
     parent.end("FINISHED")
     print(f"\nbest: {summary['best_method']} val dice {summary['best_dice']:.4f}; "
           f"retrain it: python -m raysemi.train --config {exp_dir / 'best_config.yaml'}")

@@ -127,7 +127,8 @@ def plot_best_per_strategy(rows, path: Path) -> Path:
 
 
 def param_importances(rows, spaces: dict[str, dict[str, Dist]]) -> dict[str, dict[str, float]]:
-    """Optuna fANOVA importances per strategy (and of the strategy choice), from finished trials."""
+    """Optuna's parameter importances (its default evaluator: PED-ANOVA in Optuna 5) per strategy
+    and of the strategy choice, from finished trials."""
     import optuna
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
@@ -174,9 +175,9 @@ def plot_importances(importances: dict[str, dict[str, float]], path: Path) -> Pa
     for ax, (m, imp) in zip(axes[0], importances.items()):
         names = list(imp)[::-1]
         ax.barh(names, [imp[n] for n in names])
-        ax.set(title=m, xlabel="importance (fANOVA)")
+        ax.set(title=m, xlabel="importance")
         ax.tick_params(axis="y", labelsize=8)
-    fig.suptitle("Parameter importance (Optuna)")
+    fig.suptitle("Parameter importance (Optuna's default evaluator)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -16,6 +16,10 @@ from raysemi.config import FIELDS, _field_type
 from raysemi.errors import UserError
 
 TYPES = ("uniform", "loguniform", "int", "choice")
+#: fields a search may sample: hyperparameters of training, not data, model shape or evaluation
+SEARCHABLE = ("base_lr", "momentum", "weight_decay", "batch_size", "labeled_bs", "consistency", "consistency_rampup",
+              "rampup_interval", "mt_warmup", "ema_decay", "uncertainty_threshold_start", "uncertainty_threshold_end",
+              "uncertainty_passes", "ict_alpha", "entropy_classes", "dan_lr", "fault_nan_at")
 
 
 @dataclass(frozen=True)
@@ -44,8 +48,9 @@ def parse_dist(source: str, name: str, spec: Any) -> Dist:
     where = f"{source}: {name}"
     if name not in FIELDS:
         raise UserError(f"{where}: not a config field; expected TrainConfig fields such as consistency, ema_decay, base_lr")
-    if name in ("method", "data", "output", "device", "seed", "tracking_uri", "experiment", "run_name", "max_iterations"):
-        raise UserError(f"{where}: cannot be searched here; expected a hyperparameter (set it with --config or a flag)")
+    if name not in SEARCHABLE:
+        raise UserError(f"{where}: cannot be searched (the data, model shape and evaluation are fixed per search); "
+                        f"expected one of {', '.join(SEARCHABLE)}")
     if not isinstance(spec, dict) or spec.get("type") not in TYPES:
         raise UserError(f"{where}: {spec!r} is not a distribution; expected {{type: {'|'.join(TYPES)}, ...}}")
     kind = spec["type"]
@@ -56,6 +61,8 @@ def parse_dist(source: str, name: str, spec: Any) -> Dist:
         values = spec.get("values")
         if not isinstance(values, list) or not values:
             raise UserError(f"{where}: values: {values!r}; expected a non-empty list")
+        for v in values:
+            _check_value(source, name, v)
         return Dist("choice", values=tuple(values))
     low, high = spec.get("low"), spec.get("high")
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (low, high)) \
@@ -68,7 +75,19 @@ def parse_dist(source: str, name: str, spec: Any) -> Dist:
         raise UserError(f"{where}: type: int, but {name} is a {typ.__name__}; expected uniform or loguniform")
     if kind in ("uniform", "loguniform") and typ is not float:
         raise UserError(f"{where}: type: {kind}, but {name} is a {getattr(typ, '__name__', typ)}; expected int or choice")
+    for v in (low, high):
+        _check_value(source, name, int(v) if kind == "int" else float(v))
     return Dist(kind, float(low), float(high), spec.get("step"), bool(spec.get("log", False)))
+
+
+def _check_value(source: str, name: str, value: Any) -> None:
+    """A bound or choice must itself be a valid value of the field (else every such trial fails)."""
+    from raysemi.config import TrainConfig, _coerce
+
+    value = _coerce(name, value, f"{source}: {name}")
+    if name in ("batch_size", "labeled_bs", "fault_nan_at"):
+        return  # checked together with the rest of the config, per trial
+    TrainConfig(method="mean_teacher", **{name: value}).validate(source=source)
 
 
 def load_space(path: str | Path) -> dict[str, Dist]:

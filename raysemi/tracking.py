@@ -4,7 +4,8 @@ Metric names (stable, documented in the README): `train/loss`, `train/loss_sup`,
 `train/loss_dice`, `train/consistency`, `train/consistency_weight`, `lr`, `it_per_s`; at each
 validation `val/dice`, `val/hd95`, `val/asd`, `val/jaccard`, per class `val/dice_rv`,
 `val/dice_myo`, `val/dice_lv` (and hd95/asd/jaccard likewise), `val/empty_pred`, `val/best_dice`;
-after training `test/...` the same on the test split. Params: the whole resolved config.
+after training `best/val_dice`, `best/iteration`, and `val_best/...`, `test_best/...` (the best
+checkpoint on the validation and test splits). Params: the whole resolved config.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ import torch
 from raysemi import checkpoint
 from raysemi.config import from_dict
 from raysemi.data import Dataset
+from raysemi.errors import UserError
 from raysemi.loop import Callback, Trainer, TrainingDiverged
 from raysemi.search_space import trial_values
 
@@ -78,9 +79,14 @@ def train_trial(config: dict[str, Any], *, base: dict[str, Any], dataset: Datase
         logging.getLogger(name).setLevel(logging.WARNING)
     torch.set_num_threads(max(1, int(cpus_per_trial)))
     device = "cuda" if gpus_per_trial > 0 and torch.cuda.is_available() else "cpu"
-    cfg = trial_config(config, base, device)
-    keepers = [_KeepBest() for _ in range(seeds)]
-    trainers = [Trainer(cfg.replace(seed=cfg.seed + k), dataset, [keepers[k]]) for k in range(seeds)]
+    try:  # a sampled config no strategy can run (e.g. ema_decay 1.0) fails once, with its reason
+        cfg = trial_config(config, base, device)
+        keepers = [_KeepBest() for _ in range(seeds)]
+        trainers = [Trainer(cfg.replace(seed=cfg.seed + k), dataset, [keepers[k]]) for k in range(seeds)]
+    except UserError as err:
+        tune.report({"method": config.get("method", ""), TIME_ATTR: 0, "diverged": 1, METRIC: 0.0,
+                     "failure_reason": f"invalid config: {err}"})
+        return
     ckpt = tune.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:

@@ -198,9 +198,13 @@ def test_interrupted_search_resumes_without_losing_or_duplicating_trials(tiny_ph
     finished_before = {k.data.tags["trial_id"] for k in kids if k.data.tags["status"] == "completed"}
     assert finished_before
 
-    again = subprocess.run(args + ["--resume"], capture_output=True, text=True, cwd=tmp_path, timeout=400)
+    # as a user would type it: only the name (the search's own settings were saved with it)
+    again = subprocess.run([sys.executable, "-m", "raysemi.search", "--name", "r", "--storage", str(tmp_path / "runs"),
+                            "--resume"], capture_output=True, text=True, cwd=tmp_path, timeout=400,
+                           env={**os.environ, "MLFLOW_TRACKING_URI": "sqlite:///nowhere-else.db"})
     assert again.returncode == 0, again.stdout[-3000:]
-    assert "resuming search r" in again.stdout
+    assert "continuing search 'r'" in again.stdout and "resuming search r" in again.stdout
+    assert not (tmp_path / "nowhere-else.db").exists()  # the saved tracking URI is used
     client, parents, kids = children(uri, "raysemi-search")
     assert len(parents) == 1 and len(kids) == 3  # nothing logged twice as a new run
     after = json.loads(runs_file.read_text())
@@ -211,6 +215,10 @@ def test_interrupted_search_resumes_without_losing_or_duplicating_trials(tiny_ph
         assert k.data.tags["status"] in ("completed", "stopped_early")
     rows = list(csv.DictReader(open(tmp_path / "runs" / "r" / "leaderboard.csv")))
     assert finished_before <= {r["trial_id"] for r in rows} and len(rows) == 3
+    assert all(int(r["iterations"]) <= 40 for r in rows)  # the saved budget, not the default 30,000
+    # a finished search is not silently re-entered by a rerun with the same name
+    third = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert third.returncode == 2 and "search 'r'" in third.stderr and "is finished" in third.stderr
 
 
 @pytest.mark.parametrize("address,match", [
@@ -224,3 +232,32 @@ def test_address_pointing_at_nothing_fails_fast(tiny_phantom, tmp_path, capsys, 
                                  "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and match in err[-1] and time.time() - t0 < 30
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--method", "mt", "--batch-size", "4", "--labeled-bs", "4"], "--labeled-bs: labeled_bs: 4 is invalid"),
+    (["--method", "dv", "--model", "unet"], "pyramid_consistency: model: 'unet' cannot be used"),
+    (["--method", "supervised,mt", "--eval-model", "teacher"], "supervised: eval_model: 'teacher'"),
+    (["--method", "ict", "--batch-size", "7", "--labeled-bs", "2"], "must be even"),
+    (["--method", "mt", "--reduction-factor", "1"], "--reduction-factor: 1.0 is invalid"),
+])
+def test_settings_no_trial_could_run_with_are_refused_before_ray_starts(tiny_phantom, tmp_path, capsys, extra, match):
+    t0 = time.time()
+    code = run_cli(search_main, [*extra, "--data", str(tiny_phantom), "--labeled-patients", "2", "--storage",
+                                 str(tmp_path), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and match in err[-1] and time.time() - t0 < 20
+    assert not any(tmp_path.iterdir())  # nothing written, no Ray started
+
+
+@pytest.mark.parametrize("content,match", [
+    ("labeled_patients: {type: int, low: 1, high: 5}\n", "labeled_patients: cannot be searched"),
+    ("ema_decay: {type: uniform, low: 0.9, high: 1.0}\n", "ema_decay: 1.0 is invalid"),
+    ("ict_alpha: {type: choice, values: [0.2, 0]}\n", "ict_alpha: 0.0 is invalid"),
+])
+def test_search_space_values_are_checked_against_the_config(tmp_path, capsys, content, match):
+    path = tmp_path / "space.yaml"
+    path.write_text(content)
+    code = run_cli(search_main, ["--method", "ict", "--search-space", str(path), "--storage", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and str(path) in err and match in err

@@ -101,3 +101,17 @@ def test_list_methods_shows_all_seven_with_hyperparameters(capsys):
                  "entropy_minimization", "pyramid_consistency", "adversarial"):
         assert name in out
     assert "ict_alpha=0.2" in out and "dan_lr=0.0001" in out and "uncertainty_passes=8" in out
+
+
+def test_teacher_evaluation_for_a_strategy_without_teacher_is_refused_at_start(tiny_phantom, tmp_path, capsys):
+    code = run_cli(train_main, ["--data", str(tiny_phantom), *TINY, "--no-mlflow", "--method", "supervised",
+                                "--eval-model", "teacher", "--output", str(tmp_path / "run")])
+    assert code == 2 and "eval_model: 'teacher' but supervised has no EMA teacher" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_all_patients_labeled_is_a_clear_error_for_a_semi_supervised_strategy(tiny_phantom, tmp_path, capsys):
+    code = run_cli(train_main, ["--data", str(tiny_phantom), *TINY, "--no-mlflow", "--method", "mean_teacher",
+                                "--labeled-patients", "8", "--output", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and "labeled_patients labels every patient" in err and "--method supervised" in err

@@ -94,7 +94,7 @@ class _Stream:
         return {"perm": self.perm.clone(), "pos": self.pos}
 
     def load(self, state: dict) -> None:
-        self.perm, self.pos = state["perm"].clone(), int(state["pos"])
+        self.perm, self.pos = state["perm"].cpu().clone(), int(state["pos"])
 
 
 class BatchSampler:
@@ -109,10 +109,11 @@ class BatchSampler:
         self.data = data
         self.generator = torch.Generator().manual_seed(seed)
         n_lab = len(data.labeled_idx)
+        if unlabeled_bs and len(data.unlabeled_idx) == 0:
+            raise ValueError("labeled_patients labels every patient of train_slices.list, so there are no unlabeled "
+                             "slices; expected fewer labeled patients for a semi-supervised strategy, or --method supervised")
         self.labeled = _Stream(n_lab, labeled_bs, self.generator, drop_last=n_lab >= labeled_bs)
         self.unlabeled = _Stream(len(data.unlabeled_idx), unlabeled_bs, self.generator, False) if unlabeled_bs else None
-        if unlabeled_bs and len(data.unlabeled_idx) == 0:
-            raise ValueError("no unlabeled slices: every training patient is labeled")
         self.augment = augment_batches
 
     def next(self) -> Batch:
@@ -136,7 +137,7 @@ class BatchSampler:
                 "unlabeled": self.unlabeled.state() if self.unlabeled else None}
 
     def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
+        self.generator.set_state(state["generator"].cpu())
         self.labeled.load(state["labeled"])
         if self.unlabeled is not None and state["unlabeled"] is not None:
             self.unlabeled.load(state["unlabeled"])
