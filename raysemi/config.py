@@ -260,16 +260,25 @@ def add_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] 
             group.add_argument(*flags, type=int, nargs=2, metavar=("H", "W"), **kw)
 
 
-def resolve(args: argparse.Namespace, config_file: str | None) -> TrainConfig:
-    """Defaults < YAML file < CLI flags; validated."""
+def resolve_with_sources(args: argparse.Namespace, config_file: str | None, exclude: tuple[str, ...] = (),
+                         extra: dict[str, Any] | None = None) -> tuple[TrainConfig, dict[str, str]]:
+    """Defaults < YAML file < CLI flags (those in `exclude` left out) < `extra` flag values; not yet
+    validated. Also returns field -> where its value came from, for error messages."""
     sources: dict[str, str] = {}
     config = TrainConfig()
     if config_file:
         config = load_yaml(config_file)
         raw = yaml.safe_load(Path(config_file).read_text()) or {}
         sources.update({ALIASES.get(k, k): str(config_file) for k in raw})
-    overrides = {k: v for k, v in vars(args).items() if k in FIELDS}
+    overrides = {k: v for k, v in vars(args).items() if k in FIELDS and k not in exclude}
+    overrides.update(extra or {})
     if overrides:
         config = from_dict(overrides, source="command line", base=config)
         sources.update({k: "--" + k.replace("_", "-") for k in overrides})
+    return config, sources
+
+
+def resolve(args: argparse.Namespace, config_file: str | None) -> TrainConfig:
+    """Defaults < YAML file < CLI flags; validated."""
+    config, sources = resolve_with_sources(args, config_file)
     return config.validate(source=sources)

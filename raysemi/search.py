@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from pathlib import Path
-from typing import Any
 
-from raysemi.config import FIELDS, TrainConfig, add_config_arguments, from_dict, load_yaml, save_yaml
+from raysemi.config import TrainConfig, add_config_arguments, load_yaml, resolve_with_sources, save_yaml
 from raysemi.errors import ArgumentParser, UserError, run_cli
 
 #: config fields the search sets through its own options
@@ -90,22 +88,11 @@ def resolve_methods(spec: str) -> list[str]:
 def base_config(args, methods: list[str]) -> TrainConfig:
     """--config < config flags < the search's own options; validated for every searched strategy,
     so that a setting no trial could run with is refused before Ray starts."""
-    import yaml
-
     from raysemi.loop import build_strategy
 
-    sources: dict[str, str] = {}
-    cfg = TrainConfig()
-    if args.config:
-        cfg = load_yaml(args.config)
-        raw = yaml.safe_load(Path(args.config).read_text()) or {}
-        sources.update({k: str(args.config) for k in raw})
-    overrides = {k: v for k, v in vars(args).items() if k in FIELDS and k not in OWN}
     own = {k: getattr(args, k) for k in ("data", "seed", "labeled_patients", "max_iterations", "eval_interval")
            if getattr(args, k) is not None}
-    if overrides or own:
-        cfg = from_dict({**overrides, **own}, source="command line", base=cfg)
-        sources.update({k: "--" + k.replace("_", "-") for k in {**overrides, **own}})
+    cfg, sources = resolve_with_sources(args, args.config, exclude=OWN, extra=own)
     for m in methods:
         checked = cfg.replace(method=m).validate(source=sources)
         build_strategy(checked, source=f"{m}")
