@@ -307,11 +307,11 @@ def _search(args, methods, spaces, base: TrainConfig, dataset, uri: str, storage
             scheduler = ASHAScheduler(time_attr=TIME_ATTR, max_t=base.max_iterations, grace_period=grace,
                                       reduction_factor=args.reduction_factor)
             reporter = tune.CLIReporter(
-                metric_columns={TIME_ATTR: "iter", METRIC: "val dice", "val/hd95": "hd95"},
-                # conditional parameters cannot be columns (the reporter looks each up in every trial)
-                parameter_columns={"method": "strategy"} if len(methods) > 1 else
-                {"method": "strategy", **{f"{methods[0]}/{k}": k for k in spaces[methods[0]]}},
-                max_report_frequency=15, sort_by_metric=True, max_column_length=34)
+                metric_columns={TIME_ATTR: "iter", METRIC: "val dice", "val/hd95": "hd95", "params": "params"},
+                # conditional parameters cannot be parameter columns (the reporter looks each up in
+                # every trial): the trial reports its own values as the `params` text column instead
+                parameter_columns={"method": "strategy"},
+                max_report_frequency=15, sort_by_metric=True, max_column_length=90)
             tuner = tune.Tuner(
                 trainable,
                 tune_config=tune.TuneConfig(metric=METRIC, mode="max", search_alg=searcher, scheduler=scheduler,

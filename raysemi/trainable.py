@@ -98,7 +98,9 @@ def train_trial(config: dict[str, Any], *, base: dict[str, Any], dataset: Datase
                                           if key not in ("format", "version")}
     for t in trainers:
         t.start()
-    base_metrics = {"method": cfg.method, "seeds": seeds, "device": device, "node_id": _node_id()}
+    _, values = trial_values(config)
+    params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(values.items()))
+    base_metrics = {"method": cfg.method, "seeds": seeds, "device": device, "node_id": _node_id(), "params": params}
     try:
         while trainers[0].iteration < cfg.max_iterations:
             target = (trainers[0].iteration // cfg.eval_interval + 1) * cfg.eval_interval

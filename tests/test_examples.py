@@ -23,5 +23,7 @@ def test_example_runs_with_smoke_flag(example, tmp_path):
     assert (tmp_path / "mlflow.db").is_file()
     if "search" in example.name:
         assert "leaderboard" in proc.stdout and list(tmp_path.glob("runs/*/best_config.yaml"))
+        # Tune's progress table with our columns: strategy, iteration, Dice and the searched values
+        assert "val dice" in proc.stdout and "params" in proc.stdout and "strategy" in proc.stdout
     else:
         assert list(tmp_path.glob("runs/*/retrained/best.pt"))
