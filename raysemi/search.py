@@ -260,6 +260,9 @@ def _search(args, methods, spaces, base: TrainConfig, dataset, uri: str, storage
           f"using {gpus:g} GPUs, {per_trial:g} GPU and {args.cpus_per_trial} CPU per trial, "
           f"up to {concurrency} trials at once", flush=True)
 
+    if len(nodes) > 1 and "://" not in args.storage:
+        print(f"warning: --storage {storage} is a local path but the cluster has {len(nodes)} nodes; trials on "
+              "other nodes need it to be shared storage (NFS) or a cloud URI for checkpoints and --resume", flush=True)
     state_path = exp_dir / STATE_FILE
     resuming = tune.Tuner.can_restore(str(exp_dir))
     if args.resume and not resuming:
