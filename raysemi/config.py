@@ -111,9 +111,8 @@ class TrainConfig:
             bad("method", f"one of {', '.join(list_methods())}")
         if self.model != "auto" and self.model not in list_models():
             bad("model", f"'auto' or one of {', '.join(list_models())}")
-        for name in ("num_classes",):
-            if getattr(self, name) < 2:
-                bad(name, "an integer >= 2")
+        if self.num_classes < 2:
+            bad("num_classes", "an integer >= 2")
         for name in ("in_channels", "max_iterations", "batch_size", "eval_interval", "eval_batch_size",
                      "log_interval", "rampup_interval", "uncertainty_passes", "entropy_classes"):
             if getattr(self, name) < 1:
@@ -216,16 +215,20 @@ def from_dict(values: dict[str, Any], source: str = "config", base: TrainConfig 
     return TrainConfig(**kwargs)
 
 
-def load_yaml(path: str | Path, base: TrainConfig | None = None) -> TrainConfig:
-    """Read a YAML config file (a mapping of fields); errors name the file."""
+def read_yaml(path: str | Path, what: str = "config file") -> Any:
+    """Parse a YAML file (empty -> {}); a missing file or bad YAML is a UserError naming it."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: config file not found")
+        raise UserError(f"{path}: {what} not found")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        return yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-    return from_dict(values, source=str(path), base=base)
+
+
+def load_yaml(path: str | Path, base: TrainConfig | None = None) -> TrainConfig:
+    """Read a YAML config file (a mapping of fields); errors name the file."""
+    return from_dict(read_yaml(path), source=str(path), base=base)
 
 
 def save_yaml(config: TrainConfig, path: str | Path) -> Path:
@@ -267,8 +270,8 @@ def resolve_with_sources(args: argparse.Namespace, config_file: str | None, excl
     sources: dict[str, str] = {}
     config = TrainConfig()
     if config_file:
-        config = load_yaml(config_file)
-        raw = yaml.safe_load(Path(config_file).read_text()) or {}
+        raw = read_yaml(config_file)
+        config = from_dict(raw, source=str(config_file))
         sources.update({ALIASES.get(k, k): str(config_file) for k in raw})
     overrides = {k: v for k, v in vars(args).items() if k in FIELDS and k not in exclude}
     overrides.update(extra or {})

@@ -269,11 +269,9 @@ def _search(args, methods, spaces, base: TrainConfig, dataset, uri: str, storage
         raise UserError(f"--resume: {exp_dir} holds no search to continue")
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
     if resuming and state.get("parent_run_id"):
-        parent = MLflowRun.__new__(MLflowRun)
         from mlflow.tracking import MlflowClient
 
-        parent.client, parent.uri = MlflowClient(tracking_uri=uri), uri
-        parent.run_id = state["parent_run_id"]
+        parent = MLflowRun.existing(MlflowClient(tracking_uri=uri), uri, state["parent_run_id"])
         parent.client.update_run(parent.run_id, status="RUNNING")
         print(f"resuming search {name} (MLflow parent run {parent.run_id})", flush=True)
     else:

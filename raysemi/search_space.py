@@ -10,8 +10,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from raysemi.config import FIELDS, _field_type
 from raysemi.errors import UserError
 
@@ -91,13 +89,10 @@ def _check_value(source: str, name: str, value: Any) -> None:
 
 
 def load_space(path: str | Path) -> dict[str, Dist]:
+    from raysemi.config import read_yaml
+
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: search space file not found")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    raw = read_yaml(path, "search space file")
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping of config field -> distribution")
     return {name: parse_dist(str(path), name, spec) for name, spec in raw.items()}

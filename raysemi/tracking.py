@@ -89,6 +89,13 @@ class MLflowRun:
             tags["mlflow.parentRunId"] = parent_run_id
         self.run_id = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags).info.run_id
 
+    @classmethod
+    def existing(cls, client: Any, uri: str, run_id: str, experiment_id: str | None = None) -> "MLflowRun":
+        """A handle on a run that already exists (a resumed search's parent or trial run)."""
+        run = cls.__new__(cls)
+        run.client, run.uri, run.run_id, run.experiment_id = client, uri, run_id, experiment_id
+        return run
+
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
@@ -184,16 +191,14 @@ def make_tune_callback(uri: str, experiment: str, parent_run_id: str, state_file
             tmp.replace(state_file)
 
         def _run(self, trial) -> MLflowRun:
-            run = MLflowRun.__new__(MLflowRun)
-            run.client = self.client
-            run.uri, run.experiment_id = uri, self.experiment_id
+            client = self.client
             if trial.trial_id in self.runs:
-                run.run_id = self.runs[trial.trial_id]
-                return run
+                return MLflowRun.existing(client, uri, self.runs[trial.trial_id], self.experiment_id)
             method, values = trial_values(trial.config)
-            run.run_id = self.client.create_run(self.experiment_id, run_name=f"{method}-{trial.trial_id}", tags={
+            run_id = client.create_run(self.experiment_id, run_name=f"{method}-{trial.trial_id}", tags={
                 "mlflow.parentRunId": parent_run_id, "strategy": method, "trial_id": trial.trial_id,
                 "status": "running"}).info.run_id
+            run = MLflowRun.existing(client, uri, run_id, self.experiment_id)
             self.runs[trial.trial_id] = run.run_id
             self._save()
             merged = {**base, **values, "method": method}
