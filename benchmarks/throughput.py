@@ -1,13 +1,27 @@
 """Training throughput per strategy on one device: steady-state it/s after warm-up, ms/step, peak
 device memory and one validation pass's time, over several repeats; prints a table, writes JSON.
 
-    python benchmarks/throughput.py --device cpu --size 64 --batch-size 8 --iterations 20   # CPU smoke
-    python benchmarks/throughput.py --device cuda --data data/ACDC                            # reference size
+    python benchmarks/throughput.py --device cpu --size 64 --batch-size 8 --iterations 20      # CPU smoke
+    python benchmarks/throughput.py --device cuda --compare-reference-pipeline                  # reference size
+    python benchmarks/throughput.py --device cuda --methods mt --packed 4                      # 4 trials, one GPU
+    python benchmarks/throughput.py --device cuda --methods supervised,mt --profile 20          # where time goes
 
 The reference size is batch 24 (12 labeled), 256x256, 7 labeled patients. Timing is of the real
 training path (`Trainer.train_until`: device-resident slices, device augmentation, bf16 and
 channels_last on CUDA by default), with the device synchronised at both ends of each measured run.
-Not built yet (issue 7): `--packed N` and `--compare-reference-pipeline`.
+
+`--compare-reference-pipeline` runs the same strategy step fed the reference's way (h5 read and
+CPU augmentation per sample through a DataLoader whose workers restart every epoch, synchronous
+copies, fp32 NCHW, losses read back every iteration; validation one slice at a time), so each
+ratio comes from one run on one machine. See benchmarks/reference_pipeline.py.
+
+`--packed N` runs N concurrent trials of the first strategy through the real search path
+(`python -m raysemi.search`, fractional GPUs, data through Ray's object store, ASHA not stopping
+anyone) and sums the trials' steady-state rates (each from its reports after the first, so start-up
+and CUDA initialisation are left out); it also gives the whole search's iterations / wall time.
+
+`--profile K` records K training steps of each strategy with torch.profiler and writes the
+operator summary (by self device time on CUDA, CPU time on CPU) next to the JSON.
 """
 
 from __future__ import annotations
@@ -17,16 +31,20 @@ import json
 import platform
 import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from raysemi.config import TrainConfig
-from raysemi.data import load_dataset
-from raysemi.loop import Trainer
-from raysemi.methods import list_methods, resolve_method_name
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from raysemi.config import TrainConfig, save_yaml  # noqa: E402
+from raysemi.data import load_dataset  # noqa: E402
+from raysemi.loop import Trainer  # noqa: E402
+from raysemi.methods import get_method, list_methods, resolve_method_name  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -34,67 +52,218 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def bench_config(method: str, args, **over) -> TrainConfig:
+    values = dict(method=method, data=args.data, labeled_patients=args.labeled_patients,
+                  patch_size=(args.size, args.size), batch_size=args.batch_size, labeled_bs=args.batch_size // 2,
+                  max_iterations=10 ** 9, eval_interval=10 ** 9, log_interval=10 ** 9, device=args.device,
+                  amp=args.amp, mt_warmup=0)
+    return TrainConfig(**{**values, **over}).validate()
+
+
+def timed_runs(trainer: Trainer, iterations: int, repeats: int) -> list[float]:
+    """it/s of `repeats` runs of `iterations` steps each, the device synchronised around each."""
+    rates = []
+    for _ in range(repeats):
+        sync(trainer.device)
+        t0 = time.perf_counter()
+        trainer.train_until(trainer.iteration + iterations)
+        sync(trainer.device)
+        rates.append(iterations / (time.perf_counter() - t0))
+    return rates
+
+
 def measure(method: str, data, args) -> dict:
-    cfg = TrainConfig(method=method, data=args.data, labeled_patients=args.labeled_patients,
-                      patch_size=(args.size, args.size), batch_size=args.batch_size, labeled_bs=args.batch_size // 2,
-                      max_iterations=10 ** 9, eval_interval=10 ** 9, log_interval=10 ** 9, device=args.device,
-                      amp=args.amp, mt_warmup=0).validate()
-    trainer = Trainer(cfg, data)
+    trainer = Trainer(bench_config(method, args), data)
     device = trainer.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    compile_s = None
+    if args.compile:
+        for net in trainer.strategy.networks().values():
+            net.compile()
     trainer.start()
-    trainer.train_until(args.warmup)
-    rates = []
-    for _ in range(args.repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        trainer.train_until(trainer.iteration + args.iterations)
-        sync(device)
-        rates.append(args.iterations / (time.perf_counter() - t0))
     sync(device)
     t0 = time.perf_counter()
-    trainer.evaluate(distances=True)
+    trainer.train_until(args.warmup)
     sync(device)
-    val_s = time.perf_counter() - t0
+    if args.compile:
+        compile_s = time.perf_counter() - t0
+    window = [time.time()]
+    rates = timed_runs(trainer, args.iterations, args.repeats)
+    window.append(time.time())
+    val_s = []
+    for _ in range(2):  # the first pass also pays for cuDNN's choices at the eval batch shapes
+        sync(device)
+        t0 = time.perf_counter()
+        summary = trainer.evaluate(distances=True)
+        sync(device)
+        val_s.append(time.perf_counter() - t0)
     peak = (torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    return {"method": method, "it_per_s_mean": statistics.mean(rates), "it_per_s_median": statistics.median(rates),
-            "ms_per_step": 1000 / statistics.median(rates), "peak_mem_mib": peak,
-            "peak_mem_kind": "device" if device.type == "cuda" else "process RSS", "val_pass_s": val_s,
-            "val_volumes": len(data.val), "device": str(device), "amp": trainer.amp, "channels_last": trainer.channels_last}
+    row = {"method": method, "it_per_s_mean": statistics.mean(rates), "it_per_s_median": statistics.median(rates),
+           "it_per_s_runs": rates, "ms_per_step": 1000 / statistics.median(rates), "peak_mem_mib": peak,
+           "peak_mem_kind": "device" if device.type == "cuda" else "process RSS", "val_pass_s": min(val_s),
+           "val_pass_first_s": val_s[0], "val_dice": summary.means()["dice"], "val_volumes": len(data.val),
+           "device": str(device), "amp": trainer.amp, "channels_last": trainer.channels_last,
+           "compiled": bool(args.compile), "compile_warmup_s": compile_s,
+           "timed_window_unix": window}
+    if args.profile:
+        row["profile"] = profile(trainer, args.profile)
+    if args.compare_reference_pipeline:
+        row.update(measure_reference(method, data, args, trainer))
+    del trainer
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def measure_reference(method: str, data, args, ours: Trainer) -> dict:
+    """The same step fed and validated the reference's way (fp32, NCHW, per-iteration host reads)."""
+    from reference_pipeline import ReferenceFeed, reference_validation
+
+    cfg = bench_config(method, args, amp="off", channels_last="off", log_interval=1)
+    trainer = Trainer(cfg, data)
+    uses_unlabeled = get_method(method).uses_unlabeled
+    lb = cfg.labeled_bs if uses_unlabeled else cfg.batch_size
+    trainer.sampler = ReferenceFeed(data.root, data.train.names, data.train.labeled_idx,
+                                    data.train.unlabeled_idx if uses_unlabeled else data.train.labeled_idx[:0],
+                                    lb, cfg.unlabeled_bs if uses_unlabeled else 0, cfg.patch_size,
+                                    trainer.device, args.reference_workers)
+    trainer.start()
+    trainer.train_until(args.warmup)
+    window = [time.time()]
+    rates = timed_runs(trainer, args.reference_iterations, 1)
+    window.append(time.time())
+    sync(trainer.device)
+    t0 = time.perf_counter()
+    dice = reference_validation(trainer.eval_network(), data.val, cfg.num_classes, cfg.patch_size, trainer.device)
+    val_s = time.perf_counter() - t0
+    epochs = trainer.sampler.epochs
+    del trainer
+    return {"ref_it_per_s": rates[0], "ref_val_pass_s": val_s, "ref_val_dice": dice, "ref_epochs": epochs,
+            "ref_workers": args.reference_workers, "ref_timed_window_unix": window}
+
+
+def profile(trainer: Trainer, steps: int) -> str:
+    """torch.profiler's operator table over `steps` training steps."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    cuda = trainer.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch_profile(activities=activities) as prof:
+        trainer.train_until(trainer.iteration + steps)
+        sync(trainer.device)
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60)
+
+
+def measure_packed(method: str, args) -> dict:
+    """N concurrent trials through `python -m raysemi.search`; their summed steady-state it/s."""
+    n = args.packed
+    gpus = 1 if args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available()) else 0
+    with tempfile.TemporaryDirectory() as tmp:
+        base = bench_config(method, args, eval_interval=args.packed_eval_interval, log_interval=20,
+                            max_iterations=args.packed_iterations)
+        base.device = "auto"
+        save_yaml(base, Path(tmp) / "base.yaml")
+        cmd = [sys.executable, "-m", "raysemi.search", "--method", method, "--config", str(Path(tmp) / "base.yaml"),
+               "--num-samples", str(n), "--max-iterations", str(args.packed_iterations),
+               "--eval-interval", str(args.packed_eval_interval), "--grace-period", str(args.packed_iterations),
+               "--gpus", str(gpus), "--cpus-per-trial", str(args.packed_cpus_per_trial),
+               "--storage", str(Path(tmp) / "runs"), "--name", "packed", "--experiment", "throughput-packed",
+               "--tracking-uri", f"sqlite:///{tmp}/mlflow.db"]
+        if gpus:
+            cmd += ["--gpus-per-trial", f"{1 / n:.6f}"]
+        else:
+            cmd += ["--num-cpus", str(n * args.packed_cpus_per_trial)]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise SystemExit(f"packed search failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        trials = []
+        for result in sorted((Path(tmp) / "runs" / "packed").glob("*/result.json")):
+            reports = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
+            first, last = reports[0], reports[-1]
+            span = last["time_total_s"] - first["time_total_s"]
+            rate = (last["iteration"] - first["iteration"]) / span if span > 0 else float("nan")
+            trials.append({"trial": result.parent.name, "reports": len(reports), "iterations": last["iteration"],
+                           "steady_it_per_s": rate, "trial_seconds": last["time_total_s"]})
+    done = [t for t in trials if t["reports"] >= 2]
+    return {"method": method, "packed": n, "gpus_per_trial": 1 / n if gpus else 0, "trials": trials,
+            "total_steady_it_per_s": sum(t["steady_it_per_s"] for t in done),
+            "search_wall_s": wall, "search_it_per_s": sum(t["iterations"] for t in trials) / wall,
+            "command": " ".join(cmd[1:])}
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", default="all")
-    p.add_argument("--data", default="phantom")
+    p.add_argument("--methods", default="all", help="comma-separated strategies (aliases ok), or 'all'")
+    p.add_argument("--data", default="phantom", help="dataset root in the SSL4MIS layout, or 'phantom'")
     p.add_argument("--labeled-patients", type=int, default=7)
-    p.add_argument("--size", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=24)
+    p.add_argument("--size", type=int, default=256, help="patch size (square)")
+    p.add_argument("--batch-size", type=int, default=24, help="slices per batch (half labeled)")
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", default="auto", choices=("auto", "bf16", "off"))
-    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=20, help="steps before timing")
     p.add_argument("--iterations", type=int, default=100, help="iterations per measured run")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="measured runs (mean and median reported)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the networks (warm-up time reported)")
+    p.add_argument("--compare-reference-pipeline", action="store_true",
+                   help="also time the same step fed and validated the reference's way")
+    p.add_argument("--reference-iterations", type=int, default=66,
+                   help="timed iterations of the reference feed (several of its short epochs)")
+    p.add_argument("--reference-workers", type=int, default=4, help="DataLoader workers of the reference feed")
+    p.add_argument("--profile", type=int, default=0, metavar="K", help="profile K steps per strategy")
+    p.add_argument("--packed", type=int, default=0, metavar="N",
+                   help="run N concurrent trials of the first strategy through the search (instead of the table)")
+    p.add_argument("--packed-iterations", type=int, default=600, help="iterations per packed trial")
+    p.add_argument("--packed-eval-interval", type=int, default=100, help="report interval of packed trials")
+    p.add_argument("--packed-cpus-per-trial", type=int, default=2)
     p.add_argument("--out", default="benchmarks/results/throughput.json")
     args = p.parse_args()
     methods = list_methods() if args.methods == "all" else [resolve_method_name(m) for m in args.methods.split(",")]
-    data = load_dataset(args.data, args.labeled_patients, 4)
-    rows = []
-    print(f"{'strategy':<32}{'it/s':>9}{'ms/step':>10}{'peak MiB':>10}{'val pass s':>12}")
-    for m in methods:
-        r = measure(m, data, args)
-        rows.append(r)
-        print(f"{m:<32}{r['it_per_s_median']:>9.2f}{r['ms_per_step']:>10.1f}{r['peak_mem_mib']:>10.0f}"
-              f"{r['val_pass_s']:>12.2f}", flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "command": " ".join([Path(sys.executable).name] + sys.argv), "args": vars(args), "rows": rows,
-        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                    "device": torch.cuda.get_device_name() if rows and rows[0]["device"].startswith("cuda") else "cpu"},
-        "date": time.strftime("%Y-%m-%d")}, indent=1))
+    machine = {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+               "device": torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "cpu"}
+    report = {"command": " ".join([Path(sys.executable).name] + sys.argv), "args": vars(args),
+              "machine": machine, "date": time.strftime("%Y-%m-%d")}
+    if args.packed:
+        r = measure_packed(methods[0], args)
+        report["packed"] = r
+        per_trial = ", ".join(f"{t['steady_it_per_s']:.1f}" for t in r["trials"])
+        print(f"{r['packed']} packed {r['method']} trials: {r['total_steady_it_per_s']:.1f} it/s in total at steady "
+              f"state ({per_trial} per trial); whole search "
+              f"{r['search_it_per_s']:.1f} it/s over {r['search_wall_s']:.0f} s including start-up")
+    else:
+        data = load_dataset(args.data, args.labeled_patients, 4)
+        rows = []
+        ref = args.compare_reference_pipeline
+        head = f"{'strategy':<32}{'it/s':>9}{'ms/step':>9}{'peak MiB':>10}{'val s':>8}"
+        head += f"{'ref it/s':>10}{'ratio':>7}{'ref val s':>10}{'ratio':>7}" if ref else ""
+        print(head)
+        for m in methods:
+            r = measure(m, data, args)
+            rows.append(r)
+            line = (f"{m:<32}{r['it_per_s_median']:>9.2f}{r['ms_per_step']:>9.1f}{r['peak_mem_mib']:>10.0f}"
+                    f"{r['val_pass_s']:>8.2f}")
+            if ref:
+                r["speedup"] = r["it_per_s_median"] / r["ref_it_per_s"]
+                r["val_speedup"] = r["ref_val_pass_s"] / r["val_pass_s"]
+                line += (f"{r['ref_it_per_s']:>10.2f}{r['speedup']:>6.1f}x{r['ref_val_pass_s']:>10.2f}"
+                         f"{r['val_speedup']:>6.1f}x")
+            print(line, flush=True)
+            # written after every row, so a run cut short still leaves what it measured
+            report["rows"] = [{k: v for k, v in r.items() if k != "profile"} for r in rows]
+            out.write_text(json.dumps(report, indent=1))
+        if args.profile:
+            prof = out.with_suffix(".profile.txt")
+            prof.write_text("".join(f"## {r['method']} ({args.profile} steps, {r['device']}, amp={r['amp']}, "
+                                    f"channels_last={r['channels_last']})\n{r['profile']}\n\n" for r in rows))
+            print(f"profile written: {prof}")
+    out.write_text(json.dumps(report, indent=1))
     print(f"written: {out}")
     return 0
 

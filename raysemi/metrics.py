@@ -29,6 +29,16 @@ def diagonal(shape: tuple[int, ...], spacing: tuple[float, ...] | None) -> float
     return float(np.linalg.norm((np.asarray(shape) - 1) * sp))
 
 
+def _union_box(a: np.ndarray, b: np.ndarray) -> tuple[slice, ...]:
+    """Bounding box of `a | b` grown by one voxel on each side (clipped to the array)."""
+    union = a | b
+    box = []
+    for axis in range(union.ndim):
+        hit = np.flatnonzero(union.any(axis=tuple(i for i in range(union.ndim) if i != axis)))
+        box.append(slice(max(int(hit[0]) - 1, 0), min(int(hit[-1]) + 2, union.shape[axis])))
+    return tuple(box)
+
+
 def binary_metrics(pred: np.ndarray, gt: np.ndarray, spacing: tuple[float, ...] | None = None,
                    distances: bool = True) -> dict[str, float]:
     """Dice, HD95, ASD, Jaccard of two boolean masks (same shape), by the empty-mask rule above."""
@@ -51,8 +61,12 @@ def binary_metrics(pred: np.ndarray, gt: np.ndarray, spacing: tuple[float, ...] 
     jac = inter / np.count_nonzero(pred | gt)
     out = {"dice": float(dice), "jaccard": float(jac), "empty_pred": 0.0, "empty_gt": 0.0}
     if distances:
-        d_pg = _surface_distances(pred, gt, spacing, 1)
-        d_gp = _surface_distances(gt, pred, spacing, 1)
+        # distances only involve voxels inside the union's bounding box, so computing the
+        # distance transforms on that box (plus a one-voxel margin for the erosion) is exact and
+        # several times faster than on the whole volume (tested against medpy on whole volumes)
+        box = _union_box(pred, gt)
+        d_pg = _surface_distances(pred[box], gt[box], spacing, 1)
+        d_gp = _surface_distances(gt[box], pred[box], spacing, 1)
         out["hd95"] = float(np.percentile(np.hstack((d_pg, d_gp)), 95))  # = medpy hd95
         out["asd"] = float(d_pg.mean())  # = medpy asd (prediction -> ground truth)
     else:

@@ -1,3 +1,4 @@
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -114,3 +115,17 @@ def test_sampler_state_round_trip(tiny_phantom):
     b.load_state_dict(a.state_dict())
     x, y = a.next(), b.next()
     assert torch.equal(x.image, y.image) and torch.equal(x.label, y.label)
+
+
+def test_phantom_written_in_parallel_is_identical(tmp_path):
+    from raysemi.data.phantom import write_phantom
+
+    a = write_phantom(tmp_path / "a", patients=4, size=(32, 32))
+    b = write_phantom(tmp_path / "b", patients=4, size=(32, 32), workers=2)
+    for name in ("train_slices", "train", "val", "test"):
+        assert (a / f"{name}.list").read_text() == (b / f"{name}.list").read_text()
+    files = sorted(p.relative_to(a) for p in a.rglob("*.h5"))
+    assert files and files == sorted(p.relative_to(b) for p in b.rglob("*.h5"))
+    for rel in files:
+        with h5py.File(a / rel) as fa, h5py.File(b / rel) as fb:
+            assert np.array_equal(fa["image"][:], fb["image"][:]) and np.array_equal(fa["label"][:], fb["label"][:])

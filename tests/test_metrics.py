@@ -81,3 +81,20 @@ def test_bad_shapes_raise():
         binary_metrics(np.zeros((3, 3), bool), np.zeros((3, 4), bool))
     with pytest.raises(ValueError, match="spacing"):
         binary_metrics(np.ones((3, 3), bool), np.ones((3, 3), bool), (1.0, 1.0, 1.0))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_cropped_distances_equal_medpy_on_the_whole_volume(seed):
+    # blobs anywhere, some touching the volume's border: the bounding-box crop must be exact
+    rng = np.random.default_rng(seed)
+    shape = (6, 40, 36)
+    pred, gt = np.zeros(shape, bool), np.zeros(shape, bool)
+    for mask in (pred, gt):
+        for _ in range(3):
+            z, y, x = (int(rng.integers(0, s)) for s in shape)
+            r = int(rng.integers(1, 8))
+            mask[max(z - 1, 0):z + 2, max(y - r, 0):y + r, max(x - r, 0):x + r] = True
+    spacing = (10.0, 1.5, 1.25)
+    m = binary_metrics(pred, gt, spacing)
+    assert m["hd95"] == pytest.approx(mb.hd95(pred, gt, spacing), rel=1e-12)
+    assert m["asd"] == pytest.approx(mb.asd(pred, gt, spacing), rel=1e-12)

@@ -62,11 +62,38 @@ def test_throughput_benchmark_cpu_smoke(tiny_phantom, tmp_path):
     script = Path(__file__).parent.parent / "benchmarks" / "throughput.py"
     out = tmp_path / "t.json"
     proc = subprocess.run([sys.executable, str(script), "--methods", "supervised,mt", "--data", str(tiny_phantom),
-                           "--labeled-patients", "2", "--size", "32", "--batch-size", "4", "--device", "cpu",
-                           "--warmup", "2", "--iterations", "3", "--repeats", "2", "--out", str(out)],
+                           "--labeled-patients", "2", "--size", "32", "--batch-size", "16", "--device", "cpu",
+                           "--warmup", "2", "--iterations", "3", "--repeats", "2", "--compare-reference-pipeline",
+                           "--reference-iterations", "8", "--reference-workers", "1", "--profile", "2", "--out", str(out)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     assert [r["method"] for r in rows] == ["supervised", "mean_teacher"]
     assert all(r["it_per_s_median"] > 0 and r["val_pass_s"] > 0 for r in rows)
     assert "it/s" in proc.stdout and "mean_teacher" in proc.stdout
+    # the reference feed ran (several of its short epochs) and the ratios come from the same run
+    for r in rows:
+        assert r["ref_it_per_s"] > 0 and r["ref_epochs"] >= 2 and 0 <= r["ref_val_dice"] <= 1
+        assert r["speedup"] == pytest.approx(r["it_per_s_median"] / r["ref_it_per_s"])
+    profile = out.with_suffix(".profile.txt").read_text()
+    assert "## supervised" in profile and "## mean_teacher" in profile and "convolution" in profile
+
+
+def test_throughput_benchmark_packed_trials_through_the_search(tiny_phantom, tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent.parent / "benchmarks" / "throughput.py"
+    out = tmp_path / "p.json"
+    proc = subprocess.run([sys.executable, str(script), "--methods", "mt", "--data", str(tiny_phantom),
+                           "--labeled-patients", "2", "--size", "32", "--batch-size", "4", "--device", "cpu",
+                           "--packed", "2", "--packed-iterations", "30", "--packed-eval-interval", "10",
+                           "--packed-cpus-per-trial", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    packed = json.loads(out.read_text())["packed"]
+    assert len(packed["trials"]) == 2 and all(t["iterations"] == 30 and t["reports"] == 3 for t in packed["trials"])
+    assert packed["total_steady_it_per_s"] == pytest.approx(sum(t["steady_it_per_s"] for t in packed["trials"]))
+    assert "packed mean_teacher trials" in proc.stdout

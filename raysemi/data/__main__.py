@@ -18,6 +18,7 @@ def build_parser() -> ArgumentParser:
     ph.add_argument("--patients", type=int, default=40, help="number of patients (2 volumes each: ED and ES)")
     ph.add_argument("--seed", type=int, default=0, help="random seed")
     ph.add_argument("--size", type=int, nargs=2, default=(128, 128), metavar=("H", "W"), help="slice size")
+    ph.add_argument("--workers", type=int, default=1, help="processes writing patients in parallel (same files)")
     ph.add_argument("--overwrite", action="store_true", help="replace an existing phantom folder")
     return p
 
@@ -28,7 +29,8 @@ def main(argv: list[str]) -> int:
         from raysemi.data.phantom import write_phantom
         from raysemi.data.layout import read_list
 
-        out = write_phantom(args.out, args.patients, args.seed, tuple(args.size), overwrite=args.overwrite)
+        out = write_phantom(args.out, args.patients, args.seed, tuple(args.size), overwrite=args.overwrite,
+                            workers=args.workers)
         counts = {s: len(read_list(out, s)) for s in ("train_slices", "train", "val", "test")}
         print(f"phantom written to {out}: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
     return 0

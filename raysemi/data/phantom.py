@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import h5py
@@ -137,11 +138,32 @@ def _write_h5(path: Path, image: np.ndarray, label: np.ndarray, spacing=None) ->
             f.attrs["spacing"] = np.asarray(spacing, dtype=np.float64)
 
 
+def _write_patient(tmp: Path, p: int, seed: int, size: tuple[int, int], split_name: str
+                   ) -> tuple[str, list[str], list[str]]:
+    """Write one patient's ED and ES volumes (and their slices for training patients)."""
+    rng = np.random.default_rng([seed, p])
+    P = _patient(rng, size)
+    pid = f"patient{p + 1:03d}"
+    spacing = (P["spacing_z"], 200.0 / size[0], 200.0 / size[1])
+    cases, slices = [], []
+    for frame, systole in ((1, False), (P["es_frame"], True)):
+        case = f"{pid}_frame{frame:02d}"
+        img, lab = _volume(rng, P, size, systole)
+        _write_h5(tmp / "data" / f"{case}.h5", img, lab, spacing)
+        cases.append(case)
+        if split_name == "train":
+            for z in range(img.shape[0]):
+                _write_h5(tmp / "data" / "slices" / f"{case}_slice_{z}.h5", img[z], lab[z])
+                slices.append(f"{case}_slice_{z}")
+    return split_name, cases, slices
+
+
 def write_phantom(out: str | Path, patients: int = 40, seed: int = 0, size: tuple[int, int] = (128, 128),
-                  split: tuple[float, float] = (0.7, 0.1), overwrite: bool = False) -> Path:
+                  split: tuple[float, float] = (0.7, 0.1), overwrite: bool = False, workers: int = 1) -> Path:
     """Write the phantom set to `out` (atomically: a temp folder renamed at the end).
 
-    Patients are split 70/10/20 into train/val/test like ACDC's 70/10/20 of 100.
+    Patients are split 70/10/20 into train/val/test like ACDC's 70/10/20 of 100. `workers`
+    processes write patients in parallel; the files do not depend on it.
     """
     out = Path(out)
     if patients < 3:
@@ -161,21 +183,16 @@ def write_phantom(out: str | Path, patients: int = 40, seed: int = 0, size: tupl
         n_val = max(1, int(round(patients * split[1])))
         n_train = min(n_train, patients - n_val - 1)
         lists: dict[str, list[str]] = {"train_slices": [], "train": [], "val": [], "test": []}
-        for p in range(patients):
-            rng = np.random.default_rng([seed, p])
-            P = _patient(rng, size)
-            split_name = "train" if p < n_train else "val" if p < n_train + n_val else "test"
-            pid = f"patient{p + 1:03d}"
-            spacing = (P["spacing_z"], 200.0 / size[0], 200.0 / size[1])
-            for frame, systole in ((1, False), (P["es_frame"], True)):
-                case = f"{pid}_frame{frame:02d}"
-                img, lab = _volume(rng, P, size, systole)
-                _write_h5(tmp / "data" / f"{case}.h5", img, lab, spacing)
-                lists[split_name].append(case)
-                if split_name == "train":
-                    for z in range(img.shape[0]):
-                        _write_h5(tmp / "data" / "slices" / f"{case}_slice_{z}.h5", img[z], lab[z])
-                        lists["train_slices"].append(f"{case}_slice_{z}")
+        splits = ["train" if p < n_train else "val" if p < n_train + n_val else "test" for p in range(patients)]
+        jobs = [(tmp, p, seed, tuple(size), splits[p]) for p in range(patients)]
+        if workers > 1:  # patients are independent (one random stream each): same files either way
+            with ProcessPoolExecutor(min(workers, patients)) as pool:
+                written = list(pool.map(_write_patient, *zip(*jobs)))
+        else:
+            written = [_write_patient(*job) for job in jobs]
+        for split_name, cases, slices in written:
+            lists[split_name] += cases
+            lists["train_slices"] += slices
         for name, cases in lists.items():
             (tmp / f"{name}.list").write_text("\n".join(cases) + "\n")
         (tmp / "phantom.txt").write_text(f"raysemi phantom v{VERSION}: patients={patients} seed={seed} size={size[0]}x{size[1]}\n")

@@ -68,6 +68,14 @@ class TrainTensors:
         return TrainTensors(self.images.to(device), self.labels.to(device), self.labeled_idx, self.unlabeled_idx)
 
 
+def to_device(t: Tensor, device: torch.device) -> Tensor:
+    """Copy a small CPU tensor to `device` without stalling the host: on CUDA through pinned memory
+    with `non_blocking`, so the step's kernels stay queued (a plain `.to` waits for the GPU)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 class _Stream:
     """Endless shuffled passes over `n` items, served `k` at a time."""
 
@@ -122,10 +130,10 @@ class BatchSampler:
         idx = self.data.labeled_idx[rows]
         if self.unlabeled is not None:
             idx = torch.cat([idx, self.data.unlabeled_idx[self.unlabeled.next()]])
-        image = self.data.images[idx.to(device)]
-        label = self.data.labels[rows.to(device)].long()
+        image = self.data.images[to_device(idx, device)]
+        label = self.data.labels[to_device(rows, device)].long()
         if self.augment:
-            theta = random_affines(len(idx), self.generator, tuple(image.shape[-2:]))
+            theta = to_device(random_affines(len(idx), self.generator, tuple(image.shape[-2:])), device)
             lab_full = torch.zeros(image.shape[0], *image.shape[-2:], dtype=torch.long, device=device)
             lab_full[: len(rows)] = label
             image, lab_full = augment(image, lab_full, theta)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from raysemi.data.sampler import Batch
+from raysemi.data.sampler import Batch, to_device
 from raysemi.methods.base import Strategy
 from raysemi.methods.registry import register_method
 
@@ -43,7 +43,7 @@ class InterpolationConsistency(Strategy):
         x_u = batch.unlabeled
         half = x_u.shape[0] // 2
         u0, u1 = x_u[:half], x_u[half: 2 * half]
-        lam = self.beta.sample((half, 1, 1, 1)).to(x_u.device)
+        lam = to_device(self.beta.sample((half, 1, 1, 1)), x_u.device)
         mixed = u0 * (1 - lam) + u1 * lam
         logits = self.student(torch.cat([batch.image[: batch.labeled_bs], mixed]))
         with torch.no_grad():
