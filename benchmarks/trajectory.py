@@ -1,0 +1,83 @@
+"""Speed must not change what is learned: the validation Dice trajectory of our training path
+(device sampler and augmentation, bf16 + channels_last on CUDA) against the same strategy fed the
+reference's way (benchmarks/reference_pipeline.py: CPU per-sample augmentation, fp32), over
+several seeds, both scored by the same evaluator. Prints a table and writes JSON.
+
+    python benchmarks/trajectory.py --device cuda --methods mt --iterations 400 --seeds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from raysemi.config import TrainConfig  # noqa: E402
+from raysemi.data import load_dataset  # noqa: E402
+from raysemi.loop import Trainer  # noqa: E402
+from raysemi.methods import get_method, resolve_method_name  # noqa: E402
+from reference_pipeline import ReferenceFeed  # noqa: E402
+
+
+def run(method: str, data, args, seed: int, reference: bool) -> list[float]:
+    over = {"amp": "off", "channels_last": "off"} if reference else {}
+    cfg = TrainConfig(method=method, data=args.data, labeled_patients=args.labeled_patients,
+                      patch_size=(args.size, args.size), batch_size=args.batch_size, labeled_bs=args.batch_size // 2,
+                      max_iterations=args.iterations, eval_interval=args.iterations // args.points,
+                      log_interval=10 ** 9, device=args.device, mt_warmup=0, seed=seed,
+                      rampup_interval=max(1, args.iterations // 200), eval_hd95=False, **over).validate()
+    trainer = Trainer(cfg, data)
+    if reference:
+        uses = get_method(method).uses_unlabeled
+        torch.manual_seed(seed)
+        trainer.sampler = ReferenceFeed(data.root, data.train.names, data.train.labeled_idx,
+                                        data.train.unlabeled_idx if uses else data.train.labeled_idx[:0],
+                                        cfg.labeled_bs if uses else cfg.batch_size, cfg.unlabeled_bs if uses else 0,
+                                        cfg.patch_size, trainer.device, args.reference_workers)
+    result = trainer.fit()
+    return [h["val/dice"] for h in result.history]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", default="mean_teacher")
+    p.add_argument("--data", default="phantom")
+    p.add_argument("--labeled-patients", type=int, default=7)
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=24)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--iterations", type=int, default=400)
+    p.add_argument("--points", type=int, default=4, help="validations along the way")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--reference-workers", type=int, default=4)
+    p.add_argument("--out", default="benchmarks/results/trajectory.json")
+    args = p.parse_args()
+    data = load_dataset(args.data, args.labeled_patients, 4)
+    rows = []
+    for m in [resolve_method_name(x) for x in args.methods.split(",")]:
+        for pipeline in ("ours", "reference"):
+            curves = [run(m, data, args, 1337 + s, pipeline == "reference") for s in range(args.seeds)]
+            mean = [statistics.mean(c[i] for c in curves) for i in range(len(curves[0]))]
+            std = [statistics.pstdev(c[i] for c in curves) for i in range(len(curves[0]))]
+            rows.append({"method": m, "pipeline": pipeline, "curves": curves, "mean": mean, "std": std})
+            print(f"{m:<24}{pipeline:<11}" + "  ".join(f"{a:.3f}+-{b:.3f}" for a, b in zip(mean, std)), flush=True)
+    its = [args.iterations // args.points * (i + 1) for i in range(args.points)]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"command": " ".join(["python"] + sys.argv), "args": vars(args), "iterations": its,
+                               "rows": rows, "date": time.strftime("%Y-%m-%d"),
+                               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"},
+                              indent=1))
+    print(f"validation Dice at iterations {its}; written: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
