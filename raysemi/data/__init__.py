@@ -1,18 +1,21 @@
-"""Data: the SSL4MIS layout reader, the patient split, the phantom, device batches."""
+"""Data: the SSL4MIS layout reader, the patient split, the phantom, the ACDC and NIfTI/PNG converters,
+device batches."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
+from raysemi.data.acdc import prepare_acdc
+from raysemi.data.importer import import_folder
 from raysemi.data.layout import (TrainSlices, Volume, load_train_slices, load_volumes, patient_id, read_list,
                                  shipped_list, split_labeled)
 from raysemi.data.phantom import cached_phantom, write_phantom
 from raysemi.data.sampler import Batch, BatchSampler, TrainTensors, resize_nearest
 
 __all__ = ["Batch", "BatchSampler", "Dataset", "TrainSlices", "TrainTensors", "Volume", "cached_phantom",
-           "load_dataset", "load_train_slices", "load_volumes", "patient_id", "read_list", "resolve_data_root",
-           "resize_nearest", "shipped_list", "split_labeled", "write_phantom"]
+           "import_folder", "load_dataset", "load_train_slices", "load_volumes", "patient_id", "prepare_acdc",
+           "read_list", "resolve_data_root", "resize_nearest", "shipped_list", "split_labeled", "write_phantom"]
 
 
 @dataclass

@@ -1,15 +1,72 @@
-"""`python -m raysemi.data`: write the synthetic phantom set (more commands come with issue 5).
+"""`python -m raysemi.data`: write the synthetic phantom set, prepare the raw ACDC release, import a
+user's own NIfTI volumes or PNG slices, all into the SSL4MIS layout that `--data` reads.
 
     python -m raysemi.data phantom --out data/phantom --patients 40 --seed 0 --size 128 128
+    python -m raysemi.data prepare-acdc --raw ACDC/database --out data/ACDC
+    python -m raysemi.data import --images scans/ --labels masks/ --out data/mine
 """
 
 from __future__ import annotations
 
+import argparse
+
 from raysemi.errors import ArgumentParser, run_cli
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in the option help, and the description's paragraphs and lists kept as written."""
+
+
+PREPARE_HELP = """\
+Turn the raw ACDC release (NIfTI) into the SSL4MIS training layout, with the SSL4MIS split lists
+shipped in the package (70 train / 10 val / 20 test patients of training/patient001-100).
+
+--raw is the 'database' folder of the release (or the folder holding it):
+  database/training/patient001/Info.cfg                     'ED: 1', 'ES: 12', ...
+  database/training/patient001/patient001_frame01.nii.gz    ED frame, and its ..._gt.nii.gz label
+  database/training/patient001/patient001_frame12.nii.gz    ES frame, and its ..._gt.nii.gz label
+database/testing (patients 101-150) is not in the SSL4MIS split and is skipped.
+
+Written to --out (built in a temporary folder beside it, then renamed):
+  train_slices.list, train.list, val.list, test.list
+  data/patientXXX_frame01.h5       ED volume: image (D, H, W) float32, label uint8,
+                                   attribute spacing (z, y, x) in mm
+  data/patientXXX_frame02.h5       ES volume, whatever its raw frame number (the release's name)
+  data/slices/<case>_slice_<k>.h5  training slices; k = slice index + 1 (slice_1 is the first),
+                                   as the SSL4MIS release numbers them
+Images are min-max normalised per volume, (x - min) / (max - min), as the reference does.
+
+Every patient of the split must be present; --allow-missing writes only those present (at least one
+train and one val patient), with lists that name only the cases written."""
+
+IMPORT_HELP = """\
+Bring your own images (labeled or not) into the SSL4MIS layout.
+
+--images holds either 3D NIfTI volumes (.nii, .nii.gz), one case per file, or 2D PNG slices
+(grayscale): PNGs named <case>_slice_<k>.png make one case, its slices ordered by the integer k
+(2 before 10); any other PNG is a one-slice case. Hidden files and subfolders are ignored; any
+other file is an error.
+
+Labels (optional): the label of image X.nii.gz / X.png is the file in --labels named X, X_gt,
+X_label or X_seg (same kind: NIfTI / PNG), holding class indices 0..num_classes-1 with the image's
+shape (and spacing). --labels may be the --images folder itself. Images without a label are
+unlabeled: they go to the training split only, and their files have no 'label' dataset.
+
+Cases named <patient>_frameNN are one patient (split together); other names are each their own
+patient. Labeled patients are shuffled with --seed and split into train/val/test by the
+fractions (at least one in train and val, and in test unless --test-fraction is 0); train.list and train_slices.list list the labeled training
+patients first, then the unlabeled ones, so --labeled-patients N with N up to the printed number
+takes labeled patients only. Images are min-max normalised per case; spacing (z, y, x) is stored
+for NIfTI, not for PNG. Slice files are numbered from 1, like prepare-acdc's."""
+
+OUT_HELP = ("output folder; must be new or empty unless --overwrite; built beside it and renamed into place")
+OVERWRITE_HELP = ("write into an --out that has content: replaces only the files this command writes, deletes "
+                  "nothing (files of an earlier dataset that are not rewritten stay, unlisted)")
+
+
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="python -m raysemi.data", description="Dataset tools.")
+    p = ArgumentParser(prog="python -m raysemi.data", description="Dataset tools: write, prepare or import data in "
+                       "the SSL4MIS layout that --data reads.")
     sub = p.add_subparsers(dest="command", required=True)
     ph = sub.add_parser("phantom", help="write the synthetic cardiac short-axis set in the SSL4MIS ACDC layout",
                         description="Write the synthetic cardiac phantom (lists + data/slices/*.h5 + data/*.h5), "
@@ -20,20 +77,73 @@ def build_parser() -> ArgumentParser:
     ph.add_argument("--size", type=int, nargs=2, default=(128, 128), metavar=("H", "W"), help="slice size")
     ph.add_argument("--workers", type=int, default=1, help="processes writing patients in parallel (same files)")
     ph.add_argument("--overwrite", action="store_true", help="replace an existing phantom folder")
+
+    pa = sub.add_parser("prepare-acdc", help="raw ACDC NIfTI release -> SSL4MIS layout with the SSL4MIS split",
+                        description=PREPARE_HELP, formatter_class=_Help)
+    pa.add_argument("--raw", required=True, help="the ACDC 'database' folder (holding training/patient001/...)")
+    pa.add_argument("--out", required=True, help=OUT_HELP)
+    pa.add_argument("--allow-missing", action="store_true",
+                    help="write only the patients of the split found under --raw instead of refusing")
+    pa.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+
+    im = sub.add_parser("import", help="your own NIfTI volumes or PNG slices (labeled or not) -> SSL4MIS layout",
+                        description=IMPORT_HELP, formatter_class=_Help)
+    im.add_argument("--images", required=True, help="folder of .nii/.nii.gz volumes or .png slices")
+    im.add_argument("--labels", help="folder of label files (naming rule above); at least 2 labeled patients are "
+                    "needed (train and val)")
+    im.add_argument("--out", required=True, help=OUT_HELP)
+    im.add_argument("--val-fraction", type=float, default=0.1, help="fraction of the labeled patients for val")
+    im.add_argument("--test-fraction", type=float, default=0.2, help="fraction of the labeled patients for test")
+    im.add_argument("--seed", type=int, default=0, help="seed of the labeled patients' shuffle")
+    im.add_argument("--num-classes", type=int, default=4,
+                    help="classes, background included: labels must be 0..num_classes-1")
+    im.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     return p
 
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "phantom":
-        from raysemi.data.phantom import write_phantom
         from raysemi.data.layout import read_list
+        from raysemi.data.phantom import write_phantom
 
         out = write_phantom(args.out, args.patients, args.seed, tuple(args.size), overwrite=args.overwrite,
                             workers=args.workers)
         counts = {s: len(read_list(out, s)) for s in ("train_slices", "train", "val", "test")}
         print(f"phantom written to {out}: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+    elif args.command == "prepare-acdc":
+        from raysemi.data.acdc import prepare_acdc
+
+        s = prepare_acdc(args.raw, args.out, overwrite=args.overwrite, allow_missing=args.allow_missing)
+        for note in s.notes:
+            print(f"note: {note}")
+        if s.missing:
+            print(f"--allow-missing: {len(s.missing)} patients of the split not found, left out: "
+                  f"{', '.join(s.missing[:8])}{', ...' if len(s.missing) > 8 else ''}")
+        n = {k: len(v) for k, v in s.lists.items()}
+        print(f"ACDC written to {s.out}: {len(s.patients)} patients, {n['train']} train / {n['val']} val / "
+              f"{n['test']} test volumes, {n['train_slices']} training slices")
+    elif args.command == "import":
+        from raysemi.data.importer import import_folder
+
+        s = import_folder(args.images, args.out, args.labels, args.val_fraction, args.test_fraction, args.seed,
+                          args.num_classes, overwrite=args.overwrite)
+        for note in s.notes:
+            print(f"note: {note}")
+        n = {k: len(v) for k, v in s.lists.items()}
+        k = len(s.labeled_patients)
+        print(f"imported {'NIfTI volumes' if s.kind == 'nifti' else 'PNG slices'} to {s.out}: "
+              f"{n['train'] + n['val'] + n['test'] - s.unlabeled_cases} labeled cases, {s.unlabeled_cases} unlabeled")
+        print(f"splits: train {_n(n['train'], 'case')} ({_n(k, 'labeled patient')} first, then "
+              f"{_n(s.unlabeled_cases, 'unlabeled case')}; {_n(n['train_slices'], 'slice')}), val "
+              f"{_n(n['val'], 'case')} ({_n(s.val_patients, 'patient')}), test {_n(n['test'], 'case')} "
+              f"({_n(s.test_patients, 'patient')})")
+        print(f"train with: --data {s.out} --labeled-patients N, N from 1 to {k} (all labeled: {k})")
     return 0
+
+
+def _n(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
 
 
 def cli() -> int:

@@ -74,6 +74,10 @@ def split_labeled(slice_names: list[str], labeled_patients: int, source: str = "
     return np.flatnonzero(mask), np.flatnonzero(~mask), order[:labeled_patients]
 
 
+class _MissingLabel(UserError):
+    """A file read as labeled has no `label` dataset (load_train_slices explains which N to use)."""
+
+
 def _read_h5(path: Path, num_classes: int, need_label: bool, listed_in: str) -> tuple[np.ndarray, np.ndarray | None, tuple | None]:
     if not path.is_file():
         raise UserError(f"{path}: listed in {listed_in} but the file is missing")
@@ -89,8 +93,8 @@ def _read_h5(path: Path, num_classes: int, need_label: bool, listed_in: str) -> 
         label = None
         if need_label:
             if "label" not in f:
-                raise UserError(f"{path}: label: dataset missing; expected datasets 'image' and 'label' "
-                                f"(found: {', '.join(f.keys())})")
+                raise _MissingLabel(f"{path}: label: dataset missing; expected datasets 'image' and 'label' "
+                                    f"(found: {', '.join(f.keys())})")
             label = np.asarray(f["label"][()])
         spacing = tuple(float(s) for s in f.attrs["spacing"]) if "spacing" in f.attrs else None
     if not np.isfinite(image).all():
@@ -141,8 +145,11 @@ def load_train_slices(root: str | Path, labeled_patients: int, num_classes: int)
     is_labeled[labeled] = True
     images, labels = [], {}
     for i, name in enumerate(names):
-        image, label, _ = _read_h5(root / "data" / "slices" / f"{name}.h5", num_classes,
-                                   bool(is_labeled[i]), "train_slices.list")
+        path = root / "data" / "slices" / f"{name}.h5"
+        try:
+            image, label, _ = _read_h5(path, num_classes, bool(is_labeled[i]), "train_slices.list")
+        except _MissingLabel:
+            raise _too_many_labeled(root, names, labeled_patients, path) from None
         if image.ndim != 2:
             raise UserError(f"{root / 'data' / 'slices' / (name + '.h5')}: image: shape {image.shape}; "
                             "expected a 2D slice (H, W)")
@@ -150,6 +157,37 @@ def load_train_slices(root: str | Path, labeled_patients: int, num_classes: int)
         if label is not None:
             labels[i] = label
     return TrainSlices(names, images, labels, labeled, unlabeled, pids)
+
+
+def _too_many_labeled(root: Path, names: list[str], labeled_patients: int, path: Path) -> UserError:
+    """The error for a slice without `label` among the first N patients: how many lead with labels.
+
+    An imported folder lists its labeled patients first, then the unlabeled ones (whose files have
+    no `label`), so the usable N is the count of leading patients whose slices all have labels.
+    """
+    order: dict[str, list[str]] = {}
+    for n in names:
+        order.setdefault(patient_id(n), []).append(n)
+
+    def has_label(name: str) -> bool:
+        try:
+            with h5py.File(root / "data" / "slices" / f"{name}.h5", "r") as f:
+                return "label" in f
+        except OSError:
+            return False
+
+    leading = 0
+    for slices in order.values():
+        if not all(has_label(n) for n in slices):
+            break
+        leading += 1
+    pid = patient_id(path.stem)
+    rank = list(order).index(pid) + 1
+    fix = (f"expected labeled_patients (--labeled-patients) 1 to {leading}: only the first {leading} patients of "
+           "the list have labels" if leading else "expected a 'label' dataset in every slice of the first "
+           f"{labeled_patients} patients of the list (labeled patients come first)")
+    return UserError(f"{path}: label: dataset missing, but labeled_patients {labeled_patients} takes patient {pid} "
+                     f"(number {rank} in {root / 'train_slices.list'}) as labeled; {fix}")
 
 
 def load_volumes(root: str | Path, split: str, num_classes: int) -> list[Volume]:

@@ -1,0 +1,273 @@
+"""`import`: a user's own NIfTI volumes or PNG slices, labeled or not, into the SSL4MIS layout.
+
+Rules (also in `python -m raysemi.data import --help`):
+- --images holds either 3D NIfTI volumes (.nii, .nii.gz) or 2D PNG slices, not both; subfolders and
+  hidden files are ignored, any other file is an error.
+- PNG slices named `<case>_slice_<k>.png` make one case (a volume), ordered by the integer k; any other
+  PNG is a case of its own (one slice). A NIfTI file is one case. The case name is the file name
+  without its extension (and without `_slice_<k>` for PNG).
+- The label of image `X.nii.gz` / `X.png` is the file in --labels named `X`, `X_gt`, `X_label` or
+  `X_seg` with a NIfTI / PNG extension (--labels may be the --images folder itself: its label files
+  are then not taken as images). A label file that matches no image is an error.
+- Labels hold class indices 0..num_classes-1, with the image's shape (and, for NIfTI, its spacing).
+- Cases are grouped into patients as the layout does (`patient007_frame01` and `patient007_frame02`
+  are patient007; other names are their own patient); all cases of a patient are labeled or none.
+- Labeled patients are shuffled with --seed and split into train/val/test by the fractions; every
+  unlabeled case goes to train, after the labeled ones, so `--labeled-patients N` (the first N
+  patients of train_slices.list) with N up to the number of labeled training patients takes labeled
+  patients only. Unlabeled case files have no `label` dataset.
+- Images are min-max normalised per volume (per case) as prepare-acdc does; `spacing` (z, y, x) is
+  stored for NIfTI, not for PNG.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+import numpy as np
+
+from raysemi.data.convert import (Progress, check_image, check_label, check_spacing, nifti_stem, normalise,
+                                  read_nifti, read_png, slice_name, staged_output, write_case, write_lists)
+from raysemi.data.layout import patient_id
+from raysemi.errors import UserError
+
+LABEL_SUFFIXES = ("", "_gt", "_label", "_seg")
+_PNG_SLICE = re.compile(r"^(.+)_slice_(\d+)$")
+
+
+@dataclass
+class Case:
+    name: str
+    images: list[Path]  # NIfTI: one file; PNG: the slices in order
+    labels: list[Path] | None = None
+
+    @property
+    def patient(self) -> str:
+        return patient_id(slice_name(self.name, 0))  # how split_labeled will see its slices
+
+
+@dataclass
+class ImportSummary:
+    out: Path
+    kind: str
+    lists: dict[str, list[str]]
+    labeled_patients: list[str]  # in the order of train.list
+    unlabeled_cases: int
+    val_patients: int
+    test_patients: int
+    notes: list[str] = field(default_factory=list)
+
+
+def _files(folder: Path, flag: str) -> list[Path]:
+    if not folder.exists():
+        raise UserError(f"{folder}: {flag} folder not found; expected a folder of .nii/.nii.gz or .png files")
+    if not folder.is_dir():
+        raise UserError(f"{folder}: {flag} is not a folder; expected a folder of .nii/.nii.gz or .png files")
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def _kind(path: Path) -> str | None:
+    if nifti_stem(path.name) is not None:
+        return "nifti"
+    return "png" if path.suffix.lower() == ".png" else None
+
+
+def _stem(path: Path) -> str:
+    return nifti_stem(path.name) or path.stem
+
+
+def _label_base(stem: str) -> str | None:
+    for suffix in LABEL_SUFFIXES[1:]:
+        if stem.endswith(suffix) and len(stem) > len(suffix):
+            return stem[:-len(suffix)]
+    return None
+
+
+def scan(images: Path, labels: Path | None) -> tuple[str, list[Case]]:
+    """The cases in `images` with their label files from `labels` (see the module doc for the rules)."""
+    files = _files(images, "--images")
+    if not files:
+        raise UserError(f"{images}: --images folder is empty; expected .nii/.nii.gz volumes or .png slices "
+                        "(subfolders are not searched)")
+    for p in files:
+        if _kind(p) is None:
+            raise UserError(f"{p}: not a NIfTI (.nii, .nii.gz) or PNG file; expected only images in --images "
+                            "(labels go in --labels)")
+    kinds = {_kind(p) for p in files}
+    if len(kinds) > 1:
+        png = next(p for p in files if _kind(p) == "png")
+        raise UserError(f"{png}: PNG among NIfTI files in {images}; expected one kind: 3D NIfTI volumes or 2D "
+                        "PNG slices")
+    kind = kinds.pop()
+    same_folder = labels is not None and labels.resolve() == images.resolve()
+    stems = {}
+    for p in files:
+        s = _stem(p)
+        if s in stems:
+            raise UserError(f"{p}: same name as {stems[s].name}; expected one file per image name")
+        stems[s] = p
+    if same_folder:  # images and labels side by side: X.nii.gz with X_gt.nii.gz
+        stems = {s: p for s, p in stems.items() if _label_base(s) not in stems}
+
+    label_files: dict[str, Path] = {}
+    if labels is not None:
+        for p in _files(labels, "--labels"):
+            if _kind(p) != kind:
+                raise UserError(f"{p}: not a {'NIfTI' if kind == 'nifti' else 'PNG'} file; expected labels of the "
+                                f"same kind as the images in --labels")
+            label_files[_stem(p)] = p
+    used: set[str] = set()
+
+    def label_of(stem: str) -> Path | None:
+        matches = [stem + s for s in LABEL_SUFFIXES if stem + s in label_files and not (same_folder and s == "")]
+        if len(matches) > 1:
+            names = ", ".join(label_files[m].name for m in matches)
+            raise UserError(f"{labels}: {names} all match image {stems[stem].name}; expected one label per image")
+        if matches:
+            used.add(matches[0])
+            return label_files[matches[0]]
+        return None
+
+    cases: dict[str, Case] = {}
+    if kind == "nifti":
+        for s, p in stems.items():
+            lab = label_of(s)
+            cases[s] = Case(s, [p], [lab] if lab else None)
+    else:
+        groups: dict[str, dict[int, Path]] = {}
+        for s, p in stems.items():
+            m = _PNG_SLICE.match(s)
+            name, index = (m.group(1), int(m.group(2))) if m else (s, None)
+            group = groups.setdefault(name, {})
+            if index is None or None in group:
+                if group:
+                    other = next(iter(group.values()))
+                    raise UserError(f"{p}: makes case {name!r}, as {other.name} does; expected either {name}.png "
+                                    f"or {name}_slice_<k>.png files")
+            if index in group:
+                raise UserError(f"{p}: slice {index} of case {name!r} again (also {group[index].name}); "
+                                "expected one file per slice number")
+            group[index] = p  # type: ignore[index]
+        for name, group in groups.items():
+            order = sorted(group, key=lambda k: -1 if k is None else k)  # integer order: 2 before 10
+            paths = [group[k] for k in order]
+            labs = [label_of(_stem(p)) for p in paths]
+            if any(labs) and not all(labs):
+                first = paths[labs.index(None)]
+                raise UserError(f"{first}: no label, but other slices of case {name!r} have one; expected a label "
+                                "for every slice of a case or for none")
+            cases[name] = Case(name, paths, labs if all(labs) else None)  # type: ignore[arg-type]
+    orphans = [label_files[s] for s in label_files if s not in used and not (same_folder and s in stems)]
+    if orphans:
+        raise UserError(f"{orphans[0]}: label file matches no image in {images}"
+                        f"{f' (and {len(orphans) - 1} more)' if len(orphans) > 1 else ''}; expected the name of an "
+                        "image, optionally with _gt, _label or _seg before the extension")
+    for c in cases.values():
+        if c.name != c.name.strip() or any(ch in c.name for ch in "\n\r\t"):
+            raise UserError(f"{c.images[0]}: case name {c.name!r} has leading, trailing or control whitespace; "
+                            "expected a name that fits on one line of a list file")
+    return kind, sorted(cases.values(), key=lambda c: c.name)
+
+
+def _split(patients: list[str], val_fraction: float, test_fraction: float, seed: int
+           ) -> tuple[list[str], list[str], list[str]]:
+    n = len(patients)
+    n_val = max(1, round(n * val_fraction))
+    n_test = max(1, round(n * test_fraction)) if test_fraction > 0 else 0
+    need = 2 + (test_fraction > 0)
+    if n - n_val - n_test < 1:
+        raise UserError(f"--labels: {n} labeled patient{'s' if n != 1 else ''} too few for --val-fraction "
+                        f"{val_fraction:g} and --test-fraction {test_fraction:g}; expected at least {need} (one "
+                        "for each split) or smaller fractions")
+    order = [patients[i] for i in np.random.default_rng(seed).permutation(n)]
+    return order[n_val + n_test:], order[:n_val], order[n_val:n_val + n_test]
+
+
+def _read_case(case: Case, kind: str, num_classes: int
+               ) -> tuple[np.ndarray, np.ndarray | None, tuple[float, float, float] | None]:
+    if kind == "nifti":
+        path = case.images[0]
+        image, spacing = read_nifti(path, "image")
+        check_image(image, path)
+        label = None
+        if case.labels:
+            label, label_spacing = read_nifti(case.labels[0], "label")
+            label = check_label(label, case.labels[0], num_classes, image.shape, path)
+            check_spacing(label_spacing, spacing, case.labels[0], path)
+        return image, label, spacing
+    images, labels = [], []
+    for i, path in enumerate(case.images):
+        image = read_png(path, "image")
+        check_image(image, path)
+        if images and image.shape != images[0].shape:
+            raise UserError(f"{path}: shape {image.shape} differs from {case.images[0].name} shape "
+                            f"{images[0].shape}; expected one size for all slices of case {case.name!r}")
+        images.append(image)
+        if case.labels:
+            lab_path = case.labels[i]
+            labels.append(check_label(read_png(lab_path, "label"), lab_path, num_classes, image.shape, path))
+    return np.stack(images), (np.stack(labels) if labels else None), None
+
+
+def import_folder(images: str | Path, out: str | Path, labels: str | Path | None = None,
+                  val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0, num_classes: int = 4,
+                  overwrite: bool = False, stream: TextIO | None = None) -> ImportSummary:
+    """Write the SSL4MIS layout to `out` from a folder of NIfTI volumes or PNG slices (see the module doc)."""
+    images, out = Path(images).expanduser(), Path(out).expanduser()
+    labels = Path(labels).expanduser() if labels is not None else None
+    stream = stream or sys.stdout
+    if not 0 < val_fraction < 1:
+        raise UserError(f"--val-fraction: {val_fraction:g} is invalid; expected a fraction in (0, 1) (validation "
+                        "needs labeled volumes)")
+    if not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
+        raise UserError(f"--test-fraction: {test_fraction:g} is invalid; expected a fraction in [0, 1) with "
+                        f"--val-fraction + --test-fraction < 1 (val is {val_fraction:g})")
+    if not 2 <= num_classes <= 65536:
+        raise UserError(f"--num-classes: {num_classes} is invalid; expected 2 or more (background included)")
+    kind, cases = scan(images, labels)
+
+    by_patient: dict[str, list[Case]] = {}
+    for c in cases:
+        by_patient.setdefault(c.patient, []).append(c)
+    labeled, unlabeled = [], []
+    for pid, group in sorted(by_patient.items()):
+        flags = {c.labels is not None for c in group}
+        if len(flags) > 1:
+            c = next(c for c in group if c.labels is None)
+            raise UserError(f"{c.images[0]}: no label, but other cases of patient {pid!r} have one; expected all "
+                            "cases of a patient labeled or none (--labeled-patients counts patients)")
+        (labeled if flags.pop() else unlabeled).append(pid)
+    if not labeled:
+        where = f"in {labels} " if labels is not None else "(no --labels given) "
+        raise UserError(f"{images}: no image has a label {where}; expected --labels with labels for at least 2 "
+                        "patients (training needs labeled patients and validation needs labeled volumes)")
+    train_lab, val, test = _split(labeled, val_fraction, test_fraction, seed)
+    cases_of = lambda pids: [c.name for p in pids for c in by_patient[p]]  # noqa: E731
+    lists = {"train": cases_of(train_lab) + cases_of(unlabeled), "val": cases_of(val), "test": cases_of(test)}
+    train = set(lists["train"])
+
+    notes: list[str] = []
+    depth: dict[str, int] = {}
+    progress = Progress("import", len(cases), "cases", stream)
+    with staged_output(out, overwrite) as tmp:
+        (tmp / "data" / "slices").mkdir(parents=True)
+        for c in cases:
+            image, label, spacing = _read_case(c, kind, num_classes)
+            if image.max() == image.min():
+                notes.append(f"{c.images[0]}: constant image, stored as zeros")
+            image = normalise(image)
+            write_case(tmp / "data" / f"{c.name}.h5", image, label, spacing)
+            depth[c.name] = image.shape[0]
+            if c.name in train:
+                for z in range(image.shape[0]):
+                    write_case(tmp / "data" / "slices" / f"{slice_name(c.name, z)}.h5", image[z],
+                               None if label is None else label[z])
+            progress.step()
+        lists["train_slices"] = [slice_name(name, z) for name in lists["train"] for z in range(depth[name])]
+        write_lists(tmp, lists)
+    return ImportSummary(out, kind, lists, train_lab, sum(len(by_patient[p]) for p in unlabeled), len(val),
+                         len(test), notes)

@@ -1,0 +1,494 @@
+"""`python -m raysemi.data prepare-acdc` and `import`: tiny raw trees written here with SimpleITK and
+Pillow, converted through the CLI's `main`, read back with the layout reader; every bad input is one
+`error:` line, exit code 2, and leaves no output folder (nor a temporary one) behind.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from PIL import Image
+
+from raysemi.data import load_dataset, read_list, shipped_list
+from raysemi.data.__main__ import main
+from raysemi.errors import UserError, run_cli
+
+SPACING_XYZ = (1.5, 1.25, 10.0)  # as SimpleITK takes it; the h5 holds (z, y, x)
+KEEP = "precious user data\n"
+
+
+# ---- helpers ---------------------------------------------------------------------------------------
+def call(args: list, capsys) -> tuple[int, str, str]:
+    """`main` through run_cli in-process: (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    try:
+        rc = run_cli(main, [str(a) for a in args])
+    except SystemExit as exit_:  # argparse errors exit from inside main
+        rc = exit_.code
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def assert_error(rc: int, err: str, *needles: str) -> str:
+    assert "Traceback" not in err, err
+    assert rc == 2, f"exit code {rc}, stderr:\n{err}"
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for needle in needles:
+        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+def assert_nothing_written(tmp_path: Path, *keep: str) -> None:
+    """Only the inputs are left in tmp_path: no output folder, no temporary folder beside it."""
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(keep)
+
+
+def write_nifti(path: Path, array: np.ndarray, spacing=SPACING_XYZ) -> None:
+    if array.ndim == 4:  # a cine series (t, z, y, x)
+        img = sitk.JoinSeries([sitk.GetImageFromArray(a) for a in array])
+    else:
+        img = sitk.GetImageFromArray(array)
+    img.SetSpacing(spacing[:img.GetDimension()])
+    sitk.WriteImage(img, str(path))
+
+
+def volume(rng, depth: int, size=(16, 16)) -> tuple[np.ndarray, np.ndarray]:
+    image = rng.integers(-100, 1000, (depth, *size)).astype(np.int16)
+    label = rng.integers(0, 4, (depth, *size)).astype(np.uint8)
+    return image, label
+
+
+def minmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    return ((x - x.min()) / (x.max() - x.min())).astype(np.float32)
+
+
+# patient -> (ED frame, ES frame, slices): patient090's ED is frame 4 in the real release; patient099
+# has 16 slices (slice_10 sorts before slice_2 as a string); patient038 has 5 where the SSL4MIS list
+# names 8, so it gets a note and its own numbering
+ACDC = {"patient099": (1, 12, 16), "patient038": (1, 9, 5), "patient090": (4, 11, 7),  # train
+        "patient028": (1, 10, 3),  # val
+        "patient011": (1, 8, 4)}  # test
+
+
+def write_acdc(root: Path, patients=ACDC, seed: int = 0) -> dict[tuple[str, int], tuple[np.ndarray, np.ndarray]]:
+    """A raw ACDC tree (database/training/patientXXX/...) and a testing patient; returns the arrays."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for pid, (ed, es, depth) in patients.items():
+        folder = root / "training" / pid
+        folder.mkdir(parents=True)
+        (folder / "Info.cfg").write_text(f"ED: {ed}\nES: {es}\nGroup: DCM\nHeight: 180.0\nNbFrame: 30\nWeight: 80.0\n")
+        for frame in (ed, es):
+            image, label = volume(rng, depth)
+            write_nifti(folder / f"{pid}_frame{frame:02d}.nii.gz", image)
+            write_nifti(folder / f"{pid}_frame{frame:02d}_gt.nii.gz", label)
+            arrays[pid, frame] = image, label
+    if "patient099" in patients:  # the cine series beside the frames, which is not read
+        write_nifti(root / "training" / "patient099" / "patient099_4d.nii.gz",
+                    rng.integers(0, 100, (2, 3, 16, 16)).astype(np.int16), (*SPACING_XYZ, 1.0))
+    test = root / "testing" / "patient101"
+    test.mkdir(parents=True)
+    (test / "Info.cfg").write_text("ED: 1\nES: 7\n")
+    for frame in (1, 7):
+        write_nifti(test / f"patient101_frame{frame:02d}.nii.gz", volume(rng, 2)[0])
+    return arrays
+
+
+def read_h5(path: Path) -> dict:
+    with h5py.File(path, "r") as f:
+        return {**{k: f[k][()] for k in f}, **{f"@{k}": tuple(v) for k, v in f.attrs.items()}}
+
+
+# ---- prepare-acdc ----------------------------------------------------------------------------------
+def test_prepare_acdc_writes_the_ssl4mis_layout(tmp_path, capsys):
+    raw = tmp_path / "database"
+    arrays = write_acdc(raw)
+    out = tmp_path / "ACDC"
+    rc, stdout, err = call(["prepare-acdc", "--raw", raw, "--out", out, "--allow-missing"], capsys)
+    assert rc == 0, err
+    assert "prepare-acdc: 5/5 patients" in stdout
+    assert "note: patient038_frame01: 5 slices in the raw data, 8 in the SSL4MIS list" in stdout
+    assert "--allow-missing: 95 patients" in stdout
+
+    # the lists: the shipped ones, reduced to the cases written, in their order
+    present = set(ACDC)
+    for split in ("train", "val", "test"):
+        assert read_list(out, split) == [c for c in shipped_list(split) if c[:10] in present]
+    assert read_list(out, "val") == ["patient028_frame01", "patient028_frame02"]
+    slices = read_list(out, "train_slices")
+    shipped = [s for s in shipped_list("train_slices") if s[:10] in {"patient099", "patient090"}]
+    assert [s for s in slices if not s.startswith("patient038")] == shipped  # the release's own order
+    assert [s for s in slices if s.startswith("patient038_frame01")] == [f"patient038_frame01_slice_{k}"
+                                                                         for k in range(1, 6)]
+    # only what the lists name is written; testing/ (patient101) and the 4D cine are skipped
+    cases = {c for split in ("train", "val", "test") for c in read_list(out, split)}
+    assert {p.stem for p in (out / "data").glob("*.h5")} == cases
+    assert {p.stem for p in (out / "data" / "slices").glob("*.h5")} == set(slices)
+
+    # ED is frame01 and ES frame02 whatever their raw numbers; min-max per volume; spacing (z, y, x)
+    for pid, (ed, es, depth) in ACDC.items():
+        for slot, frame in ((1, ed), (2, es)):
+            image, label = arrays[pid, frame]
+            h5 = read_h5(out / "data" / f"{pid}_frame{slot:02d}.h5")
+            assert h5["image"].dtype == np.float32 and h5["label"].dtype == np.uint8
+            np.testing.assert_allclose(h5["image"], minmax(image), atol=1e-6)
+            assert np.array_equal(h5["label"], label)
+            assert h5["@spacing"] == (10.0, 1.25, 1.5)
+            assert h5["image"].min() == 0 and h5["image"].max() == 1
+    per_slice_min = read_h5(out / "data" / "patient099_frame01.h5")["image"].min(axis=(1, 2))
+    assert (per_slice_min > 0).any()  # normalised over the volume, not slice by slice
+
+    # slice_k is slice index k - 1, by integer index: slice_10 is z = 9 although it sorts before slice_2
+    vol = read_h5(out / "data" / "patient099_frame02.h5")
+    for z in (0, 1, 9, 15):
+        s = read_h5(out / "data" / "slices" / f"patient099_frame02_slice_{z + 1}.h5")
+        assert np.array_equal(s["image"], vol["image"][z]) and np.array_equal(s["label"], vol["label"][z])
+    assert np.array_equal(read_h5(out / "data" / "slices" / "patient099_frame02_slice_10.h5")["image"],
+                          minmax(arrays["patient099", 12][0])[9])
+
+    data = load_dataset(str(out), 2, 4)
+    assert data.train.labeled_patients == ["patient099", "patient038"]
+    assert len(data.train.labeled_idx) == 2 * 16 + 2 * 5 and len(data.val) == 2
+    assert data.val[0].spacing == (10.0, 1.25, 1.5)
+
+
+def test_prepare_acdc_refuses_missing_patients_unless_allowed(tmp_path, capsys):
+    raw = tmp_path / "database"
+    write_acdc(raw)
+    rc, _, err = call(["prepare-acdc", "--raw", raw, "--out", tmp_path / "ACDC"], capsys)
+    # patient099 and patient038 are the first two of train.list; patient050 comes next
+    assert_error(rc, err, str(raw / "training" / "patient050"), "patient folder missing", "and 94 more",
+                 "--allow-missing")
+    assert_nothing_written(tmp_path, "database")
+
+
+def test_prepare_acdc_needs_train_and_val_patients(tmp_path, capsys):
+    raw = tmp_path / "database"
+    write_acdc(raw, {"patient099": (1, 12, 2)})
+    rc, _, err = call(["prepare-acdc", "--raw", raw, "--out", tmp_path / "ACDC", "--allow-missing"], capsys)
+    assert_error(rc, err, "no patient of the val split is present", "patient028")
+    assert_nothing_written(tmp_path, "database")
+
+
+SMALL = {"patient038": (1, 9, 3), "patient028": (1, 10, 2)}
+
+
+def _replace(path: Path, array=None, spacing=SPACING_XYZ, raw_bytes: bytes | None = None):
+    if raw_bytes is not None:
+        path.write_bytes(raw_bytes)
+    else:
+        write_nifti(path, array, spacing)
+
+
+P = "training/patient028/patient028_frame01"
+PREPARE_BAD = {
+    "missing_gt": (lambda raw: (raw / f"{P}_gt.nii.gz").unlink(), [f"{P}_gt.nii.gz", "label file missing"]),
+    "missing_image": (lambda raw: (raw / f"{P}.nii.gz").unlink(), [f"{P}.nii.gz", "image file missing"]),
+    "label_shape": (lambda raw: _replace(raw / f"{P}_gt.nii.gz", np.zeros((2, 16, 15), np.uint8)),
+                    [f"{P}_gt.nii.gz", "label shape (2, 16, 15) differs from image", "(2, 16, 16)"]),
+    "label_spacing": (lambda raw: _replace(raw / f"{P}_gt.nii.gz", np.zeros((2, 16, 16), np.uint8), (1.5, 1.25, 5.0)),
+                      [f"{P}_gt.nii.gz", "label spacing (z, y, x) (5, 1.25, 1.5) mm differs", "(10, 1.25, 1.5)"]),
+    "label_values": (lambda raw: _replace(raw / f"{P}_gt.nii.gz", np.full((2, 16, 16), 7, np.uint8)),
+                     [f"{P}_gt.nii.gz", "values [7] outside 0..3"]),
+    "corrupt_image": (lambda raw: _replace(raw / f"{P}.nii.gz", raw_bytes=b"not a nifti at all"),
+                      [f"{P}.nii.gz", "not a readable NIfTI file"]),
+    "truncated_label": (lambda raw: _replace(raw / f"{P}_gt.nii.gz",
+                                             raw_bytes=(raw / f"{P}_gt.nii.gz").read_bytes()[:60]),
+                        [f"{P}_gt.nii.gz", "not a readable NIfTI file"]),
+    "4d_frame": (lambda raw: _replace(raw / f"{P}.nii.gz", np.zeros((2, 2, 16, 16), np.int16), (*SPACING_XYZ, 1.0)),
+                 [f"{P}.nii.gz", "4D image", "expected a 3D image"]),
+    "info_es": (lambda raw: (raw / "training/patient028/Info.cfg").write_text("ED: 1\nES: twelve\n"),
+                ["Info.cfg: ES: 'twelve' is not a frame number"]),
+}
+
+
+@pytest.mark.parametrize("case", PREPARE_BAD)
+def test_prepare_acdc_bad_input(case, tmp_path, capsys):
+    raw = tmp_path / "database"
+    write_acdc(raw, SMALL)
+    damage, needles = PREPARE_BAD[case]
+    damage(raw)
+    rc, _, err = call(["prepare-acdc", "--raw", raw, "--out", tmp_path / "ACDC", "--allow-missing"], capsys)
+    assert_error(rc, err, *needles)
+    assert_nothing_written(tmp_path, "database")
+
+
+def test_prepare_acdc_bad_raw_folder(tmp_path, capsys):
+    rc, _, err = call(["prepare-acdc", "--raw", tmp_path / "nope", "--out", tmp_path / "ACDC"], capsys)
+    assert_error(rc, err, str(tmp_path / "nope"), "--raw folder not found", "'database' folder")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "readme.txt").write_text("hello")
+    (tmp_path / "other" / "training").mkdir()
+    rc, _, err = call(["prepare-acdc", "--raw", tmp_path / "other", "--out", tmp_path / "ACDC"], capsys)
+    assert_error(rc, err, str(tmp_path / "other"), "not an ACDC database", "training/patient001")
+    assert_nothing_written(tmp_path, "other")
+
+
+def test_prepare_acdc_output_folder_rules(tmp_path, capsys):
+    raw = tmp_path / "ACDC_release"
+    write_acdc(raw / "database", SMALL)  # --raw may also be the folder holding database/
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text(KEEP)
+    (out / "train.list").write_text("mine\n")
+    args = ["prepare-acdc", "--raw", raw, "--out", out, "--allow-missing"]
+    rc, _, err = call(args, capsys)
+    assert_error(rc, err, str(out), "output folder exists and is not empty", "--overwrite")
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt", "train.list"]
+    assert (out / "train.list").read_text() == "mine\n"
+
+    rc, _, err = call([*args, "--overwrite"], capsys)
+    assert rc == 0, err
+    assert (out / "keep.txt").read_text() == KEEP  # the user's file stays; ours are replaced
+    assert read_list(out, "train") == ["patient038_frame01", "patient038_frame02"]
+    assert_nothing_written(tmp_path, "ACDC_release", "out")  # the temporary folder is gone
+
+    rc, _, err = call(["prepare-acdc", "--raw", raw, "--out", out / "keep.txt", "--allow-missing"], capsys)
+    assert_error(rc, err, "keep.txt: --out exists and is not a folder")
+
+
+# ---- import ----------------------------------------------------------------------------------------
+def write_nifti_set(images: Path, labels: Path, rng) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+    """7 labeled patients (one with two frames), 3 unlabeled; the label naming rules all used."""
+    images.mkdir()
+    labels.mkdir()
+    cases = {}
+    suffixes = ["", "_gt", "_label", "_seg", "_gt", "_gt", "_seg", "_seg"]
+    names = ["p01", "p02", "p03", "p04", "p05", "p06", "pat7_frame01", "pat7_frame02"]
+    for name, suffix in zip(names, suffixes):
+        image, label = volume(rng, int(rng.integers(2, 5)))
+        ext = ".nii" if name == "p03" else ".nii.gz"
+        write_nifti(images / f"{name}{ext}", image)
+        write_nifti(labels / f"{name}{suffix}{ext}", label)
+        cases[name] = image, label
+    for name in ("u01", "u02", "u03"):
+        image = volume(rng, 3)[0]
+        write_nifti(images / f"{name}.nii.gz", image)
+        cases[name] = image, None
+    return cases
+
+
+def test_import_nifti_labeled_first_and_splits(tmp_path, capsys):
+    cases = write_nifti_set(tmp_path / "img", tmp_path / "lab", np.random.default_rng(1))
+    out = tmp_path / "mine"
+    rc, stdout, err = call(["import", "--images", tmp_path / "img", "--labels", tmp_path / "lab", "--out", out,
+                            "--val-fraction", 0.2, "--test-fraction", 0.2, "--seed", 3], capsys)
+    assert rc == 0, err
+    assert "8 labeled cases, 3 unlabeled" in stdout
+    assert "--labeled-patients N, N from 1 to 5" in stdout
+    train, val, test = (read_list(out, s) for s in ("train", "val", "test"))
+    labeled = {n for n, (_, lab) in cases.items() if lab is not None}
+    assert train[-3:] == ["u01", "u02", "u03"] and set(train[:-3]) <= labeled  # labeled first
+    assert set(val) <= labeled and set(test) <= labeled and len(val) >= 1 and len(test) >= 1
+    assert set(train[:-3]) | set(val) | set(test) == labeled and not set(val) & set(test)
+    for split in (train, val, test):  # a patient's frames stay together
+        assert ("pat7_frame01" in split) == ("pat7_frame02" in split)
+
+    for name, (image, label) in cases.items():
+        h5 = read_h5(out / "data" / f"{name}.h5")
+        np.testing.assert_allclose(h5["image"], minmax(image), atol=1e-6)
+        assert h5["@spacing"] == (10.0, 1.25, 1.5)
+        if label is None:
+            assert "label" not in h5  # unlabeled: no label dataset at all
+        else:
+            assert np.array_equal(h5["label"], label)
+    slices = read_list(out, "train_slices")
+    assert slices == [f"{c}_slice_{k}" for c in train for k in range(1, len(cases[c][0]) + 1)]
+    assert "label" not in read_h5(out / "data" / "slices" / "u02_slice_3.h5")
+
+    data = load_dataset(str(out), 5, 4)
+    assert len(data.train.labeled_patients) == 5 and len(data.val) == len(val)
+    assert len(data.train.unlabeled_idx) == 9 and len(data.train.labels) == len(data.train.labeled_idx)
+    with pytest.raises(UserError, match=r"label: dataset missing, but labeled_patients 6 takes patient u01 "
+                                        r"\(number 6 in .*train_slices.list\) as labeled; expected labeled_patients "
+                                        r"\(--labeled-patients\) 1 to 5"):
+        load_dataset(str(out), 6, 4)
+
+    again = tmp_path / "again"  # the split is a function of the seed
+    assert call(["import", "--images", tmp_path / "img", "--labels", tmp_path / "lab", "--out", again,
+                 "--val-fraction", 0.2, "--test-fraction", 0.2, "--seed", 3], capsys)[0] == 0
+    assert all(read_list(out, s) == read_list(again, s) for s in ("train_slices", "train", "val", "test"))
+
+
+def write_png(path: Path, array: np.ndarray, mode: str | None = None) -> None:
+    Image.fromarray(array, mode).save(path) if mode is None else Image.fromarray(array).convert(mode).save(path)
+
+
+def test_import_png_slices_grouped_by_integer_index(tmp_path, capsys):
+    rng = np.random.default_rng(2)
+    folder = tmp_path / "png"  # images and labels side by side: --labels is the same folder
+    folder.mkdir()
+    stack = rng.integers(0, 255, (12, 20, 24)).astype(np.uint8)
+    stack[0] = np.clip(stack[0], 10, 200)  # the case's min and max lie in other slices
+    labels = rng.integers(0, 4, (12, 20, 24)).astype(np.uint8)
+    for k in range(12):
+        write_png(folder / f"caseA_slice_{k + 1}.png", stack[k])
+        write_png(folder / f"caseA_slice_{k + 1}_gt.png", labels[k])
+    singles = {}
+    for name in ("s1", "s2", "s3", "s4", "u1", "u2"):
+        img = rng.integers(0, 60000, (20, 24)).astype(np.uint16)
+        singles[name] = img
+        write_png(folder / f"{name}.png", img)
+        if name.startswith("s"):
+            write_png(folder / f"{name}_label.png", rng.integers(0, 4, (20, 24)).astype(np.uint8))
+    gray = rng.integers(0, 255, (20, 24)).astype(np.uint8)  # a gray picture saved as RGB is accepted
+    Image.fromarray(np.repeat(gray[..., None], 3, axis=2)).save(folder / "s5.png")
+    write_png(folder / "s5_seg.png", np.ones((20, 24), np.uint8))
+    (folder / ".DS_Store").write_bytes(b"\0")
+    (folder / "sub").mkdir()  # hidden files and subfolders are ignored
+
+    out = tmp_path / "mine"
+    rc, stdout, err = call(["import", "--images", folder, "--labels", folder, "--out", out], capsys)
+    assert rc == 0, err
+    assert "6 labeled cases, 2 unlabeled" in stdout
+    train = read_list(out, "train")
+    assert train[-2:] == ["u1", "u2"] and len(read_list(out, "val")) == 1 and len(read_list(out, "test")) == 1
+    vol = read_h5(out / "data" / "caseA.h5")
+    assert vol["image"].shape == (12, 20, 24) and "@spacing" not in vol  # no spacing for PNG
+    np.testing.assert_allclose(vol["image"], minmax(stack), atol=1e-6)  # the 2nd PNG sorts after the 10th
+    assert np.array_equal(vol["label"], labels)
+    assert vol["image"][0].min() > 0  # normalised over the case, not per slice
+    if "caseA" in train:
+        s10 = read_h5(out / "data" / "slices" / "caseA_slice_10.h5")
+        assert np.array_equal(s10["image"], vol["image"][9])
+    np.testing.assert_allclose(read_h5(out / "data" / "u1.h5")["image"][0], minmax(singles["u1"]), atol=1e-6)
+    np.testing.assert_allclose(read_h5(out / "data" / "s5.h5")["image"][0], minmax(gray), atol=1e-6)
+    n_lab = len(train) - 2
+    data = load_dataset(str(out), n_lab, 4)
+    assert len(data.train.unlabeled_idx) == 2
+    with pytest.raises(UserError, match=f"1 to {n_lab}"):
+        load_dataset(str(out), n_lab + 1, 4)
+
+
+# ---- import: bad input -----------------------------------------------------------------------------
+def _nifti_pair(tmp_path: Path, n: int = 4) -> tuple[Path, Path]:
+    rng = np.random.default_rng(5)
+    img, lab = tmp_path / "img", tmp_path / "lab"
+    img.mkdir()
+    lab.mkdir()
+    for i in range(n):
+        image, label = volume(rng, 2)
+        write_nifti(img / f"c{i}.nii.gz", image)
+        write_nifti(lab / f"c{i}_gt.nii.gz", label % 3)  # the bad-input runs pass --num-classes 3
+    return img, lab
+
+
+def _png_pair(tmp_path: Path, n: int = 4) -> tuple[Path, Path]:
+    rng = np.random.default_rng(6)
+    img, lab = tmp_path / "img", tmp_path / "lab"
+    img.mkdir()
+    lab.mkdir()
+    for i in range(n):
+        write_png(img / f"c{i}.png", rng.integers(0, 255, (16, 16)).astype(np.uint8))
+        write_png(lab / f"c{i}.png", rng.integers(0, 3, (16, 16)).astype(np.uint8))
+    return img, lab
+
+
+def _partly_labeled_case(t: Path) -> None:
+    img, lab = _png_pair(t)
+    for k in (1, 2):
+        write_png(img / f"v_slice_{k}.png", np.zeros((16, 16), np.uint8))
+    write_png(lab / "v_slice_1.png", np.zeros((16, 16), np.uint8))
+
+
+def _partly_labeled_patient(t: Path) -> None:
+    img, lab = _nifti_pair(t)
+    (img / "c1.nii.gz").rename(img / "c1_frame01.nii.gz")
+    (lab / "c1_gt.nii.gz").rename(lab / "c1_frame01_gt.nii.gz")
+    write_nifti(img / "c1_frame02.nii.gz", np.zeros((2, 16, 16), np.int16))
+
+
+IMPORT_BAD = {
+    "empty": (lambda t: (t / "img").mkdir() or (t / "lab").mkdir(), ["img: --images folder is empty"]),
+    "not_an_image": (lambda t: (_nifti_pair(t)[0] / "notes.txt").write_text("x"),
+                     ["notes.txt: not a NIfTI (.nii, .nii.gz) or PNG file"]),
+    "mixed_kinds": (lambda t: write_png(_nifti_pair(t)[0] / "x.png", np.zeros((4, 4), np.uint8)),
+                    ["x.png: PNG among NIfTI files", "expected one kind"]),
+    "no_labels_at_all": (lambda t: [p.unlink() for p in _nifti_pair(t)[1].iterdir()],
+                         ["no image has a label", "expected --labels with labels for at least 2 patients"]),
+    "one_labeled_patient": (lambda t: [p.unlink() for p in sorted(_nifti_pair(t)[1].iterdir())[1:]],
+                            ["1 labeled patient too few for --val-fraction 0.1 and --test-fraction 0.2",
+                             "expected at least 3"]),
+    "orphan_label": (lambda t: write_nifti(_nifti_pair(t)[1] / "zz_gt.nii.gz", np.zeros((2, 16, 16), np.uint8)),
+                     ["zz_gt.nii.gz: label file matches no image", "_gt, _label or _seg"]),
+    "label_shape": (lambda t: write_nifti(_nifti_pair(t)[1] / "c1_gt.nii.gz", np.zeros((3, 16, 16), np.uint8)),
+                    ["c1_gt.nii.gz: label shape (3, 16, 16) differs from image c1.nii.gz shape (2, 16, 16)"]),
+    "label_spacing": (lambda t: write_nifti(_nifti_pair(t)[1] / "c1_gt.nii.gz", np.zeros((2, 16, 16), np.uint8),
+                                            (1.5, 1.0, 10.0)),
+                      ["c1_gt.nii.gz: label spacing (z, y, x) (10, 1, 1.5) mm differs from image c1.nii.gz"]),
+    "label_values": (lambda t: write_nifti(_nifti_pair(t)[1] / "c2_gt.nii.gz", np.full((2, 16, 16), 3, np.uint8)),
+                     ["c2_gt.nii.gz: label: values [3] outside 0..2", "--num-classes 3"]),
+    "float_label": (lambda t: write_nifti(_nifti_pair(t)[1] / "c2_gt.nii.gz", np.full((2, 16, 16), 0.5, np.float32)),
+                    ["c2_gt.nii.gz: label: non-integer values"]),
+    "corrupt_nifti": (lambda t: (_nifti_pair(t)[0] / "c3.nii.gz").write_bytes(b"\x1f\x8b garbage"),
+                      ["c3.nii.gz: not a readable NIfTI file"]),
+    "png_255_mask": (lambda t: write_png(_png_pair(t)[1] / "c0.png", np.full((16, 16), 255, np.uint8)),
+                     ["c0.png: label: values [255] outside 0..2 (a 0/255 mask? store class indices)"]),
+    "png_label_shape": (lambda t: write_png(_png_pair(t)[1] / "c0.png", np.zeros((16, 8), np.uint8)),
+                        ["c0.png: label shape (16, 8) differs from image c0.png shape (16, 16)"]),
+    "png_colour": (lambda t: Image.fromarray(np.arange(768, dtype=np.uint8).reshape(16, 16, 3))
+                   .save(_png_pair(t)[0] / "c1.png"), ["c1.png: colour PNG (mode RGB)", "grayscale image"]),
+    "corrupt_png": (lambda t: (_png_pair(t)[0] / "c2.png").write_bytes(b"\x89PNG nope"),
+                    ["c2.png: not a readable PNG file"]),
+    "png_partly_labeled_case": (_partly_labeled_case,
+                                ["v_slice_2.png: no label, but other slices of case 'v' have one"]),
+    "partly_labeled_patient": (_partly_labeled_patient,
+                               ["c1_frame02.nii.gz: no label, but other cases of patient 'c1' have one"]),
+}
+
+
+@pytest.mark.parametrize("case", IMPORT_BAD)
+def test_import_bad_input(case, tmp_path, capsys):
+    damage, needles = IMPORT_BAD[case]
+    damage(tmp_path)
+    rc, _, err = call(["import", "--images", tmp_path / "img", "--labels", tmp_path / "lab",
+                       "--out", tmp_path / "out", "--num-classes", 3], capsys)
+    assert_error(rc, err, *needles)
+    assert_nothing_written(tmp_path, "img", "lab")
+
+
+def test_import_options_and_output_folder(tmp_path, capsys):
+    img, lab = _nifti_pair(tmp_path)
+    out = tmp_path / "out"
+    base = ["import", "--images", img, "--labels", lab, "--out", out]
+    for extra, needle in ((["--val-fraction", 0], "--val-fraction: 0 is invalid"),
+                          (["--test-fraction", 0.95], "--test-fraction: 0.95 is invalid"),
+                          (["--num-classes", 1], "--num-classes: 1 is invalid")):
+        assert_error(*call([*base, *extra], capsys)[::2], needle)
+    assert_error(*call(["import", "--images", tmp_path / "nope", "--out", out], capsys)[::2],
+                 "nope: --images folder not found")
+    out.mkdir()
+    (out / "keep.txt").write_text(KEEP)
+    assert_error(*call(base, capsys)[::2], f"{out}: output folder exists and is not empty")
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    rc, _, err = call([*base, "--overwrite", "--test-fraction", 0], capsys)
+    assert rc == 0, err
+    assert (out / "keep.txt").read_text() == KEEP
+    assert read_list(out, "train") and (out / "test.list").read_text() == ""  # no test split asked for
+    assert_nothing_written(tmp_path, "img", "lab", "out")
+
+
+def test_help_states_the_rules(capsys):
+    for command, needles in (("import", ["X_gt", "_slice_<k>.png", "no 'label' dataset", "--labeled-patients"]),
+                             ("prepare-acdc", ["--allow-missing", "frame02", "slice index + 1", "(x - min)"])):
+        with pytest.raises(SystemExit) as exit_:
+            main([command, "--help"])
+        assert exit_.value.code == 0
+        text = capsys.readouterr().out
+        assert all(n in text for n in needles), text
+
+
+def test_cli_subprocess_one_line_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = subprocess.run([sys.executable, "-m", "raysemi.data", "import", "--images", str(tmp_path / "empty"),
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert_error(proc.returncode, proc.stderr, "--images folder is empty")
+    assert not (tmp_path / "out").exists()
