@@ -1,6 +1,9 @@
-"""Retrain the best config of a finished search at full budget and report its test metrics.
+"""Retrain the best config of a finished search at full budget with several seeds and report its test
+metrics: per class, mean and std over volumes and over seeds, and the difference to a supervised
+baseline run with the same data and labels when the MLflow experiment holds one.
 
-    python examples/retrain_best.py runs/<search>           # uses runs/<search>/best_config.yaml
+    python examples/retrain_best.py runs/<search>           # runs/<search>/best_config.yaml, 3 seeds
+    python examples/retrain_best.py runs/<search> --seeds 5 --max-iterations 30000
     python examples/retrain_best.py --smoke-test            # runs a 2-trial search first, then retrains briefly
 """
 
@@ -18,6 +21,7 @@ from _smoke import SMOKE_TRAIN, smoke_data  # noqa: E402
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("search_dir", nargs="?", help="a search folder holding best_config.yaml")
 p.add_argument("--max-iterations", type=int, default=30000)
+p.add_argument("--seeds", type=int, default=3, help="seeds to train the best config with (seed, seed+1, ...)")
 p.add_argument("--smoke-test", action="store_true")
 args = p.parse_args()
 
@@ -26,11 +30,12 @@ if args.smoke_test:
                             "--num-samples", "2", "--gpus", "0", "--name", "retrain-smoke", "--storage", "runs"])
     if code:
         sys.exit(code)
-    search_dir, budget = Path("runs/retrain-smoke"), 6
+    search_dir, budget, seeds = Path("runs/retrain-smoke"), 6, 2
 else:
     if not args.search_dir:
         p.error("give the search folder (runs/<search>)")
-    search_dir, budget = Path(args.search_dir), args.max_iterations
+    search_dir, budget, seeds = Path(args.search_dir), args.max_iterations, args.seeds
 best = search_dir / "best_config.yaml"
-sys.exit(run_cli(train, ["--config", str(best), "--max-iterations", str(budget),
+# one folder per seed under retrained/, results.json and results_per_volume.csv beside them
+sys.exit(run_cli(train, ["--config", str(best), "--max-iterations", str(budget), "--seeds", str(seeds),
                          "--output", str(search_dir / "retrained"), "--overwrite"]))

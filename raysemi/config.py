@@ -264,12 +264,20 @@ def add_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] 
 
 
 def resolve_with_sources(args: argparse.Namespace, config_file: str | None, exclude: tuple[str, ...] = (),
-                         extra: dict[str, Any] | None = None) -> tuple[TrainConfig, dict[str, str]]:
+                         extra: dict[str, Any] | None = None, base: tuple[dict[str, Any], str] | None = None
+                         ) -> tuple[TrainConfig, dict[str, str]]:
     """Defaults < YAML file < CLI flags (those in `exclude` left out) < `extra` flag values; not yet
-    validated. Also returns field -> where its value came from, for error messages."""
+    validated. Also returns field -> where its value came from, for error messages.
+
+    `base` = (values, source name) takes the YAML file's place when the values come from elsewhere
+    (an MLflow run, for `raysemi.train --from-run`)."""
     sources: dict[str, str] = {}
     config = TrainConfig()
-    if config_file:
+    if base is not None:
+        values, name = base
+        config = from_dict(values, source=name)
+        sources.update({ALIASES.get(k, k): name for k in values})
+    elif config_file:
         raw = read_yaml(config_file)
         config = from_dict(raw, source=str(config_file))
         sources.update({ALIASES.get(k, k): str(config_file) for k in raw})
@@ -281,7 +289,8 @@ def resolve_with_sources(args: argparse.Namespace, config_file: str | None, excl
     return config, sources
 
 
-def resolve(args: argparse.Namespace, config_file: str | None) -> TrainConfig:
-    """Defaults < YAML file < CLI flags; validated."""
-    config, sources = resolve_with_sources(args, config_file)
+def resolve(args: argparse.Namespace, config_file: str | None,
+            base: tuple[dict[str, Any], str] | None = None) -> TrainConfig:
+    """Defaults < YAML file (or `base` values) < CLI flags; validated."""
+    config, sources = resolve_with_sources(args, config_file, base=base)
     return config.validate(source=sources)

@@ -5,7 +5,14 @@ Metric names (stable, documented in the README): `train/loss`, `train/loss_sup`,
 validation `val/dice`, `val/hd95`, `val/asd`, `val/jaccard`, per class `val/dice_rv`,
 `val/dice_myo`, `val/dice_lv` (and hd95/asd/jaccard likewise), `val/empty_pred`, `val/best_dice`;
 after training `best/val_dice`, `best/iteration`, and `val_best/...`, `test_best/...` (the best
-checkpoint on the validation and test splits). Params: the whole resolved config.
+checkpoint on the validation and test splits). Params: the whole resolved config, also logged
+as a `config.yaml` artifact on every run (read back by `raysemi.train --from-run`).
+
+A retrain (`raysemi.train`, any --seeds) is tagged `role=retrain` with `strategy`, `seeds`, `data`,
+`labeled_patients`, `labeled_set`, `test_split`, `num_classes` (the baseline lookup searches these);
+its seeds, with several, are nested runs tagged `role=seed`. It logs `test/<m>`, `test_std_volumes/<m>`,
+`test_std_seeds/<m>` (several seeds), `val_best/...` likewise, and `test_vs_baseline/<m>` (ours -
+the supervised baseline's) with the tag `baseline_run_id` (raysemi.retrain).
 """
 
 from __future__ import annotations
@@ -155,7 +162,8 @@ def make_tune_callback(uri: str, experiment: str, parent_run_id: str, state_file
     route to the tracking server (Ray's own MLflow callback cannot nest runs).
 
     Tags: `strategy`, `trial_id`, `status` (running, completed, stopped_early, failed) and
-    `failure_reason`; params: the trial's whole resolved config plus `searched/<field>`; metrics:
+    `failure_reason`; params: the trial's whole resolved config plus `searched/<field>`, and the
+    config as a `config.yaml` artifact (what `raysemi.train --from-run` reads); metrics:
     everything the trial reports, at step = iteration. The Tune trial id -> MLflow run id map is
     written to `state_file` on every change, so a resumed search (`--resume`) logs into the same
     child runs instead of opening new ones. (Defined in a function so that importing this module
@@ -204,7 +212,22 @@ def make_tune_callback(uri: str, experiment: str, parent_run_id: str, state_file
             merged = {**base, **values, "method": method}
             run.log_params(flat_params(merged))
             run.log_params({f"searched/{k}": v for k, v in values.items()})
+            self._log_config(run, merged)
             return run
+
+        @staticmethod
+        def _log_config(run: MLflowRun, values: dict[str, Any]) -> None:
+            """The trial's resolved config as config.yaml, so `raysemi.train --from-run <trial run>`
+            reads it back exactly (the params, strings, are its fallback)."""
+            import tempfile
+
+            from raysemi.config import from_dict, save_yaml
+
+            try:
+                with tempfile.TemporaryDirectory() as d:
+                    run.log_artifact(save_yaml(from_dict(values, source="trial config"), Path(d) / "config.yaml"))
+            except Exception as err:  # never let a missing artifact stop the search
+                print(f"warning: trial {run.run_id}: config.yaml not logged ({err})", flush=True)
 
         def on_trial_start(self, iteration, trials, trial, **info):
             run = self._run(trial)

@@ -2,7 +2,13 @@
 
     python -m raysemi.train --method mean_teacher --data data/ACDC --labeled-patients 7
     python -m raysemi.train --config runs/x/config.yaml --max-iterations 1000
+    python -m raysemi.train --config runs/<search>/best_config.yaml --max-iterations 30000 --seeds 3
+    python -m raysemi.train --from-run <mlflow run id> --max-iterations 30000 --seeds 3
     python -m raysemi.train --list-methods
+
+One seed trains into the --output folder; `--seeds K` trains K seeds one after the other into
+`<output>/seed<k>/` and aggregates them (raysemi.retrain: the seeds loop, the mean and stds over
+volumes and seeds, the comparison with the supervised baseline, reading a config from MLflow).
 """
 
 from __future__ import annotations
@@ -23,8 +29,18 @@ def build_parser() -> ArgumentParser:
         "MLflow, and ending with per-class Dice/HD95/ASD/Jaccard tables on the validation and test splits. "
         "Values come from the defaults, then --config, then the flags below."))
     p.add_argument("--config", metavar="FILE.yaml", help="YAML file of config fields (flags override it)")
+    p.add_argument("--from-run", metavar="RUN_ID", help=(
+        "take the config from an MLflow run instead of --config (its config.yaml artifact, a search's "
+        "best_config.yaml, else its params), read from --tracking-uri; flags override it; the old run's output, "
+        "run name, device and tracking URI are not taken"))
+    p.add_argument("--seeds", type=int, default=None, metavar="K", help=(
+        "train K seeds (seed, seed+1, ...) one after the other into <output>/seed<k>/ and report the mean and "
+        "std over volumes and over seeds (default: 1, a single run in <output>)"))
     p.add_argument("--list-methods", action="store_true", help="list the strategies and their hyperparameters, then exit")
-    p.add_argument("--resume", metavar="LAST.pt", help="continue from a full checkpoint (a run folder's last.pt)")
+    p.add_argument("--resume", metavar="LAST.pt|DIR", help=(
+        "continue from a full checkpoint (a run folder's last.pt); with several seeds, the retrain folder: finished "
+        "seeds are kept, interrupted ones resumed from their last.pt, the rest trained (its config.yaml and seed "
+        "count are used unless given)"))
     p.add_argument("--overwrite", action="store_true", help="allow an --output folder that already holds a run")
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     add_config_arguments(p)
@@ -55,40 +71,90 @@ def check_output(out: Path, overwrite: bool, resume: bool) -> None:
                         "--overwrite (files there are replaced, none deleted) or --resume")
 
 
-def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    if args.list_methods:
-        print(describe_methods())
-        return 0
-    config = resolve(args, args.config)
-    from raysemi.tracking import MLflowCallback, MLflowRun, check_tracking_uri, resolve_tracking_uri
+def resolve_config(args) -> tuple[TrainConfig, int, Path | None]:
+    """(config, number of seeds, retrain folder to resume or None) from --config / --from-run /
+    --resume DIR and the flags; every check that needs no data or training."""
+    if args.seeds is not None and args.seeds < 1:
+        raise UserError(f"--seeds: {args.seeds} is invalid; expected an integer >= 1 (the number of seeds to train)")
+    if args.from_run and args.config:
+        raise UserError("--from-run and --config: both give the config to train; expected one of them "
+                        "(flags override either)")
+    seeds, resume_dir, config_file = args.seeds, None, args.config
+    if args.resume and Path(args.resume).is_dir():
+        from raysemi.retrain import read_state
 
-    uri = resolve_tracking_uri(config.tracking_uri)
-    if not args.no_mlflow:
-        check_tracking_uri(uri)
-    # heavy imports after the cheap checks, so bad input answers at once
+        resume_dir = Path(args.resume)
+        if seeds == 1:
+            raise UserError(f"--resume: {resume_dir} is a folder; with --seeds 1 expected a run's last.pt")
+        seeds = seeds or int(read_state(resume_dir)["seeds"])
+        if getattr(args, "output", None) and Path(args.output).resolve() != resume_dir.resolve():
+            raise UserError(f"--output: {args.output} differs from the retrain folder given to --resume "
+                            f"({resume_dir}); expected the same folder, or no --output")
+        if not (args.config or args.from_run):
+            config_file = str(resume_dir / "config.yaml")
+    seeds = seeds or 1
+    if seeds > 1 and args.resume and resume_dir is None:
+        raise UserError(f"--resume: {args.resume}: with --seeds {seeds}, expected the retrain folder (the --output "
+                        "folder holding seed0/, seed1/, ...), not a checkpoint")
+    base = None
+    if args.from_run:
+        from raysemi.retrain import config_from_run
+        from raysemi.tracking import resolve_tracking_uri
+
+        base = config_from_run(args.from_run, resolve_tracking_uri(getattr(args, "tracking_uri", "")))
+    config = resolve(args, config_file, base=base)
+    if resume_dir is not None:
+        config.output = str(resume_dir)
+    return config, seeds, resume_dir
+
+
+def eval_splits(data, num_classes: int) -> dict[str, list]:
+    """The volumes each run's best checkpoint is evaluated on: val, and test when listed."""
+    from raysemi.data import load_volumes, read_list
+
+    splits = {}
+    for split in ("val", "test"):
+        try:
+            read_list(data.root, split)
+        except UserError:
+            continue
+        splits[split] = data.val if split == "val" else load_volumes(data.root, split, num_classes)
+    return splits
+
+
+def attach_callbacks(trainer, out: Path, run):
+    """The callbacks of every training run, in one place: console and train.log, then MLflow."""
     from raysemi.console import ConsoleCallback
-    from raysemi.data import load_dataset, load_volumes, read_list
-    from raysemi.loop import Trainer, TrainingDiverged
+    from raysemi.tracking import MLflowCallback
 
-    out = Path(config.output) if config.output else default_output(config)
-    check_output(out, args.overwrite, bool(args.resume))
-    data = load_dataset(config.data, config.labeled_patients, config.num_classes)
+    console = ConsoleCallback(out / "train.log")
+    trainer.callbacks.append(console)
+    if run is not None:
+        trainer.callbacks.append(MLflowCallback(run, out))
+    return console
+
+
+def train_one(config: TrainConfig, data, splits: dict[str, list], out: Path, *, resume: str | None = None,
+              open_run=None, end_run: bool = True):
+    """Train one config (one seed) into `out`: config.yaml, last.pt, best.pt, train.log, then the
+    best checkpoint's tables on `splits` and results.json. `open_run()` gives the MLflow run (or
+    None) once the trainer has accepted the config; it is ended here unless `end_run` is False
+    and training succeeded. A diverged loss is a result with `failure` set, not an exception."""
+    from raysemi.loop import Trainer, TrainingDiverged
+    from raysemi.retrain import SeedResult
+
     # the trainer checks device, model and strategy options before anything is written
     trainer = Trainer(config, data)
-    if args.resume:
-        trainer.load(args.resume)
+    if resume:
+        trainer.load(resume)
     out.mkdir(parents=True, exist_ok=True)
     config.output = str(out)
     trainer.output_dir = out
     save_yaml(config, out / "config.yaml")
-    console = ConsoleCallback(out / "train.log")
-    trainer.callbacks.append(console)
-    run = None
-    if not args.no_mlflow:
-        run = MLflowRun(uri, config.experiment, config.run_name or out.name, tags={"run_dir": str(out.resolve())})
-        trainer.callbacks.append(MLflowCallback(run, out))
-    console.write(f"run folder: {out}" + (f"; MLflow run {run.run_id} in {uri}" if run else ""))
+    run = open_run() if open_run else None
+    console = attach_callbacks(trainer, out, run)
+    console.write(f"run folder: {out}" + (f"; MLflow run {run.run_id} in {run.uri}" if run else ""))
+    outcome = SeedResult(0, config.seed, out, run_id=run.run_id if run else None, run=run)
     try:
         result = trainer.fit()
     except TrainingDiverged as err:
@@ -96,7 +162,8 @@ def main(argv: list[str]) -> int:
         if run:
             run.set_tags({"status": "failed", "failure_reason": str(err)})
             run.end("FAILED")
-        return 1
+        outcome.failure = f"training diverged: {err}"
+        return outcome
     except BaseException:
         if run:
             run.end("KILLED")
@@ -106,26 +173,44 @@ def main(argv: list[str]) -> int:
     best = checkpoint.load(out / "best.pt", trainer.device)
     net = trainer.eval_network()
     checkpoint.load_network(net, best["networks"][config.eval_model], out / "best.pt", config.eval_model)
-    results = {"best_iteration": result.best_iteration, "val": {}, "test": {}}
-    for split in ("val", "test"):
-        try:
-            read_list(data.root, split)
-        except UserError:
-            continue
-        volumes = data.val if split == "val" else load_volumes(data.root, split, config.num_classes)
+    outcome.best_iteration, outcome.iterations = result.best_iteration, result.iterations
+    for split, volumes in splits.items():
         summary = trainer.evaluate(volumes, distances=True)
-        means = summary.means()
-        results[split] = means
+        outcome.summaries[split] = summary
         console.write(f"\n{split} split, best checkpoint (iteration {result.best_iteration}, {config.eval_model}):\n"
                       + summary.format())
         if run:
-            run.log_metrics({f"{split}_best/{k}": v for k, v in means.items()}, result.iterations)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+            run.log_metrics({f"{split}_best/{k}": v for k, v in summary.means().items()}, result.iterations)
+    (out / "results.json").write_text(json.dumps(outcome.to_json(), indent=1))
     if run:
         for name in ("results.json", "train.log", "best.pt"):
             run.log_artifact(out / name)
-        run.end("FINISHED")
-    return 0
+        if end_run:
+            run.end("FINISHED")
+    return outcome
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    if args.list_methods:
+        print(describe_methods())
+        return 0
+    config, seeds, resume_dir = resolve_config(args)
+    from raysemi.tracking import check_tracking_uri, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(config.tracking_uri)
+    if not args.no_mlflow:
+        check_tracking_uri(uri)
+    # heavy imports after the cheap checks, so bad input answers at once
+    from raysemi.data import load_dataset
+    from raysemi.retrain import retrain
+
+    out = Path(config.output) if config.output else default_output(config)
+    check_output(out, args.overwrite, bool(args.resume))
+    data = load_dataset(config.data, config.labeled_patients, config.num_classes)
+    splits = eval_splits(data, config.num_classes)
+    return retrain(config, data, splits, out, seeds, train_one, uri=None if args.no_mlflow else uri,
+                   resume=args.resume)
 
 
 def cli() -> int:

@@ -25,5 +25,7 @@ def test_example_runs_with_smoke_flag(example, tmp_path):
         assert "leaderboard" in proc.stdout and list(tmp_path.glob("runs/*/best_config.yaml"))
         # Tune's progress table with our columns: strategy, iteration, Dice and the searched values
         assert "val dice" in proc.stdout and "params" in proc.stdout and "strategy" in proc.stdout
-    else:
-        assert list(tmp_path.glob("runs/*/retrained/best.pt"))
+    else:  # retrain_best: two seeds, each in its own folder, aggregated
+        assert len(list(tmp_path.glob("runs/*/retrained/seed*/best.pt"))) == 2
+        assert list(tmp_path.glob("runs/*/retrained/results_per_volume.csv"))
+        assert "std of the 2 per-seed means" in proc.stdout
