@@ -66,6 +66,7 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.batch_size < 1:
         raise UserError(f"--batch-size: {args.batch_size} is invalid; expected an integer >= 1")
+    from raysemi.console import progress
     from raysemi.data import load_volumes, resolve_data_root
     from raysemi.inference import evaluate_volumes
     from raysemi.loop import resolve_device
@@ -75,8 +76,8 @@ def main(argv: list[str]) -> int:
     root = resolve_data_root(args.data or config.data)
     volumes = load_volumes(root, args.split, config.num_classes)
     amp = device.type == "cuda" and config.amp != "off"
-    summary = evaluate_volumes(net, volumes, config.num_classes, config.patch_size, device, args.batch_size,
-                               True, amp)
+    summary = evaluate_volumes(net, progress(volumes, args.split, unit="vol"), config.num_classes, config.patch_size,
+                               device, args.batch_size, True, amp)
     print(f"{args.checkpoint} on {root} ({args.split}):")
     print(summary.format())
     if args.out:

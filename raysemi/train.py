@@ -67,7 +67,7 @@ def main(argv: list[str]) -> int:
     if not args.no_mlflow:
         check_tracking_uri(uri)
     # heavy imports after the cheap checks, so bad input answers at once
-    from raysemi.console import ConsoleCallback
+    from raysemi.console import ConsoleCallback, progress
     from raysemi.data import load_dataset, load_volumes, read_list
     from raysemi.loop import Trainer, TrainingDiverged
 
@@ -82,7 +82,7 @@ def main(argv: list[str]) -> int:
     config.output = str(out)
     trainer.output_dir = out
     save_yaml(config, out / "config.yaml")
-    console = ConsoleCallback(out / "train.log")
+    console = ConsoleCallback(out / "train.log", progress=True)
     trainer.callbacks.append(console)
     run = None
     if not args.no_mlflow:
@@ -101,6 +101,8 @@ def main(argv: list[str]) -> int:
         if run:
             run.end("KILLED")
         raise
+    finally:
+        console.close_progress()
 
     # final report: the best checkpoint on the validation split, and on the test split if listed
     best = checkpoint.load(out / "best.pt", trainer.device)
@@ -113,7 +115,8 @@ def main(argv: list[str]) -> int:
         except UserError:
             continue
         volumes = data.val if split == "val" else load_volumes(data.root, split, config.num_classes)
-        summary = trainer.evaluate(volumes, distances=True)
+        summary = trainer.evaluate(progress(volumes, f"{split} volumes", unit="vol", stream=console.stream),
+                                   distances=True)
         means = summary.means()
         results[split] = means
         console.write(f"\n{split} split, best checkpoint (iteration {result.best_iteration}, {config.eval_model}):\n"
