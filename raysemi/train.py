@@ -61,7 +61,8 @@ def main(argv: list[str]) -> int:
         print(describe_methods())
         return 0
     config = resolve(args, args.config)
-    from raysemi.tracking import MLflowCallback, MLflowRun, check_tracking_uri, resolve_tracking_uri
+    from raysemi.tracking import (MLflowCallback, MLflowRun, PicturesCallback, check_tracking_uri,
+                                  resolve_tracking_uri)
 
     uri = resolve_tracking_uri(config.tracking_uri)
     if not args.no_mlflow:
@@ -88,6 +89,7 @@ def main(argv: list[str]) -> int:
     if not args.no_mlflow:
         run = MLflowRun(uri, config.experiment, config.run_name or out.name, tags={"run_dir": str(out.resolve())})
         trainer.callbacks.append(MLflowCallback(run, out))
+    trainer.callbacks.append(PicturesCallback(out, run))  # overlays/ and plots/ in the run folder (and MLflow)
     console.write(f"run folder: {out}" + (f"; MLflow run {run.run_id} in {uri}" if run else ""))
     try:
         result = trainer.fit()
