@@ -44,7 +44,9 @@ def load_network(path: str | Path, which: str | None, device):
     if model not in list_models():
         raise UserError(f"{path}: model: {model!r} is unknown; expected one of {', '.join(list_models())}")
     net = create_model(model, in_channels=config.in_channels, num_classes=config.num_classes)
-    checkpoint.load_network(net, ckpt["networks"][which], path, which)
+    checkpoint.load_network(net, ckpt["networks"][which], path, which,
+                            f"{model} with num_classes={config.num_classes}, in_channels={config.in_channels} "
+                            "from the checkpoint's config")
     return net.to(device).eval(), config
 
 
