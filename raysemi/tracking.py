@@ -220,7 +220,8 @@ class PicturesCallback(Callback):
         c = trainer.config
         path = self.run_dir / "overlays" / f"best_iter_{iteration:06d}.png"
         write_overlay_png(path, images, [vols[v].label[z] for v, z in self.picked], preds, c.num_classes,
-                          names=class_names(c.num_classes), row_titles=[f"{vols[v].name} z={z}" for v, z in self.picked],
+                          names=class_names(c.num_classes),
+                          row_titles=[f"{vols[v].name} z={z}" for v, z in self.picked],
                           title=f"{c.method} ({c.eval_model}), iteration {iteration}, val dice {dice:.4f}")
         self._log(path, "overlays")
         return path

@@ -153,7 +153,8 @@ def learning_curves_figure(train_logs: Sequence[tuple[int, dict[str, float]]], h
     val_rows = [(int(h.get("iteration", i)), h) for i, h in enumerate(history)]
     fig = _new_figure(15, 4.2)
     ax_loss, ax_dice, ax_hd = fig.subplots(1, 3)
-    loss_keys = sorted({k for _, m in train_logs for k in m if k.startswith("train/") and k != "train/consistency_weight"},
+    loss_keys = sorted({k for _, m in train_logs for k in m
+                        if k.startswith("train/") and k != "train/consistency_weight"},
                        key=lambda k: (k != "train/loss", k))
     for k in loss_keys:
         x, y = _series(train_logs, k)

@@ -58,7 +58,8 @@ def test_label_colours_leave_background_clear():
 
 
 def test_learning_curves_png(tmp_path):
-    logs = [(i, {"train/loss": 1 / i, "train/loss_sup": 0.5 / i, "train/consistency_weight": 0.1}) for i in range(1, 50)]
+    logs = [(i, {"train/loss": 1 / i, "train/loss_sup": 0.5 / i, "train/consistency_weight": 0.1})
+            for i in range(1, 50)]
     history = [{"iteration": i, "val/dice": i / 60, "val/hd95": 60 - i, "val/dice_lv": i / 70} for i in (10, 20, 40)]
     path = write_learning_curves_png(tmp_path / "c.png", logs, history, names=["rv", "myo", "lv"])
     with Image.open(path) as im:
