@@ -8,6 +8,7 @@ COMMANDS = {
     "search": "raysemi.search",
     "train": "raysemi.train",
     "evaluate": "raysemi.evaluate",
+    "predict": "raysemi.predict",
     "data": "raysemi.data.__main__",
 }
 

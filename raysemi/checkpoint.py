@@ -49,14 +49,23 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     for key in ("config", "networks"):
         if key not in ckpt:
             raise UserError(f"{path}: {key}: missing from the checkpoint")
+    if not isinstance(ckpt["config"], dict):
+        raise UserError(f"{path}: config: a {type(ckpt['config']).__name__}; expected a mapping of config fields")
+    nets = ckpt["networks"]
+    if not isinstance(nets, dict) or not nets or not all(isinstance(v, dict) for v in nets.values()):
+        raise UserError(f"{path}: networks: not a mapping of network name -> state dict; "
+                        "expected a file written by raysemi.train")
     return ckpt
 
 
-def load_network(module: nn.Module, state: dict[str, Any], path: str | Path, name: str) -> None:
-    """`load_state_dict` with a clear error when the checkpoint is for another architecture."""
+def load_network(module: nn.Module, state: dict[str, Any], path: str | Path, name: str, expected: str = "") -> None:
+    """`load_state_dict` with a clear error when the checkpoint is for another architecture or
+    class count (wrong keys or tensor shapes); `expected` describes the model built, e.g.
+    "unet, num_classes=4, in_channels=1 (from the checkpoint's config)"."""
     try:
         module.load_state_dict(state)
-    except RuntimeError as err:
-        first = [line.strip() for line in str(err).splitlines() if line.strip()][1:2]
-        raise UserError(f"{path}: networks.{name}: does not match the model "
+    except (RuntimeError, TypeError, AttributeError) as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        first = lines[1:2] or lines[:1]
+        raise UserError(f"{path}: networks.{name}: does not match the model{' ' + expected if expected else ''} "
                         f"({first[0][:200] if first else 'state dict mismatch'})") from None

@@ -44,7 +44,9 @@ def load_network(path: str | Path, which: str | None, device):
     if model not in list_models():
         raise UserError(f"{path}: model: {model!r} is unknown; expected one of {', '.join(list_models())}")
     net = create_model(model, in_channels=config.in_channels, num_classes=config.num_classes)
-    checkpoint.load_network(net, ckpt["networks"][which], path, which)
+    checkpoint.load_network(net, ckpt["networks"][which], path, which,
+                            f"{model} with num_classes={config.num_classes}, in_channels={config.in_channels} "
+                            "from the checkpoint's config")
     return net.to(device).eval(), config
 
 
@@ -66,6 +68,7 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.batch_size < 1:
         raise UserError(f"--batch-size: {args.batch_size} is invalid; expected an integer >= 1")
+    from raysemi.console import progress
     from raysemi.data import load_volumes, resolve_data_root
     from raysemi.inference import evaluate_volumes
     from raysemi.loop import resolve_device
@@ -75,8 +78,8 @@ def main(argv: list[str]) -> int:
     root = resolve_data_root(args.data or config.data)
     volumes = load_volumes(root, args.split, config.num_classes)
     amp = device.type == "cuda" and config.amp != "off"
-    summary = evaluate_volumes(net, volumes, config.num_classes, config.patch_size, device, args.batch_size,
-                               True, amp)
+    summary = evaluate_volumes(net, progress(volumes, args.split, unit="vol"), config.num_classes, config.patch_size,
+                               device, args.batch_size, True, amp)
     print(f"{args.checkpoint} on {root} ({args.split}):")
     print(summary.format())
     if args.out:

@@ -13,16 +13,22 @@ A retrain (`raysemi.train`, any --seeds) is tagged `role=retrain` with `strategy
 its seeds, with several, are nested runs tagged `role=seed`. It logs `test/<m>`, `test_std_volumes/<m>`,
 `test_std_seeds/<m>` (several seeds), `val_best/...` likewise, and `test_vs_baseline/<m>` (ours -
 the supervised baseline's) with the tag `baseline_run_id` (raysemi.retrain).
+Pictures (`PicturesCallback`): `overlays/best_iter_<iteration>.png` at new best validation Dice and
+`plots/learning_curves.png` at the end, in the run folder and as artifacts.
 """
 
 from __future__ import annotations
 
+import copy
 import os
+import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from raysemi.errors import UserError
 from raysemi.loop import Callback, LoopResult, Trainer
@@ -153,6 +159,117 @@ class MLflowCallback(Callback):
     def on_train_end(self, trainer: Trainer, result: LoopResult) -> None:
         self.run.log_metrics({"best/val_dice": result.best_dice, "best/iteration": result.best_iteration},
                              result.iterations)
+
+
+def pick_slices(volumes: list, count: int) -> list[tuple[int, int]]:
+    """(volume index, slice index) of `count` slices to picture, fixed for a run: evenly spread
+    (centres of equal shares) over the slices whose label shows foreground, taken over all
+    volumes in order, so they cover several volumes and levels; all slices if none shows any."""
+    cands = [(v, z) for v, vol in enumerate(volumes) for z in range(vol.label.shape[0]) if vol.label[z].any()]
+    if not cands:
+        cands = [(v, z) for v, vol in enumerate(volumes) for z in range(vol.label.shape[0])]
+    k = min(count, len(cands))
+    return [cands[int((i + 0.5) * len(cands) / k)] for i in range(k)]
+
+
+class PicturesCallback(Callback):
+    """Pictures of a training run, written to `run_dir` and logged to MLflow when `run` is given.
+
+    At a new best validation Dice: `overlays/best_iter_<iteration:06d>.png`, `slices` fixed
+    validation slices as image | ground truth | prediction, at most one every `every_evals`
+    evaluations (a best in between is kept as a copy of the network's weights, so the final best
+    is always pictured at the end). Only those slices are predicted: no extra evaluation. At the
+    end: `plots/learning_curves.png` (training losses, validation Dice and HD95). A drawing error
+    is reported as a warning line and never stops training.
+    """
+
+    def __init__(self, run_dir: str | Path, run: MLflowRun | None = None, slices: int = 4, every_evals: int = 3,
+                 stream=None) -> None:
+        self.run_dir, self.run, self.slices = Path(run_dir), run, slices
+        self.every_evals, self.stream = max(int(every_evals), 1), stream
+        self.picked: list[tuple[int, int]] = []
+        self.train_logs: list[tuple[int, dict[str, float]]] = []
+        self.evals, self.last_drawn_eval = 0, None
+        self.pending: tuple[int, float, dict[str, Any]] | None = None  # best not yet pictured
+        self.written: list[Path] = []
+
+    def _warn(self, what: str, err: BaseException) -> None:
+        print(f"warning: {what} not drawn ({type(err).__name__}: {err})", file=self.stream or sys.stderr, flush=True)
+
+    def _log(self, path: Path, artifact_path: str) -> None:
+        self.written.append(path)
+        if self.run is not None:
+            self.run.log_artifact(path, artifact_path)
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        self.picked = pick_slices(trainer.data.val, self.slices) if self.slices > 0 else []
+
+    def on_log(self, trainer: Trainer, iteration: int, metrics: dict[str, float]) -> None:
+        self.train_logs.append((iteration, {k: v for k, v in metrics.items() if k.startswith("train/")}))
+
+    def draw_overlay(self, trainer: Trainer, net, iteration: int, dice: float) -> Path:
+        """Predict the picked slices with `net` and write their overlay; returns the PNG path."""
+        from raysemi.inference import predict_volume
+        from raysemi.metrics import class_names
+        from raysemi.visualize import write_overlay_png
+
+        vols = trainer.data.val
+        images = [vols[v].image[z] for v, z in self.picked]
+        preds: list[np.ndarray | None] = [None] * len(images)
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, im in enumerate(images):
+            by_shape.setdefault(im.shape, []).append(i)
+        for idx in by_shape.values():  # one batch per slice size (ACDC volumes differ in size)
+            out = predict_volume(net, np.stack([images[i] for i in idx]), trainer.config.patch_size,
+                                 trainer.device, trainer.config.eval_batch_size, trainer.amp, trainer.channels_last)
+            for j, i in enumerate(idx):
+                preds[i] = out[j]
+        c = trainer.config
+        path = self.run_dir / "overlays" / f"best_iter_{iteration:06d}.png"
+        write_overlay_png(path, images, [vols[v].label[z] for v, z in self.picked], preds, c.num_classes,
+                          names=class_names(c.num_classes),
+                          row_titles=[f"{vols[v].name} z={z}" for v, z in self.picked],
+                          title=f"{c.method} ({c.eval_model}), iteration {iteration}, val dice {dice:.4f}")
+        self._log(path, "overlays")
+        return path
+
+    def on_eval(self, trainer: Trainer, iteration: int, metrics: dict[str, float], is_best: bool) -> None:
+        self.evals += 1
+        if not is_best or not self.picked:
+            return
+        net = trainer.eval_network()
+        if self.last_drawn_eval is None or self.evals - self.last_drawn_eval >= self.every_evals:
+            try:
+                self.draw_overlay(trainer, net, iteration, metrics["val/dice"])
+            except Exception as err:  # a picture is never worth a failed run
+                self._warn("overlay", err)
+            self.last_drawn_eval, self.pending = self.evals, None
+        else:
+            self.pending = (iteration, metrics["val/dice"],
+                            {k: v.detach().clone() for k, v in net.state_dict().items()})
+
+    def on_train_end(self, trainer: Trainer, result: LoopResult) -> None:
+        if self.pending is not None:
+            iteration, dice, state = self.pending
+            self.pending = None
+            try:
+                net = copy.deepcopy(trainer.eval_network())
+                net.load_state_dict(state)
+                self.draw_overlay(trainer, net, iteration, dice)
+            except Exception as err:
+                self._warn("overlay", err)
+        try:
+            from raysemi.metrics import class_names
+            from raysemi.visualize import write_learning_curves_png
+
+            c = trainer.config
+            path = write_learning_curves_png(
+                self.run_dir / "plots" / "learning_curves.png", self.train_logs, trainer.history,
+                names=class_names(c.num_classes),
+                title=f"{c.method}: best val dice {result.best_dice:.4f} at iteration {result.best_iteration}")
+            self._log(path, "plots")
+        except Exception as err:
+            self._warn("learning curves", err)
 
 
 def make_tune_callback(uri: str, experiment: str, parent_run_id: str, state_file: Path, base: dict[str, Any],

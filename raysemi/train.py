@@ -125,12 +125,13 @@ def eval_splits(data, num_classes: int) -> dict[str, list]:
 def attach_callbacks(trainer, out: Path, run):
     """The callbacks of every training run, in one place: console and train.log, then MLflow."""
     from raysemi.console import ConsoleCallback
-    from raysemi.tracking import MLflowCallback
+    from raysemi.tracking import MLflowCallback, PicturesCallback
 
-    console = ConsoleCallback(out / "train.log")
+    console = ConsoleCallback(out / "train.log", progress=True)
     trainer.callbacks.append(console)
     if run is not None:
         trainer.callbacks.append(MLflowCallback(run, out))
+    trainer.callbacks.append(PicturesCallback(out, run))  # overlays/ and plots/ in the run folder (and MLflow)
     return console
 
 
@@ -140,6 +141,7 @@ def train_one(config: TrainConfig, data, splits: dict[str, list], out: Path, *, 
     best checkpoint's tables on `splits` and results.json. `open_run()` gives the MLflow run (or
     None) once the trainer has accepted the config; it is ended here unless `end_run` is False
     and training succeeded. A diverged loss is a result with `failure` set, not an exception."""
+    from raysemi.console import progress
     from raysemi.loop import Trainer, TrainingDiverged
     from raysemi.retrain import SeedResult
 
@@ -168,6 +170,8 @@ def train_one(config: TrainConfig, data, splits: dict[str, list], out: Path, *, 
         if run:
             run.end("KILLED")
         raise
+    finally:
+        console.close_progress()
 
     # final report: the best checkpoint on the validation split, and on the test split if listed
     best = checkpoint.load(out / "best.pt", trainer.device)
@@ -175,7 +179,8 @@ def train_one(config: TrainConfig, data, splits: dict[str, list], out: Path, *, 
     checkpoint.load_network(net, best["networks"][config.eval_model], out / "best.pt", config.eval_model)
     outcome.best_iteration, outcome.iterations = result.best_iteration, result.iterations
     for split, volumes in splits.items():
-        summary = trainer.evaluate(volumes, distances=True)
+        summary = trainer.evaluate(progress(volumes, f"{split} volumes", unit="vol", stream=console.stream),
+                                   distances=True)
         outcome.summaries[split] = summary
         console.write(f"\n{split} split, best checkpoint (iteration {result.best_iteration}, {config.eval_model}):\n"
                       + summary.format())

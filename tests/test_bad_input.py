@@ -419,14 +419,14 @@ def test_resume_from_a_non_checkpoint_keeps_the_run_folder(trained_run, tmp_path
     from raysemi.train import main
 
     run = Path(shutil.copytree(trained_run, tmp_path / "run"))
-    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    before = {str(p.relative_to(run)): p.read_bytes() for p in run.rglob("*") if p.is_file()}  # overlays/ too
     bad = tmp_path / "random.pt"
     bad.write_bytes(random.Random(1).randbytes(4096))
     config = Path(trained_run / "config.yaml").read_text()
     data = next(line.split(": ", 1)[1] for line in config.splitlines() if line.startswith("data:"))
     rc, err = call(main, train_args(data, run, "--resume", bad, "--max-iterations", "4", "--no-mlflow"), capsys)
     assert_one_line_error(rc, err, str(bad), "not a raysemi checkpoint")
-    after = {p.name: p.read_bytes() for p in run.iterdir()}
+    after = {str(p.relative_to(run)): p.read_bytes() for p in run.rglob("*") if p.is_file()}
     changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
     assert not changed, f"files of the run folder changed by a refused --resume: {changed}"
 

@@ -1,0 +1,225 @@
+"""`python -m raysemi.predict`: segment 3D NIfTI scans with a trained checkpoint.
+
+    python -m raysemi.predict --checkpoint runs/x/best.pt --input scans/ --out predictions/
+
+Each input volume (one file, or every .nii / .nii.gz file of a folder) is read with SimpleITK as a
+(D, H, W) array (slices along the first array axis, as the SSL4MIS ACDC preprocessing reads them),
+min-max normalised per volume like the training data, segmented slice by slice (batched, on the
+device, resized to the checkpoint's patch size and back with nearest), and written as
+`<OUT>/<name>_pred.nii.gz` (`<name>` is the input file name without .nii.gz / .nii): a uint8 label
+volume with the input's size, spacing, origin and direction. Every input's header, the output
+folder and the checkpoint are checked before anything is written, and each output is written to a
+temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from pathlib import Path
+
+from raysemi.errors import ArgumentParser, UserError, run_cli
+
+SUFFIXES = (".nii.gz", ".nii")
+PRED_SUFFIX = "_pred.nii.gz"
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m raysemi.predict", description=(
+        "Segment 3D NIfTI volumes with a raysemi checkpoint: each input (a .nii/.nii.gz file, or every such "
+        "file in a folder) is min-max normalised per volume as the training data, predicted slice by slice "
+        f"on the device, and written to --out as <name>{PRED_SUFFIX} (uint8 labels, same size, spacing, "
+        "origin and direction as the input)."))
+    p.add_argument("--checkpoint", required=True, help="a checkpoint written by raysemi.train (best.pt or last.pt)")
+    p.add_argument("--input", required=True, metavar="IMG.nii.gz|DIR",
+                   help="a 3D NIfTI file, or a folder whose .nii/.nii.gz files are all predicted")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the predicted label volumes")
+    p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda' or 'cuda:N'")
+    p.add_argument("--batch-size", type=int, default=32, help="slices per forward pass")
+    p.add_argument("--eval-model", "--model", dest="model", choices=("student", "teacher"), default=None,
+                   help="network to predict with (default: the checkpoint's eval_model)")
+    p.add_argument("--overwrite", action="store_true",
+                   help=f"allow an --out folder that already holds files; only the *{PRED_SUFFIX} files of "
+                        "these inputs are replaced, nothing is deleted")
+    return p
+
+
+def nifti_stem(path: Path) -> str | None:
+    """The file name without .nii.gz / .nii (case-insensitive), or None for another extension."""
+    name = path.name
+    for suffix in SUFFIXES:
+        if name.lower().endswith(suffix) and len(name) > len(suffix):
+            return name[:-len(suffix)]
+    return None
+
+
+def output_name(path: Path) -> str:
+    """'case01.nii.gz' -> 'case01_pred.nii.gz'."""
+    stem = nifti_stem(path)
+    if stem is None:
+        raise ValueError(f"{path}: not a .nii/.nii.gz file name")
+    return stem + PRED_SUFFIX
+
+
+def list_inputs(path: str | Path) -> list[Path]:
+    """The NIfTI files to predict: `path` itself, or the .nii/.nii.gz files of a folder (sorted;
+    hidden files, such as a killed run's temporary outputs, are skipped)."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir()
+                       if p.is_file() and not p.name.startswith(".") and nifti_stem(p) is not None)
+        if not files:
+            raise UserError(f"{path}: --input: folder holds no .nii or .nii.gz file; expected 3D NIfTI volumes")
+        return files
+    if not path.exists():
+        raise UserError(f"{path}: --input: no such file or folder; expected a .nii/.nii.gz file or a folder of them")
+    if nifti_stem(path) is None:
+        raise UserError(f"{path}: --input: not a NIfTI file name; expected a .nii or .nii.gz file (or a folder)")
+    return [path]
+
+
+def read_header(path: Path) -> tuple[int, ...]:
+    """Check, from the header only, that `path` is a single-channel 3D NIfTI volume; its size
+    in SimpleITK order (x, y, slices)."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetImageIO("NiftiImageIO")
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        raise UserError(f"{path}: not a readable NIfTI file; expected a 3D NIfTI volume (.nii/.nii.gz)") from None
+    size = tuple(int(s) for s in reader.GetSize())
+    if reader.GetDimension() != 3:
+        raise UserError(f"{path}: dimension: {reader.GetDimension()}D image of size {' x '.join(map(str, size))}; "
+                        "expected a 3D volume (x, y, slices)")
+    if reader.GetNumberOfComponents() != 1:
+        raise UserError(f"{path}: components: {reader.GetNumberOfComponents()} per voxel; expected a "
+                        "single-channel (scalar) volume")
+    if min(size) < 1:
+        raise UserError(f"{path}: size: {size}; expected a non-empty volume")
+    return size
+
+
+def check_out(out: Path, outputs: list[Path], inputs: list[Path], overwrite: bool) -> None:
+    """Refuse an --out that is a file, or a folder with files in it (unless --overwrite), and
+    outputs that would replace an input or each other."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: --out: exists and is not a folder; expected a folder (new, empty, or --overwrite)")
+    if out.is_dir() and not overwrite:
+        present = sorted(p.name for p in out.iterdir())
+        if present:
+            shown = ", ".join(present[:3]) + (", ..." if len(present) > 3 else "")
+            entries = f"{len(present)} entr{'y' if len(present) == 1 else 'ies'}"
+            raise UserError(f"{out}: --out: folder is not empty ({entries}: {shown}); choose another "
+                            f"--out, or pass --overwrite (only the *{PRED_SUFFIX} files of these inputs are "
+                            "replaced, nothing is deleted)")
+    seen: dict[Path, Path] = {}
+    resolved_inputs = {p.resolve(): p for p in inputs}
+    for src, dst in zip(inputs, outputs):
+        key = dst.resolve()
+        if key in resolved_inputs:
+            raise UserError(f"{dst}: --out: the output of {src.name} would replace the input {resolved_inputs[key]}; "
+                            "expected an --out folder apart from the inputs")
+        if key in seen:
+            raise UserError(f"{dst}: --out: both {seen[key].name} and {src.name} would be written here; "
+                            "expected input names that differ without .nii/.nii.gz")
+        seen[key] = src
+        if dst.exists() and not dst.is_file():
+            raise UserError(f"{dst}: --out: exists and is not a file; expected to write a NIfTI file there")
+    parent = out
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not os.access(parent if parent.exists() else Path.cwd(), os.W_OK):
+        raise UserError(f"{out}: --out: {parent} is not writable; expected a folder this user can write to")
+
+
+def write_labels(pred, reference, path: Path) -> None:
+    """Write a (D, H, W) uint8 array as NIfTI with `reference`'s geometry, atomically."""
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(pred)
+    image.CopyInformation(reference)
+    # a hidden name in the same folder (so the rename is atomic), created with the usual permissions
+    tmp = str(path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp.nii.gz")
+    try:
+        writer = sitk.ImageFileWriter()
+        writer.SetImageIO("NiftiImageIO")
+        writer.SetFileName(tmp)
+        writer.UseCompressionOn()
+        writer.Execute(image)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size: {args.batch_size} is invalid; expected an integer >= 1")
+    # every input and the output folder are checked before the checkpoint is read or a file written
+    inputs = list_inputs(args.input)
+    for path in inputs:
+        read_header(path)
+    out = Path(args.out)
+    outputs = [out / output_name(p) for p in inputs]
+    check_out(out, outputs, inputs, args.overwrite)
+
+    import numpy as np
+    import SimpleITK as sitk
+
+    from raysemi.data.normalize import minmax
+    from raysemi.evaluate import load_network
+    from raysemi.inference import predict_volume
+    from raysemi.loop import resolve_device
+    from raysemi.metrics import class_names
+
+    device = resolve_device(args.device)
+    net, config = load_network(args.checkpoint, args.model, device)
+    if config.in_channels != 1:
+        raise UserError(f"{args.checkpoint}: config: in_channels: {config.in_channels}; raysemi.predict reads "
+                        "single-channel volumes, expected 1")
+    amp = device.type == "cuda" and config.amp != "off"
+    which = args.model or config.eval_model
+    names = class_names(config.num_classes)
+    print(f"{args.checkpoint} ({config.method}, {which}, {config.num_classes} classes, patch "
+          f"{config.patch_size[0]}x{config.patch_size[1]}) on {device}: {len(inputs)} volume(s) -> {out}", flush=True)
+    width = len(str(len(inputs)))
+    for i, (src, dst) in enumerate(zip(inputs, outputs), start=1):
+        t0 = time.perf_counter()
+        try:
+            image = sitk.ReadImage(str(src), imageIO="NiftiImageIO")
+        except RuntimeError:
+            raise UserError(f"{src}: not a readable NIfTI file (the voxel data could not be read); "
+                            "expected a 3D NIfTI volume") from None
+        array = sitk.GetArrayFromImage(image)  # (D, H, W) = (z, y, x)
+        if array.dtype.kind not in "biuf":
+            raise UserError(f"{src}: pixel type: {image.GetPixelIDTypeAsString()}; expected a real-valued "
+                            "(integer or float) volume")
+        try:
+            volume = minmax(array)
+        except ValueError as err:
+            raise UserError(f"{src}: image: {err}") from None
+        pred = predict_volume(net, volume, config.patch_size, device, args.batch_size, amp)
+        try:  # created only now, so a run refused on its first volume leaves no empty folder
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"{out}: --out: cannot create the folder ({err.strerror or err})") from None
+        write_labels(pred, image, dst)
+        counts = np.bincount(pred.ravel(), minlength=config.num_classes)
+        share = ", ".join(f"{name} {100.0 * c / pred.size:.1f}%" for name, c in zip(names, counts[1:]))
+        D, H, W = array.shape
+        print(f"[{i:>{width}}/{len(inputs)}] {src.name}: {D} slices of {H}x{W} -> {dst.name} "
+              f"({share} of voxels; {time.perf_counter() - t0:.1f}s)", flush=True)
+    return 0
+
+
+def cli() -> int:
+    return run_cli(main)
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli())
