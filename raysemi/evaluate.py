@@ -68,7 +68,7 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.batch_size < 1:
         raise UserError(f"--batch-size: {args.batch_size} is invalid; expected an integer >= 1")
-    from raysemi.console import progress
+    from raysemi.progress import progress
     from raysemi.data import load_volumes, resolve_data_root
     from raysemi.inference import evaluate_volumes
     from raysemi.loop import resolve_device

@@ -141,7 +141,7 @@ def train_one(config: TrainConfig, data, splits: dict[str, list], out: Path, *, 
     best checkpoint's tables on `splits` and results.json. `open_run()` gives the MLflow run (or
     None) once the trainer has accepted the config; it is ended here unless `end_run` is False
     and training succeeded. A diverged loss is a result with `failure` set, not an exception."""
-    from raysemi.console import progress
+    from raysemi.progress import progress
     from raysemi.loop import Trainer, TrainingDiverged
     from raysemi.retrain import SeedResult
 

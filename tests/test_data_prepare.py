@@ -114,7 +114,7 @@ def test_prepare_acdc_writes_the_ssl4mis_layout(tmp_path, capsys):
     out = tmp_path / "ACDC"
     rc, stdout, err = call(["prepare-acdc", "--raw", raw, "--out", out, "--allow-missing"], capsys)
     assert rc == 0, err
-    assert "prepare-acdc: 5/5 patients" in stdout
+    assert "prepare-acdc 5/5" in stdout
     assert "note: patient038_frame01: 5 slices in the raw data, 8 in the SSL4MIS list" in stdout
     assert "--allow-missing: 95 patients" in stdout
 

@@ -13,7 +13,6 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +21,8 @@ from typing import TextIO
 import h5py
 import numpy as np
 
+from raysemi.progress import ProgressBar
+from raysemi.data.normalize import minmax
 from raysemi.errors import UserError
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -96,15 +97,9 @@ def read_png(path: Path, what: str = "image") -> np.ndarray:
 
 
 def normalise(image: np.ndarray) -> np.ndarray:
-    """Min-max per volume as the reference's preprocessing does: (x - min) / (max - min), float32.
-
-    A constant volume (max == min, where the reference would divide by zero) becomes zeros.
-    """
-    image = np.asarray(image, dtype=np.float64)
-    lo, hi = float(image.min()), float(image.max())
-    if hi == lo:
-        return np.zeros(image.shape, np.float32)
-    return ((image - lo) / (hi - lo)).astype(np.float32)
+    """Min-max per volume as the reference's preprocessing (`raysemi.data.normalize.minmax`, the one
+    rule shared with `raysemi.predict`); a constant volume becomes zeros."""
+    return minmax(image)
 
 
 def check_image(image: np.ndarray, path: Path) -> None:
@@ -159,21 +154,16 @@ def write_lists(folder: Path, lists: dict[str, list[str]]) -> None:
         (folder / f"{name}.list").write_text("".join(f"{c}\n" for c in cases))
 
 
-class Progress:
-    """A line every `total // 10` items (and at the last): 'prepare-acdc: 30/100 patients, 12s'."""
+class Progress(ProgressBar):
+    """The console's progress bar for a conversion loop: `step()` after each item, closed at the last."""
 
     def __init__(self, label: str, total: int, unit: str, stream: TextIO | None = None) -> None:
-        self.label, self.total, self.unit = label, total, unit
-        self.stream = stream or sys.stdout
-        self.every = max(1, total // 10)
-        self.done = 0
-        self.start = time.perf_counter()
+        super().__init__(total, label, unit, stream if stream is not None else sys.stdout)
 
     def step(self) -> None:
-        self.done += 1
-        if self.done % self.every == 0 or self.done == self.total:
-            print(f"{self.label}: {self.done}/{self.total} {self.unit}, {time.perf_counter() - self.start:.0f}s",
-                  file=self.stream, flush=True)
+        self.advance()
+        if self.done >= self.total:
+            self.close()
 
 
 def check_output(out: Path, overwrite: bool) -> None:

@@ -7,7 +7,7 @@ import io
 
 import pytest
 
-from raysemi.console import ProgressBar, format_duration, progress
+from raysemi.progress import ProgressBar, format_duration, progress
 
 
 class Clock:
@@ -108,4 +108,5 @@ def test_ray_trials_show_no_progress_bar():
     import raysemi.trainable
 
     source = inspect.getsource(raysemi.trainable)
-    assert "ConsoleCallback" not in source and "ProgressBar" not in source and "raysemi.console" not in source
+    assert "ConsoleCallback" not in source and "ProgressBar" not in source
+    assert "raysemi.console" not in source and "raysemi.progress" not in source
