@@ -99,8 +99,9 @@ def base_config(args, methods: list[str]) -> TrainConfig:
     return cfg.validate(source=sources)
 
 
-def check_resources(args, cluster: dict[str, float]) -> tuple[float, float, int]:
-    """(gpus, gpus_per_trial, max concurrent trials); clear errors instead of a search that waits."""
+def check_resources(args, cluster: dict[str, float], nodes: list[dict] | None = None) -> tuple[float, float, int]:
+    """(gpus, gpus_per_trial, max concurrent trials); clear errors instead of a search that waits.
+    With `nodes` (ray.nodes()), a trial must also fit on one node, and concurrency counts per node."""
     available = float(cluster.get("GPU", 0))
     gpus = available if args.gpus is None else float(args.gpus)
     if gpus < 0:
@@ -122,29 +123,16 @@ def check_resources(args, cluster: dict[str, float]) -> tuple[float, float, int]
         raise UserError(f"--cpus-per-trial: {args.cpus_per_trial} is invalid; expected 1 to {cpus:g} (the cluster's CPUs)")
     by_cpu = int(cpus // args.cpus_per_trial)
     concurrency = min(by_cpu, int(gpus // per + 1e-9)) if per > 0 else by_cpu
+    if nodes:
+        from raysemi.cluster import largest_node, trial_slots
+
+        slots = trial_slots(nodes, args.cpus_per_trial, per)
+        if slots == 0:
+            raise UserError(f"--cpus-per-trial {args.cpus_per_trial} --gpus-per-trial {per:g}: a trial runs on one "
+                            f"node, but no node has that many (the largest has {largest_node(nodes)}); expected "
+                            "at most what one node has")
+        concurrency = min(concurrency, slots)
     return gpus, per, max(1, concurrency)
-
-
-def check_address(address: str) -> None:
-    """Fail in seconds, not minutes, when no Ray cluster is at `address` (ray.init would wait)."""
-    import socket
-    import tempfile
-
-    if address == "auto":
-        marker = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
-        if not marker.is_file():
-            raise UserError("--address: 'auto' but no Ray cluster runs on this machine; start one with "
-                            "`ray start --head`, or give HOST:PORT of its head")
-        return
-    hostport = address.split("://", 1)[-1]
-    host, _, port = hostport.rpartition(":")
-    if not host or not port.isdigit():
-        raise UserError(f"--address: {address!r} is invalid; expected 'auto' or HOST:PORT (e.g. 10.0.0.1:6379)")
-    try:
-        socket.create_connection((host, int(port)), timeout=5).close()
-    except OSError as err:
-        raise UserError(f"--address: {address!r}: no Ray cluster answers ({err.strerror or err}); expected the "
-                        "head's GCS address from `ray start --head` (port 6379 by default)") from None
 
 
 def start_ray(args) -> dict[str, float]:
@@ -154,11 +142,9 @@ def start_ray(args) -> dict[str, float]:
 
     address = args.address or os.environ.get("RAY_ADDRESS")
     if address:
-        check_address(address)
-        try:
-            ray.init(address=address, logging_level="ERROR")
-        except Exception as err:
-            raise UserError(f"--address: {address!r}: no Ray cluster answers ({str(err).splitlines()[0][:160]})") from None
+        from raysemi.cluster import join
+
+        join(address)
     else:
         import torch
 
@@ -178,6 +164,22 @@ def load_saved_search(exp_dir: Path) -> dict | None:
         raise UserError(f"{state}: not valid JSON; the search folder is damaged") from None
 
 
+def finished_trials(exp_dir: Path) -> int:
+    """Trials that ended (completed, stopped or failed), as Tune saved its state at the end of fit().
+    Not `ResultGrid.num_terminated`: on Ctrl-C Tune saves the running trials as running (so that
+    --resume continues them), then marks them terminated in memory as it stops them."""
+    from ray.tune import ExperimentAnalysis
+
+    trials = ExperimentAnalysis(str(exp_dir)).trials
+    return sum(t.status in ("TERMINATED", "ERROR") for t in trials)
+
+
+def resume_command(args, name: str, storage: Path) -> str:
+    """What continues this search; on a cluster joined with --address, that address too."""
+    return (f"python -m raysemi.search --name {name} --storage {storage} --resume"
+            + (f" --address {args.address}" if args.address else ""))
+
+
 def trial_dirname(trial) -> str:
     """Short trial folder names: <strategy>_<trial id>."""
     return f"{trial.config.get('method', 'trial')}_{trial.trial_id}"
@@ -194,6 +196,10 @@ def main(argv: list[str]) -> int:
             raise UserError(f"{flag}: {value} is invalid; expected "
                             + ("a number > 1" if flag == "--reduction-factor" else "an integer >= 1"
                                if flag != "--max-failures" else "an integer >= 0"))
+    if "://" in args.storage:
+        raise UserError(f"--storage: {args.storage!r}: URIs are not supported; expected a folder, on a multi-node "
+                        "cluster one that every node mounts at the same path (NFS, or a bucket mounted with a FUSE "
+                        "driver such as s3fs or gcsfuse)")
     storage = Path(args.storage).expanduser().resolve()
     if args.resume and not args.name:
         raise UserError("--resume: expected --name of the search to continue")
@@ -249,20 +255,22 @@ def _search(args, methods, spaces, base: TrainConfig, dataset, uri: str, storage
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
+    from raysemi.cluster import alive_nodes, check_nodes, describe, node_of_this_driver
     from raysemi.search_report import summarize
     from raysemi.search_space import define_by_run
     from raysemi.trainable import METRIC, TIME_ATTR, train_trial
     from raysemi.tracking import MLflowRun, flat_params, make_tune_callback
 
-    gpus, per_trial, concurrency = check_resources(args, cluster)
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    print(f"Ray cluster: {len(nodes)} node(s), {cluster.get('CPU', 0):g} CPUs, {cluster.get('GPU', 0):g} GPUs; "
-          f"using {gpus:g} GPUs, {per_trial:g} GPU and {args.cpus_per_trial} CPU per trial, "
+    nodes = alive_nodes()
+    gpus, per_trial, concurrency = check_resources(args, cluster, nodes)
+    joined = args.address or os.environ.get("RAY_ADDRESS")
+    cluster_line = describe(nodes, ray.get_runtime_context().gcs_address if joined else "")
+    print(cluster_line, flush=True)
+    print(f"using {gpus:g} GPUs, {per_trial:g} GPU and {args.cpus_per_trial} CPU per trial, "
           f"up to {concurrency} trials at once", flush=True)
-
-    if len(nodes) > 1 and "://" not in args.storage:
-        print(f"warning: --storage {storage} is a local path but the cluster has {len(nodes)} nodes; trials on "
-              "other nodes need it to be shared storage (NFS) or a cloud URI for checkpoints and --resume", flush=True)
+    if joined:  # trials may run, and resume, on any node: each must see --storage and import raysemi
+        for line in check_nodes(storage, nodes):
+            print(f"warning: {line}", flush=True)
     state_path = exp_dir / STATE_FILE
     resuming = tune.Tuner.can_restore(str(exp_dir))
     if args.resume and not resuming:
@@ -288,6 +296,7 @@ def _search(args, methods, spaces, base: TrainConfig, dataset, uri: str, storage
                  "finished": False}
         state_path.write_text(json.dumps(state, indent=1))
         save_yaml(base, exp_dir / "base_config.yaml")
+    parent.set_tags({"cluster": cluster_line, "driver_node_id": node_of_this_driver()})  # this (re)start's
     print(f"search folder: {exp_dir}\nMLflow: {uri} (experiment {args.experiment!r}, parent run {parent.run_id})",
           flush=True)
 
@@ -325,12 +334,13 @@ def _search(args, methods, spaces, base: TrainConfig, dataset, uri: str, storage
         results = tuner.fit()
     except KeyboardInterrupt:
         parent.set_tags({"status": "interrupted"})
-        print(f"\ninterrupted; continue with: python -m raysemi.search --name {name} --storage {storage} --resume")
+        print(f"\ninterrupted; continue with: {resume_command(args, name, storage)}")
         return 130
-    if results.num_terminated + results.num_errors < args.num_samples:  # Ctrl-C: Tune stopped gracefully
+    done = finished_trials(exp_dir)
+    if done < args.num_samples:  # Ctrl-C: Tune stopped gracefully
         parent.set_tags({"status": "interrupted"})
-        print(f"\ninterrupted after {results.num_terminated + results.num_errors} of {args.num_samples} trials; "
-              f"continue with: python -m raysemi.search --name {name} --storage {storage} --resume")
+        print(f"\ninterrupted after {done} of {args.num_samples} trials; "
+              f"continue with: {resume_command(args, name, storage)}")
         return 130
     summary = summarize(results, base, methods, spaces, exp_dir)
     state["finished"] = True

@@ -63,10 +63,34 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
             reason = getattr(err, "reason", err)
             raise UserError(f"tracking_uri: {uri!r} does not answer ({reason}); expected a running "
                             "MLflow server (mlflow server ...) or a sqlite:/// store") from None
+        _check_server_accepts(uri, timeout)
         return
     if uri.startswith("file:") or "://" not in uri:
         raise UserError(f"tracking_uri: {uri!r}: MLflow 3 refuses file stores; expected sqlite:///path/mlflow.db "
                         "or http://host:port")
+
+
+def _check_server_accepts(uri: str, timeout: float) -> None:
+    """A server answers /health to anyone but may refuse the API: MLflow 3 only serves requests
+    addressed to localhost or a private IP unless started with --allowed-hosts (so
+    http://headnode:5000 fails where http://10.0.0.1:5000 works), and a server with auth wants
+    credentials."""
+    from urllib.parse import urlsplit
+
+    request = urllib.request.Request(uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1")
+    try:
+        urllib.request.urlopen(request, timeout=timeout).read()
+    except urllib.error.HTTPError as err:
+        host = urlsplit(uri).netloc
+        credentials = any(os.environ.get(k) for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_TOKEN"))
+        if err.code == 403:
+            raise UserError(f"tracking_uri: {uri!r}: the MLflow server refuses requests addressed to {host!r} (403); "
+                            f"expected its IP address, or a server started with --allowed-hosts {host}") from None
+        if err.code == 401 and not credentials:
+            raise UserError(f"tracking_uri: {uri!r}: the MLflow server wants credentials (401); expected "
+                            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or a token") from None
+    except (urllib.error.URLError, OSError, ValueError):
+        pass  # it answered /health: let MLflow itself report anything else
 
 
 def experiment_id(client: Any, name: str, uri: str) -> str:
@@ -278,9 +302,12 @@ def make_tune_callback(uri: str, experiment: str, parent_run_id: str, state_file
     run, from the driver: one writer, so SQLite never sees concurrent writers and trials need no
     route to the tracking server (Ray's own MLflow callback cannot nest runs).
 
-    Tags: `strategy`, `trial_id`, `status` (running, completed, stopped_early, failed) and
-    `failure_reason`; params: the trial's whole resolved config plus `searched/<field>`, and the
-    config as a `config.yaml` artifact (what `raysemi.train --from-run` reads); metrics:
+    Tags: `strategy`, `trial_id`, `status` (running, retrying, completed, stopped_early, failed),
+    `failure_reason`; where it ran: `node_id` and `node_ip` (of its latest result) and `node_ids`
+    (the nodes it reported from, in order, one entry per move: `A,B` when a retry went on on B);
+    `retries` and `last_error` once Tune retried it (FailureConfig, e.g. after a node was lost);
+    params: the trial's whole resolved config plus `searched/<field>`, and the config as a
+    `config.yaml` artifact (what `raysemi.train --from-run` reads); metrics:
     everything the trial reports, at step = iteration. The Tune trial id -> MLflow run id map is
     written to `state_file` on every change, so a resumed search (`--resume`) logs into the same
     child runs instead of opening new ones. (Defined in a function so that importing this module
@@ -291,11 +318,14 @@ def make_tune_callback(uri: str, experiment: str, parent_run_id: str, state_file
     from ray.tune import Callback as TuneCallback
 
     from raysemi.search_space import trial_values
+    from raysemi.trainable import METRIC
 
     class MLflowTrialCallback(TuneCallback):
         def __init__(self) -> None:
             self.runs: dict[str, str] = json.loads(state_file.read_text()) if state_file.is_file() else {}
             self.logged_step: dict[str, int] = {}
+            self.nodes: dict[str, list[str]] = {}  # trial id -> the nodes it reported from, one per move
+            self.retries: dict[str, int] = {}
             self._client = None
 
         @property
@@ -325,6 +355,7 @@ def make_tune_callback(uri: str, experiment: str, parent_run_id: str, state_file
                 "status": "running"}).info.run_id
             run = MLflowRun.existing(client, uri, run_id, self.experiment_id)
             self.runs[trial.trial_id] = run.run_id
+            self.logged_step[trial.trial_id] = -1
             self._save()
             merged = {**base, **values, "method": method}
             run.log_params(flat_params(merged))
@@ -346,6 +377,15 @@ def make_tune_callback(uri: str, experiment: str, parent_run_id: str, state_file
             except Exception as err:  # never let a missing artifact stop the search
                 print(f"warning: trial {run.run_id}: config.yaml not logged ({err})", flush=True)
 
+        def _last_logged_step(self, trial_id: str, run: MLflowRun) -> int:
+            """The last step logged to the trial's run, asked of MLflow once per driver: a driver
+            restarted with --resume may see a trial resume from an older checkpoint than its last
+            logged result (Tune's saved state lags), and must not log those steps twice."""
+            if trial_id not in self.logged_step:
+                history = self.client.get_metric_history(run.run_id, METRIC)
+                self.logged_step[trial_id] = max((m.step for m in history), default=-1)
+            return self.logged_step[trial_id]
+
         def on_trial_start(self, iteration, trials, trial, **info):
             run = self._run(trial)
             self.client.update_run(run.run_id, status="RUNNING")
@@ -353,15 +393,18 @@ def make_tune_callback(uri: str, experiment: str, parent_run_id: str, state_file
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             run = self._run(trial)
+            node = result.get("node_id")
+            moves = self.nodes.setdefault(trial.trial_id, [])
+            if node and (not moves or moves[-1] != node):  # its first result, or its first after a move
+                moves.append(node)
+                run.set_tags({"node_id": node, "node_ip": result.get("node_ip", ""), "node_ids": ",".join(moves)})
             step = int(result.get("iteration", 0))
-            if step <= self.logged_step.get(trial.trial_id, -1):
+            if step <= self._last_logged_step(trial.trial_id, run):
                 return  # already logged (a restarted trial replays nothing twice)
             self.logged_step[trial.trial_id] = step
             metrics = {k: v for k, v in result.items() if isinstance(k, str) and ("/" in k or k in ("lr", "it_per_s"))
                        and isinstance(v, (int, float)) and not isinstance(v, bool)}
             run.log_metrics(metrics, step)
-            if result.get("node_id"):
-                run.set_tags({"node_id": result["node_id"]})
             if result.get("diverged"):
                 run.set_tags({"status": "failed", "failure_reason": result.get("failure_reason", "diverged")})
 
@@ -377,20 +420,40 @@ def make_tune_callback(uri: str, experiment: str, parent_run_id: str, state_file
             run.set_tags({"status": status})
             run.end(mlflow_status)
 
+        def on_trial_recover(self, iteration, trials, trial, **info):
+            """A failed trial that Tune retries (FailureConfig): it goes on in the same run."""
+            run = self._run(trial)
+            self.retries[trial.trial_id] = self.retries.get(trial.trial_id, 0) + 1
+            run.set_tags({"status": "retrying", "retries": self.retries[trial.trial_id],
+                          "last_error": _last_error_line(trial) or "error (see the trial's error.txt)"})
+
         def on_trial_error(self, iteration, trials, trial, **info):
             run = self._run(trial)
-            reason = ""
-            try:
-                reason = (trial.get_error() or "").strip().splitlines()[-1]
-            except Exception:
-                pass
-            run.set_tags({"status": "failed", "failure_reason": reason or "error (see the trial's error.txt)"})
+            run.set_tags({"status": "failed",
+                          "failure_reason": _last_error_line(trial) or "error (see the trial's error.txt)"})
             run.end("FAILED")
 
         def get_state(self):
-            return {"runs": dict(self.runs)}
+            return {"runs": dict(self.runs), "nodes": {k: list(v) for k, v in self.nodes.items()},
+                    "retries": dict(self.retries)}
 
         def set_state(self, state):
             self.runs.update(state.get("runs", {}))
+            self.nodes.update(state.get("nodes", {}))
+            self.retries.update(state.get("retries", {}))
+
+    def _last_error_line(trial) -> str:
+        """The last line of the trial's latest error. Tune writes it to the driver's copy of the
+        trial folder first (`trial.error_file`); `trial.get_error()` reads storage, synced later."""
+        try:
+            text = Path(trial.error_file).read_text() if trial.error_file else ""
+        except OSError:
+            text = ""
+        try:
+            text = text or str(trial.get_error() or "")
+        except Exception:
+            pass
+        lines = [line for line in text.strip().splitlines() if line.strip()]
+        return lines[-1].strip()[:500] if lines else ""
 
     return MLflowTrialCallback()
