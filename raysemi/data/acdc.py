@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TextIO
 
 from raysemi.data.convert import (Progress, check_image, check_label, check_spacing, normalise, read_nifti,
-                                  slice_name, staged_output, write_case, write_lists)
+                                  slice_name, staged_output, write_lists, write_volume)
 from raysemi.data.layout import patient_id, shipped_list
 from raysemi.errors import UserError
 
@@ -160,11 +160,8 @@ def prepare_acdc(raw: str | Path, out: str | Path, overwrite: bool = False, allo
                                     option="ACDC num_classes")
                 check_spacing(label_spacing, spacing, label_path, image_path)
                 image = normalise(image)
-                write_case(tmp / "data" / f"{case}.h5", image, label, spacing)
+                write_volume(tmp, case, image, label, spacing, case in train_cases)
                 depth[case] = image.shape[0]
-                if case in train_cases:
-                    for z in range(image.shape[0]):
-                        write_case(tmp / "data" / "slices" / f"{slice_name(case, z)}.h5", image[z], label[z])
             progress.step()
         # train_slices.list: the shipped one (its order, so seeded runs match runs on the release) for
         # the cases written; a case whose slice count differs from the release gets its own numbering

@@ -148,6 +148,16 @@ def write_case(path: Path, image: np.ndarray, label: np.ndarray | None = None,
             f.attrs["spacing"] = np.asarray(spacing, dtype=np.float64)
 
 
+def write_volume(root: Path, case: str, image: np.ndarray, label: np.ndarray | None,
+                 spacing: tuple[float, ...] | None, training: bool) -> None:
+    """`root/data/<case>.h5`, and for a training case also its slices `root/data/slices/<case>_slice_<k>.h5`."""
+    write_case(root / "data" / f"{case}.h5", image, label, spacing)
+    if training:
+        for z in range(image.shape[0]):
+            write_case(root / "data" / "slices" / f"{slice_name(case, z)}.h5", image[z],
+                       None if label is None else label[z])
+
+
 def write_lists(folder: Path, lists: dict[str, list[str]]) -> None:
     for name in LIST_NAMES:
         cases = lists.get(name, [])

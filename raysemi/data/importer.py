@@ -31,7 +31,7 @@ from typing import TextIO
 import numpy as np
 
 from raysemi.data.convert import (Progress, check_image, check_label, check_spacing, nifti_stem, normalise,
-                                  read_nifti, read_png, slice_name, staged_output, write_case, write_lists)
+                                  read_nifti, read_png, slice_name, staged_output, write_lists, write_volume)
 from raysemi.data.layout import patient_id
 from raysemi.errors import UserError
 
@@ -260,12 +260,8 @@ def import_folder(images: str | Path, out: str | Path, labels: str | Path | None
             if image.max() == image.min():
                 notes.append(f"{c.images[0]}: constant image, stored as zeros")
             image = normalise(image)
-            write_case(tmp / "data" / f"{c.name}.h5", image, label, spacing)
+            write_volume(tmp, c.name, image, label, spacing, c.name in train)
             depth[c.name] = image.shape[0]
-            if c.name in train:
-                for z in range(image.shape[0]):
-                    write_case(tmp / "data" / "slices" / f"{slice_name(c.name, z)}.h5", image[z],
-                               None if label is None else label[z])
             progress.step()
         lists["train_slices"] = [slice_name(name, z) for name in lists["train"] for z in range(depth[name])]
         write_lists(tmp, lists)
