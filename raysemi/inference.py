@@ -22,7 +22,7 @@ def predict_volume(model: nn.Module, image: np.ndarray, patch_size: tuple[int, i
     was_training = model.training
     model.eval()
     D, H, W = image.shape
-    x = resize_nearest(torch.as_tensor(image, dtype=torch.float32), patch_size).to(device)[:, None]
+    x = resize_nearest(image, patch_size).float().to(device)[:, None]  # copes with read-only arrays
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     preds = []

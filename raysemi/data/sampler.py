@@ -61,8 +61,8 @@ class TrainTensors:
         images = torch.stack([resize_nearest(im, patch_size) for im in data.images])[:, None].float()
         labels = torch.stack([resize_nearest(data.labels[int(i)], patch_size) for i in data.labeled_idx]).to(torch.uint8) \
             if len(data.labeled_idx) else torch.zeros(0, *patch_size, dtype=torch.uint8)
-        return cls(images, labels, torch.as_tensor(data.labeled_idx, dtype=torch.long),
-                   torch.as_tensor(data.unlabeled_idx, dtype=torch.long))
+        return cls(images, labels, torch.tensor(data.labeled_idx, dtype=torch.long),
+                   torch.tensor(data.unlabeled_idx, dtype=torch.long))
 
     def to(self, device: torch.device | str) -> "TrainTensors":
         return TrainTensors(self.images.to(device), self.labels.to(device), self.labeled_idx, self.unlabeled_idx)
