@@ -370,7 +370,9 @@ def _search(args, methods, spaces, base: TrainConfig, dataset, uri: str, storage
         return 1
     parent.end("FINISHED")
     print(f"\nbest: {summary['best_method']} val dice {summary['best_dice']:.4f}; "
-          f"retrain it: python -m raysemi.train --config {exp_dir / 'best_config.yaml'}")
+          f"retrain it at full budget on several seeds, scored on the test split: python -m raysemi.train "
+          f"--config {exp_dir / 'best_config.yaml'} --max-iterations 30000 --seeds 3 (reset --rampup-interval "
+          "and --mt-warmup if the search scaled them down)")
     return 0
 
 
