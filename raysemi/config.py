@@ -233,10 +233,9 @@ def load_yaml(path: str | Path, base: TrainConfig | None = None) -> TrainConfig:
 
 def save_yaml(config: TrainConfig, path: str | Path) -> Path:
     """Write the resolved config; `load_yaml` reads it back unchanged."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    return path
+    from raysemi.files import write_text_atomic
+
+    return write_text_atomic(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:

@@ -2,7 +2,8 @@
 
 `ProgressBar` redraws one line in place on a terminal and prints plain lines elsewhere (CI logs,
 files, Ray trial logs), at most every ~10% or every `every_s` seconds, never carriage returns.
-`raysemi.train`, `raysemi.evaluate`, `raysemi.predict` and the data commands show one; Ray trials
+`raysemi.train`, `raysemi.evaluate` and the data commands show one (`raysemi.predict` prints a
+line per volume); Ray trials
 (`trainable.py`) never do: the search prints its own progress table.
 """
 

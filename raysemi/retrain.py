@@ -36,9 +36,9 @@ train one.
 from __future__ import annotations
 
 import csv
+import io
 import hashlib
 import json
-import os
 import tempfile
 import typing
 from collections.abc import Callable
@@ -51,6 +51,7 @@ import yaml
 
 from raysemi.config import FIELDS, TrainConfig, save_yaml
 from raysemi.errors import UserError
+from raysemi.files import write_text_atomic
 from raysemi.metrics import METRICS, Summary
 
 STATE_FILE = "retrain.json"
@@ -170,18 +171,16 @@ def format_table(split: str, results: list[SeedResult]) -> str:
 
 def write_per_volume_csv(path: Path, results: list[SeedResult]) -> Path:
     """One row per split, seed, volume and class."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["split", "seed", "case", "class", *METRICS, "empty_pred"])
-        for r in results:
-            for split, summary in r.summaries.items():
-                for case, rows in summary.per_case:
-                    for name, m in zip(summary.class_names, rows):
-                        w.writerow([split, r.seed, case, name] + [f"{m[k]:.6g}" for k in METRICS]
-                                   + [int(m["empty_pred"])])
-    os.replace(tmp, path)
-    return path
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["split", "seed", "case", "class", *METRICS, "empty_pred"])
+    for r in results:
+        for split, summary in r.summaries.items():
+            for case, rows in summary.per_case:
+                for name, m in zip(summary.class_names, rows):
+                    w.writerow([split, r.seed, case, name] + [f"{m[k]:.6g}" for k in METRICS]
+                               + [int(m["empty_pred"])])
+    return write_text_atomic(path, buf.getvalue())
 
 
 # ---- the baseline -------------------------------------------------------------------------------
@@ -352,6 +351,25 @@ def read_state(folder: Path) -> dict[str, Any]:
     return state
 
 
+#: fields a seed folder may differ in from the retrain's config when it is resumed
+_PER_SEED = ("seed", "run_name", "output", "device", "tracking_uri")
+
+
+def check_same_config(folder: Path, cfg: TrainConfig) -> None:
+    """Refuse to resume a retrain whose seed folder was trained with other values (the seeds'
+    results would be averaged over different configs)."""
+    from raysemi.config import load_yaml
+
+    path = folder / "config.yaml"
+    if not path.is_file():
+        return
+    old, new = load_yaml(path).to_dict(), cfg.to_dict()
+    diff = [f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in new if k not in _PER_SEED and old.get(k) != new.get(k)]
+    if diff:
+        raise UserError(f"--resume: {path}: this seed was trained with other values ({'; '.join(diff)}); "
+                        "expected the retrain's own values: resume without changing them, or start a new --output")
+
+
 def retrain(config: TrainConfig, data: Any, splits: dict[str, list], out: Path, seeds: int, train_one: TrainOne, *,
             uri: str | None, resume: str | None = None) -> int:
     """Train `config` with `seeds` seeds into `out`, aggregate, compare, report; the exit code.
@@ -388,9 +406,7 @@ def _retrain_seeds(config, data, splits, out: Path, seeds: int, train_one: Train
     base = config.replace(output=str(out))
 
     def save_state() -> None:
-        tmp = state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=1))
-        tmp.replace(state_path)
+        write_text_atomic(state_path, json.dumps(state, indent=1))
 
     def open_parent() -> MLflowRun | None:
         """Written once the first seed's trainer has accepted the config: the retrain's own
@@ -400,10 +416,17 @@ def _retrain_seeds(config, data, splits, out: Path, seeds: int, train_one: Train
             save_yaml(base, out / "config.yaml")
             if uri is not None:
                 if state.get("parent_run_id"):
+                    from mlflow.exceptions import MlflowException
                     from mlflow.tracking import MlflowClient
 
-                    parent = MLflowRun.existing(MlflowClient(tracking_uri=uri), uri, state["parent_run_id"])
-                    parent.client.update_run(parent.run_id, status="RUNNING")
+                    try:
+                        found = MLflowRun.existing(MlflowClient(tracking_uri=uri), uri, state["parent_run_id"])
+                        found.client.update_run(found.run_id, status="RUNNING")
+                        parent = found
+                    except MlflowException:
+                        raise UserError(f"--resume: {out}: its MLflow run {state['parent_run_id']} is not in {uri}; "
+                                        "expected the store the retrain was logged to (--tracking-uri), or "
+                                        "--no-mlflow") from None
                     parent.set_tags({"seeds": seeds, "status": "running"})
                 else:
                     parent = MLflowRun(uri, config.experiment, name, tags=tags)
@@ -418,6 +441,8 @@ def _retrain_seeds(config, data, splits, out: Path, seeds: int, train_one: Train
         for k in range(seeds):
             folder = out / f"seed{k}"
             cfg = config.replace(seed=config.seed + k, run_name=f"{name}-seed{k}")
+            if resuming:
+                check_same_config(folder, cfg)
             done = SeedResult.read(folder, k) if resuming else None
             if done is not None:
                 if done.seed != cfg.seed:
@@ -504,12 +529,12 @@ def report(config: TrainConfig, results: list[SeedResult], failed: list[SeedResu
         "baseline": comparison,
         "mlflow_run_id": run.run_id if run is not None else None,
     })
-    (out / "results.json").write_text(json.dumps(summary, indent=1))
+    write_text_atomic(out / "results.json", json.dumps(summary, indent=1))
     write_per_volume_csv(out / "results_per_volume.csv", results)
     previous = [] if not single else [
         f"{s} split, best checkpoint (iteration {results[0].best_iteration}):\n{results[0].summaries[s].format()}"
         for s in splits]
-    (out / "results.txt").write_text("\n\n".join(previous + texts) + "\n")
+    write_text_atomic(out / "results.txt", "\n\n".join(previous + texts) + "\n")
     print("\n" + "\n\n".join(texts), flush=True)
     if failed:
         print(f"\nwarning: {len(failed)} of {seeds} seeds failed and are left out ({failure})", flush=True)

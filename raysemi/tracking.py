@@ -161,8 +161,9 @@ class MLflowRun:
 
 
 class MLflowCallback(Callback):
-    """Logs a training run: config as params, losses and validation metrics over iterations,
-    the resolved config, log and best checkpoint as artifacts."""
+    """Logs a training run: config as params, losses and validation metrics over iterations, and
+    the resolved config.yaml as an artifact (`raysemi.train` adds the log, best checkpoint and
+    results at the end)."""
 
     def __init__(self, run: MLflowRun, run_dir: Path | None = None) -> None:
         self.run, self.run_dir = run, run_dir

@@ -20,6 +20,7 @@ from pathlib import Path
 from raysemi import checkpoint
 from raysemi.config import TrainConfig, add_config_arguments, resolve, save_yaml
 from raysemi.errors import ArgumentParser, UserError, run_cli
+from raysemi.files import write_text_atomic
 
 
 def build_parser() -> ArgumentParser:
@@ -66,6 +67,8 @@ def default_output(config: TrainConfig) -> Path:
 
 
 def check_output(out: Path, overwrite: bool, resume: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: --output: is a file; expected a folder (new, empty, or a run to --resume)")
     if out.exists() and any(out.iterdir()) and not (overwrite or resume):
         raise UserError(f"{out}: output folder exists and is not empty; choose another --output, or pass "
                         "--overwrite (files there are replaced, none deleted) or --resume")
@@ -141,7 +144,6 @@ def train_one(config: TrainConfig, data, splits: dict[str, list], out: Path, *, 
     best checkpoint's tables on `splits` and results.json. `open_run()` gives the MLflow run (or
     None) once the trainer has accepted the config; it is ended here unless `end_run` is False
     and training succeeded. A diverged loss is a result with `failure` set, not an exception."""
-    from raysemi.progress import progress
     from raysemi.loop import Trainer, TrainingDiverged
     from raysemi.retrain import SeedResult
 
@@ -173,7 +175,21 @@ def train_one(config: TrainConfig, data, splits: dict[str, list], out: Path, *, 
     finally:
         console.close_progress()
 
-    # final report: the best checkpoint on the validation split, and on the test split if listed
+    try:  # the final report is part of the run: an interruption here ends it KILLED too
+        _final_report(config, trainer, result, splits, out, console, run, outcome, end_run)
+    except BaseException:
+        if run:
+            run.end("KILLED")
+        raise
+    return outcome
+
+
+def _final_report(config: TrainConfig, trainer, result, splits: dict[str, list], out: Path, console, run,
+                  outcome, end_run: bool) -> None:
+    """The best checkpoint on the validation split and on the test split if listed; results.json
+    (the seed's "finished" mark for a multi-seed --resume) is written last, whole."""
+    from raysemi.progress import progress
+
     best = checkpoint.load(out / "best.pt", trainer.device)
     net = trainer.eval_network()
     checkpoint.load_network(net, best["networks"][config.eval_model], out / "best.pt", config.eval_model)
@@ -186,13 +202,14 @@ def train_one(config: TrainConfig, data, splits: dict[str, list], out: Path, *, 
                       + summary.format())
         if run:
             run.log_metrics({f"{split}_best/{k}": v for k, v in summary.means().items()}, result.iterations)
-    (out / "results.json").write_text(json.dumps(outcome.to_json(), indent=1))
     if run:
-        for name in ("results.json", "train.log", "best.pt"):
+        for name in ("train.log", "best.pt"):
             run.log_artifact(out / name)
+    write_text_atomic(out / "results.json", json.dumps(outcome.to_json(), indent=1))
+    if run:
+        run.log_artifact(out / "results.json")
         if end_run:
             run.end("FINISHED")
-    return outcome
 
 
 def main(argv: list[str]) -> int:
@@ -204,6 +221,10 @@ def main(argv: list[str]) -> int:
     from raysemi.tracking import check_tracking_uri, resolve_tracking_uri
 
     uri = resolve_tracking_uri(config.tracking_uri)
+    if resume_dir is not None and getattr(args, "tracking_uri", None) is None:
+        from raysemi.retrain import read_state
+
+        uri = read_state(resume_dir).get("tracking_uri") or uri  # the store the retrain was logged to
     if not args.no_mlflow:
         check_tracking_uri(uri)
     # heavy imports after the cheap checks, so bad input answers at once

@@ -229,6 +229,52 @@ def test_resume_keeps_finished_seeds_and_continues_the_interrupted_one(tiny_phan
     assert sorted(r.info.status for r in kids) == ["FINISHED", "FINISHED", "KILLED"]
 
 
+def test_resume_uses_the_retrains_store_and_refuses_changed_values(tiny_phantom, tmp_path, monkeypatch):
+    from raysemi.loop import Trainer
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    args = ["--data", tiny_phantom, *TINY, "--max-iterations", "2", "--eval-interval", "1",
+            "--method", "supervised", "--seeds", "2", "--output", "r"]  # the default store: ./mlflow.db
+    original = Trainer.train_until
+
+    def interrupted_in_seed1(self, stop):
+        if self.config.seed == 1338:
+            original(self, 1)
+            raise KeyboardInterrupt
+        original(self, stop)
+
+    monkeypatch.setattr(Trainer, "train_until", interrupted_in_seed1)
+    assert train(args, tmp_path)[0] == 130
+    monkeypatch.setattr(Trainer, "train_until", original)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    r = str(tmp_path / "r")
+
+    # other values than the finished seed's: refused before anything is trained
+    code, _, err = train(["--resume", r, "--max-iterations", "3"], elsewhere)
+    _one_line(code, err, "seed0", "max_iterations: 2 there, 3 now")
+    # a store that does not hold the retrain's parent run: one line, not a traceback
+    code, _, err = train(["--resume", r, "--tracking-uri", f"sqlite:///{tmp_path / 'other.db'}"], elsewhere)
+    # (a new SQLite store prints MLflow's own two INFO lines about creating its tables)
+    _one_line(code, "\n".join(x for x in err.splitlines() if "mlflow.store.db.utils" not in x),
+              "--resume", "is not in", "other.db")
+    # from another folder, without --tracking-uri: the store the retrain was logged to
+    code, out, err = train(["--resume", r], elsewhere)
+    assert code == 0, err
+    assert not (elsewhere / "mlflow.db").exists()
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (parent,) = [x for x in client.search_runs([client.get_experiment_by_name("raysemi").experiment_id])
+                 if x.info.run_name == "r"]
+    assert parent.info.status == "FINISHED"
+
+
+def test_output_that_is_a_file_is_one_line(tiny_phantom, tmp_path):
+    (tmp_path / "afile").write_text("mine")
+    code, _, err = train(["--data", tiny_phantom, *TINY, "--no-mlflow", "--output", "afile"], tmp_path)
+    _one_line(code, err, "afile", "is a file")
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
 def test_a_diverged_seed_is_left_out_and_the_retrain_fails(store, monkeypatch):
     from raysemi.loop import Trainer, TrainingDiverged
 

@@ -147,8 +147,8 @@ def prepare_acdc(raw: str | Path, out: str | Path, overwrite: bool = False, allo
         shipped_slices.setdefault(name.rsplit("_slice_", 1)[0], []).append(name)
     notes: list[str] = []
     depth: dict[str, int] = {}
-    progress = Progress("prepare-acdc", len(present), "patients", stream)
-    with staged_output(out, overwrite) as tmp:
+    with Progress("prepare-acdc", len(present), "patients", stream) as progress, \
+            staged_output(out, overwrite) as tmp:
         (tmp / "data" / "slices").mkdir(parents=True)
         for pid in present:
             for case in (c for c in sources if patient_id(c) == pid):

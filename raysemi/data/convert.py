@@ -175,6 +175,12 @@ class Progress(ProgressBar):
         if self.done >= self.total:
             self.close()
 
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()  # also on an error, so its `error:` line starts on a line of its own
+
 
 def check_output(out: Path, overwrite: bool) -> None:
     """Refuse, before any work, an --out that is a file, or a folder with content (unless --overwrite)."""

@@ -252,8 +252,7 @@ def import_folder(images: str | Path, out: str | Path, labels: str | Path | None
 
     notes: list[str] = []
     depth: dict[str, int] = {}
-    progress = Progress("import", len(cases), "cases", stream)
-    with staged_output(out, overwrite) as tmp:
+    with Progress("import", len(cases), "cases", stream) as progress, staged_output(out, overwrite) as tmp:
         (tmp / "data" / "slices").mkdir(parents=True)
         for c in cases:
             image, label, spacing = _read_case(c, kind, num_classes)

@@ -1,0 +1,28 @@
+import os
+import stat
+
+import pytest
+
+from raysemi.files import write_text_atomic
+
+
+def test_atomic_write_replaces_whole_and_leaves_no_temp(tmp_path):
+    path = tmp_path / "sub" / "results.json"
+    write_text_atomic(path, "one")
+    write_text_atomic(path, "two")
+    assert path.read_text() == "two"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["results.json"]
+    # the usual permissions of a new file (mkstemp's 0600 would hide results from other users)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+
+
+def test_a_failed_write_keeps_the_old_file_and_no_temp(tmp_path):
+    path = tmp_path / "results.txt"
+    write_text_atomic(path, "old")
+
+
+    with pytest.raises(TypeError):
+        write_text_atomic(path, 42)  # type: ignore[arg-type]  (write() refuses a non-string)
+    assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["results.txt"]
