@@ -137,7 +137,8 @@ class Trainer:
             raise UserError(f"{data.root}: {err}") from None
         self.iteration = 0
         self.best: dict[str, Any] = {"dice": -math.inf, "iteration": -1, "metrics": {}}
-        self.history: list[dict[str, float]] = []
+        self.history: list[dict[str, float]] = []  # validation metrics at each evaluation
+        self.train_history: list[dict[str, float]] = []  # training losses at each log (for the curves)
         self.last_metrics: dict[str, float] = {}
         self.last_logs: dict[str, float] = {}
         self._start_time = time.perf_counter()
@@ -176,6 +177,7 @@ class Trainer:
                 rng={"torch": torch.get_rng_state(),
                      "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None},
                 history=[{k: float(v) for k, v in h.items()} for h in self.history],
+                train_history=[{k: float(v) for k, v in h.items()} for h in self.train_history],
                 best_metrics={k: float(v) for k, v in self.best["metrics"].items()},
             )
         return payload
@@ -206,6 +208,7 @@ class Trainer:
         self.best = {"dice": ckpt["best"]["dice"], "iteration": ckpt["best"]["iteration"],
                      "metrics": dict(ckpt.get("best_metrics", {}))}
         self.history = list(ckpt.get("history", []))
+        self.train_history = list(ckpt.get("train_history", []))
 
     # -- training --------------------------------------------------------------------------
     def _validate(self) -> None:
@@ -275,6 +278,8 @@ class Trainer:
                 logs["it_per_s"] = (self.iteration - self._it_log) / max(now - self._t_log, 1e-9)
                 self._t_log, self._it_log = now, self.iteration
                 self.last_logs = logs
+                self.train_history.append({"iteration": float(self.iteration),
+                                           **{k: v for k, v in logs.items() if k.startswith("train/")}})
                 for cb in self.callbacks:
                     cb.on_log(self, self.iteration, logs)
             if self.iteration % cfg.eval_interval == 0 or done:

@@ -213,7 +213,6 @@ class PicturesCallback(Callback):
         self.run_dir, self.run, self.slices = Path(run_dir), run, slices
         self.every_evals, self.stream = max(int(every_evals), 1), stream
         self.picked: list[tuple[int, int]] = []
-        self.train_logs: list[tuple[int, dict[str, float]]] = []
         self.evals, self.last_drawn_eval = 0, None
         self.pending: tuple[int, float, dict[str, Any]] | None = None  # best not yet pictured
         self.written: list[Path] = []
@@ -228,9 +227,6 @@ class PicturesCallback(Callback):
 
     def on_train_start(self, trainer: Trainer) -> None:
         self.picked = pick_slices(trainer.data.val, self.slices) if self.slices > 0 else []
-
-    def on_log(self, trainer: Trainer, iteration: int, metrics: dict[str, float]) -> None:
-        self.train_logs.append((iteration, {k: v for k, v in metrics.items() if k.startswith("train/")}))
 
     def draw_overlay(self, trainer: Trainer, net, iteration: int, dice: float) -> Path:
         """Predict the picked slices with `net` and write their overlay; returns the PNG path."""
@@ -289,7 +285,9 @@ class PicturesCallback(Callback):
 
             c = trainer.config
             path = write_learning_curves_png(
-                self.run_dir / "plots" / "learning_curves.png", self.train_logs, trainer.history,
+                self.run_dir / "plots" / "learning_curves.png",
+                [(int(h["iteration"]), {k: v for k, v in h.items() if k != "iteration"}) for h in trainer.train_history],
+                trainer.history,
                 names=class_names(c.num_classes),
                 title=f"{c.method}: best val dice {result.best_dice:.4f} at iteration {result.best_iteration}")
             self._log(path, "plots")

@@ -162,3 +162,30 @@ def test_train_logs_pictures_to_mlflow_and_the_run_folder(tiny_phantom, tmp_path
         else:
             assert w == 720 and 800 < h < 1200  # 4 slices
         assert (tmp_path / "run" / rel).read_bytes() == open(local, "rb").read()  # also in the run folder
+
+
+def test_learning_curves_after_resume_keep_the_losses_from_before(tiny_phantom, tmp_path, monkeypatch):
+    import raysemi.visualize as visualize
+
+    cfg = tiny_config(tiny_phantom, method="supervised", max_iterations=6, eval_interval=2, log_interval=1)
+    data = load_dataset(cfg.data, cfg.labeled_patients, cfg.num_classes)
+    first = Trainer(cfg, data, output_dir=tmp_path / "a")
+    first.start()
+    first.train_until(4)
+    first.save(tmp_path / "last.pt")
+
+    drawn = {}
+    original = visualize.write_learning_curves_png
+
+    def spy(path, train_logs, history, **kw):
+        drawn["iterations"] = [it for it, _ in train_logs]
+        drawn["val"] = [int(h["iteration"]) for h in history]
+        return original(path, train_logs, history, **kw)
+
+    monkeypatch.setattr(visualize, "write_learning_curves_png", spy)
+    resumed = Trainer(cfg, data, [PicturesCallback(tmp_path / "b", None, slices=0)], output_dir=tmp_path / "b")
+    resumed.load(tmp_path / "last.pt")
+    resumed.fit()
+    assert drawn["iterations"] == [1, 2, 3, 4, 5, 6]  # 1-4 from before the resume
+    assert drawn["val"] == [2, 4, 6]
+    assert (tmp_path / "b" / "plots" / "learning_curves.png").is_file()
