@@ -21,7 +21,6 @@ from pathlib import Path
 
 from raysemi.errors import ArgumentParser, UserError, run_cli
 
-SUFFIXES = (".nii.gz", ".nii")
 PRED_SUFFIX = "_pred.nii.gz"
 
 
@@ -45,18 +44,11 @@ def build_parser() -> ArgumentParser:
     return p
 
 
-def nifti_stem(path: Path) -> str | None:
-    """The file name without .nii.gz / .nii (case-insensitive), or None for another extension."""
-    name = path.name
-    for suffix in SUFFIXES:
-        if name.lower().endswith(suffix) and len(name) > len(suffix):
-            return name[:-len(suffix)]
-    return None
-
-
 def output_name(path: Path) -> str:
     """'case01.nii.gz' -> 'case01_pred.nii.gz'."""
-    stem = nifti_stem(path)
+    from raysemi.data.convert import nifti_stem
+
+    stem = nifti_stem(path.name)
     if stem is None:
         raise ValueError(f"{path}: not a .nii/.nii.gz file name")
     return stem + PRED_SUFFIX
@@ -65,16 +57,18 @@ def output_name(path: Path) -> str:
 def list_inputs(path: str | Path) -> list[Path]:
     """The NIfTI files to predict: `path` itself, or the .nii/.nii.gz files of a folder (sorted;
     hidden files, such as a killed run's temporary outputs, are skipped)."""
+    from raysemi.data.convert import nifti_stem
+
     path = Path(path)
     if path.is_dir():
         files = sorted(p for p in path.iterdir()
-                       if p.is_file() and not p.name.startswith(".") and nifti_stem(p) is not None)
+                       if p.is_file() and not p.name.startswith(".") and nifti_stem(p.name) is not None)
         if not files:
             raise UserError(f"{path}: --input: folder holds no .nii or .nii.gz file; expected 3D NIfTI volumes")
         return files
     if not path.exists():
         raise UserError(f"{path}: --input: no such file or folder; expected a .nii/.nii.gz file or a folder of them")
-    if nifti_stem(path) is None:
+    if nifti_stem(path.name) is None:
         raise UserError(f"{path}: --input: not a NIfTI file name; expected a .nii or .nii.gz file (or a folder)")
     return [path]
 

@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from raysemi.data.convert import (Progress, check_image, check_label, check_spacing, normalise, read_nifti,
+from raysemi.data.convert import (NIFTI_SUFFIXES, Progress, check_image, check_label, check_spacing, read_nifti,
                                   slice_name, staged_output, write_lists, write_volume)
 from raysemi.data.layout import patient_id, shipped_list
+from raysemi.data.normalize import minmax
 from raysemi.errors import UserError
 
 ACDC_CLASSES = 4  # background, RV, myocardium, LV cavity
@@ -56,7 +57,7 @@ def find_training_folder(raw: Path) -> Path:
 
 
 def _nifti(folder: Path, stem: str) -> Path | None:
-    for suffix in (".nii.gz", ".nii"):
+    for suffix in NIFTI_SUFFIXES:
         if (folder / f"{stem}{suffix}").is_file():
             return folder / f"{stem}{suffix}"
     return None
@@ -159,7 +160,7 @@ def prepare_acdc(raw: str | Path, out: str | Path, overwrite: bool = False, allo
                 label = check_label(label, label_path, ACDC_CLASSES, image.shape, image_path,
                                     option="ACDC num_classes")
                 check_spacing(label_spacing, spacing, label_path, image_path)
-                image = normalise(image)
+                image = minmax(image)
                 write_volume(tmp, case, image, label, spacing, case in train_cases)
                 depth[case] = image.shape[0]
             progress.step()

@@ -22,7 +22,6 @@ import h5py
 import numpy as np
 
 from raysemi.progress import ProgressBar
-from raysemi.data.normalize import minmax
 from raysemi.errors import UserError
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -94,12 +93,6 @@ def read_png(path: Path, what: str = "image") -> np.ndarray:
     if array.ndim != 2:
         raise UserError(f"{path}: PNG of shape {array.shape} (mode {mode}); expected a 2D grayscale {what}")
     return array
-
-
-def normalise(image: np.ndarray) -> np.ndarray:
-    """Min-max per volume as the reference's preprocessing (`raysemi.data.normalize.minmax`, the one
-    rule shared with `raysemi.predict`); a constant volume becomes zeros."""
-    return minmax(image)
 
 
 def check_image(image: np.ndarray, path: Path) -> None:

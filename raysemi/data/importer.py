@@ -30,9 +30,10 @@ from typing import TextIO
 
 import numpy as np
 
-from raysemi.data.convert import (Progress, check_image, check_label, check_spacing, nifti_stem, normalise,
+from raysemi.data.convert import (Progress, check_image, check_label, check_spacing, nifti_stem,
                                   read_nifti, read_png, slice_name, staged_output, write_lists, write_volume)
 from raysemi.data.layout import patient_id
+from raysemi.data.normalize import minmax
 from raysemi.errors import UserError
 
 LABEL_SUFFIXES = ("", "_gt", "_label", "_seg")
@@ -258,7 +259,7 @@ def import_folder(images: str | Path, out: str | Path, labels: str | Path | None
             image, label, spacing = _read_case(c, kind, num_classes)
             if image.max() == image.min():
                 notes.append(f"{c.images[0]}: constant image, stored as zeros")
-            image = normalise(image)
+            image = minmax(image)
             write_volume(tmp, c.name, image, label, spacing, c.name in train)
             depth[c.name] = image.shape[0]
             progress.step()
