@@ -56,7 +56,7 @@ def bench_config(method: str, args, **over) -> TrainConfig:
     values = dict(method=method, data=args.data, labeled_patients=args.labeled_patients,
                   patch_size=(args.size, args.size), batch_size=args.batch_size, labeled_bs=args.batch_size // 2,
                   max_iterations=10 ** 9, eval_interval=10 ** 9, log_interval=10 ** 9, device=args.device,
-                  amp=args.amp, mt_warmup=0)
+                  amp=args.amp, mt_warmup=0, cuda_graphs=args.cuda_graphs)
     return TrainConfig(**{**values, **over}).validate()
 
 
@@ -72,8 +72,8 @@ def timed_runs(trainer: Trainer, iterations: int, repeats: int) -> list[float]:
     return rates
 
 
-def measure(method: str, data, args) -> dict:
-    trainer = Trainer(bench_config(method, args), data)
+def measure(method: str, data, args, **over) -> dict:
+    trainer = Trainer(bench_config(method, args, **over), data)
     device = trainer.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -106,10 +106,11 @@ def measure(method: str, data, args) -> dict:
            "val_pass_first_s": val_s[0], "val_dice": summary.means()["dice"], "val_volumes": len(data.val),
            "device": str(device), "amp": trainer.amp, "channels_last": trainer.channels_last,
            "compiled": bool(args.compile), "compile_warmup_s": compile_s,
+           "cuda_graphs": trainer.cuda_graphs and trainer.graph_failure is None, "graph_failure": trainer.graph_failure,
            "timed_window_unix": window}
     if args.profile:
         row["profile"] = profile(trainer, args.profile)
-    if args.compare_reference_pipeline:
+    if args.compare_reference_pipeline and not over:
         row.update(measure_reference(method, data, args, trainer))
     del trainer
     if device.type == "cuda":
@@ -121,7 +122,7 @@ def measure_reference(method: str, data, args, ours: Trainer) -> dict:
     """The same step fed and validated the reference's way (fp32, NCHW, per-iteration host reads)."""
     from reference_pipeline import ReferenceFeed, reference_validation
 
-    cfg = bench_config(method, args, amp="off", channels_last="off", log_interval=1)
+    cfg = bench_config(method, args, amp="off", channels_last="off", cuda_graphs="off", log_interval=1)
     trainer = Trainer(cfg, data)
     uses_unlabeled = get_method(method).uses_unlabeled
     lb = cfg.labeled_bs if uses_unlabeled else cfg.batch_size
@@ -210,6 +211,10 @@ def main() -> int:
     p.add_argument("--iterations", type=int, default=100, help="iterations per measured run")
     p.add_argument("--repeats", type=int, default=3, help="measured runs (mean and median reported)")
     p.add_argument("--compile", action="store_true", help="torch.compile the networks (warm-up time reported)")
+    p.add_argument("--cuda-graphs", default="auto", choices=("auto", "on", "off"),
+                   help="capture each iteration as a CUDA graph ('auto': on for CUDA)")
+    p.add_argument("--compare-eager", action="store_true",
+                   help="also time each strategy with cuda_graphs off, in the same run (the graphs' gain)")
     p.add_argument("--compare-reference-pipeline", action="store_true",
                    help="also time the same step fed and validated the reference's way")
     p.add_argument("--reference-iterations", type=int, default=66,
@@ -242,13 +247,22 @@ def main() -> int:
         rows = []
         ref = args.compare_reference_pipeline
         head = f"{'strategy':<32}{'it/s':>9}{'ms/step':>9}{'peak MiB':>10}{'val s':>8}"
+        head += f"{'eager it/s':>11}{'gain':>6}" if args.compare_eager else ""
         head += f"{'ref it/s':>10}{'ratio':>7}{'ref val s':>10}{'ratio':>7}" if ref else ""
         print(head)
         for m in methods:
             r = measure(m, data, args)
+            if r["graph_failure"]:
+                print(f"  {m}: CUDA graph capture failed, timed eagerly: {r['graph_failure']}")
             rows.append(r)
             line = (f"{m:<32}{r['it_per_s_median']:>9.2f}{r['ms_per_step']:>9.1f}{r['peak_mem_mib']:>10.0f}"
                     f"{r['val_pass_s']:>8.2f}")
+            if args.compare_eager:
+                e = measure(m, data, args, cuda_graphs="off")
+                r.update({f"eager_{k}": e[k] for k in ("it_per_s_mean", "it_per_s_median", "it_per_s_runs",
+                                                        "ms_per_step", "peak_mem_mib", "val_dice")})
+                r["graph_gain"] = r["it_per_s_median"] / e["it_per_s_median"]
+                line += f"{e['it_per_s_median']:>11.2f}{r['graph_gain']:>5.2f}x"
             if ref:
                 r["speedup"] = r["it_per_s_median"] / r["ref_it_per_s"]
                 r["val_speedup"] = r["ref_val_pass_s"] / r["val_pass_s"]

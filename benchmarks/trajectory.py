@@ -1,5 +1,5 @@
 """Speed must not change what is learned: the validation Dice trajectory of our training path
-(device sampler and augmentation, bf16 + channels_last on CUDA) against the same strategy fed the
+(device sampler and augmentation, bf16 + channels_last and the CUDA-graph step on CUDA) against the same strategy fed the
 reference's way (benchmarks/reference_pipeline.py: CPU per-sample augmentation, fp32), over
 several seeds, both scored by the same evaluator. Prints a table and writes JSON.
 
@@ -27,7 +27,8 @@ from reference_pipeline import ReferenceFeed  # noqa: E402
 
 
 def run(method: str, data, args, seed: int, reference: bool) -> list[float]:
-    over = {"amp": "off", "channels_last": "off"} if reference else {}
+    # the reference feed hands over ready batches: no device sampler to capture in a CUDA graph
+    over = {"amp": "off", "channels_last": "off", "cuda_graphs": "off"} if reference else {"cuda_graphs": args.cuda_graphs}
     cfg = TrainConfig(method=method, data=args.data, labeled_patients=args.labeled_patients,
                       patch_size=(args.size, args.size), batch_size=args.batch_size, labeled_bs=args.batch_size // 2,
                       max_iterations=args.iterations, eval_interval=args.iterations // args.points,
@@ -42,6 +43,8 @@ def run(method: str, data, args, seed: int, reference: bool) -> list[float]:
                                         cfg.labeled_bs if uses else cfg.batch_size, cfg.unlabeled_bs if uses else 0,
                                         cfg.patch_size, trainer.device, args.reference_workers)
     result = trainer.fit()
+    if trainer.graph_failure:
+        print(f"  seed {seed}: CUDA graph capture failed, trained eagerly: {trainer.graph_failure}")
     return [h["val/dice"] for h in result.history]
 
 
@@ -57,12 +60,15 @@ def main() -> int:
     p.add_argument("--points", type=int, default=4, help="validations along the way")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--reference-workers", type=int, default=4)
+    p.add_argument("--pipelines", default="ours,reference",
+                   help="which to train: 'ours', 'reference' or both (comma-separated)")
+    p.add_argument("--cuda-graphs", default="auto", choices=("auto", "on", "off"), help="our path's cuda_graphs")
     p.add_argument("--out", default="benchmarks/results/trajectory.json")
     args = p.parse_args()
     data = load_dataset(args.data, args.labeled_patients, 4)
     rows = []
     for m in [resolve_method_name(x) for x in args.methods.split(",")]:
-        for pipeline in ("ours", "reference"):
+        for pipeline in args.pipelines.split(","):
             curves = [run(m, data, args, 1337 + s, pipeline == "reference") for s in range(args.seeds)]
             mean = [statistics.mean(c[i] for c in curves) for i in range(len(curves[0]))]
             std = [statistics.pstdev(c[i] for c in curves) for i in range(len(curves[0]))]
@@ -72,7 +78,7 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"command": " ".join(["python"] + sys.argv), "args": vars(args), "iterations": its,
-                               "rows": rows, "date": time.strftime("%Y-%m-%d"),
+                               "rows": rows, "cuda_graphs": args.cuda_graphs, "date": time.strftime("%Y-%m-%d"),
                                "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"},
                               indent=1))
     print(f"validation Dice at iterations {its}; written: {out}")

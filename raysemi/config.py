@@ -55,6 +55,8 @@ class TrainConfig:
     weight_decay: float = _f(1e-4, "SGD weight decay")
     amp: str = _f("auto", "mixed precision: 'auto' (bf16 on CUDA, off on CPU), 'bf16' or 'off'")
     channels_last: str = _f("auto", "channels_last memory format: 'auto' (on with bf16 on CUDA), 'on' or 'off'")
+    cuda_graphs: str = _f("auto", "capture each training iteration once as a CUDA graph and replay it (removes "
+                                  "the per-kernel launch cost): 'auto' (on for CUDA), 'on' or 'off'")
     # semi-supervised
     consistency: float = _f(0.1, "final weight of the unsupervised term", "strategy")
     consistency_rampup: float = _f(200.0, "ramp length of the consistency weight, in ramp units", "strategy")
@@ -150,6 +152,8 @@ class TrainConfig:
             bad("amp", "'auto', 'bf16' or 'off'")
         if self.channels_last not in ("auto", "on", "off"):
             bad("channels_last", "'auto', 'on' or 'off'")
+        if self.cuda_graphs not in ("auto", "on", "off"):
+            bad("cuda_graphs", "'auto', 'on' or 'off'")
         if self.eval_model not in ("student", "teacher"):
             bad("eval_model", "'student' or 'teacher'")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):

@@ -21,7 +21,9 @@ from torch import Tensor, nn
 
 from raysemi import checkpoint
 from raysemi.config import TrainConfig
+from raysemi.cuda_graph import GraphedStep, set_capturable
 from raysemi.data import BatchSampler, Dataset, TrainTensors
+from raysemi.data.sampler import to_device
 from raysemi.errors import UserError
 from raysemi.inference import evaluate_volumes
 from raysemi.methods import create_method, get_method
@@ -122,6 +124,13 @@ class Trainer:
         self.amp = config.amp == "bf16" or (config.amp == "auto" and self.device.type == "cuda")
         self.channels_last = config.channels_last == "on" or (
             config.channels_last == "auto" and self.amp and self.device.type == "cuda")
+        if config.cuda_graphs == "on" and self.device.type != "cuda":
+            raise UserError(f"config: cuda_graphs: 'on' needs a CUDA device (device is {self.device}); "
+                            "expected 'auto' or 'off'")
+        # the NaN test switch changes the loss on the host, which a replayed graph cannot do
+        self.cuda_graphs = config.fault_nan_at < 0 and (
+            config.cuda_graphs == "on" or (config.cuda_graphs == "auto" and self.device.type == "cuda"))
+        self._graphed: GraphedStep | None = None
         self.strategy.to(self.device)
         if self.channels_last:
             self.strategy.to(memory_format=torch.channels_last)
@@ -200,6 +209,8 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         for k, state in ckpt.get("extra_optimizers", {}).items():
             self.extra_optimizers[k].load_state_dict(state)
+            set_capturable(self.extra_optimizers[k], False, self.device)  # a graph sets it again at capture
+        self._graphed = None  # the optimisers' state tensors are new: capture again
         self.sampler.load_state_dict(ckpt["sampler"])
         torch.set_rng_state(ckpt["rng"]["torch"].cpu())
         if ckpt["rng"].get("cuda") is not None and self.device.type == "cuda":
@@ -239,36 +250,57 @@ class Trainer:
             cb.on_train_start(self)
         self.strategy.train()
 
+    def _eager_step(self, it: int, lr: float, inputs: dict) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """One iteration op by op: the CPU path, and CUDA with `cuda_graphs: off`."""
+        batch = self.sampler.next()
+        if self.channels_last:
+            batch.image = batch.image.contiguous(memory_format=torch.channels_last)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        inputs = {k: to_device(v, self.device) if isinstance(v, Tensor) else v for k, v in inputs.items()}
+        with self._autocast():
+            out = self.strategy.losses(batch, inputs)
+        if it == self.config.fault_nan_at:  # test switch: a trial that diverges
+            out["loss"] = out["loss"] * float("nan")
+        self.optimizer.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        self.optimizer.step()
+        if self.strategy.teacher is not None:
+            ema_update(self.strategy.teacher, self.strategy.student, ema_alpha(it, self.strategy.ema_decay))
+        with self._autocast():
+            extra = self.strategy.after_step(batch, inputs)
+        return out, extra
+
+    def _graphed_step(self, it: int, lr: float, inputs: dict) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """One iteration through `GraphedStep`: captured once on CUDA, then replayed."""
+        if self._graphed is None:
+            self._graphed = GraphedStep(self, capture=self.device.type == "cuda")
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr  # what a checkpoint records; the graph reads its own buffer
+        return self._graphed(self.sampler.draw(), inputs, it, lr)
+
+    @property
+    def graph_failure(self) -> str | None:
+        """Why capture failed (training then went on eagerly), or None."""
+        return self._graphed.failure if self._graphed is not None else None
+
     def train_until(self, stop: int) -> None:
         """Train up to iteration `stop` (capped at max_iterations), validating on the way."""
         cfg = self.config
-        teacher = self.strategy.teacher
         stop = min(stop, cfg.max_iterations)
+        step = self._graphed_step if self.cuda_graphs else self._eager_step
         while self.iteration < stop:
             it = self.iteration
-            batch = self.sampler.next()
-            if self.channels_last:
-                batch.image = batch.image.contiguous(memory_format=torch.channels_last)
             lr = poly_lr(it, cfg.max_iterations, cfg.base_lr)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            with self._autocast():
-                out = self.strategy.step(batch, it)
+            inputs = self.strategy.step_inputs(it)
+            out, extra = step(it, lr, inputs)
             loss = out["loss"]
-            if it == cfg.fault_nan_at:  # test switch: a trial that diverges
-                loss = loss * float("nan")
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            if teacher is not None:
-                ema_update(teacher, self.strategy.student, ema_alpha(it, self.strategy.ema_decay))
-            with self._autocast():
-                extra = self.strategy.after_step(batch, it)
             self.iteration += 1
             done = self.iteration >= cfg.max_iterations
             if self.iteration % cfg.log_interval == 0 or done:
                 logs = {f"train/{k}": float(v.detach()) if isinstance(v, Tensor) else float(v)
                         for k, v in {**out, **extra}.items()}
+                logs.update({f"train/{k}": float(v) for k, v in inputs.items() if not isinstance(v, Tensor)})
                 logs["train/loss"] = float(loss.detach())
                 if not math.isfinite(logs["train/loss"]):
                     raise TrainingDiverged(f"loss is {logs['train/loss']} at iteration {self.iteration} "

@@ -164,7 +164,7 @@ def test_after_step_leaves_the_student_alone(name):
     student_state = copy.deepcopy(strategy.student.state_dict())  # parameters and BatchNorm buffers
     others = {n: copy.deepcopy(m.state_dict()) for n, m in strategy.networks().items() if n != "student"}
 
-    extra = strategy.after_step(batch, ITERATION)
+    extra = strategy.after_step(batch, strategy.step_inputs(ITERATION))
 
     for k, v in strategy.student.state_dict().items():
         assert torch.equal(v, student_state[k]), f"{name}: after_step changed student {k}"

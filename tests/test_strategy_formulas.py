@@ -136,8 +136,8 @@ def ref_mean_teacher(strategy, batch, it, mt_warmup):
     logits = affine(batch.image, W_S, B_S)
     target = softmax(affine(x_u + ref_noise(x_u), W_T, B_T))
     cons = torch.mean((softmax(logits[lb:]) - target) ** 2)
-    if it < mt_warmup:
-        cons = cons * 0
+    # before the warm-up the reference sets the term to 0: the same loss as a weight of 0 (the
+    # test below checks that weight), while the term itself is still computed and logged here
     return ref_sup(logits[:lb], batch.label), cons
 
 
@@ -275,14 +275,16 @@ def test_consistency_matches_formula(method, student_fn, kwargs, reference, ref_
         return
     torch.testing.assert_close(out["consistency"].double(), cons, **tol)
     w = ref_weight(iteration, kwargs.get("consistency", 0.1), kwargs.get("consistency_rampup", 200.0))
+    if method == "mean_teacher" and iteration < kwargs["mt_warmup"]:
+        w = 0.0  # the reference's `if iter_num < 1000: consistency_loss = 0`
     assert float(out["consistency_weight"]) == pytest.approx(w, rel=1e-6)  # stored as float32
     torch.testing.assert_close(out["loss"].double(), (out["loss_sup"] + w * out["consistency"]).double(), **tol)
     torch.testing.assert_close(out["loss"].double(), sup + w * cons, **tol)
     for key, value in (extra[0] if extra else {}).items():
         assert out[key].item() == pytest.approx(float(value), rel=1e-6), key
     if method == "mean_teacher" and iteration < kwargs["mt_warmup"]:
-        assert out["consistency"].item() == 0.0
-    elif method != "supervised":
+        assert float(out["consistency_weight"]) == 0.0 and float(out["loss"]) == float(out["loss_sup"])
+    if method != "supervised":
         assert float(cons) > 1e-6  # the fixture makes every live term nonzero
 
 
@@ -290,8 +292,9 @@ def test_mean_teacher_warmup_default_is_reference_1000():
     strategy = create_method("mean_teacher", PixelAffine(), num_classes=C)
     set_affine(strategy.teacher, W_T, B_T)
     batch = make_batch(4, 2, 3)
-    assert strategy.step(batch, 999)["consistency"].item() == 0.0
-    assert strategy.step(batch, 1000)["consistency"].item() > 0.0
+    before, at = strategy.step(batch, 999), strategy.step(batch, 1000)
+    assert before["consistency_weight"].item() == 0.0 and before["loss"].item() == before["loss_sup"].item()
+    assert at["consistency_weight"].item() > 0.0 and at["loss"].item() > at["loss_sup"].item()
 
 
 def test_entropy_minimization_defaults_to_four_classes():
@@ -335,7 +338,7 @@ def test_dan_after_step_trains_discriminator_only():
     ref_opt.step()
 
     torch.manual_seed(SEED)
-    res = strategy.after_step(batch, 500)
+    res = strategy.after_step(batch, strategy.step_inputs(500))
 
     assert float(res["loss_discriminator"]) == pytest.approx(ref_loss.item(), rel=1e-5)
     assert float(res["loss_discriminator"]) != pytest.approx(flipped_loss.item(), rel=1e-3)

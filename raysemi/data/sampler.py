@@ -124,21 +124,33 @@ class BatchSampler:
         self.unlabeled = _Stream(len(data.unlabeled_idx), unlabeled_bs, self.generator, False) if unlabeled_bs else None
         self.augment = augment_batches
 
-    def next(self) -> Batch:
-        device = self.data.images.device
+    def draw(self) -> dict[str, Tensor]:
+        """The host side of a batch: slice indices `idx`, label rows `rows` and (when augmenting)
+        the affines `theta`, as small CPU tensors of fixed shapes."""
         rows = self.labeled.next()
         idx = self.data.labeled_idx[rows]
         if self.unlabeled is not None:
             idx = torch.cat([idx, self.data.unlabeled_idx[self.unlabeled.next()]])
-        image = self.data.images[to_device(idx, device)]
-        label = self.data.labels[to_device(rows, device)].long()
+        out = {"idx": idx, "rows": rows}
         if self.augment:
-            theta = to_device(random_affines(len(idx), self.generator, tuple(image.shape[-2:])), device)
-            lab_full = torch.zeros(image.shape[0], *image.shape[-2:], dtype=torch.long, device=device)
-            lab_full[: len(rows)] = label
+            out["theta"] = random_affines(len(idx), self.generator, tuple(self.data.images.shape[-2:]))
+        return out
+
+    def assemble(self, idx: Tensor, rows: Tensor, theta: Tensor | None = None) -> Batch:
+        """The device side: gather and augment the drawn slices. Only device work of fixed shapes
+        (`index_select`, one `grid_sample`), so it can be part of a captured CUDA graph."""
+        image = torch.index_select(self.data.images, 0, idx)
+        label = torch.index_select(self.data.labels, 0, rows).long()
+        if theta is not None:
+            lab_full = torch.zeros(image.shape[0], *image.shape[-2:], dtype=torch.long, device=image.device)
+            lab_full[: rows.shape[0]] = label
             image, lab_full = augment(image, lab_full, theta)
-            label = lab_full[: len(rows)]
+            label = lab_full[: rows.shape[0]]
         return Batch(image.contiguous(), label)
+
+    def next(self) -> Batch:
+        device = self.data.images.device
+        return self.assemble(**{k: to_device(v, device) for k, v in self.draw().items()})
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state(), "labeled": self.labeled.state(),

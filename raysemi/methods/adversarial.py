@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from raysemi.data.sampler import Batch
-from raysemi.methods.base import Strategy
+from raysemi.methods.base import StepInput, Strategy
 from raysemi.methods.registry import register_method
 from raysemi.models import Discriminator
 
@@ -38,7 +40,7 @@ class Adversarial(Strategy):
             self._optimizer = torch.optim.Adam(self.discriminator.parameters(), lr=self.dan_lr, betas=(0.9, 0.99))
         return {"discriminator": self._optimizer}
 
-    def step(self, batch: Batch, iteration: int) -> dict[str, Tensor]:
+    def losses(self, batch: Batch, inputs: Mapping[str, StepInput]) -> dict[str, Tensor]:
         self.student.train()
         self.discriminator.eval()
         self.discriminator.requires_grad_(False)  # its gradient here would be discarded: skip the work
@@ -49,11 +51,10 @@ class Adversarial(Strategy):
         d_out = self.discriminator(probs_u, batch.image[lb:].float())
         fool = torch.ones(d_out.shape[0], dtype=torch.long, device=d_out.device)
         cons = F.cross_entropy(d_out.float(), fool)
-        w = self.weight(iteration)
-        out.update(consistency=cons, consistency_weight=torch.tensor(w), loss=out["loss_sup"] + w * cons)
+        out.update(consistency=cons, loss=out["loss_sup"] + inputs["consistency_weight"] * cons)
         return out
 
-    def after_step(self, batch: Batch, iteration: int) -> dict[str, Tensor]:
+    def after_step(self, batch: Batch, inputs: Mapping[str, StepInput]) -> dict[str, Tensor]:
         optimizer = self.extra_optimizers()["discriminator"]
         self.student.eval()
         self.discriminator.train()

@@ -1,16 +1,24 @@
 """The shared base of every strategy: networks, the supervised loss, the consistency ramp.
 
 A strategy is an `nn.Module` holding the networks it needs (`student`, and where it has them a
-`teacher` updated by the loop's EMA hook, a `discriminator` with its own optimiser). The loop
-calls `step(batch, iteration)`, back-propagates `out["loss"]` into the student's SGD optimiser,
-then (in this order) updates the teacher by EMA and calls `after_step` (the adversarial
-discriminator's own update). Strategies know nothing of Ray, MLflow, checkpoints or evaluation.
+`teacher` updated by the loop's EMA hook, a `discriminator` with its own optimiser). Each
+iteration the loop asks `step_inputs(iteration)` for what changes from one iteration to the next
+(schedule values such as the consistency weight, host-drawn random numbers such as ICT's mixing
+factors), hands them on the device to `losses(batch, inputs)`, back-propagates `out["loss"]` into
+the student's SGD optimiser, then (in this order) updates the teacher by EMA and calls
+`after_step` (the adversarial discriminator's own update).
+
+`losses` and `after_step` must be a fixed sequence of device work: no Python branch on the
+iteration or on a tensor's value, no `.item()`. That is what lets the loop capture a whole
+iteration once as a CUDA graph and replay it (`raysemi/cuda_graph.py`), with the inputs arriving
+through fixed buffers. Strategies know nothing of Ray, MLflow, checkpoints or evaluation.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import ClassVar
+from collections.abc import Mapping
+from typing import ClassVar, Union
 
 import torch
 from torch import Tensor, nn
@@ -18,6 +26,10 @@ from torch import Tensor, nn
 from raysemi.data.sampler import Batch
 from raysemi.losses import supervised_loss
 from raysemi.schedules import consistency_weight
+
+
+#: a per-iteration input: a Python number (a schedule value) or a small tensor drawn on the host
+StepInput = Union[float, Tensor]
 
 
 class Strategy(nn.Module):
@@ -72,13 +84,28 @@ class Strategy(nn.Module):
         return {"loss_sup": loss, "loss_ce": ce, "loss_dice": dice}
 
     # -- the interface the loop calls -------------------------------------------------------
-    def step(self, batch: Batch, iteration: int) -> dict[str, Tensor]:
-        """Losses for one batch; must hold `"loss"`, the student's objective."""
+    def step_inputs(self, iteration: int) -> dict[str, StepInput]:
+        """What `losses` needs that changes with the iteration, computed on the host. Numbers are
+        logged as `train/<name>`; tensors (random draws) are not. Default: the consistency weight."""
+        return {"consistency_weight": self.weight(iteration)}
+
+    def losses(self, batch: Batch, inputs: Mapping[str, StepInput]) -> dict[str, Tensor]:
+        """Losses for one batch; must hold `"loss"`, the student's objective. `inputs` holds what
+        `step_inputs` gave, as numbers or as device tensors: use them only in arithmetic."""
         raise NotImplementedError
 
-    def after_step(self, batch: Batch, iteration: int) -> dict[str, Tensor]:
+    def after_step(self, batch: Batch, inputs: Mapping[str, StepInput]) -> dict[str, Tensor]:
         """Hook after the student's optimiser step and the EMA update (default: nothing)."""
         return {}
+
+    def step(self, batch: Batch, iteration: int) -> dict[str, Tensor]:
+        """`losses` at `iteration`, with the numeric inputs added to the result (for tests and
+        benchmarks that drive a strategy by hand; the loop calls `step_inputs` and `losses`)."""
+        device = batch.image.device
+        inputs = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in self.step_inputs(iteration).items()}
+        out = self.losses(batch, inputs)
+        out.update({k: torch.tensor(float(v)) for k, v in inputs.items() if not isinstance(v, Tensor)})
+        return out
 
     def extra_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         """Optimisers the strategy owns (checkpointed by the loop)."""

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import Tensor
 
 from raysemi.data.sampler import Batch
 from raysemi.losses import normalized_entropy
-from raysemi.methods.base import Strategy
+from raysemi.methods.base import StepInput, Strategy
 from raysemi.methods.registry import register_method
 
 
@@ -29,10 +31,9 @@ class EntropyMinimization(Strategy):
             raise ValueError(f"entropy_minimization: entropy_classes must be >= 2, got {entropy_classes}")
         self.entropy_classes = entropy_classes
 
-    def step(self, batch: Batch, iteration: int) -> dict[str, Tensor]:
+    def losses(self, batch: Batch, inputs: Mapping[str, StepInput]) -> dict[str, Tensor]:
         logits = self.student(batch.image)
         out = self.supervised(logits, batch)
         cons = normalized_entropy(torch.softmax(logits.float(), dim=1), self.entropy_classes)
-        w = self.weight(iteration)
-        out.update(consistency=cons, consistency_weight=torch.tensor(w), loss=out["loss_sup"] + w * cons)
+        out.update(consistency=cons, loss=out["loss_sup"] + inputs["consistency_weight"] * cons)
         return out

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import Tensor
 
-from raysemi.data.sampler import Batch, to_device
-from raysemi.methods.base import Strategy
+from raysemi.data.sampler import Batch
+from raysemi.methods.base import StepInput, Strategy
 from raysemi.methods.registry import register_method
 
 
@@ -37,13 +39,21 @@ class InterpolationConsistency(Strategy):
                              f"(batch_size - labeled_bs = {batch_size - labeled_bs}) must be even and >= 2, "
                              "to split them into two halves to mix")
         self.beta = torch.distributions.Beta(torch.tensor(float(ict_alpha)), torch.tensor(float(ict_alpha)))
+        self.half = (batch_size - labeled_bs) // 2
         self._make_teacher(ema_decay)
 
-    def step(self, batch: Batch, iteration: int) -> dict[str, Tensor]:
+    def step_inputs(self, iteration: int) -> dict[str, StepInput]:
+        """The weight and the per-sample mixing factors `lam` (drawn on the host, as the reference)."""
+        return {"consistency_weight": self.weight(iteration), "lam": self.beta.sample((self.half, 1, 1, 1))}
+
+    def losses(self, batch: Batch, inputs: Mapping[str, StepInput]) -> dict[str, Tensor]:
         x_u = batch.unlabeled
         half = x_u.shape[0] // 2
+        if half != self.half:
+            raise ValueError(f"interpolation_consistency: built for {2 * self.half} unlabeled slices per batch, "
+                             f"got {x_u.shape[0]}")
         u0, u1 = x_u[:half], x_u[half: 2 * half]
-        lam = to_device(self.beta.sample((half, 1, 1, 1)), x_u.device)
+        lam = inputs["lam"]
         mixed = u0 * (1 - lam) + u1 * lam
         logits = self.student(torch.cat([batch.image[: batch.labeled_bs], mixed]))
         with torch.no_grad():
@@ -52,6 +62,5 @@ class InterpolationConsistency(Strategy):
             target = p0 * (1 - lam) + p1 * lam
         out = self.supervised(logits, batch)
         cons = torch.mean((torch.softmax(logits[batch.labeled_bs:].float(), dim=1) - target) ** 2)
-        w = self.weight(iteration)
-        out.update(consistency=cons, consistency_weight=torch.tensor(w), loss=out["loss_sup"] + w * cons)
+        out.update(consistency=cons, loss=out["loss_sup"] + inputs["consistency_weight"] * cons)
         return out

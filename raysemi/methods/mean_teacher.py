@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import Tensor
 
 from raysemi.data.sampler import Batch
-from raysemi.methods.base import Strategy
+from raysemi.methods.base import StepInput, Strategy
 from raysemi.methods.registry import register_method
 
 
@@ -17,8 +19,9 @@ def teacher_noise(x: Tensor, std: float = 0.1, clip: float = 0.2) -> Tensor:
 
 @register_method
 class MeanTeacher(Strategy):
-    """`consistency = mean((softmax(f(x_u)) - softmax(f_ema(x_u + n)))^2)`, zero for the first
-    `warmup` iterations (the reference's `if iter_num < 1000`); loss = supervised + w * consistency.
+    """`consistency = mean((softmax(f(x_u)) - softmax(f_ema(x_u + n)))^2)`; loss = supervised +
+    w * consistency, with w = 0 for the first `warmup` iterations (the reference's
+    `if iter_num < 1000: consistency_loss = 0`: the same loss; the term is still computed and logged).
     """
 
     name = "mean_teacher"
@@ -35,7 +38,10 @@ class MeanTeacher(Strategy):
         self.warmup = mt_warmup
         self._make_teacher(ema_decay)
 
-    def step(self, batch: Batch, iteration: int) -> dict[str, Tensor]:
+    def step_inputs(self, iteration: int) -> dict[str, StepInput]:
+        return {"consistency_weight": self.weight(iteration) if iteration >= self.warmup else 0.0}
+
+    def losses(self, batch: Batch, inputs: Mapping[str, StepInput]) -> dict[str, Tensor]:
         x_u = batch.unlabeled
         logits = self.student(batch.image)
         with torch.no_grad():
@@ -43,8 +49,5 @@ class MeanTeacher(Strategy):
         out = self.supervised(logits, batch)
         probs_u = torch.softmax(logits[batch.labeled_bs:].float(), dim=1)
         cons = torch.mean((probs_u - target) ** 2)
-        if iteration < self.warmup:
-            cons = cons * 0.0  # stays in the graph, contributes nothing (reference: 0.0)
-        w = self.weight(iteration)
-        out.update(consistency=cons, consistency_weight=torch.tensor(w), loss=out["loss_sup"] + w * cons)
+        out.update(consistency=cons, loss=out["loss_sup"] + inputs["consistency_weight"] * cons)
         return out

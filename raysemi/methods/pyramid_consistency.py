@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from raysemi.data.sampler import Batch
 from raysemi.losses import supervised_loss
-from raysemi.methods.base import Strategy
+from raysemi.methods.base import StepInput, Strategy
 from raysemi.methods.registry import register_method
 
 
@@ -42,7 +44,7 @@ class PyramidConsistency(Strategy):
         super().__init__(student, num_classes=num_classes, consistency=consistency,
                          consistency_rampup=consistency_rampup, rampup_interval=rampup_interval)
 
-    def step(self, batch: Batch, iteration: int) -> dict[str, Tensor]:
+    def losses(self, batch: Batch, inputs: Mapping[str, StepInput]) -> dict[str, Tensor]:
         outputs = self.student(batch.image)
         if not isinstance(outputs, (tuple, list)) or len(outputs) < 2:
             raise ValueError("pyramid_consistency needs a deep-supervision model (unet_ds) with several outputs")
@@ -51,6 +53,5 @@ class PyramidConsistency(Strategy):
         ce, dice = sum(ces) / len(ces), sum(dices) / len(dices)
         sup = (sum(ces) + sum(dices)) / (2 * len(outputs))
         cons = pyramid_consistency_loss([torch.softmax(o[lb:].float(), dim=1) for o in outputs])
-        w = self.weight(iteration)
         return {"loss_sup": sup, "loss_ce": ce, "loss_dice": dice, "consistency": cons,
-                "consistency_weight": torch.tensor(w), "loss": sup + w * cons}
+                "loss": sup + inputs["consistency_weight"] * cons}

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from torch import Tensor
 
 from raysemi.data.sampler import Batch
-from raysemi.methods.base import Strategy
+from raysemi.methods.base import StepInput, Strategy
 from raysemi.methods.registry import register_method
 
 
@@ -23,7 +25,10 @@ class Supervised(Strategy):
     def __init__(self, student, *, num_classes: int) -> None:
         super().__init__(student, num_classes=num_classes)
 
-    def step(self, batch: Batch, iteration: int) -> dict[str, Tensor]:
+    def step_inputs(self, iteration: int) -> dict[str, StepInput]:
+        return {}
+
+    def losses(self, batch: Batch, inputs: Mapping[str, StepInput]) -> dict[str, Tensor]:
         out = self.supervised(self.student(batch.image), batch)
         out["loss"] = out["loss_sup"]
         return out

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import Tensor
 
 from raysemi.data.sampler import Batch
 from raysemi.losses import entropy_map
-from raysemi.methods.base import Strategy
+from raysemi.methods.base import StepInput, Strategy
 from raysemi.methods.mean_teacher import teacher_noise
 from raysemi.methods.registry import register_method
 from raysemi.schedules import uncertainty_threshold
@@ -54,7 +56,11 @@ class UncertaintyAwareMeanTeacher(Strategy):
             done += copies
         return entropy_map(total / self.passes).unsqueeze(1)
 
-    def step(self, batch: Batch, iteration: int) -> dict[str, Tensor]:
+    def step_inputs(self, iteration: int) -> dict[str, StepInput]:
+        return {"consistency_weight": self.weight(iteration),
+                "uncertainty_threshold": uncertainty_threshold(iteration, self.max_iterations, self.th_start, self.th_end)}
+
+    def losses(self, batch: Batch, inputs: Mapping[str, StepInput]) -> dict[str, Tensor]:
         x_u = batch.unlabeled
         logits = self.student(batch.image)
         with torch.no_grad():
@@ -62,10 +68,8 @@ class UncertaintyAwareMeanTeacher(Strategy):
             u = self.uncertainty(x_u)
         out = self.supervised(logits, batch)
         dist = (torch.softmax(logits[batch.labeled_bs:].float(), dim=1) - target) ** 2
-        th = uncertainty_threshold(iteration, self.max_iterations, self.th_start, self.th_end)
-        mask = (u < th).float()
+        mask = (u < inputs["uncertainty_threshold"]).float()
         cons = torch.sum(mask * dist) / (2 * torch.sum(mask) + 1e-16)
-        w = self.weight(iteration)
-        out.update(consistency=cons, consistency_weight=torch.tensor(w), loss=out["loss_sup"] + w * cons,
-                   certain_fraction=mask.mean(), uncertainty_threshold=torch.tensor(th))
+        out.update(consistency=cons, loss=out["loss_sup"] + inputs["consistency_weight"] * cons,
+                   certain_fraction=mask.mean())
         return out

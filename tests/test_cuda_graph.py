@@ -1,0 +1,227 @@
+"""The CUDA-graph step (raysemi/cuda_graph.py) trains exactly as the op-by-op step.
+
+On CPU the graphed path runs the same code without capture: buffers filled from the host, the
+foreach SGD and EMA reading the learning rate and EMA coefficients from tensors, the sampler's
+host/device split. Those tests run everywhere. The tests under `@cuda` capture for real: they run
+where PyTorch sees a GPU (`pytest tests/test_cuda_graph.py`) and are skipped, saying so, elsewhere.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from raysemi.config import TrainConfig
+from raysemi.cuda_graph import ema_, sgd_momentum_
+from raysemi.data import load_dataset
+from raysemi.errors import UserError
+from raysemi.loop import Callback, Trainer, ema_update
+from raysemi.methods import get_method, list_methods
+from tests.conftest import tiny_config
+
+METHODS = list_methods()
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run this file on a GPU machine)")
+
+
+class _Logs(Callback):
+    def __init__(self) -> None:
+        self.logs: list[dict[str, float]] = []
+
+    def on_log(self, trainer, iteration, metrics):
+        self.logs.append(dict(metrics))
+
+
+@pytest.fixture(scope="module")
+def data(tiny_phantom):
+    return load_dataset(str(tiny_phantom), 2, 4)
+
+
+def make(tiny_phantom, data, name, graphed: bool, **over) -> tuple[Trainer, _Logs]:
+    # a live consistency term from the first iteration, and a UA-MT threshold that keeps it live
+    values = dict(method=name, max_iterations=50, eval_interval=1000, mt_warmup=0, consistency_rampup=0.0,
+                  weight_decay=1e-3, uncertainty_threshold_start=2.0, uncertainty_threshold_end=2.0)
+    cfg = tiny_config(tiny_phantom, **{**values, **over})
+    logs = _Logs()
+    trainer = Trainer(cfg, data, [logs])
+    trainer.cuda_graphs = graphed  # on CPU: the graphed path's code without capture
+    trainer.start()
+    return trainer, logs
+
+
+def test_foreach_sgd_is_torch_sgd():
+    torch.manual_seed(0)
+    params = [torch.randn(5, 3), torch.randn(7)]
+    ref = [p.clone().requires_grad_() for p in params]
+    ours = [p.clone() for p in params]
+    opt = torch.optim.SGD(ref, lr=0.1, momentum=0.9, weight_decay=1e-2)
+    bufs = [torch.zeros_like(p) for p in ours]
+    for lr in (0.1, 0.05, 0.02):
+        grads = [torch.randn_like(p) for p in params]
+        for r, g in zip(ref, grads):
+            r.grad = g.clone()
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.step()
+        sgd_momentum_(ours, grads, bufs, torch.tensor(lr), 0.9, 1e-2)
+        for r, o in zip(ref, ours):
+            torch.testing.assert_close(o, r.detach(), rtol=1e-6, atol=1e-7)
+    for r, b in zip(ref, bufs):  # the momentum buffers are torch's
+        torch.testing.assert_close(b, opt.state[r]["momentum_buffer"], rtol=1e-6, atol=1e-7)
+
+
+def test_tensor_ema_is_the_loop_ema():
+    torch.manual_seed(0)
+    teacher, student = nn.Linear(4, 3), nn.Linear(4, 3)
+    ref = copy.deepcopy(teacher)
+    ema_update(ref, student, 0.97)
+    ema_(list(teacher.parameters()), list(student.parameters()), torch.tensor(0.97), torch.tensor(0.03))
+    for a, b in zip(teacher.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_graphed_path_trains_as_the_eager_path(name, tiny_phantom, data):
+    """Same seed, same batches: the losses logged and the weights after 5 iterations agree."""
+    eager, eager_logs = make(tiny_phantom, data, name, graphed=False)
+    graphed, graphed_logs = make(tiny_phantom, data, name, graphed=True)
+    for trainer in (eager, graphed):
+        torch.manual_seed(5)  # the same dropout draws for both
+        trainer.train_until(5)
+    assert graphed._graphed is not None and graphed._graphed.graph is None  # CPU: no capture
+    assert len(graphed_logs.logs) == len(eager_logs.logs) == 5
+    for a, b in zip(eager_logs.logs, graphed_logs.logs):
+        assert set(a) == set(b)
+        for key in a:
+            if key.startswith("train/"):
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    for (k, a), b in zip(eager.strategy.state_dict().items(), graphed.strategy.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4, msg=lambda m: f"{name} {k}: {m}")  # float drift only: one step moves a weight by ~1e-3
+    moved = [not torch.equal(p, q) for p, q in zip(graphed.strategy.student.parameters(),
+                                                   make(tiny_phantom, data, name, False)[0].strategy.student.parameters())]
+    assert sum(moved) >= 0.7 * len(moved), "the graphed path did not train"
+
+
+def test_schedule_values_reach_the_graphed_step(tiny_phantom, data):
+    """The weight enters through a buffer: a zero weight before the warm-up, the live one after."""
+    trainer, logs = make(tiny_phantom, data, "mean_teacher", graphed=True, mt_warmup=2)
+    trainer.train_until(4)
+    weights = [log["train/consistency_weight"] for log in logs.logs]
+    assert weights[:2] == [0.0, 0.0] and weights[2:] == [pytest.approx(0.1)] * 2
+    for log in logs.logs[:2]:
+        assert log["train/loss"] == pytest.approx(log["train/loss_sup"], rel=1e-6)
+    for log in logs.logs[2:]:
+        assert log["train/loss"] == pytest.approx(log["train/loss_sup"] + 0.1 * log["train/consistency"], rel=1e-5)
+    assert trainer._graphed.static["consistency_weight"].item() == pytest.approx(0.1)
+    assert trainer._graphed.static["lr"].item() == pytest.approx(trainer.optimizer.param_groups[0]["lr"])
+
+
+def test_graphed_checkpoint_resumes_eagerly(tiny_phantom, data, tmp_path):
+    """A checkpoint written by the graphed path is plain SGD state: resuming it without graphs
+    continues as an uninterrupted run (and the other way round)."""
+    straight, _ = make(tiny_phantom, data, "mean_teacher", graphed=False)
+    first, _ = make(tiny_phantom, data, "mean_teacher", graphed=True)
+    torch.manual_seed(5)  # the same dropout and noise draws for both (the checkpoint carries them on)
+    straight.train_until(6)
+    torch.manual_seed(5)
+    first.train_until(3)
+    first.save(tmp_path / "last.pt")
+    assert all("momentum_buffer" in s for s in first.optimizer.state_dict()["state"].values())
+    second, _ = make(tiny_phantom, data, "mean_teacher", graphed=False)
+    second.load(tmp_path / "last.pt")
+    second.train_until(6)
+    for a, b in zip(straight.strategy.state_dict().values(), second.strategy.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_adversarial_checkpoint_from_graphs_loads_on_cpu(tiny_phantom, data, tmp_path):
+    """DAN's Adam keeps its step count where capture needs it; loading switches it back."""
+    trainer, _ = make(tiny_phantom, data, "adversarial", graphed=True)
+    trainer.train_until(2)
+    state = trainer.extra_optimizers["discriminator"].state_dict()
+    state["param_groups"][0]["capturable"] = True  # as a CUDA-graph run saves it
+    trainer.save(tmp_path / "last.pt")
+    payload = torch.load(tmp_path / "last.pt", weights_only=False)
+    payload["extra_optimizers"]["discriminator"] = state
+    torch.save(payload, tmp_path / "last.pt")
+    again, _ = make(tiny_phantom, data, "adversarial", graphed=False)
+    again.load(tmp_path / "last.pt")
+    assert again.extra_optimizers["discriminator"].param_groups[0]["capturable"] is False
+    again.train_until(4)
+    assert again.iteration == 4
+
+
+def test_cuda_graphs_config(tiny_phantom, data):
+    with pytest.raises(UserError, match="cuda_graphs: 'sometimes' is invalid; expected 'auto', 'on' or 'off'"):
+        tiny_config(tiny_phantom, cuda_graphs="sometimes")
+    with pytest.raises(UserError, match="cuda_graphs: 'on' needs a CUDA device"):
+        Trainer(tiny_config(tiny_phantom, cuda_graphs="on"), data)
+    assert Trainer(tiny_config(tiny_phantom), data).cuda_graphs is False  # auto on CPU: off
+    assert TrainConfig().cuda_graphs == "auto"
+
+
+# -- on a GPU ----------------------------------------------------------------------------------------
+def _no_dropout(trainer: Trainer) -> None:
+    for m in trainer.strategy.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+
+
+@cuda
+@pytest.mark.parametrize("name", METHODS)
+def test_capture_replays_every_strategy(name, tiny_phantom, data):
+    trainer, logs = make(tiny_phantom, data, name, graphed=True, device="cuda", cuda_graphs="on")
+    trainer.train_until(6)  # 3 eager warm-up iterations, capture at the 4th, then replays
+    assert trainer.graph_failure is None and trainer._graphed.graph is not None
+    before = [p.detach().clone() for p in trainer.strategy.parameters()]
+    trainer.train_until(9)
+    assert all(math.isfinite(log["train/loss"]) for log in logs.logs)
+    changed = [not torch.equal(a, b) for a, b in zip(before, trainer.strategy.parameters())]
+    assert sum(changed) >= 0.7 * len(changed), "replays did not update the weights"
+    # a new learning rate and weight reached the replays: the logs follow the schedule
+    assert logs.logs[-1]["lr"] < logs.logs[3]["lr"]
+
+
+@cuda
+@pytest.mark.parametrize("name", ["supervised", "entropy_minimization", "interpolation_consistency",
+                                  "pyramid_consistency", "adversarial"])
+def test_captured_step_equals_eager_step_on_cuda(name, tiny_phantom, data):
+    """Without dropout (the only device-side randomness of these five), 8 captured iterations give
+    the eager run's losses and weights (fp32: differences are cuDNN's summation order only)."""
+    runs = []
+    for graphed in (False, True):
+        trainer, logs = make(tiny_phantom, data, name, graphed=graphed, device="cuda", amp="off",
+                             cuda_graphs="on" if graphed else "off")
+        _no_dropout(trainer)
+        torch.manual_seed(5)
+        trainer.train_until(8)
+        runs.append((trainer, logs))
+    (eager, eager_logs), (graphed, graphed_logs) = runs
+    assert graphed.graph_failure is None and graphed._graphed.graph is not None
+    for a, b in zip(eager_logs.logs, graphed_logs.logs):
+        assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-3, abs=1e-5)
+    for a, b in zip(eager.strategy.parameters(), graphed.strategy.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4)
+
+
+@cuda
+def test_capture_failure_falls_back_to_eager(tiny_phantom, data):
+    """A strategy that reads a value on the host cannot be captured: one warning, and training
+    goes on eagerly to the end."""
+    trainer, logs = make(tiny_phantom, data, "entropy_minimization", graphed=True, device="cuda", cuda_graphs="on")
+    losses = trainer.strategy.losses
+
+    def host_reading(batch, inputs):
+        out = losses(batch, inputs)
+        if out["loss"].item() > 1e9:  # a host sync: illegal while capturing
+            raise AssertionError
+        return out
+
+    trainer.strategy.losses = host_reading
+    with pytest.warns(RuntimeWarning, match="CUDA graph capture of the entropy_minimization step failed"):
+        trainer.train_until(8)
+    assert trainer.graph_failure and trainer.iteration == 8 and len(logs.logs) == 8
+    assert all(math.isfinite(log["train/loss"]) for log in logs.logs)
