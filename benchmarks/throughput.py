@@ -73,20 +73,19 @@ def timed_runs(trainer: Trainer, iterations: int, repeats: int) -> list[float]:
 
 
 def measure(method: str, data, args, **over) -> dict:
+    if args.compile:
+        over.setdefault("compile", "on")
     trainer = Trainer(bench_config(method, args, **over), data)
     device = trainer.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     compile_s = None
-    if args.compile:
-        for net in trainer.strategy.networks().values():
-            net.compile()
     trainer.start()
     sync(device)
     t0 = time.perf_counter()
     trainer.train_until(args.warmup)
     sync(device)
-    if args.compile:
+    if trainer.config.compile == "on":
         compile_s = time.perf_counter() - t0
     window = [time.time()]
     rates = timed_runs(trainer, args.iterations, args.repeats)
@@ -105,12 +104,12 @@ def measure(method: str, data, args, **over) -> dict:
            "peak_mem_kind": "device" if device.type == "cuda" else "process RSS", "val_pass_s": min(val_s),
            "val_pass_first_s": val_s[0], "val_dice": summary.means()["dice"], "val_volumes": len(data.val),
            "device": str(device), "amp": trainer.amp, "channels_last": trainer.channels_last,
-           "compiled": bool(args.compile), "compile_warmup_s": compile_s,
+           "compiled": trainer.config.compile == "on", "compile_warmup_s": compile_s,
            "cuda_graphs": trainer.cuda_graphs and trainer.graph_failure is None, "graph_failure": trainer.graph_failure,
            "timed_window_unix": window}
     if args.profile:
         row["profile"] = profile(trainer, args.profile)
-    if args.compare_reference_pipeline and not over:
+    if args.compare_reference_pipeline and "cuda_graphs" not in over:
         row.update(measure_reference(method, data, args, trainer))
     del trainer
     if device.type == "cuda":
@@ -210,7 +209,7 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=20, help="steps before timing")
     p.add_argument("--iterations", type=int, default=100, help="iterations per measured run")
     p.add_argument("--repeats", type=int, default=3, help="measured runs (mean and median reported)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the networks (warm-up time reported)")
+    p.add_argument("--compile", action="store_true", help="compile: on (torch.compile the networks; warm-up time reported)")
     p.add_argument("--cuda-graphs", default="auto", choices=("auto", "on", "off"),
                    help="capture each iteration as a CUDA graph ('auto': on for CUDA)")
     p.add_argument("--compare-eager", action="store_true",

@@ -57,6 +57,10 @@ class TrainConfig:
     channels_last: str = _f("auto", "channels_last memory format: 'auto' (on with bf16 on CUDA), 'on' or 'off'")
     cuda_graphs: str = _f("auto", "capture each training iteration once as a CUDA graph and replay it (removes "
                                   "the per-kernel launch cost): 'auto' (on for CUDA), 'on' or 'off'")
+    compile: str = _f("off", "torch.compile the networks: 'on' fuses BatchNorm, activation and dropout kernels "
+                             "(on an H200 with CUDA graphs: mean teacher 61 -> 80 it/s, supervised 73 -> 92 it/s) for "
+                             "about 45 s of compiling per process, less once inductor's on-disk cache has the graphs; "
+                             "'off'")
     # semi-supervised
     consistency: float = _f(0.1, "final weight of the unsupervised term", "strategy")
     consistency_rampup: float = _f(200.0, "ramp length of the consistency weight, in ramp units", "strategy")
@@ -152,6 +156,8 @@ class TrainConfig:
             bad("amp", "'auto', 'bf16' or 'off'")
         if self.channels_last not in ("auto", "on", "off"):
             bad("channels_last", "'auto', 'on' or 'off'")
+        if self.compile not in ("on", "off"):
+            bad("compile", "'on' or 'off'")
         if self.cuda_graphs not in ("auto", "on", "off"):
             bad("cuda_graphs", "'auto', 'on' or 'off'")
         if self.eval_model not in ("student", "teacher"):

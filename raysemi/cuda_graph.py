@@ -192,8 +192,25 @@ class GraphedStep:
             warnings.warn(f"CUDA graph capture of the {self.trainer.config.method} step failed ({self.failure}); "
                           "training goes on without graphs (set cuda_graphs: off to silence this)", RuntimeWarning,
                           stacklevel=2)
+            del graph
+            _release_generator(self.device)
             torch.cuda.synchronize(self.device)
-            return self._run()
+            try:
+                return self._run()
+            except RuntimeError as again:
+                raise RuntimeError(f"CUDA graph capture of the {self.trainer.config.method} step failed "
+                                   f"({self.failure}) and the eager step cannot run after it ({again}); "
+                                   "rerun with cuda_graphs: off") from err
         self.graph = graph
         graph.replay()
         return outputs
+
+
+def _release_generator(device: torch.device) -> None:
+    """After a failed capture the CUDA generator still believes it is being captured (PyTorch
+    ends that state only when capture succeeds), and every random op then fails. Give it a fresh
+    copy of its own state (same seed and offset), which is not in capture."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    generator = torch.cuda.default_generators[index]
+    if hasattr(generator, "graphsafe_set_state"):
+        generator.graphsafe_set_state(generator.clone_state())

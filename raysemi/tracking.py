@@ -171,7 +171,8 @@ class MLflowCallback(Callback):
     def on_train_start(self, trainer: Trainer) -> None:
         self.run.log_params(flat_params(trainer.config.to_dict()))
         self.run.set_tags({"strategy": trainer.config.method, "model": trainer.model_name,
-                           "device": str(trainer.device), "amp": "bf16" if trainer.amp else "off"})
+                           "device": str(trainer.device), "amp": "bf16" if trainer.amp else "off",
+                           "cuda_graphs": "on" if trainer.cuda_graphs else "off"})
         if self.run_dir is not None:
             self.run.log_artifact(self.run_dir / "config.yaml")
 
