@@ -5,10 +5,13 @@ device memory and one validation pass's time, over several repeats; prints a tab
     python benchmarks/throughput.py --device cuda --compare-reference-pipeline                  # reference size
     python benchmarks/throughput.py --device cuda --methods mt --packed 4                      # 4 trials, one GPU
     python benchmarks/throughput.py --device cuda --methods supervised,mt --profile 20          # where time goes
+    python benchmarks/throughput.py --device cuda --compare-eager                               # CUDA graphs' gain
+    python benchmarks/throughput.py --device cuda --methods mt --compile                       # with torch.compile
 
 The reference size is batch 24 (12 labeled), 256x256, 7 labeled patients. Timing is of the real
 training path (`Trainer.train_until`: device-resident slices, device augmentation, bf16 and
-channels_last on CUDA by default), with the device synchronised at both ends of each measured run.
+channels_last and the CUDA-graph step on CUDA by default), with the device synchronised at both
+ends of each measured run.
 
 `--compare-reference-pipeline` runs the same strategy step fed the reference's way (h5 read and
 CPU augmentation per sample through a DataLoader whose workers restart every epoch, synchronous
