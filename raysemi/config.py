@@ -59,7 +59,8 @@ class TrainConfig:
                                   "the per-kernel launch cost): 'auto' (on for CUDA), 'on' or 'off'")
     compile: str = _f("off", "torch.compile the networks: 'on' fuses BatchNorm, activation and dropout kernels "
                              "(on an H200 with CUDA graphs: mean teacher 61 -> 80 it/s, supervised 73 -> 92 it/s) for "
-                             "about 45 s of compiling per process, less once inductor's on-disk cache has the graphs; "
+                             "about 45 s of compiling per process (and 13 s at the first validation), less once inductor's "
+                             "on-disk cache has the graphs; "
                              "'off'")
     # semi-supervised
     consistency: float = _f(0.1, "final weight of the unsupervised term", "strategy")

@@ -84,7 +84,8 @@ class GraphedStep:
         self.warmup_left = warmup
         self.graph: torch.cuda.CUDAGraph | None = None
         self.failure: str | None = None
-        self.static: dict[str, Tensor] = {}
+        self.static: dict[str, Tensor] = {}  # "draw/<k>", "input/<k>", "loop/<k>"
+        self.input_names: list[str] = []
         self.outputs: tuple[dict[str, Tensor], dict[str, Tensor]] = ({}, {})
         opt = trainer.optimizer
         if len(opt.param_groups) != 1 or opt.param_groups[0].get("nesterov") or opt.param_groups[0].get("dampening"):
@@ -124,10 +125,10 @@ class GraphedStep:
     # -- one iteration -------------------------------------------------------------------------
     def _run(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         t, s = self.trainer, self.static
-        batch = t.sampler.assemble(s["idx"], s["rows"], s.get("theta"))
+        batch = t.sampler.assemble(s["draw/idx"], s["draw/rows"], s.get("draw/theta"))
         if t.channels_last:
             batch.image = batch.image.contiguous(memory_format=torch.channels_last)
-        inputs = {k: s[k] for k in self.input_names}
+        inputs = {k: s[f"input/{k}"] for k in self.input_names}
         # autocast's cast cache must be off under capture (its cached casts would be freed)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=t.amp, cache_enabled=False):
             out = t.strategy.losses(batch, inputs)
@@ -137,25 +138,30 @@ class GraphedStep:
         params = [p for p, _ in pairs]
         grads = [p.grad for p in params]
         if self.momentum:
-            sgd_momentum_(params, grads, [b for _, b in pairs], s["lr"], self.momentum, self.weight_decay)
+            sgd_momentum_(params, grads, [b for _, b in pairs], s["loop/lr"], self.momentum, self.weight_decay)
         else:
             with torch.no_grad():
                 if self.weight_decay:
                     grads = torch._foreach_add(grads, params, alpha=self.weight_decay)
-                torch._foreach_sub_(params, torch._foreach_mul(grads, s["lr"]))
+                torch._foreach_sub_(params, torch._foreach_mul(grads, s["loop/lr"]))
         if self.teacher_params:
-            ema_(self.teacher_params, self.student_params, s["ema_keep"], s["ema_take"])
+            ema_(self.teacher_params, self.student_params, s["loop/ema_keep"], s["loop/ema_take"])
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=t.amp, cache_enabled=False):
             extra = t.strategy.after_step(batch, inputs)
         return ({k: v.detach() for k, v in out.items()}, {k: v.detach() for k, v in extra.items()})
 
     def __call__(self, draw: dict[str, Tensor], inputs: dict[str, float | Tensor], iteration: int,
                  lr: float) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        if self.graph is not None and list(inputs) != self.input_names:
+            raise ValueError(f"step inputs changed after capture: {self.input_names} -> {list(inputs)}; "
+                             "step_inputs must give the same names every iteration")
         self.input_names = list(inputs)
-        values: dict[str, float | Tensor] = {**draw, **inputs, "lr": lr}
+        # one namespace per source, so a strategy input can never shadow the loop's own buffers
+        values: dict[str, float | Tensor] = {**{f"draw/{k}": v for k, v in draw.items()},
+                                             **{f"input/{k}": v for k, v in inputs.items()}, "loop/lr": lr}
         if self.teacher_params:
             alpha = ema_alpha(iteration, self.trainer.strategy.ema_decay)
-            values.update(ema_keep=alpha, ema_take=1.0 - alpha)
+            values.update({"loop/ema_keep": alpha, "loop/ema_take": 1.0 - alpha})
         self._fill(values)
         if self.graph is not None:
             self.graph.replay()
@@ -209,8 +215,14 @@ class GraphedStep:
 def _release_generator(device: torch.device) -> None:
     """After a failed capture the CUDA generator still believes it is being captured (PyTorch
     ends that state only when capture succeeds), and every random op then fails. Give it a fresh
-    copy of its own state (same seed and offset), which is not in capture."""
+    copy of its own state, which is not in capture. Graphs captured earlier in this process (other
+    seeds' trainers) keep advancing the old state from the same offset, so the copy starts far
+    ahead of it: their draws and the eager ones must not repeat each other."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     generator = torch.cuda.default_generators[index]
     if hasattr(generator, "graphsafe_set_state"):
         generator.graphsafe_set_state(generator.clone_state())
+        try:
+            generator.set_offset(generator.get_offset() + 2 ** 44)
+        except Exception:  # noqa: BLE001 - an older PyTorch without offsets: no overlap guard
+            pass

@@ -287,6 +287,13 @@ class Trainer:
         """Why capture failed (training then went on eagerly), or None."""
         return self._graphed.failure if self._graphed is not None else None
 
+    @property
+    def graph_status(self) -> str:
+        """'on', 'off', or 'failed: <why>' (the value of the runs' `cuda_graphs` tag)."""
+        if self.graph_failure:
+            return f"failed: {self.graph_failure}"
+        return "on" if self.cuda_graphs else "off"
+
     def train_until(self, stop: int) -> None:
         """Train up to iteration `stop` (capped at max_iterations), validating on the way."""
         cfg = self.config

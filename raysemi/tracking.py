@@ -167,12 +167,13 @@ class MLflowCallback(Callback):
 
     def __init__(self, run: MLflowRun, run_dir: Path | None = None) -> None:
         self.run, self.run_dir = run, run_dir
+        self._graph_failure_tagged = False
 
     def on_train_start(self, trainer: Trainer) -> None:
         self.run.log_params(flat_params(trainer.config.to_dict()))
         self.run.set_tags({"strategy": trainer.config.method, "model": trainer.model_name,
                            "device": str(trainer.device), "amp": "bf16" if trainer.amp else "off",
-                           "cuda_graphs": "on" if trainer.cuda_graphs else "off"})
+                           "cuda_graphs": trainer.graph_status})
         if self.run_dir is not None:
             self.run.log_artifact(self.run_dir / "config.yaml")
 
@@ -181,6 +182,9 @@ class MLflowCallback(Callback):
 
     def on_eval(self, trainer: Trainer, iteration: int, metrics: dict[str, float], is_best: bool) -> None:
         self.run.log_metrics({k: v for k, v in metrics.items() if k != "iteration"}, iteration)
+        if trainer.graph_failure and not self._graph_failure_tagged:
+            self.run.set_tags({"cuda_graphs": trainer.graph_status})  # it fell back to eager training
+            self._graph_failure_tagged = True
 
     def on_train_end(self, trainer: Trainer, result: LoopResult) -> None:
         self.run.log_metrics({"best/val_dice": result.best_dice, "best/iteration": result.best_iteration},
@@ -405,6 +409,8 @@ def make_tune_callback(uri: str, experiment: str, parent_run_id: str, state_file
             metrics = {k: v for k, v in result.items() if isinstance(k, str) and ("/" in k or k in ("lr", "it_per_s"))
                        and isinstance(v, (int, float)) and not isinstance(v, bool)}
             run.log_metrics(metrics, step)
+            if result.get("cuda_graphs"):
+                run.set_tags({"cuda_graphs": str(result["cuda_graphs"])[:250]})
             if result.get("diverged"):
                 run.set_tags({"status": "failed", "failure_reason": result.get("failure_reason", "diverged")})
 

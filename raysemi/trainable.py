@@ -106,7 +106,8 @@ def train_trial(config: dict[str, Any], *, base: dict[str, Any], dataset: Datase
             target = (trainers[0].iteration // cfg.eval_interval + 1) * cfg.eval_interval
             for t in trainers:
                 t.train_until(target)
-            metrics = {**aggregate(trainers), **base_metrics, TIME_ATTR: trainers[0].iteration, "diverged": 0}
+            metrics = {**aggregate(trainers), **base_metrics, TIME_ATTR: trainers[0].iteration, "diverged": 0,
+                       "cuda_graphs": next((t.graph_status for t in trainers if t.graph_failure), trainers[0].graph_status)}
             with tempfile.TemporaryDirectory() as d:
                 for k, t in enumerate(trainers):
                     t.save(Path(d) / f"seed{k}.pt", full=True)

@@ -115,8 +115,13 @@ def test_schedule_values_reach_the_graphed_step(tiny_phantom, data):
         assert log["train/loss"] == pytest.approx(log["train/loss_sup"], rel=1e-6)
     for log in logs.logs[2:]:
         assert log["train/loss"] == pytest.approx(log["train/loss_sup"] + 0.1 * log["train/consistency"], rel=1e-5)
-    assert trainer._graphed.static["consistency_weight"].item() == pytest.approx(0.1)
-    assert trainer._graphed.static["lr"].item() == pytest.approx(trainer.optimizer.param_groups[0]["lr"])
+    static = trainer._graphed.static
+    assert static["input/consistency_weight"].item() == pytest.approx(0.1)
+    assert static["loop/lr"].item() == pytest.approx(trainer.optimizer.param_groups[0]["lr"])
+    # the buffers are filled in place, never replaced: a captured graph reads their addresses
+    addresses = {k: v.data_ptr() for k, v in static.items()}
+    trainer.train_until(6)
+    assert {k: v.data_ptr() for k, v in trainer._graphed.static.items()} == addresses
 
 
 def test_graphed_checkpoint_resumes_eagerly(tiny_phantom, data, tmp_path):
@@ -133,6 +138,23 @@ def test_graphed_checkpoint_resumes_eagerly(tiny_phantom, data, tmp_path):
     second, _ = make(tiny_phantom, data, "mean_teacher", graphed=False)
     second.load(tmp_path / "last.pt")
     second.train_until(6)
+    for a, b in zip(straight.strategy.state_dict().values(), second.strategy.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_eager_checkpoint_resumes_graphed(tiny_phantom, data, tmp_path):
+    """The other way round: a checkpoint of the op-by-op path continues on the graphed path."""
+    straight, _ = make(tiny_phantom, data, "adversarial", graphed=False)
+    first, _ = make(tiny_phantom, data, "adversarial", graphed=False)
+    torch.manual_seed(5)
+    straight.train_until(6)
+    torch.manual_seed(5)
+    first.train_until(3)
+    first.save(tmp_path / "last.pt")
+    second, _ = make(tiny_phantom, data, "adversarial", graphed=True)
+    second.load(tmp_path / "last.pt")
+    second.train_until(6)
+    assert second._graphed is not None
     for a, b in zip(straight.strategy.state_dict().values(), second.strategy.state_dict().values()):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
 
@@ -168,7 +190,7 @@ def test_cuda_graphs_config(tiny_phantom, data):
 # -- on a GPU ----------------------------------------------------------------------------------------
 def _no_dropout(trainer: Trainer) -> None:
     for m in trainer.strategy.modules():
-        if isinstance(m, nn.Dropout):
+        if isinstance(m, nn.modules.dropout._DropoutNd):  # Dropout and DAN's Dropout2d
             m.p = 0.0
 
 
@@ -191,8 +213,9 @@ def test_capture_replays_every_strategy(name, tiny_phantom, data):
 @pytest.mark.parametrize("name", ["supervised", "entropy_minimization", "interpolation_consistency",
                                   "pyramid_consistency", "adversarial"])
 def test_captured_step_equals_eager_step_on_cuda(name, tiny_phantom, data):
-    """Without dropout (the only device-side randomness of these five), 8 captured iterations give
-    the eager run's losses, and the same weight updates up to float summation order (fp32, TF32 off)."""
+    """Without module dropout, 8 captured iterations give the eager run's losses, and the same weight
+    updates up to float summation order (fp32, TF32 off). URPC's own random perturbations remain:
+    the graph replays them from the same generator positions as eager, which this test also shows."""
     runs = []
     tf32 = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False
@@ -214,10 +237,30 @@ def test_captured_step_equals_eager_step_on_cuda(name, tiny_phantom, data):
     # the network's 8-step update agrees to 5% of its size. Tensor by tensor it cannot: cuDNN's
     # backward sums with atomics, and updates that are tiny sums of large opposite gradients (the
     # first layer, conv biases before a BatchNorm) differed by 1-3.5% between two such runs on an
-    # H200. A wrong learning rate, weight decay, momentum or input is off by far more.
+    # H200. This catches a wrong input or a broken update; subtler errors (weight decay dropped, a
+    # learning rate frozen at capture) are the CPU tests' job (test_foreach_sgd_is_torch_sgd,
+    # test_graphed_path_trains_as_the_eager_path) and the loss check's above.
     da = torch.cat([(a - p0).double().flatten() for p0, a in zip(start, eager.strategy.student.parameters())])
     db = torch.cat([(b - p0).double().flatten() for p0, b in zip(start, graphed.strategy.student.parameters())])
     assert (db - da).norm() <= 0.05 * da.norm()
+
+
+@cuda
+def test_replays_read_this_iterations_values(tiny_phantom, data):
+    """Captured during mean teacher's warm-up (weight 0), replayed after it (weight 0.1): the replays
+    use the new weight and learning rate, so the buffers really feed the graph."""
+    trainer, logs = make(tiny_phantom, data, "mean_teacher", graphed=True, device="cuda", cuda_graphs="on",
+                         mt_warmup=5)
+    trainer.train_until(9)  # 3 warm-up iterations, capture at the 4th (weight 0), replays 5-9
+    assert trainer.graph_failure is None and trainer._graphed.graph is not None
+    for log in logs.logs[:5]:
+        assert log["train/consistency_weight"] == 0.0
+        assert log["train/loss"] == pytest.approx(log["train/loss_sup"], rel=1e-5)
+    for log in logs.logs[5:]:
+        assert log["train/consistency_weight"] == pytest.approx(0.1)
+        assert log["train/consistency"] > 0
+        assert log["train/loss"] == pytest.approx(log["train/loss_sup"] + 0.1 * log["train/consistency"], rel=1e-4)
+    assert trainer._graphed.static["loop/lr"].item() == pytest.approx(logs.logs[-1]["lr"], rel=1e-6)
 
 
 @cuda

@@ -33,7 +33,8 @@ StepInput = Union[float, Tensor]
 
 
 class Strategy(nn.Module):
-    """Base class. Subclasses set the class attributes and implement `step`."""
+    """Base class. Subclasses set the class attributes and implement `losses` (and, when their
+    inputs change with the iteration, `step_inputs`)."""
 
     name: ClassVar[str] = ""
     aliases: ClassVar[tuple[str, ...]] = ()
