@@ -281,3 +281,16 @@ def test_capture_failure_falls_back_to_eager(tiny_phantom, data):
         trainer.train_until(8)
     assert trainer.graph_failure and trainer.iteration == 8 and len(logs.logs) == 8
     assert all(math.isfinite(log["train/loss"]) for log in logs.logs)
+
+
+def test_graphed_path_without_momentum(tiny_phantom, data):
+    """momentum: 0 takes the plain update branch; it must still be torch's SGD."""
+    runs = []
+    for graphed in (False, True):
+        trainer, logs = make(tiny_phantom, data, "mean_teacher", graphed=graphed, momentum=0.0)
+        torch.manual_seed(5)
+        trainer.train_until(4)
+        runs.append(trainer)
+    for a, b in zip(runs[0].strategy.state_dict().values(), runs[1].strategy.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    assert not runs[1].optimizer.state_dict()["state"]  # no momentum buffers made up
