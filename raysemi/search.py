@@ -263,6 +263,9 @@ def _search(args, methods, spaces, base: TrainConfig, dataset, uri: str, storage
 
     nodes = alive_nodes()
     gpus, per_trial, concurrency = check_resources(args, cluster, nodes)
+    if per_trial == 0 and base.cuda_graphs == "on":  # else every trial would be refused, one by one
+        raise UserError("cuda_graphs: 'on' needs GPU trials, but this search runs its trials on CPUs (--gpus 0, "
+                        "or no GPU in the cluster); expected 'auto' (graphs on CUDA trials only) or 'off'")
     joined = args.address or os.environ.get("RAY_ADDRESS")
     cluster_line = describe(nodes, ray.get_runtime_context().gcs_address if joined else "")
     print(cluster_line, flush=True)

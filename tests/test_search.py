@@ -138,6 +138,18 @@ def test_asking_for_more_gpus_than_the_cluster_has_is_a_clear_error(tiny_phantom
     assert code == 2 and err[-1].startswith("error: --gpus: 4 asked, but the Ray cluster has 0 GPUs")
 
 
+@pytest.mark.slow
+def test_cuda_graphs_on_with_cpu_trials_is_refused_before_any_trial(tiny_phantom, tmp_path, capsys):
+    code = run_cli(search_main, ["--method", "supervised", "--data", str(tiny_phantom), *TINY[:-8],
+                                 "--num-cpus", "2", "--gpus", "0", "--cuda-graphs", "on", "--storage", str(tmp_path),
+                                 "--name", "g", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1] == ("error: cuda_graphs: 'on' needs GPU trials, but this search runs its trials on "
+                                     "CPUs (--gpus 0, or no GPU in the cluster); expected 'auto' (graphs on CUDA "
+                                     "trials only) or 'off'"), err
+    assert not (tmp_path / "g").exists()  # nothing started, nothing to resume
+
+
 @pytest.mark.parametrize("content,match", [
     ("learning_rate: {type: uniform, low: 0.1, high: 0.2}\n", "learning_rate: not a config field"),
     ("ema_decay: {type: uniform, low: 0.9}\n", "ema_decay: low/high"),
