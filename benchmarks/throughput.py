@@ -7,6 +7,7 @@ device memory and one validation pass's time, over several repeats; prints a tab
     python benchmarks/throughput.py --device cuda --methods supervised,mt --profile 20          # where time goes
     python benchmarks/throughput.py --device cuda --compare-eager                               # CUDA graphs' gain
     python benchmarks/throughput.py --device cuda --methods mt --compile                       # with torch.compile
+    python benchmarks/throughput.py --device cuda --compare-compile                             # compile's gain
 
 The reference size is batch 24 (12 labeled), 256x256, 7 labeled patients. Timing is of the real
 training path (`Trainer.train_until`: device-resident slices, device augmentation, bf16 and
@@ -46,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from raysemi.config import TrainConfig, save_yaml  # noqa: E402
 from raysemi.data import load_dataset  # noqa: E402
+from raysemi.inference import evaluate_volumes  # noqa: E402
 from raysemi.loop import Trainer  # noqa: E402
 from raysemi.methods import get_method, list_methods, resolve_method_name  # noqa: E402
 
@@ -100,19 +102,28 @@ def measure(method: str, data, args, **over) -> dict:
         summary = trainer.evaluate(distances=True)
         sync(device)
         val_s.append(time.perf_counter() - t0)
+    # the same pass with the metrics computed serially after each volume (before they moved to threads)
+    cfg = trainer.config
+    sync(device)
+    t0 = time.perf_counter()
+    evaluate_volumes(trainer.eval_network(), data.val, cfg.num_classes, cfg.patch_size, device, cfg.eval_batch_size,
+                     True, trainer.amp, trainer.channels_last, workers=1)
+    sync(device)
+    val_serial_s = time.perf_counter() - t0
     peak = (torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     row = {"method": method, "it_per_s_mean": statistics.mean(rates), "it_per_s_median": statistics.median(rates),
            "it_per_s_runs": rates, "ms_per_step": 1000 / statistics.median(rates), "peak_mem_mib": peak,
            "peak_mem_kind": "device" if device.type == "cuda" else "process RSS", "val_pass_s": min(val_s),
-           "val_pass_first_s": val_s[0], "val_dice": summary.means()["dice"], "val_volumes": len(data.val),
+           "val_pass_first_s": val_s[0], "val_pass_serial_metrics_s": val_serial_s,
+           "val_metric_threads": torch.get_num_threads(), "val_dice": summary.means()["dice"], "val_volumes": len(data.val),
            "device": str(device), "amp": trainer.amp, "channels_last": trainer.channels_last,
            "compiled": trainer.config.compile == "on", "compile_warmup_s": compile_s,
            "cuda_graphs": trainer.cuda_graphs and trainer.graph_failure is None, "graph_failure": trainer.graph_failure,
            "timed_window_unix": window}
     if args.profile:
         row["profile"] = profile(trainer, args.profile)
-    if args.compare_reference_pipeline and "cuda_graphs" not in over:
+    if args.compare_reference_pipeline and not over:  # once per strategy, beside the main row
         row.update(measure_reference(method, data, args, trainer))
     del trainer
     if device.type == "cuda":
@@ -167,7 +178,7 @@ def measure_packed(method: str, args) -> dict:
     gpus = 1 if args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available()) else 0
     with tempfile.TemporaryDirectory() as tmp:
         base = bench_config(method, args, eval_interval=args.packed_eval_interval, log_interval=20,
-                            max_iterations=args.packed_iterations)
+                            max_iterations=args.packed_iterations, compile="on" if args.compile else "off")
         base.device = "auto"
         save_yaml(base, Path(tmp) / "base.yaml")
         cmd = [sys.executable, "-m", "raysemi.search", "--method", method, "--config", str(Path(tmp) / "base.yaml"),
@@ -194,7 +205,8 @@ def measure_packed(method: str, args) -> dict:
             trials.append({"trial": result.parent.name, "reports": len(reports), "iterations": last["iteration"],
                            "steady_it_per_s": rate, "trial_seconds": last["time_total_s"]})
     done = [t for t in trials if t["reports"] >= 2]
-    return {"method": method, "packed": n, "gpus_per_trial": 1 / n if gpus else 0, "trials": trials,
+    return {"method": method, "packed": n, "gpus_per_trial": 1 / n if gpus else 0, "compiled": args.compile,
+            "trials": trials,
             "total_steady_it_per_s": sum(t["steady_it_per_s"] for t in done),
             "search_wall_s": wall, "search_it_per_s": sum(t["iterations"] for t in trials) / wall,
             "command": " ".join(cmd[1:])}
@@ -217,6 +229,8 @@ def main() -> int:
                    help="capture each iteration as a CUDA graph ('auto': on for CUDA)")
     p.add_argument("--compare-eager", action="store_true",
                    help="also time each strategy with cuda_graphs off, in the same run (the graphs' gain)")
+    p.add_argument("--compare-compile", action="store_true",
+                   help="also time each strategy with compile: on (beside the same CUDA-graph setting), same run")
     p.add_argument("--compare-reference-pipeline", action="store_true",
                    help="also time the same step fed and validated the reference's way")
     p.add_argument("--reference-iterations", type=int, default=66,
@@ -230,6 +244,8 @@ def main() -> int:
     p.add_argument("--packed-cpus-per-trial", type=int, default=2)
     p.add_argument("--out", default="benchmarks/results/throughput.json")
     args = p.parse_args()
+    if args.compile and args.compare_compile:
+        p.error("--compile and --compare-compile: choose one (--compare-compile times both)")
     methods = list_methods() if args.methods == "all" else [resolve_method_name(m) for m in args.methods.split(",")]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -250,6 +266,7 @@ def main() -> int:
         ref = args.compare_reference_pipeline
         head = f"{'strategy':<32}{'it/s':>9}{'ms/step':>9}{'peak MiB':>10}{'val s':>8}"
         head += f"{'eager it/s':>11}{'gain':>6}" if args.compare_eager else ""
+        head += f"{'compiled it/s':>14}{'gain':>6}{'compile s':>10}" if args.compare_compile else ""
         head += f"{'ref it/s':>10}{'ratio':>7}{'ref val s':>10}{'ratio':>7}" if ref else ""
         print(head)
         for m in methods:
@@ -265,7 +282,16 @@ def main() -> int:
                                                         "ms_per_step", "peak_mem_mib", "val_dice")})
                 r["graph_gain"] = r["it_per_s_median"] / e["it_per_s_median"]
                 line += f"{e['it_per_s_median']:>11.2f}{r['graph_gain']:>5.2f}x"
+            if args.compare_compile:
+                c = measure(m, data, args, compile="on")
+                r.update({f"compiled_{k}": c[k] for k in ("it_per_s_mean", "it_per_s_median", "it_per_s_runs",
+                                                           "ms_per_step", "peak_mem_mib", "val_pass_s", "val_dice",
+                                                           "compile_warmup_s", "cuda_graphs", "graph_failure")})
+                r["compile_gain"] = c["it_per_s_median"] / r["it_per_s_median"]
+                line += f"{c['it_per_s_median']:>14.2f}{r['compile_gain']:>5.2f}x{c['compile_warmup_s']:>10.1f}"
             if ref:
+                if args.compare_compile:
+                    r["compiled_speedup"] = r["compiled_it_per_s_median"] / r["ref_it_per_s"]
                 r["speedup"] = r["it_per_s_median"] / r["ref_it_per_s"]
                 r["val_speedup"] = r["ref_val_pass_s"] / r["val_pass_s"]
                 line += (f"{r['ref_it_per_s']:>10.2f}{r['speedup']:>6.1f}x{r['ref_val_pass_s']:>10.2f}"

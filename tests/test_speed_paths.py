@@ -26,6 +26,32 @@ def test_batched_validation_equals_slice_by_slice(tiny_phantom):
     assert np.array_equal(a, b)
 
 
+def test_validation_metrics_on_threads_equal_the_serial_pass(tiny_phantom, monkeypatch):
+    """The host's surface distances run on worker threads while the next volumes are segmented;
+    the result is the serial pass's, in the volumes' order."""
+    import threading
+
+    from raysemi import inference
+
+    torch.manual_seed(0)
+    model = create_model("unet", in_channels=1, num_classes=4).eval()
+    with torch.no_grad():
+        model.head.bias.copy_(torch.tensor([0.0, 0.1, 0.05, 0.02]))
+    volumes = load_volumes(tiny_phantom, "test", 4)
+    threads = []
+    real = inference.case_metrics
+    monkeypatch.setattr(inference, "case_metrics",
+                        lambda *a, **k: threads.append(threading.current_thread().name) or real(*a, **k))
+    serial = evaluate_volumes(model, volumes, 4, (32, 32), torch.device("cpu"), workers=1)
+    assert threads == [threading.current_thread().name] * len(volumes)
+    threads.clear()
+    pooled = evaluate_volumes(model, volumes, 4, (32, 32), torch.device("cpu"), workers=3)
+    assert len(threads) == len(volumes) and all(t.startswith("raysemi-metrics") for t in threads)
+    assert [name for name, _ in pooled.per_case] == [v.name for v in volumes] == [name for name, _ in serial.per_case]
+    assert np.array_equal(pooled.table(), serial.table())
+    assert not np.isnan(pooled.table()).any() and pooled.means()["hd95"] > 0  # the distances were computed
+
+
 @pytest.mark.parametrize("name", list_methods())
 def test_bf16_channels_last_step_matches_fp32(name):
     cls = get_method(name)
@@ -65,7 +91,7 @@ def test_throughput_benchmark_cpu_smoke(tiny_phantom, tmp_path):
                            "--labeled-patients", "2", "--size", "32", "--batch-size", "16", "--device", "cpu",
                            "--warmup", "2", "--iterations", "3", "--repeats", "2", "--compare-reference-pipeline",
                            "--reference-iterations", "8", "--reference-workers", "1", "--profile", "2", "--compare-eager",
-                           "--out", str(out)],
+                           "--compare-compile", "--out", str(out)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
@@ -76,6 +102,12 @@ def test_throughput_benchmark_cpu_smoke(tiny_phantom, tmp_path):
         assert r["cuda_graphs"] is False and r["eager_it_per_s_median"] > 0
         assert r["graph_gain"] == pytest.approx(r["it_per_s_median"] / r["eager_it_per_s_median"])
     assert "it/s" in proc.stdout and "mean_teacher" in proc.stdout
+    # --compare-compile timed compile: on too, and its ratios come from the same run
+    for r in rows:
+        assert r["compiled"] is False and r["compiled_it_per_s_median"] > 0 and r["compiled_compile_warmup_s"] > 0
+        assert r["compile_gain"] == pytest.approx(r["compiled_it_per_s_median"] / r["it_per_s_median"])
+        assert r["compiled_speedup"] == pytest.approx(r["compiled_it_per_s_median"] / r["ref_it_per_s"])
+        assert r["val_pass_serial_metrics_s"] > 0  # the validation pass without metric threads, for comparison
     # the reference feed ran (several of its short epochs) and the ratios come from the same run
     for r in rows:
         assert r["ref_it_per_s"] > 0 and r["ref_epochs"] >= 2 and 0 <= r["ref_val_dice"] <= 1
