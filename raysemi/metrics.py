@@ -9,7 +9,10 @@ HD95 (a model that predicts nothing gets a perfect distance). Here, per class an
   largest distance possible inside it, in mm when the spacing is known, voxels otherwise): the
   worst score, not the best. Such cases are counted (`empty_pred`, `empty_gt`) so they can be
   reported.
-Distances use the voxel spacing (z, y, x) when given.
+Distances use the voxel spacing (z, y, x) when given. HD95 and ASD are medpy's; their surface
+distances are computed here by a nearest-neighbour search over surface voxels (`surface_distances`),
+several times faster than medpy's distance transforms and equal to them within float rounding
+(tests/test_metrics.py compares both ways against medpy).
 """
 
 from __future__ import annotations
@@ -17,10 +20,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from medpy.metric import binary
+from scipy import ndimage
+from scipy.spatial import cKDTree
 
 METRICS = ("dice", "hd95", "asd", "jaccard")
-_surface_distances = getattr(binary, "__surface_distances")
 
 
 def diagonal(shape: tuple[int, ...], spacing: tuple[float, ...] | None) -> float:
@@ -37,6 +40,32 @@ def _union_box(a: np.ndarray, b: np.ndarray) -> tuple[slice, ...]:
         hit = np.flatnonzero(union.any(axis=tuple(i for i in range(union.ndim) if i != axis)))
         box.append(slice(max(int(hit[0]) - 1, 0), min(int(hit[-1]) + 2, union.shape[axis])))
     return tuple(box)
+
+
+def surface(mask: np.ndarray) -> np.ndarray:
+    """The voxels of `mask` with a background face-neighbour (outside the array counts as
+    background): medpy's object border, `mask ^ binary_erosion(mask)` with connectivity 1."""
+    return mask ^ ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(mask.ndim, 1))
+
+
+def surface_distances(pred: np.ndarray, gt: np.ndarray, spacing: tuple[float, ...] | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """For each surface voxel of `pred`, the distance to the nearest surface voxel of `gt`, and the
+    other way round: medpy's `__surface_distances(pred, gt)` and `(gt, pred)`, which HD95 and ASD
+    are made of. Both masks must be non-empty.
+
+    medpy takes a Euclidean distance transform over the whole volume, twice, and erodes each mask
+    twice. Here each mask is eroded once, on the bounding box of both (grown by one voxel, so the
+    erosion sees the same neighbours: exact), and the nearest surface voxel is found by a k-d tree
+    over the surface voxels' positions in spacing units. The cost follows the number of surface
+    voxels instead of the volume's size, which matters for early, speckled predictions whose
+    bounding box is the whole volume. Equal to medpy within float rounding (tested).
+    """
+    box = _union_box(pred, gt)
+    sp = np.ones(pred.ndim) if spacing is None else np.asarray(spacing, dtype=float)
+    a = np.argwhere(surface(pred[box])) * sp
+    b = np.argwhere(surface(gt[box])) * sp
+    return cKDTree(b).query(a, k=1)[0], cKDTree(a).query(b, k=1)[0]
 
 
 def binary_metrics(pred: np.ndarray, gt: np.ndarray, spacing: tuple[float, ...] | None = None,
@@ -61,12 +90,7 @@ def binary_metrics(pred: np.ndarray, gt: np.ndarray, spacing: tuple[float, ...] 
     jac = inter / np.count_nonzero(pred | gt)
     out = {"dice": float(dice), "jaccard": float(jac), "empty_pred": 0.0, "empty_gt": 0.0}
     if distances:
-        # distances only involve voxels inside the union's bounding box, so computing the
-        # distance transforms on that box (plus a one-voxel margin for the erosion) is exact and
-        # several times faster than on the whole volume (tested against medpy on whole volumes)
-        box = _union_box(pred, gt)
-        d_pg = _surface_distances(pred[box], gt[box], spacing, 1)
-        d_gp = _surface_distances(gt[box], pred[box], spacing, 1)
+        d_pg, d_gp = surface_distances(pred, gt, spacing)
         out["hd95"] = float(np.percentile(np.hstack((d_pg, d_gp)), 95))  # = medpy hd95
         out["asd"] = float(d_pg.mean())  # = medpy asd (prediction -> ground truth)
     else:

@@ -98,3 +98,29 @@ def test_cropped_distances_equal_medpy_on_the_whole_volume(seed):
     m = binary_metrics(pred, gt, spacing)
     assert m["hd95"] == pytest.approx(mb.hd95(pred, gt, spacing), rel=1e-12)
     assert m["asd"] == pytest.approx(mb.asd(pred, gt, spacing), rel=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_surface_distances_equal_medpys_both_ways_on_speckled_masks(seed, ndim):
+    # a realistic early prediction: the truth shifted, with speckles anywhere (so the bounding box is
+    # the whole volume), one-voxel-thin parts (whose border is the whole object) and touching the edge
+    from medpy.metric.binary import __surface_distances as medpy_surface_distances
+
+    from raysemi.metrics import surface_distances
+
+    rng = np.random.default_rng(seed)
+    shape = (5, 48, 40)[-ndim:]
+    gt = np.zeros(shape, bool)
+    gt[(slice(None),) * (ndim - 2) + (slice(10, 30), slice(8, 24))] = True
+    gt[(slice(None),) * (ndim - 2) + (slice(0, 40), 30)] = True  # thin, from the edge
+    pred = np.roll(gt, int(rng.integers(1, 4)), axis=-1) | (rng.random(shape) < 0.01)
+    spacing = (6.5, 0.78, 0.93)[-ndim:]
+    for sp in (spacing, None):
+        d_pg, d_gp = surface_distances(pred, gt, sp)
+        np.testing.assert_allclose(np.sort(d_pg), np.sort(medpy_surface_distances(pred, gt, sp, 1)), rtol=1e-12)
+        np.testing.assert_allclose(np.sort(d_gp), np.sort(medpy_surface_distances(gt, pred, sp, 1)), rtol=1e-12)
+        m = binary_metrics(pred, gt, sp)
+        assert m["hd95"] == pytest.approx(mb.hd95(pred, gt, sp), rel=1e-12)
+        assert m["asd"] == pytest.approx(mb.asd(pred, gt, sp), rel=1e-12)
+        assert m["hd95"] > 0
