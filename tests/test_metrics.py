@@ -3,6 +3,7 @@ import math
 import numpy as np
 import pytest
 from medpy.metric import binary as mb
+from scipy.spatial import cKDTree
 
 from raysemi.metrics import Summary, binary_metrics, case_metrics, diagonal
 
@@ -117,10 +118,28 @@ def test_surface_distances_equal_medpys_both_ways_on_speckled_masks(seed, ndim):
     pred = np.roll(gt, int(rng.integers(1, 4)), axis=-1) | (rng.random(shape) < 0.01)
     spacing = (6.5, 0.78, 0.93)[-ndim:]
     for sp in (spacing, None):
-        d_pg, d_gp = surface_distances(pred, gt, sp)
-        np.testing.assert_allclose(np.sort(d_pg), np.sort(medpy_surface_distances(pred, gt, sp, 1)), rtol=1e-12)
-        np.testing.assert_allclose(np.sort(d_gp), np.sort(medpy_surface_distances(gt, pred, sp, 1)), rtol=1e-12)
+        for method in ("edt", "kdtree", "auto"):  # both exact methods, in medpy's voxel order
+            d_pg, d_gp = surface_distances(pred, gt, sp, method)
+            np.testing.assert_allclose(d_pg, medpy_surface_distances(pred, gt, sp, 1), rtol=1e-12)
+            np.testing.assert_allclose(d_gp, medpy_surface_distances(gt, pred, sp, 1), rtol=1e-12)
         m = binary_metrics(pred, gt, sp)
         assert m["hd95"] == pytest.approx(mb.hd95(pred, gt, sp), rel=1e-12)
         assert m["asd"] == pytest.approx(mb.asd(pred, gt, sp), rel=1e-12)
         assert m["hd95"] > 0
+
+
+def test_surface_distances_take_the_cheaper_method_and_refuse_an_unknown_one(monkeypatch):
+    from raysemi import metrics
+
+    gt = np.zeros((4, 64, 64), bool)
+    gt[:, 20:40, 20:40] = True
+    speckled = np.roll(gt, 2, axis=-1)
+    speckled[0, 0, 0] = speckled[3, 63, 63] = True  # the bounding box becomes the whole volume
+    used = []
+    monkeypatch.setattr(metrics, "cKDTree", lambda pts: used.append("kdtree") or cKDTree(pts))
+    metrics.surface_distances(np.roll(gt, 2, axis=-1), gt)
+    assert used == []  # a compact box: the distance transform
+    metrics.surface_distances(speckled, gt)
+    assert used == ["kdtree", "kdtree"]
+    with pytest.raises(ValueError, match="method must be"):
+        metrics.surface_distances(gt, gt, None, "fast")

@@ -164,3 +164,23 @@ def test_compile_switch_trains_like_eager_and_keeps_checkpoints_plain(tiny_phant
     again = Trainer(tiny_config(tiny_phantom, method="mean_teacher", mt_warmup=0, max_iterations=4), data)
     again.load(tmp_path / "on" / "last.pt")
     assert again.iteration == 3
+
+
+def test_validation_metrics_benchmark_smoke(tiny_phantom, tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent.parent / "benchmarks" / "validation_metrics.py"
+    out = tmp_path / "v.json"
+    proc = subprocess.run([sys.executable, str(script), "--data", str(tiny_phantom), "--speckles", "0,0.01",
+                           "--threads", "1,2", "--repeats", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert [r["speckle"] for r in report["rows"]] == [0.0, 0.01] and report["volumes"] >= 1
+    for r in report["rows"]:
+        assert all(r[k] > 0 for k in ("medpy_s", "medpy_box_s", "raysemi_s", "raysemi_x1_s", "raysemi_x2_s"))
+        assert r["speedup_vs_medpy"] == pytest.approx(r["medpy_s"] / r["raysemi_x2_s"])
+    assert "vs medpy" in proc.stdout
