@@ -60,8 +60,9 @@ takes labeled patients only. Images are min-max normalised per case; spacing (z,
 for NIfTI, not for PNG. Slice files are numbered from 1, like prepare-acdc's."""
 
 OUT_HELP = ("output folder; must be new or empty unless --overwrite; built beside it and renamed into place")
-OVERWRITE_HELP = ("write into an --out that has content: replaces only the files this command writes, deletes "
-                  "nothing (files of an earlier dataset that are not rewritten stay, unlisted)")
+OVERWRITE_HELP = ("replace the dataset in an --out that has content: the old dataset's files (the .list files, "
+                  "phantom.txt, data/*.h5, data/slices/*.h5) are all replaced or removed, or on an error all kept "
+                  "(a backup .<out>.old-* beside --out while it runs); your other files there stay")
 
 
 def build_parser() -> ArgumentParser:
