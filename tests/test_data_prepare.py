@@ -347,7 +347,7 @@ def test_import_png_slices_grouped_by_integer_index(tmp_path, capsys):
     Image.fromarray(np.repeat(gray[..., None], 3, axis=2)).save(folder / "s5.png")
     write_png(folder / "s5_seg.png", np.ones((20, 24), np.uint8))
     (folder / ".DS_Store").write_bytes(b"\0")
-    (folder / "sub").mkdir()  # hidden files and subfolders are ignored
+    (folder / "sub").mkdir()  # hidden files are ignored; an empty subfolder adds nothing
 
     out = tmp_path / "mine"
     rc, stdout, err = call(["import", "--images", folder, "--labels", folder, "--out", out], capsys)
@@ -661,3 +661,85 @@ def test_overwrite_refuses_a_clash_and_changes_nothing(case, tmp_path, capsys):
     assert snapshot(out) == before and (out / "train.list").is_dir() == (case == "folder_for_a_list")
     assert_nothing_written(tmp_path, "img", "lab", "out")
 
+
+# ---- import: subfolders ----------------------------------------------------------------------------
+def _nest(flat: Path, nested: Path, rename: dict[str, str] | None = None) -> None:
+    """Copy each file of `flat` into a folder per patient under `nested` (p01 two levels down)."""
+    for p in flat.iterdir():
+        pid = p.name.split(".")[0].split("_")[0]  # p01_gt.nii.gz, pat7_frame01.nii.gz -> p01, pat7
+        folder = nested / ("site_a" if pid == "p01" else "") / pid
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(p, folder / (rename or {}).get(p.name, p.name))
+
+
+@pytest.mark.parametrize("layout", ["labels_tree", "labels_beside_images", "labels_and_out_inside_images"])
+def test_import_nested_folders_give_the_flat_layouts_dataset(layout, tmp_path, capsys):
+    write_nifti_set(tmp_path / "img", tmp_path / "lab", np.random.default_rng(1))
+    flat = tmp_path / "flat"
+    assert call(["import", "--images", tmp_path / "img", "--labels", tmp_path / "lab", "--out", flat], capsys)[0] == 0
+
+    root = tmp_path / "nested"
+    images, labels, out = root, root / "masks", tmp_path / "out"
+    if layout == "labels_tree":
+        images = root / "scans"
+    elif layout == "labels_beside_images":
+        labels = images
+    else:
+        out = root / "dataset"
+    _nest(tmp_path / "img", images)
+    _nest(tmp_path / "lab", labels, {"p01.nii.gz": "p01_gt.nii.gz"} if labels == images else None)
+    (images / ".ipynb_checkpoints").mkdir()  # a hidden folder is not searched
+    shutil.copy(tmp_path / "img" / "p02.nii.gz", images / ".ipynb_checkpoints" / "p02.nii.gz")
+    assert (images / "site_a" / "p01" / "p01.nii.gz").is_file()
+    args = ["import", "--images", images, "--labels", labels, "--out", out]
+    rc, stdout, err = call(args, capsys)
+    assert rc == 0, err
+    assert "8 labeled cases, 3 unlabeled" in stdout
+    assert snapshot(out) == snapshot(flat)
+    if layout == "labels_and_out_inside_images":  # again: --out (now full of .h5) is not searched either
+        rc, _, err = call([*args, "--overwrite"], capsys)
+        assert rc == 0, err
+        assert snapshot(out) == snapshot(flat)
+
+
+def _twice_in_subfolders(t: Path) -> None:
+    img, _ = _nifti_pair(t)
+    (img / "a").mkdir()
+    (img / "b").mkdir()
+    (img / "c1.nii.gz").rename(img / "a" / "c1.nii.gz")
+    shutil.copy(img / "a" / "c1.nii.gz", img / "b" / "c1.nii")
+
+
+def _label_twice_in_subfolders(t: Path) -> None:
+    _, lab = _nifti_pair(t)
+    (lab / "x").mkdir()
+    shutil.copy(lab / "c2_gt.nii.gz", lab / "x" / "c2_gt.nii.gz")
+
+
+def _png_case_in_two_folders(t: Path) -> None:
+    img, _ = _png_pair(t)
+    for k, sub in ((1, "a"), (2, "b")):
+        (img / sub).mkdir()
+        write_png(img / sub / f"v_slice_{k}.png", np.zeros((16, 16), np.uint8))
+
+
+NESTED_BAD = {
+    "image_twice": (_twice_in_subfolders, lambda t: [f"{t / 'img' / 'b' / 'c1.nii'}: image name 'c1' again",
+                                                     f"(also {t / 'img' / 'a' / 'c1.nii.gz'})"]),
+    "label_twice": (_label_twice_in_subfolders,
+                    lambda t: [f"{t / 'lab' / 'x' / 'c2_gt.nii.gz'}: label name 'c2_gt' again",
+                               f"(also {t / 'lab' / 'c2_gt.nii.gz'})"]),
+    "png_case_in_two_folders": (_png_case_in_two_folders,
+                                lambda t: [f"{t / 'img' / 'b' / 'v_slice_2.png'}: a slice of case 'v' in another "
+                                           f"folder than {t / 'img' / 'a' / 'v_slice_1.png'}"]),
+}
+
+
+@pytest.mark.parametrize("case", NESTED_BAD)
+def test_import_refuses_one_name_from_two_subfolders(case, tmp_path, capsys):
+    make, needles = NESTED_BAD[case]
+    make(tmp_path)
+    rc, _, err = call(["import", "--images", tmp_path / "img", "--labels", tmp_path / "lab",
+                       "--out", tmp_path / "out", "--num-classes", 3], capsys)
+    assert_error(rc, err, *needles(tmp_path))
+    assert_nothing_written(tmp_path, "img", "lab")
