@@ -5,6 +5,9 @@ Pillow, converted through the CLI's `main`, read back with the layout reader; ev
 
 from __future__ import annotations
 
+import errno
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +20,7 @@ from PIL import Image
 
 from raysemi.data import load_dataset, read_list, shipped_list
 from raysemi.data.__main__ import main
+from raysemi.data.convert import dataset_files
 from raysemi.errors import UserError, run_cli
 
 SPACING_XYZ = (1.5, 1.25, 10.0)  # as SimpleITK takes it; the h5 holds (z, y, x)
@@ -343,7 +347,7 @@ def test_import_png_slices_grouped_by_integer_index(tmp_path, capsys):
     Image.fromarray(np.repeat(gray[..., None], 3, axis=2)).save(folder / "s5.png")
     write_png(folder / "s5_seg.png", np.ones((20, 24), np.uint8))
     (folder / ".DS_Store").write_bytes(b"\0")
-    (folder / "sub").mkdir()  # hidden files and subfolders are ignored
+    (folder / "sub").mkdir()  # hidden files are ignored; an empty subfolder adds nothing
 
     out = tmp_path / "mine"
     rc, stdout, err = call(["import", "--images", folder, "--labels", folder, "--out", out], capsys)
@@ -492,3 +496,250 @@ def test_cli_subprocess_one_line_error(tmp_path):
                            "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
     assert_error(proc.returncode, proc.stderr, "--images folder is empty")
     assert not (tmp_path / "out").exists()
+
+
+# ---- --overwrite: the old dataset replaced as a whole, or not at all -------------------------------
+def snapshot(folder: Path) -> dict[str, bytes | None]:
+    """Everything under `folder` (hidden too) by its relative path: a file's bytes, None for a folder."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() if p.is_file() else None
+            for p in sorted(folder.rglob("*"))}
+
+
+USER_FILES = {"keep.txt": KEEP, "data/notes.txt": "which scanner\n", "data/slices/README": "mine\n",
+              "other.list": "not one of the four lists\n", "mine/scan.h5": "an .h5 outside data/ and data/slices/\n"}
+
+
+def _imported_with_user_files(tmp_path: Path, capsys) -> tuple[Path, list]:
+    """A dataset imported from 11 NIfTI cases into tmp_path/out, plus the user's own files there; and
+    the arguments that import a smaller set (4 cases) over it."""
+    write_nifti_set(tmp_path / "big_img", tmp_path / "big_lab", np.random.default_rng(1))
+    out = tmp_path / "out"
+    rc, _, err = call(["import", "--images", tmp_path / "big_img", "--labels", tmp_path / "big_lab", "--out", out],
+                      capsys)
+    assert rc == 0, err
+    for rel, text in USER_FILES.items():
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_text(text)
+    small = tmp_path / "small"
+    small.mkdir()
+    img, lab = _nifti_pair(small)
+    return out, ["import", "--images", img, "--labels", lab, "--out", out, "--num-classes", 3]
+
+
+def test_overwrite_leaves_exactly_the_new_dataset_and_the_users_files(tmp_path, capsys):
+    out, small_args = _imported_with_user_files(tmp_path, capsys)
+    old_slices = {p.name for p in (out / "data" / "slices").glob("*.h5")}
+    assert len(old_slices) > 20
+    rc, _, err = call([*small_args, "--overwrite"], capsys)
+    assert rc == 0, err
+
+    fresh = tmp_path / "fresh"  # the same small import into a new folder: what the dataset must be
+    assert call([*small_args[:-4], "--out", fresh, "--num-classes", 3], capsys)[0] == 0
+    got, want = snapshot(out), snapshot(fresh)
+    assert got == {**want, "mine": None, **{rel: text.encode() for rel, text in USER_FILES.items()}}
+    assert not old_slices & {p.name for p in (out / "data" / "slices").glob("*.h5")}  # no stale slice
+    assert read_list(out, "train_slices") == read_list(fresh, "train_slices")
+    assert_nothing_written(tmp_path, "big_img", "big_lab", "small", "out", "fresh")  # no backup, no temp
+
+
+def test_overwrite_of_a_phantom_folder_removes_the_phantom(tmp_path, capsys):
+    from raysemi.data import write_phantom
+
+    out = write_phantom(tmp_path / "out", patients=3, size=(32, 32))
+    (out / "keep.txt").write_text(KEEP)
+    img, lab = _nifti_pair(tmp_path)
+    rc, _, err = call(["import", "--images", img, "--labels", lab, "--out", out, "--num-classes", 3,
+                       "--overwrite"], capsys)
+    assert rc == 0, err
+    files = snapshot(out)
+    assert "phantom.txt" not in files and files["keep.txt"] == KEEP.encode()
+    assert {Path(f).stem for f in files if f.startswith("data/slices/")} == set(read_list(out, "train_slices"))
+    assert_nothing_written(tmp_path, "img", "lab", "out")
+
+
+def _fail_rename(monkeypatch, at: int, error: BaseException, every_later: bool = False) -> list:
+    """os.replace raises `error` on its `at`-th call (and on every later one if asked); returns the
+    targets of the calls, for the test to check where it failed. The swap's renames are the only
+    os.replace calls of an import into a folder that has content."""
+    calls: list = []
+    real = os.replace
+
+    def replace(src, dst):
+        calls.append(Path(dst))
+        if len(calls) == at or (every_later and len(calls) > at):
+            raise error
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    return calls
+
+
+@pytest.mark.parametrize("where", ["first_aside", "mid_aside", "first_in", "mid_in", "last_in", "ctrl_c"])
+def test_a_failure_in_the_swap_leaves_the_old_dataset_as_it_was(where, tmp_path, capsys, monkeypatch):
+    out, small_args = _imported_with_user_files(tmp_path, capsys)
+    fresh = tmp_path / "fresh"
+    assert call([*small_args[:-4], "--out", fresh, "--num-classes", 3], capsys)[0] == 0
+    n_old, n_new = len(dataset_files(out)), len(dataset_files(fresh))  # renames aside, then renames in
+    assert n_old > 2 * n_new > 10
+    at = {"first_aside": 1, "mid_aside": n_old // 2, "first_in": n_old + 1, "mid_in": n_old + n_new // 2,
+          "last_in": n_old + n_new, "ctrl_c": n_old + 3}[where]  # last_in: train_slices.list
+    before = snapshot(out)
+    error = KeyboardInterrupt() if where == "ctrl_c" else OSError(errno.ENOSPC, "No space left on device")
+    calls = _fail_rename(monkeypatch, at, error)
+    rc, _, err = call([*small_args, "--overwrite"], capsys)
+    monkeypatch.undo()
+    assert len(calls) >= at
+    if where == "last_in":  # the lists come in last, train_slices.list the very last
+        assert calls[at - 1] == out / "train_slices.list" and calls[at - 2].suffix == ".list"
+    if where == "ctrl_c":
+        assert rc == 130 and "interrupted" in err
+    else:
+        assert_error(rc, err, str(out), "replacing the dataset failed", "No space left on device",
+                     "the old dataset is back as it was")
+    assert snapshot(out) == before  # every old file back, byte for byte; the user's files untouched
+    assert_nothing_written(tmp_path, "big_img", "big_lab", "small", "out", "fresh")
+
+
+def test_when_restoring_fails_too_the_error_names_the_backup(tmp_path, capsys, monkeypatch):
+    out, small_args = _imported_with_user_files(tmp_path, capsys)
+    before = snapshot(out)
+    n_old = len(dataset_files(out))
+    _fail_rename(monkeypatch, n_old + 3, OSError(errno.EIO, "Input/output error"), every_later=True)
+    rc, _, err = call([*small_args, "--overwrite"], capsys)
+    monkeypatch.undo()
+    line = assert_error(rc, err, str(out), "replacing the dataset failed", "moving the old files back failed too",
+                        "move them back by hand")
+    backups = list(tmp_path.glob(".out.old-*"))
+    assert len(backups) == 1 and str(backups[0]) in line
+    # nothing is lost: the old dataset's files are in the backup, the user's files still in out
+    assert {**snapshot(out), **snapshot(backups[0])} == before
+    assert {f for f, data in snapshot(out).items() if data is not None} == set(USER_FILES)
+
+
+def test_a_failed_swap_removes_the_folders_it_made(tmp_path, capsys, monkeypatch):
+    img, lab = _nifti_pair(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text(KEEP)
+    (out / "train.list").write_text("an old list\n")  # no data/ yet: the swap makes data/ and data/slices/
+    before = snapshot(out)
+    calls = _fail_rename(monkeypatch, 7, OSError(errno.ENOSPC, "No space left on device"))  # the 2nd slice
+    rc, _, err = call(["import", "--images", img, "--labels", lab, "--out", out, "--num-classes", 3,
+                       "--overwrite"], capsys)
+    monkeypatch.undo()
+    assert_error(rc, err, "the old dataset is back as it was")
+    assert calls[6].parent == out / "data" / "slices"
+    assert snapshot(out) == before  # no empty data/ left behind
+    assert_nothing_written(tmp_path, "img", "lab", "out")
+
+
+CLASHES = {  # something of the user's where the import writes: refused before anything moves
+    "folder_for_a_list": (lambda out: (out / "train.list").mkdir(),
+                          ["train.list: is a folder where this command writes a file"]),
+    "folder_for_a_volume": (lambda out: (out / "data" / "c0.h5").mkdir(parents=True),
+                            ["c0.h5: is a folder where this command writes a file"]),
+    "file_for_data": (lambda out: (out / "data").write_text("x"),
+                      ["data: is a file where this command writes a folder"]),
+    "file_for_slices": (lambda out: (out / "data").mkdir() or (out / "data" / "slices").write_text("x"),
+                        ["slices: is a file where this command writes a folder"]),
+}
+
+
+@pytest.mark.parametrize("case", CLASHES)
+def test_overwrite_refuses_a_clash_and_changes_nothing(case, tmp_path, capsys):
+    img, lab = _nifti_pair(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text(KEEP)
+    (out / "val.list").write_text("an old list\n")
+    make, needles = CLASHES[case]
+    make(out)
+    before = snapshot(out)
+    rc, _, err = call(["import", "--images", img, "--labels", lab, "--out", out, "--num-classes", 3,
+                       "--overwrite"], capsys)
+    assert_error(rc, err, *needles, "nothing was changed")
+    assert snapshot(out) == before and (out / "train.list").is_dir() == (case == "folder_for_a_list")
+    assert_nothing_written(tmp_path, "img", "lab", "out")
+
+
+# ---- import: subfolders ----------------------------------------------------------------------------
+def _nest(flat: Path, nested: Path, rename: dict[str, str] | None = None) -> None:
+    """Copy each file of `flat` into a folder per patient under `nested` (p01 two levels down)."""
+    for p in flat.iterdir():
+        pid = p.name.split(".")[0].split("_")[0]  # p01_gt.nii.gz, pat7_frame01.nii.gz -> p01, pat7
+        folder = nested / ("site_a" if pid == "p01" else "") / pid
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(p, folder / (rename or {}).get(p.name, p.name))
+
+
+@pytest.mark.parametrize("layout", ["labels_tree", "labels_beside_images", "labels_and_out_inside_images"])
+def test_import_nested_folders_give_the_flat_layouts_dataset(layout, tmp_path, capsys):
+    write_nifti_set(tmp_path / "img", tmp_path / "lab", np.random.default_rng(1))
+    flat = tmp_path / "flat"
+    assert call(["import", "--images", tmp_path / "img", "--labels", tmp_path / "lab", "--out", flat], capsys)[0] == 0
+
+    root = tmp_path / "nested"
+    images, labels, out = root, root / "masks", tmp_path / "out"
+    if layout == "labels_tree":
+        images = root / "scans"
+    elif layout == "labels_beside_images":
+        labels = images
+    else:
+        out = root / "dataset"
+    _nest(tmp_path / "img", images)
+    _nest(tmp_path / "lab", labels, {"p01.nii.gz": "p01_gt.nii.gz"} if labels == images else None)
+    (images / ".ipynb_checkpoints").mkdir()  # a hidden folder is not searched
+    shutil.copy(tmp_path / "img" / "p02.nii.gz", images / ".ipynb_checkpoints" / "p02.nii.gz")
+    assert (images / "site_a" / "p01" / "p01.nii.gz").is_file()
+    args = ["import", "--images", images, "--labels", labels, "--out", out]
+    rc, stdout, err = call(args, capsys)
+    assert rc == 0, err
+    assert "8 labeled cases, 3 unlabeled" in stdout
+    assert snapshot(out) == snapshot(flat)
+    if layout == "labels_and_out_inside_images":  # again: --out (now full of .h5) is not searched either
+        rc, _, err = call([*args, "--overwrite"], capsys)
+        assert rc == 0, err
+        assert snapshot(out) == snapshot(flat)
+
+
+def _twice_in_subfolders(t: Path) -> None:
+    img, _ = _nifti_pair(t)
+    (img / "a").mkdir()
+    (img / "b").mkdir()
+    (img / "c1.nii.gz").rename(img / "a" / "c1.nii.gz")
+    shutil.copy(img / "a" / "c1.nii.gz", img / "b" / "c1.nii")
+
+
+def _label_twice_in_subfolders(t: Path) -> None:
+    _, lab = _nifti_pair(t)
+    (lab / "x").mkdir()
+    shutil.copy(lab / "c2_gt.nii.gz", lab / "x" / "c2_gt.nii.gz")
+
+
+def _png_case_in_two_folders(t: Path) -> None:
+    img, _ = _png_pair(t)
+    for k, sub in ((1, "a"), (2, "b")):
+        (img / sub).mkdir()
+        write_png(img / sub / f"v_slice_{k}.png", np.zeros((16, 16), np.uint8))
+
+
+NESTED_BAD = {
+    "image_twice": (_twice_in_subfolders, lambda t: [f"{t / 'img' / 'b' / 'c1.nii'}: image name 'c1' again",
+                                                     f"(also {t / 'img' / 'a' / 'c1.nii.gz'})"]),
+    "label_twice": (_label_twice_in_subfolders,
+                    lambda t: [f"{t / 'lab' / 'x' / 'c2_gt.nii.gz'}: label name 'c2_gt' again",
+                               f"(also {t / 'lab' / 'c2_gt.nii.gz'})"]),
+    "png_case_in_two_folders": (_png_case_in_two_folders,
+                                lambda t: [f"{t / 'img' / 'b' / 'v_slice_2.png'}: a slice of case 'v' in another "
+                                           f"folder than {t / 'img' / 'a' / 'v_slice_1.png'}"]),
+}
+
+
+@pytest.mark.parametrize("case", NESTED_BAD)
+def test_import_refuses_one_name_from_two_subfolders(case, tmp_path, capsys):
+    make, needles = NESTED_BAD[case]
+    make(tmp_path)
+    rc, _, err = call(["import", "--images", tmp_path / "img", "--labels", tmp_path / "lab",
+                       "--out", tmp_path / "out", "--num-classes", 3], capsys)
+    assert_error(rc, err, *needles(tmp_path))
+    assert_nothing_written(tmp_path, "img", "lab")

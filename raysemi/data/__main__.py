@@ -44,13 +44,17 @@ Bring your own images (labeled or not) into the SSL4MIS layout.
 
 --images holds either 3D NIfTI volumes (.nii, .nii.gz), one case per file, or 2D PNG slices
 (grayscale): PNGs named <case>_slice_<k>.png make one case, its slices ordered by the integer k
-(2 before 10); any other PNG is a one-slice case. Hidden files and subfolders are ignored; any
-other file is an error.
+(2 before 10); any other PNG is a one-slice case. Files may lie in subfolders at any depth (one
+folder per patient, say): the case name is the file name without its extension, and must be unique
+over the whole tree (two files giving the same name are refused); a PNG case's slices lie in one
+folder. Hidden files and folders are ignored, and so are the --labels and --out folders when they
+lie inside --images; any other file is an error.
 
-Labels (optional): the label of image X.nii.gz / X.png is the file in --labels named X, X_gt,
-X_label or X_seg (same kind: NIfTI / PNG), holding class indices 0..num_classes-1 with the image's
-shape (and spacing). --labels may be the --images folder itself. Images without a label are
-unlabeled: they go to the training split only, and their files have no 'label' dataset.
+Labels (optional): the label of image X.nii.gz / X.png is the file in --labels (or any of its
+subfolders) named X, X_gt, X_label or X_seg (same kind: NIfTI / PNG), holding class indices
+0..num_classes-1 with the image's shape (and spacing). --labels may be the --images folder itself
+(each label beside its image). Images without a label are unlabeled: they go to the training split
+only, and their files have no 'label' dataset.
 
 Cases named <patient>_frameNN are one patient (split together); other names are each their own
 patient. Labeled patients are shuffled with --seed and split into train/val/test by the
@@ -60,8 +64,9 @@ takes labeled patients only. Images are min-max normalised per case; spacing (z,
 for NIfTI, not for PNG. Slice files are numbered from 1, like prepare-acdc's."""
 
 OUT_HELP = ("output folder; must be new or empty unless --overwrite; built beside it and renamed into place")
-OVERWRITE_HELP = ("write into an --out that has content: replaces only the files this command writes, deletes "
-                  "nothing (files of an earlier dataset that are not rewritten stay, unlisted)")
+OVERWRITE_HELP = ("replace the dataset in an --out that has content: the old dataset's files (the .list files, "
+                  "phantom.txt, data/*.h5, data/slices/*.h5) are all replaced or removed, or on an error all kept "
+                  "(a backup .<out>.old-* beside --out while it runs); your other files there stay")
 
 
 def build_parser() -> ArgumentParser:
@@ -88,9 +93,10 @@ def build_parser() -> ArgumentParser:
 
     im = sub.add_parser("import", help="your own NIfTI volumes or PNG slices (labeled or not) -> SSL4MIS layout",
                         description=IMPORT_HELP, formatter_class=_Help)
-    im.add_argument("--images", required=True, help="folder of .nii/.nii.gz volumes or .png slices")
-    im.add_argument("--labels", help="folder of label files (naming rule above); at least 2 labeled patients are "
-                    "needed (train and val)")
+    im.add_argument("--images", required=True, help="folder of .nii/.nii.gz volumes or .png slices, searched "
+                    "with its subfolders")
+    im.add_argument("--labels", help="folder of label files (naming rule above), searched with its subfolders; at "
+                    "least 2 labeled patients are needed (train and val)")
     im.add_argument("--out", required=True, help=OUT_HELP)
     im.add_argument("--val-fraction", type=float, default=0.1, help="fraction of the labeled patients for val")
     im.add_argument("--test-fraction", type=float, default=0.2, help="fraction of the labeled patients for test")

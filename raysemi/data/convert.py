@@ -1,6 +1,7 @@
 """What `prepare-acdc` and `import` share: reading NIfTI and PNG files, min-max normalisation, writing
 the HDF5 case files, progress lines, and an output folder that is built beside the target and only
-then renamed into place (or, with --overwrite, merged file by file: nothing of the user's is deleted).
+then renamed into place (or, with --overwrite, swapped for the old dataset's files, all or nothing:
+files of the user's that are not dataset files stay).
 
 Slice files are numbered from 1, as in the SSL4MIS ACDC release (its lists name `<case>_slice_1` to
 `<case>_slice_<D>`): `<case>_slice_<k>` holds slice index k - 1 of the volume, numbered from the
@@ -26,6 +27,8 @@ from raysemi.errors import UserError
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 LIST_NAMES = ("train_slices", "train", "val", "test")
+DATASET_TOP = (*(f"{name}.list" for name in LIST_NAMES), "phantom.txt")  # `phantom` writes phantom.txt
+OURS = "the .list files, phantom.txt, data/*.h5 and data/slices/*.h5"  # what --overwrite replaces
 
 
 def slice_name(case: str, z: int) -> str:
@@ -175,22 +178,38 @@ class Progress(ProgressBar):
         self.close()  # also on an error, so its `error:` line starts on a line of its own
 
 
+def dataset_files(root: Path) -> list[Path]:
+    """The files of a dataset in `root` that `python -m raysemi.data` writes, relative to `root`: the
+    four lists, `phantom.txt` and every `.h5` directly in `data/` or `data/slices/` (a link counts as
+    a file: it is moved, never followed). Nothing else in `root` is ours, so --overwrite leaves it."""
+    found = [Path(name) for name in DATASET_TOP if _is_file(root / name)]
+    for sub in (Path("data"), Path("data") / "slices"):
+        if (root / sub).is_dir():
+            found += sorted(sub / p.name for p in (root / sub).iterdir() if p.suffix == ".h5" and _is_file(p))
+    return found
+
+
+def _is_file(path: Path) -> bool:
+    return path.is_symlink() or path.is_file()
+
+
 def check_output(out: Path, overwrite: bool) -> None:
     """Refuse, before any work, an --out that is a file, or a folder with content (unless --overwrite)."""
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: --out exists and is not a folder; expected a new or empty folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UserError(f"{out}: output folder exists and is not empty; expected a new or empty folder, or pass "
-                        "--overwrite (which replaces only the files this command writes and deletes nothing)")
+                        f"--overwrite (which replaces the dataset there, {OURS}, and leaves your other files)")
 
 
 @contextmanager
 def staged_output(out: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary folder beside `out`; on success move its content to `out`, on failure delete it.
+    """Yield a temporary folder beside `out`; on success put its content in `out`, on failure delete it.
 
     A new or empty `out` is replaced by one rename, so a reader never sees half a dataset. With
-    --overwrite, an `out` that has content receives our files one by one (each an atomic rename; the
-    lists last); files of the user's that we do not write are left as they are.
+    --overwrite, an `out` that has content has its dataset replaced as a whole (see `_swap`): the old
+    dataset's files (`dataset_files`) go, the new ones come, and every other file stays. A failure
+    part-way (an OSError, Ctrl-C) moves the old files back and leaves `out` as it was.
     """
     out = Path(out)
     check_output(out, overwrite)
@@ -204,24 +223,98 @@ def staged_output(out: Path, overwrite: bool) -> Iterator[Path]:
         if not out.exists():
             os.replace(tmp, out)
             return
-        _merge(tmp, out)
+        _swap(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _merge(tmp: Path, out: Path) -> None:
-    files = sorted((p for p in tmp.rglob("*") if p.is_file()), key=lambda p: (p.suffix == ".list", str(p)))
-    for src in files:  # check every target first: a clash stops us before anything moved
-        dst = out / src.relative_to(tmp)
-        if dst.is_dir():
+def _rank(rel: Path) -> int:
+    """train_slices.list 0, the other top-level files 1, the .h5 files 2: the old dataset leaves in
+    this order and the new one comes in the reverse, so `out` holds a train_slices.list only before
+    the first rename and after the last one."""
+    return 0 if rel == Path("train_slices.list") else 1 if len(rel.parts) == 1 else 2
+
+
+def _swap(tmp: Path, out: Path) -> None:
+    """Replace the dataset in `out` (its `dataset_files`) by the one built in `tmp`, all or nothing.
+
+    Every clash is checked before anything moves. The old dataset's files are then renamed into a
+    backup folder `.<out name>.old-*` beside `out`, the new ones are renamed in, and the backup is
+    deleted. On an error or Ctrl-C the new files are taken out again and the old ones renamed back,
+    so `out` is as it was (an OSError becomes a UserError saying so). Files of `out` that are not
+    dataset files are never moved. If the process dies between two renames (power cut, kill -9),
+    `out` holds part of each dataset and no train_slices.list (so no run reads it), the rest of the
+    old dataset is in `.<out name>.old-*` and the rest of the new one in `.<out name>.tmp-*`: run the
+    command again with --overwrite (or move the backup's files back) and delete those two folders.
+    """
+    new = sorted((p.relative_to(tmp) for p in tmp.rglob("*") if p.is_file()), key=lambda p: (-_rank(p), str(p)))
+    # a file we are about to replace is backed up too, dataset file or not: the undo never loses one
+    old = sorted(set(dataset_files(out)) | {rel for rel in new if _is_file(out / rel)},
+                 key=lambda p: (_rank(p), str(p)))
+    for rel in new:  # check every target first: a clash stops us before anything moved
+        dst = out / rel
+        if dst.is_dir() and rel not in old:
             raise UserError(f"{dst}: is a folder where this command writes a file; expected no folder of that name "
                             "(nothing was changed)")
-        for parent in dst.relative_to(out).parents:
+        for parent in list(rel.parents)[:-1]:
             if (out / parent).exists() and not (out / parent).is_dir():
                 raise UserError(f"{out / parent}: is a file where this command writes a folder; expected no file of "
                                 "that name (nothing was changed)")
-    for src in files:
-        dst = out / src.relative_to(tmp)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(src, dst)
+    backup: Path | None = None
+    aside: list[Path] = []  # old files moved (or being moved) into the backup
+    moved: list[Path] = []  # new files moved (or being moved) into out
+    made: list[Path] = []  # folders created in out
+    try:
+        if old:
+            backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            for rel in old:
+                (backup / rel).parent.mkdir(parents=True, exist_ok=True)
+                aside.append(rel)  # before the rename: a Ctrl-C between the two is undone too
+                os.replace(out / rel, backup / rel)
+        for rel in new:
+            for parent in reversed(list(rel.parents)[:-1]):
+                if not (out / parent).exists():
+                    (out / parent).mkdir()
+                    made.append(parent)
+            moved.append(rel)
+            os.replace(tmp / rel, out / rel)
+    except BaseException as err:
+        stuck = _undo(out, backup, aside, moved, made)
+        if stuck:
+            raise UserError(f"{out}: replacing the dataset failed ({_one_line(err)}), and moving the old files back "
+                            f"failed too ({stuck}); the old dataset's files that are not back in {out} are in "
+                            f"{backup} (same relative paths): move them back by hand") from err
+        if isinstance(err, OSError):
+            raise UserError(f"{out}: replacing the dataset failed ({_one_line(err)}); the old dataset is back as "
+                            "it was and nothing was changed") from err
+        raise
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+def _undo(out: Path, backup: Path | None, aside: list[Path], moved: list[Path], made: list[Path]) -> str:
+    """Take the new files out of `out` and rename the old ones back (the last of each list may not have
+    moved); '' when all went back, else the first error (the backup folder is then kept)."""
+    errors: list[str] = []
+    for rel in reversed(moved):
+        try:
+            (out / rel).unlink(missing_ok=True)
+        except OSError as err:
+            errors.append(_one_line(err))
+    for rel in reversed(made):
+        try:
+            (out / rel).rmdir()
+        except OSError as err:
+            errors.append(_one_line(err))
+    for rel in reversed(aside):
+        try:
+            if os.path.lexists(backup / rel):  # type: ignore[operator]
+                os.replace(backup / rel, out / rel)  # type: ignore[operator]
+        except OSError as err:
+            errors.append(_one_line(err))
+    if errors:
+        return errors[0] + (f" and {len(errors) - 1} more" if len(errors) > 1 else "")
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+    return ""

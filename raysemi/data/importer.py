@@ -1,14 +1,18 @@
 """`import`: a user's own NIfTI volumes or PNG slices, labeled or not, into the SSL4MIS layout.
 
 Rules (also in `python -m raysemi.data import --help`):
-- --images holds either 3D NIfTI volumes (.nii, .nii.gz) or 2D PNG slices, not both; subfolders and
-  hidden files are ignored, any other file is an error.
+- --images holds either 3D NIfTI volumes (.nii, .nii.gz) or 2D PNG slices, not both, directly or in
+  subfolders at any depth (one folder per patient is fine); hidden files and folders are ignored, and
+  so are the --labels and --out folders when they lie inside --images; any other file is an error.
+  Case names must be unique over the whole tree (two files giving the same name are refused, both
+  named), and the slices of a PNG case must lie in one folder.
 - PNG slices named `<case>_slice_<k>.png` make one case (a volume), ordered by the integer k; any other
   PNG is a case of its own (one slice). A NIfTI file is one case. The case name is the file name
   without its extension (and without `_slice_<k>` for PNG).
-- The label of image `X.nii.gz` / `X.png` is the file in --labels named `X`, `X_gt`, `X_label` or
-  `X_seg` with a NIfTI / PNG extension (--labels may be the --images folder itself: its label files
-  are then not taken as images). A label file that matches no image is an error.
+- The label of image `X.nii.gz` / `X.png` is the file in --labels (or any of its subfolders) named
+  `X`, `X_gt`, `X_label` or `X_seg` with a NIfTI / PNG extension (--labels may be the --images folder
+  itself, labels beside their images: its label files are then not taken as images). A label file
+  that matches no image is an error, and so are two label files of the same name.
 - Labels hold class indices 0..num_classes-1, with the image's shape (and, for NIfTI, its spacing).
 - Cases are grouped into patients as the layout does (`patient007_frame01` and `patient007_frame02`
   are patient007; other names are their own patient); all cases of a patient are labeled or none.
@@ -22,6 +26,7 @@ Rules (also in `python -m raysemi.data import --help`):
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -63,12 +68,31 @@ class ImportSummary:
     notes: list[str] = field(default_factory=list)
 
 
-def _files(folder: Path, flag: str) -> list[Path]:
+def _files(folder: Path, flag: str, skip: tuple[Path | None, ...] = ()) -> list[Path]:
+    """The files in `folder` and its subfolders at any depth, hidden files and folders left out, and so
+    are the folders of `skip` (the --labels or --out folder inside --images is not images). Linked
+    folders are followed, each folder searched once."""
     if not folder.exists():
         raise UserError(f"{folder}: {flag} folder not found; expected a folder of .nii/.nii.gz or .png files")
     if not folder.is_dir():
         raise UserError(f"{folder}: {flag} is not a folder; expected a folder of .nii/.nii.gz or .png files")
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    skipped = {os.path.realpath(s) for s in skip if s is not None} - {os.path.realpath(folder)}
+
+    def unreadable(err: OSError) -> None:
+        raise UserError(f"{err.filename}: {flag} subfolder cannot be read ({err.strerror}); expected a readable "
+                        "folder")
+
+    found: list[Path] = []
+    seen: set[tuple[int, int]] = set()
+    for root, dirs, names in os.walk(folder, onerror=unreadable, followlinks=True):
+        st = os.stat(root)
+        if (st.st_dev, st.st_ino) in seen:  # reached again through a link: searched already
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs[:] = [d for d in dirs if not d.startswith(".") and os.path.realpath(os.path.join(root, d)) not in skipped]
+        found += [Path(root, n) for n in names if not n.startswith(".") and os.path.isfile(os.path.join(root, n))]
+    return sorted(found)
 
 
 def _kind(path: Path) -> str | None:
@@ -88,12 +112,13 @@ def _label_base(stem: str) -> str | None:
     return None
 
 
-def scan(images: Path, labels: Path | None) -> tuple[str, list[Case]]:
-    """The cases in `images` with their label files from `labels` (see the module doc for the rules)."""
-    files = _files(images, "--images")
+def scan(images: Path, labels: Path | None, out: Path | None = None) -> tuple[str, list[Case]]:
+    """The cases in `images` with their label files from `labels`, both searched with their subfolders
+    (see the module doc for the rules); `out` is left out of both searches."""
+    files = _files(images, "--images", (labels, out))
     if not files:
-        raise UserError(f"{images}: --images folder is empty; expected .nii/.nii.gz volumes or .png slices "
-                        "(subfolders are not searched)")
+        raise UserError(f"{images}: --images folder is empty (no file in it or its subfolders, hidden ones "
+                        "aside); expected .nii/.nii.gz volumes or .png slices")
     for p in files:
         if _kind(p) is None:
             raise UserError(f"{p}: not a NIfTI (.nii, .nii.gz) or PNG file; expected only images in --images "
@@ -109,25 +134,30 @@ def scan(images: Path, labels: Path | None) -> tuple[str, list[Case]]:
     for p in files:
         s = _stem(p)
         if s in stems:
-            raise UserError(f"{p}: same name as {stems[s].name}; expected one file per image name")
+            what = "file" if same_folder else "image"  # side by side, a label's name may be the one twice
+            raise UserError(f"{p}: {what} name {s!r} again (also {stems[s]}); expected one file per {what} name in "
+                            "--images and its subfolders (an image's name is its case name)")
         stems[s] = p
     if same_folder:  # images and labels side by side: X.nii.gz with X_gt.nii.gz
         stems = {s: p for s, p in stems.items() if _label_base(s) not in stems}
 
     label_files: dict[str, Path] = {}
     if labels is not None:
-        for p in _files(labels, "--labels"):
+        for p in (files if same_folder else _files(labels, "--labels", (images, out))):
             if _kind(p) != kind:
                 raise UserError(f"{p}: not a {'NIfTI' if kind == 'nifti' else 'PNG'} file; expected labels of the "
                                 f"same kind as the images in --labels")
+            if _stem(p) in label_files:
+                raise UserError(f"{p}: label name {_stem(p)!r} again (also {label_files[_stem(p)]}); expected one "
+                                "file per label name in --labels and its subfolders")
             label_files[_stem(p)] = p
     used: set[str] = set()
 
     def label_of(stem: str) -> Path | None:
         matches = [stem + s for s in LABEL_SUFFIXES if stem + s in label_files and not (same_folder and s == "")]
         if len(matches) > 1:
-            names = ", ".join(label_files[m].name for m in matches)
-            raise UserError(f"{labels}: {names} all match image {stems[stem].name}; expected one label per image")
+            names = ", ".join(str(label_files[m]) for m in matches)
+            raise UserError(f"{labels}: {names} all match image {stems[stem]}; expected one label per image")
         if matches:
             used.add(matches[0])
             return label_files[matches[0]]
@@ -147,8 +177,12 @@ def scan(images: Path, labels: Path | None) -> tuple[str, list[Case]]:
             if index is None or None in group:
                 if group:
                     other = next(iter(group.values()))
-                    raise UserError(f"{p}: makes case {name!r}, as {other.name} does; expected either {name}.png "
+                    raise UserError(f"{p}: makes case {name!r}, as {other} does; expected either {name}.png "
                                     f"or {name}_slice_<k>.png files")
+            elif group and next(iter(group.values())).parent != p.parent:
+                other = next(iter(group.values()))
+                raise UserError(f"{p}: a slice of case {name!r} in another folder than {other}; expected the "
+                                f"slices of a case in one folder (and case names unique across subfolders)")
             if index in group:
                 raise UserError(f"{p}: slice {index} of case {name!r} again (also {group[index].name}); "
                                 "expected one file per slice number")
@@ -229,7 +263,7 @@ def import_folder(images: str | Path, out: str | Path, labels: str | Path | None
                         f"--val-fraction + --test-fraction < 1 (val is {val_fraction:g})")
     if not 2 <= num_classes <= 65536:
         raise UserError(f"--num-classes: {num_classes} is invalid; expected 2 or more (background included)")
-    kind, cases = scan(images, labels)
+    kind, cases = scan(images, labels, out)
 
     by_patient: dict[str, list[Case]] = {}
     for c in cases:
