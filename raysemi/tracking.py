@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from raysemi import checkpoint
 from raysemi.errors import UserError
 from raysemi.loop import Callback, LoopResult, Trainer
 
@@ -208,7 +209,8 @@ class PicturesCallback(Callback):
     At a new best validation Dice: `overlays/best_iter_<iteration:06d>.png`, `slices` fixed
     validation slices as image | ground truth | prediction, at most one every `every_evals`
     evaluations (a best in between is kept as a copy of the network's weights, so the final best
-    is always pictured at the end). Only those slices are predicted: no extra evaluation. At the
+    is always pictured at the end; one left pending by an interrupted run is drawn from best.pt at
+    the end of the resumed one). Only those slices are predicted: no extra evaluation. At the
     end: `plots/learning_curves.png` (training losses, validation Dice and HD95). A drawing error
     is reported as a warning line and never stops training.
     """
@@ -229,6 +231,9 @@ class PicturesCallback(Callback):
         self.written.append(path)
         if self.run is not None:
             self.run.log_artifact(path, artifact_path)
+
+    def _overlay_path(self, iteration: int) -> Path:
+        return self.run_dir / "overlays" / f"best_iter_{iteration:06d}.png"
 
     def on_train_start(self, trainer: Trainer) -> None:
         self.picked = pick_slices(trainer.data.val, self.slices) if self.slices > 0 else []
@@ -251,7 +256,7 @@ class PicturesCallback(Callback):
             for j, i in enumerate(idx):
                 preds[i] = out[j]
         c = trainer.config
-        path = self.run_dir / "overlays" / f"best_iter_{iteration:06d}.png"
+        path = self._overlay_path(iteration)
         write_overlay_png(path, images, [vols[v].label[z] for v, z in self.picked], preds, c.num_classes,
                           names=class_names(c.num_classes),
                           row_titles=[f"{vols[v].name} z={z}" for v, z in self.picked],
@@ -274,16 +279,34 @@ class PicturesCallback(Callback):
             self.pending = (iteration, metrics["val/dice"],
                             {k: v.detach().clone() for k, v in net.state_dict().items()})
 
+    def _unpictured_best(self, trainer: Trainer, result: LoopResult) -> tuple[int, float, dict[str, Any]] | None:
+        """(iteration, dice, weights) of the best checkpoint (best.pt in the trainer's output folder)
+        when the run folder has no overlay of it: a best that was pending when an earlier run of
+        this folder was interrupted, as a resumed run starts with nothing pending. None when it is
+        pictured, or there is no best.pt."""
+        if not self.picked or trainer.output_dir is None or self._overlay_path(result.best_iteration).is_file():
+            return None
+        path = trainer.output_dir / "best.pt"
+        if not path.is_file():
+            return None
+        ckpt = checkpoint.load(path)  # onto the CPU: the copy's load_state_dict moves them
+        iteration = int(ckpt["best"]["iteration"])
+        if self._overlay_path(iteration).is_file():
+            return None
+        return iteration, float(ckpt["best"]["dice"]), ckpt["networks"][trainer.config.eval_model]
+
     def on_train_end(self, trainer: Trainer, result: LoopResult) -> None:
-        if self.pending is not None:
-            iteration, dice, state = self.pending
-            self.pending = None
-            try:
-                net = copy.deepcopy(trainer.eval_network())
+        # a best pending now is this run's last, so best.pt holds the same weights: read it only without one
+        try:
+            final = self.pending if self.pending is not None else self._unpictured_best(trainer, result)
+            if final is not None:
+                iteration, dice, state = final
+                net = copy.deepcopy(trainer.eval_network())  # the trainer's own networks stay untouched
                 net.load_state_dict(state)
                 self.draw_overlay(trainer, net, iteration, dice)
-            except Exception as err:
-                self._warn("overlay", err)
+        except Exception as err:
+            self._warn("overlay", err)
+        self.pending = None
         try:
             from raysemi.metrics import class_names
             from raysemi.visualize import write_learning_curves_png

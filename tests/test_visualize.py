@@ -1,17 +1,22 @@
-"""Pictures of a run: the drawing functions, the callback's rate limit, and a real `raysemi.train`
-run that logs overlays and learning curves to MLflow (and the run folder)."""
+"""Pictures of a run: the drawing functions, the callback's rate limit, a real `raysemi.train`
+run that logs overlays and learning curves to MLflow (and the run folder), and the final best's
+overlay across an interruption and --resume."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
+from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from raysemi import inference
+from raysemi import checkpoint, inference
 from raysemi.data import load_dataset
 from raysemi.errors import run_cli
 from raysemi.loop import Trainer
@@ -189,3 +194,117 @@ def test_learning_curves_after_resume_keep_the_losses_from_before(tiny_phantom, 
     assert drawn["iterations"] == [1, 2, 3, 4, 5, 6]  # 1-4 from before the resume
     assert drawn["val"] == [2, 4, 6]
     assert (tmp_path / "b" / "plots" / "learning_curves.png").is_file()
+
+
+def test_the_end_pictures_an_unpictured_best_from_best_pt_leaving_the_trainer_alone(tiny_phantom, tmp_path, capsys):
+    cfg = tiny_config(tiny_phantom, max_iterations=2, eval_interval=1)
+    trainer = Trainer(cfg, load_dataset(cfg.data, cfg.labeled_patients, cfg.num_classes), output_dir=tmp_path)
+    result = trainer.fit()
+    cb = PicturesCallback(tmp_path, slices=2)  # a fresh callback, as after a resume: nothing pending
+    cb.on_train_start(trainer)
+    weights = {k: v.clone() for k, v in trainer.eval_network().state_dict().items()}
+    rng, mode = torch.get_rng_state(), trainer.eval_network().training
+    cb.on_train_end(trainer, result)
+    assert [p.name for p in cb.written[:1]] == [f"best_iter_{result.best_iteration:06d}.png"]
+    assert torch.equal(torch.get_rng_state(), rng) and trainer.eval_network().training == mode
+    assert all(torch.equal(v, weights[k]) for k, v in trainer.eval_network().state_dict().items())
+    cb.written.clear()
+    cb.on_train_end(trainer, result)  # pictured already: not drawn again
+    assert [p.parent.name for p in cb.written] == ["plots"]
+
+    (tmp_path / "overlays" / f"best_iter_{result.best_iteration:06d}.png").unlink()
+    (tmp_path / "best.pt").write_bytes(b"not a checkpoint")
+    cb.on_train_end(trainer, result)  # an unreadable best.pt: a warning line, as any drawing error
+    assert "warning: overlay not drawn (UserError: " in capsys.readouterr().err
+
+
+def _count_overlays(monkeypatch) -> Counter:
+    """How many times each overlay PNG is drawn, by path from the working folder (a second drawing
+    would overwrite the first, so the files alone cannot tell)."""
+    import raysemi.visualize as visualize
+
+    drawn: Counter = Counter()
+    original = visualize.write_overlay_png
+
+    def spy(path, *args, **kwargs):
+        drawn[os.path.relpath(path)] += 1
+        return original(path, *args, **kwargs)
+
+    monkeypatch.setattr(visualize, "write_overlay_png", spy)
+    return drawn
+
+
+def _interrupt_after(monkeypatch, iteration: int, seed: int | None = None):
+    """Ctrl-C once training reaches `iteration` (in the run of `seed` only, when given); returns
+    the real `Trainer.train_until`, to put back before the resume."""
+    original = Trainer.train_until
+
+    def interrupted(self, stop):
+        if seed is None or self.config.seed == seed:
+            original(self, iteration)
+            raise KeyboardInterrupt
+        original(self, stop)
+
+    monkeypatch.setattr(Trainer, "train_until", interrupted)
+    return original
+
+
+# evaluations at 2, 4, 6, 8; one overlay every 3 evaluations: on the phantom the best is at 4 (drawn
+# at 2, kept pending at 4) and nothing beats it after, so a Ctrl-C at 6 leaves it unpictured
+PENDING = [*TINY, "--max-iterations", "8", "--eval-interval", "2"]
+
+
+def _best_iteration(run_dir: Path) -> int:
+    return int(checkpoint.load(run_dir / "best.pt")["best"]["iteration"])
+
+
+def test_a_best_pending_at_an_interruption_is_drawn_after_the_resume(tiny_phantom, tmp_path, monkeypatch, capsys):
+    from raysemi.train import main as train_main
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    args = ["--method", "supervised", "--data", str(tiny_phantom), *PENDING, "--tracking-uri", uri]
+    drawn = _count_overlays(monkeypatch)
+    original = _interrupt_after(monkeypatch, 6)
+    assert run_cli(train_main, [*args, "--output", "a"]) == 130
+    best = _best_iteration(tmp_path / "a")
+    assert best == 4 and drawn == {"a/overlays/best_iter_000002.png": 1}  # the case: a best pending at the stop
+
+    monkeypatch.setattr(Trainer, "train_until", original)
+    assert run_cli(train_main, [*args, "--output", "a", "--resume", "a/last.pt"]) == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "a" / "results.json").read_text())["best_iteration"] == best  # no new best
+    assert drawn == {"a/overlays/best_iter_000002.png": 1, f"a/overlays/best_iter_{best:06d}.png": 1}
+    assert (tmp_path / "a" / "overlays" / f"best_iter_{best:06d}.png").is_file()
+    client = MlflowClient(tracking_uri=uri)
+    resumed = client.search_runs([client.get_experiment_by_name("raysemi").experiment_id],
+                                 order_by=["attributes.start_time DESC"])[0]
+    assert [a.path for a in client.list_artifacts(resumed.info.run_id, "overlays")] == [
+        f"overlays/best_iter_{best:06d}.png"]
+
+    drawn.clear()  # a run not interrupted: its pending best drawn once at the end, no second copy from best.pt
+    assert run_cli(train_main, [*args, "--output", "b"]) == 0
+    best = _best_iteration(tmp_path / "b")
+    assert drawn == {"b/overlays/best_iter_000002.png": 1, f"b/overlays/best_iter_{best:06d}.png": 1}
+
+
+def test_each_seed_of_a_resumed_retrain_pictures_its_best_once(tiny_phantom, tmp_path, monkeypatch):
+    from raysemi.train import main as train_main
+
+    monkeypatch.chdir(tmp_path)
+    drawn = _count_overlays(monkeypatch)
+    # on the phantom, seed 1334's best is at 6 (pending until its end) and seed 1335's at 4: seed0 runs
+    # whole, seed1 stops at 6 with its best pending
+    original = _interrupt_after(monkeypatch, 6, seed=1335)
+    args = ["--method", "supervised", "--data", str(tiny_phantom), *PENDING, "--no-mlflow", "--seeds", "2",
+            "--seed", "1334", "--output", "r"]
+    assert run_cli(train_main, args) == 130
+    assert _best_iteration(tmp_path / "r" / "seed0") == 6 and _best_iteration(tmp_path / "r" / "seed1") == 4
+    assert dict(drawn) == {f"r/seed{k}/overlays/best_iter_{it:06d}.png": 1 for k, it in ((0, 2), (0, 6), (1, 2))}
+    monkeypatch.setattr(Trainer, "train_until", original)
+    assert run_cli(train_main, ["--resume", "r", "--no-mlflow"]) == 0
+    for k in (0, 1):
+        folder = tmp_path / "r" / f"seed{k}"
+        best = json.loads((folder / "results.json").read_text())["best_iteration"]
+        assert best == _best_iteration(folder)
+        assert (folder / "overlays" / f"best_iter_{best:06d}.png").is_file()
+    assert set(drawn.values()) == {1} and "r/seed1/overlays/best_iter_000004.png" in drawn  # none twice
