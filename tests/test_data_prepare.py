@@ -557,6 +557,22 @@ def test_overwrite_of_a_phantom_folder_removes_the_phantom(tmp_path, capsys):
     assert_nothing_written(tmp_path, "img", "lab", "out")
 
 
+def test_phantom_overwrite_swaps_the_dataset_and_keeps_the_users_files(tmp_path, capsys):
+    from raysemi.data import write_phantom
+
+    out = write_phantom(tmp_path / "out", patients=6, size=(32, 32))
+    old_slices = {p.name for p in (out / "data" / "slices").glob("*.h5")}
+    (out / "keep.txt").write_text(KEEP)
+    (out / "data" / "notes.txt").write_text(KEEP)
+    rc, _, err = call(["phantom", "--out", out, "--patients", 3, "--size", 32, 32, "--seed", 5, "--overwrite"], capsys)
+    assert rc == 0, err
+    fresh = write_phantom(tmp_path / "fresh", patients=3, size=(32, 32), seed=5)
+    got, want = snapshot(out), snapshot(fresh)
+    assert got == {**want, "keep.txt": KEEP.encode(), "data/notes.txt": KEEP.encode()}  # before: all deleted
+    assert old_slices - {p.name for p in (out / "data" / "slices").glob("*.h5")}  # the old set had more slices
+    assert_nothing_written(tmp_path, "out", "fresh")  # no backup, no temp
+
+
 def _fail_rename(monkeypatch, at: int, error: BaseException, every_later: bool = False) -> list:
     """os.replace raises `error` on its `at`-th call (and on every later one if asked); returns the
     targets of the calls, for the test to check where it failed. The swap's renames are the only

@@ -81,7 +81,8 @@ def build_parser() -> ArgumentParser:
     ph.add_argument("--seed", type=int, default=0, help="random seed")
     ph.add_argument("--size", type=int, nargs=2, default=(128, 128), metavar=("H", "W"), help="slice size")
     ph.add_argument("--workers", type=int, default=1, help="processes writing patients in parallel (same files)")
-    ph.add_argument("--overwrite", action="store_true", help="replace an existing phantom folder")
+    ph.add_argument("--overwrite", action="store_true", help="replace the dataset in an existing phantom/dataset folder, all or "
+                    "nothing (its lists, phantom.txt and data/ .h5 files; your other files there stay)")
 
     pa = sub.add_parser("prepare-acdc", help="raw ACDC NIfTI release -> SSL4MIS layout with the SSL4MIS split",
                         description=PREPARE_HELP, formatter_class=_Help)

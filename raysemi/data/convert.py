@@ -207,9 +207,9 @@ def staged_output(out: Path, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary folder beside `out`; on success put its content in `out`, on failure delete it.
 
     A new or empty `out` is replaced by one rename, so a reader never sees half a dataset. With
-    --overwrite, an `out` that has content has its dataset replaced as a whole (see `_swap`): the old
-    dataset's files (`dataset_files`) go, the new ones come, and every other file stays. A failure
-    part-way (an OSError, Ctrl-C) moves the old files back and leaves `out` as it was.
+    --overwrite, an `out` that has content has its dataset replaced as a whole (see `swap_dataset`):
+    the old dataset's files (`dataset_files`) go, the new ones come, and every other file stays. A
+    failure part-way (an OSError, Ctrl-C) moves the old files back and leaves `out` as it was.
     """
     out = Path(out)
     check_output(out, overwrite)
@@ -223,7 +223,7 @@ def staged_output(out: Path, overwrite: bool) -> Iterator[Path]:
         if not out.exists():
             os.replace(tmp, out)
             return
-        _swap(tmp, out)
+        swap_dataset(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -236,7 +236,7 @@ def _rank(rel: Path) -> int:
     return 0 if rel == Path("train_slices.list") else 1 if len(rel.parts) == 1 else 2
 
 
-def _swap(tmp: Path, out: Path) -> None:
+def swap_dataset(tmp: Path, out: Path) -> None:
     """Replace the dataset in `out` (its `dataset_files`) by the one built in `tmp`, all or nothing.
 
     Every clash is checked before anything moves. The old dataset's files are then renamed into a

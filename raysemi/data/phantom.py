@@ -160,7 +160,9 @@ def _write_patient(tmp: Path, p: int, seed: int, size: tuple[int, int], split_na
 
 def write_phantom(out: str | Path, patients: int = 40, seed: int = 0, size: tuple[int, int] = (128, 128),
                   split: tuple[float, float] = (0.7, 0.1), overwrite: bool = False, workers: int = 1) -> Path:
-    """Write the phantom set to `out` (atomically: a temp folder renamed at the end).
+    """Write the phantom set to `out` (atomically: a temp folder renamed at the end; with
+    `overwrite`, the old dataset's files are swapped for the new ones, all or nothing, and other
+    files in `out` stay, as for `import --overwrite`).
 
     Patients are split 70/10/20 into train/val/test like ACDC's 70/10/20 of 100. `workers`
     processes write patients in parallel; the files do not depend on it.
@@ -196,9 +198,15 @@ def write_phantom(out: str | Path, patients: int = 40, seed: int = 0, size: tupl
         for name, cases in lists.items():
             (tmp / f"{name}.list").write_text("\n".join(cases) + "\n")
         (tmp / "phantom.txt").write_text(f"raysemi phantom v{VERSION}: patients={patients} seed={seed} size={size[0]}x{size[1]}\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        if out.exists() and any(out.iterdir()):  # --overwrite: swap the old dataset's files for ours, all or
+            from raysemi.data.convert import swap_dataset  # nothing; the user's other files there stay
+
+            swap_dataset(tmp, out)
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            if out.exists():
+                out.rmdir()
+            os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
