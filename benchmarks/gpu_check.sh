@@ -10,7 +10,11 @@
 #   table     the same table with graphs on and off (eager) instead of compile;
 #   packed    4 mean-teacher trials packed on one GPU through raysemi.search (COMPILE=1: compile: on);
 #   train     raysemi.train on CUDA, then a --resume of it (COMPILE=1: with --compile on);
-#   trajectory mean teacher's validation Dice trajectory with graphs on (3 seeds).
+#   trajectory mean teacher's validation Dice trajectory with graphs on (3 seeds);
+#   search    the 32-trial mean-teacher search of issue 7 at SCALE (default 0.1: 1,000-iteration
+#             trials, ASHA's rungs scaled alike), 4 trials per GPU, with its projected full-scale
+#             wall time (benchmarks/search_wall.py; about 7 minutes at 0.1 on an H200; not in the
+#             default STAGES).
 # Two calls cover issue 7's open points inside one 15-minute device session:
 #   STAGES="tests compile" DEADLINE=540 bash benchmarks/gpu_check.sh
 #   STAGES="packed train" COMPILE=1 DEADLINE=300 bash benchmarks/gpu_check.sh
@@ -25,6 +29,12 @@ DEVICE=${DEVICE:-cuda}
 STAGES=${STAGES:-tests compile table packed train trajectory}
 METHODS=${METHODS:-all}
 COMPILE=${COMPILE:-0}
+for stage in $STAGES; do
+  case " tests compile table packed train trajectory search " in
+    *" $stage "*) ;;
+    *) echo "gpu_check: STAGES: unknown stage '$stage'; expected some of: tests compile table packed train trajectory search" >&2; exit 2;;
+  esac
+done
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:${PYTHONPATH:-}" TORCHINDUCTOR_CACHE_DIR="$PWD/.inductor-cache"
 # without an installed package, raysemi.search_spaces must sit inside raysemi/ (pyproject maps it there)
@@ -32,7 +42,9 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:${PYTHONPATH:-}" TORCHINDUCTOR_CACHE_
 WORK=$(mktemp -d)
 if [ "${SMALL:-0}" = 1 ]; then
   PATIENTS=14; SIZE="64 64"; PATCH=64; BS=8; IT=10; REFIT=12; PACKIT=60; PACKEVAL=20; TRAINIT=40; EVAL=20; TRAJ=40
+  SEARCH=(--trials 2 --iterations 200 --grace-period 50 --eval-interval 50 --cpus-per-trial 1)
 else
+  SEARCH=()
   PATIENTS=100; SIZE="256 216"; PATCH=256; BS=24; IT=100; REFIT=66; PACKIT=600; PACKEVAL=100; TRAINIT=200; EVAL=100; TRAJ=500
 fi
 COMPILE_FLAG=(); [ "$COMPILE" = 1 ] && COMPILE_FLAG=(--compile)
@@ -97,6 +109,12 @@ if want trajectory; then
   timeout $(left 5 80) python3 benchmarks/trajectory.py --device $DEVICE --data "$WORK/data" --size $PATCH --batch-size $BS \
     --methods mt --iterations $TRAJ --points 5 --seeds 3 --pipelines ours --out "$OUT/trajectory_${DEVICE}_graphs.json"
   echo "trajectory exit: $?"
+fi
+if want search; then
+  log "the 32-trial search at scale ${SCALE:-0.1}"
+  timeout $(left 5) python3 benchmarks/search_wall.py --device $DEVICE --data "$WORK/data" --size $PATCH \
+    --batch-size $BS --scale ${SCALE:-0.1} "${SEARCH[@]}" "${COMPILE_FLAG[@]}" --out "$OUT/search_wall_${DEVICE}.json"
+  echo "search exit: $?"
 fi
 kill $SMI 2>/dev/null
 log "done"

@@ -78,6 +78,7 @@ def timed_runs(trainer: Trainer, iterations: int, repeats: int) -> list[float]:
 
 
 def measure(method: str, data, args, **over) -> dict:
+    main_row = not over  # the row the reference pipeline is compared with (not a --compare-* variant)
     if args.compile:
         over.setdefault("compile", "on")
     trainer = Trainer(bench_config(method, args, **over), data)
@@ -123,7 +124,7 @@ def measure(method: str, data, args, **over) -> dict:
            "timed_window_unix": window}
     if args.profile:
         row["profile"] = profile(trainer, args.profile)
-    if args.compare_reference_pipeline and not over:  # once per strategy, beside the main row
+    if args.compare_reference_pipeline and main_row:  # once per strategy, beside the main row
         row.update(measure_reference(method, data, args, trainer))
     del trainer
     if device.type == "cuda":

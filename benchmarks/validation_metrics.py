@@ -33,13 +33,13 @@ from raysemi.data import load_volumes, resolve_data_root
 from raysemi.metrics import _union_box, case_metrics
 
 
-def predictions(volumes, speckle: float, seed: int = 0) -> list[np.ndarray]:
+def predictions(volumes, speckle: float, num_classes: int, seed: int = 0) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     out = []
     for v in volumes:
         p = np.roll(v.label, 2, axis=2).copy()
         hit = rng.random(p.shape) < speckle
-        p[hit] = rng.integers(0, 4, int(hit.sum()))
+        p[hit] = rng.integers(0, num_classes, int(hit.sum()))
         out.append(p)
     return out
 
@@ -93,7 +93,7 @@ def main() -> int:
     print(f"{len(volumes)} {args.split} volumes of {args.data}, {nc - 1} classes; median of {args.repeats} runs")
     print(head)
     for speckle in (float(s) for s in args.speckles.split(",")):
-        preds = predictions(volumes, speckle)
+        preds = predictions(volumes, speckle, nc)
         pairs = list(zip(preds, volumes))
         row = {"speckle": speckle}
         if not args.skip_medpy:

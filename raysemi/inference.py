@@ -52,10 +52,18 @@ def evaluate_volumes(model: nn.Module, volumes: Iterable[Volume], num_classes: i
                                                        channels_last), vol.label, num_classes, vol.spacing, distances))
                 for vol in volumes]
         return Summary(class_names(num_classes), rows)
-    with ThreadPoolExecutor(n, thread_name_prefix="raysemi-metrics") as pool:
+    pool = ThreadPoolExecutor(n, thread_name_prefix="raysemi-metrics")
+    try:
         pending = []
         for vol in volumes:
             pred = predict_volume(model, vol.image, patch_size, device, batch_size, amp, channels_last)
             pending.append((vol.name, pool.submit(case_metrics, pred, vol.label, num_classes, vol.spacing, distances)))
+            failed = next((job for _, job in pending if job.done() and job.exception() is not None), None)
+            if failed is not None:  # a failed metric stops the pass now, not after every volume is segmented
+                failed.result()
         rows = [(name, job.result()) for name, job in pending]
+    except BaseException:  # Ctrl-C or an error: drop the queued metrics instead of waiting for them
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
     return Summary(class_names(num_classes), rows)

@@ -55,8 +55,8 @@ def surface_distances(pred: np.ndarray, gt: np.ndarray, spacing: tuple[float, ..
     are made of. Both masks must be non-empty. Equal to medpy within float rounding (tested).
 
     medpy erodes each mask twice and takes a distance transform over the whole volume, twice.
-    Here each mask is eroded once, on the bounding box of both grown by one voxel (so the erosion
-    sees the same neighbours: exact), and the nearest surface voxel is found by one of two exact
+    Here each mask is eroded once, on the bounding box of both (the erosion counts what lies
+    outside the box as background, as medpy does outside the volume: exact), and the nearest surface voxel is found by one of two exact
     methods (`method`: 'edt', 'kdtree' or 'auto'):
     - 'edt': a Euclidean distance transform over the box, ~100 ns per box voxel on one core;
     - 'kdtree': a k-d tree over the surface voxels' positions, ~700 ns per surface voxel; it does
@@ -64,6 +64,7 @@ def surface_distances(pred: np.ndarray, gt: np.ndarray, spacing: tuple[float, ..
       the whole volume (there 7x faster than the transform; benchmarks/validation_metrics.py).
     'auto' takes the cheaper by those costs.
     """
+    pred, gt = np.asarray(pred, dtype=bool), np.asarray(gt, dtype=bool)  # `~` and `[mask]` need booleans
     box = _union_box(pred, gt)
     sp = np.ones(pred.ndim) if spacing is None else np.asarray(spacing, dtype=float)
     a, b = surface(pred[box]), surface(gt[box])

@@ -242,7 +242,7 @@ def mlflow_runs(uri: str):
 
 SAMPLES = 3
 # 8 reports of ~0.6 s each on 2 cores: the window in which the test can catch a trial mid-way on the
-# worker (reports 2 to 6) is ~3 s wide; with 4 reports it was ~1 s, and a loaded CI machine missed it once
+# worker (reports 2 to 7) is ~3.6 s wide; with 4 reports it was ~1 s, and a loaded CI machine missed it once
 ITERATIONS = 80
 
 

@@ -573,6 +573,39 @@ def test_phantom_overwrite_swaps_the_dataset_and_keeps_the_users_files(tmp_path,
     assert_nothing_written(tmp_path, "out", "fresh")  # no backup, no temp
 
 
+def test_phantom_overwrite_repairs_a_dataset_left_half_swapped(tmp_path, capsys):
+    # a swap killed between two renames leaves the dataset without train_slices.list (so no run reads
+    # it); the documented repair is to run the command again with --overwrite
+    from raysemi.data import write_phantom
+
+    out = write_phantom(tmp_path / "out", patients=3, size=(32, 32))
+    (out / "train_slices.list").unlink()
+    rc, _, err = call(["phantom", "--out", out, "--patients", 3, "--size", 32, 32, "--overwrite"], capsys)
+    assert rc == 0, err
+    assert snapshot(out) == snapshot(write_phantom(tmp_path / "fresh", patients=3, size=(32, 32)))
+
+
+def test_phantom_leaves_a_folder_that_appeared_while_it_wrote(tmp_path, monkeypatch):
+    # another process (two trials filling the phantom cache at once, say) got there first: its copy stays
+    from raysemi.data import phantom
+    from raysemi.errors import UserError
+
+    out = tmp_path / "out"
+    real = phantom._write_patient
+
+    def first_writes_elsewhere(*args):
+        if not out.exists():
+            out.mkdir()
+            (out / "train.list").write_text("theirs\n")
+        return real(*args)
+
+    monkeypatch.setattr(phantom, "_write_patient", first_writes_elsewhere)
+    with pytest.raises(UserError, match="appeared meanwhile"):
+        phantom.write_phantom(out, patients=3, size=(32, 32))
+    assert snapshot(out) == {"train.list": b"theirs\n"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folder left
+
+
 def _fail_rename(monkeypatch, at: int, error: BaseException, every_later: bool = False) -> list:
     """os.replace raises `error` on its `at`-th call (and on every later one if asked); returns the
     targets of the calls, for the test to check where it failed. The swap's renames are the only

@@ -143,3 +143,15 @@ def test_surface_distances_take_the_cheaper_method_and_refuse_an_unknown_one(mon
     assert used == ["kdtree", "kdtree"]
     with pytest.raises(ValueError, match="method must be"):
         metrics.surface_distances(gt, gt, None, "fast")
+
+
+def test_surface_distances_take_integer_masks_as_booleans():
+    from raysemi.metrics import surface_distances
+
+    gt = np.zeros((6, 20, 20), np.uint8)
+    gt[:, 5:12, 5:12] = 1
+    pred = np.roll(gt, 2, axis=-1) * 3  # any non-zero value is foreground
+    for method in ("edt", "kdtree"):
+        got = surface_distances(pred, gt, (2.0, 1.0, 1.0), method)
+        want = surface_distances(pred > 0, gt > 0, (2.0, 1.0, 1.0), method)
+        assert all(np.array_equal(g, w) for g, w in zip(got, want))

@@ -26,6 +26,28 @@ def test_batched_validation_equals_slice_by_slice(tiny_phantom):
     assert np.array_equal(a, b)
 
 
+def test_a_failing_metric_stops_the_validation_pass_early(tiny_phantom, monkeypatch):
+    import time
+
+    from raysemi import inference
+
+    model = create_model("unet", in_channels=1, num_classes=4).eval()
+    volumes = load_volumes(tiny_phantom, "test", 4)
+    segmented = []
+    real = inference.predict_volume
+    # each volume takes 50 ms more to segment, so the metric thread has long failed before the last
+    monkeypatch.setattr(inference, "predict_volume",
+                        lambda *a, **k: segmented.append(1) or time.sleep(0.05) or real(*a, **k))
+
+    def broken(*a, **k):
+        raise RuntimeError("metric failed")
+
+    monkeypatch.setattr(inference, "case_metrics", broken)
+    with pytest.raises(RuntimeError, match="metric failed"):
+        evaluate_volumes(model, volumes, 4, (32, 32), torch.device("cpu"), workers=2)
+    assert len(segmented) < len(volumes)  # it did not segment every volume before saying so
+
+
 def test_validation_metrics_on_threads_equal_the_serial_pass(tiny_phantom, monkeypatch):
     """The host's surface distances run on worker threads while the next volumes are segmented;
     the result is the serial pass's, in the volumes' order."""
@@ -116,6 +138,26 @@ def test_throughput_benchmark_cpu_smoke(tiny_phantom, tmp_path):
     assert "## supervised" in profile and "## mean_teacher" in profile and "convolution" in profile
 
 
+def test_throughput_benchmark_compiled_run_still_compares_with_the_reference(tiny_phantom, tmp_path):
+    # the smoke's shapes (batch 16, 32x32): after it, inductor's on-disk cache has the compiled UNet
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent.parent / "benchmarks" / "throughput.py"
+    out = tmp_path / "c.json"
+    proc = subprocess.run([sys.executable, str(script), "--methods", "supervised", "--data", str(tiny_phantom),
+                           "--labeled-patients", "2", "--size", "32", "--batch-size", "16", "--device", "cpu",
+                           "--warmup", "2", "--iterations", "2", "--repeats", "1", "--compile",
+                           "--compare-reference-pipeline", "--reference-iterations", "4", "--reference-workers", "1",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["compiled"] is True and row["ref_it_per_s"] > 0
+    assert row["speedup"] == pytest.approx(row["it_per_s_median"] / row["ref_it_per_s"])
+
+
 def test_throughput_benchmark_packed_trials_through_the_search(tiny_phantom, tmp_path):
     import json
     import subprocess
@@ -184,3 +226,27 @@ def test_validation_metrics_benchmark_smoke(tiny_phantom, tmp_path):
         assert all(r[k] > 0 for k in ("medpy_s", "medpy_box_s", "raysemi_s", "raysemi_x1_s", "raysemi_x2_s"))
         assert r["speedup_vs_medpy"] == pytest.approx(r["medpy_s"] / r["raysemi_x2_s"])
     assert "vs medpy" in proc.stdout
+
+
+def test_search_wall_benchmark_smoke_scales_the_trials_and_projects(tiny_phantom, tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent.parent / "benchmarks" / "search_wall.py"
+    out = tmp_path / "w.json"
+    proc = subprocess.run([sys.executable, str(script), "--device", "cpu", "--data", str(tiny_phantom),
+                           "--labeled-patients", "2", "--size", "32", "--batch-size", "4", "--trials", "2",
+                           "--iterations", "40", "--grace-period", "20", "--eval-interval", "20", "--scale", "0.5",
+                           "--cpus-per-trial", "1", "--num-cpus", "2", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    r = json.loads(out.read_text())
+    # --scale 0.5: 20-iteration trials, grace period and evaluation interval 10
+    assert (r["trial_iterations"], r["grace_period"], r["eval_interval"]) == (20, 10, 10)
+    assert len(r["trials"]) == 2 and r["completed"] + r["stopped_early"] == 2
+    assert r["iterations_total"] == sum(t["iterations"] for t in r["trials"]) and r["completed"] >= 1
+    assert 0 < r["startup_s"] < r["wall_s"]
+    assert r["projected_full_wall_s"] == pytest.approx(r["startup_s"] + (r["wall_s"] - r["startup_s"]) / 0.5)
+    assert "projected full-scale wall" in proc.stdout

@@ -175,10 +175,12 @@ def write_phantom(out: str | Path, patients: int = 40, seed: int = 0, size: tupl
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise UserError(f"{out}: output folder exists and is not empty; choose another or pass --overwrite")
-        if not (out / "train_slices.list").is_file():
+        from raysemi.data.convert import dataset_files
+
+        if not dataset_files(out):  # (a dataset left half-swapped by a killed --overwrite still counts)
             raise UserError(f"{out}: not a phantom/ACDC folder; refusing to overwrite other content")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         (tmp / "data" / "slices").mkdir(parents=True)
         n_train = max(1, int(round(patients * split[0])))
@@ -201,6 +203,9 @@ def write_phantom(out: str | Path, patients: int = 40, seed: int = 0, size: tupl
         if out.exists() and any(out.iterdir()):  # --overwrite: swap the old dataset's files for ours, all or
             from raysemi.data.convert import swap_dataset  # nothing; the user's other files there stay
 
+            if not overwrite:  # it appeared while we wrote (another process): leave it alone
+                raise UserError(f"{out}: output folder appeared meanwhile and is not empty; choose another or pass "
+                                "--overwrite")
             swap_dataset(tmp, out)
             shutil.rmtree(tmp, ignore_errors=True)
         else:
@@ -221,9 +226,9 @@ def cached_phantom(patients: int = 40, seed: int = 0, size: tuple[int, int] = (1
     """The built-in phantom ('--data phantom'): generated once into the cache folder, then reused."""
     path = cache_dir() / f"phantom-v{VERSION}-p{patients}-s{seed}-{size[0]}x{size[1]}"
     if not (path / "phantom.txt").is_file():
-        try:
-            write_phantom(path, patients, seed, size, overwrite=True)
-        except OSError:  # another process won the race: use its copy
+        try:  # overwrite only a broken leftover; a copy that another process writes meanwhile wins
+            write_phantom(path, patients, seed, size, overwrite=path.is_dir() and any(path.iterdir()))
+        except (OSError, UserError):  # another process won the race: use its copy
             if not (path / "phantom.txt").is_file():
                 raise
     return path

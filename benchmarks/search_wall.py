@@ -1,0 +1,121 @@
+"""Wall time of a whole search on one device: N mean-teacher trials through `python -m raysemi.search`
+(Optuna's TPE, ASHA, MLflow on SQLite, trials packed on the GPU), as issue 7's goal states it:
+"a 32-trial mean-teacher search of 10,000-iteration trials with ASHA finishes on one H100 in under
+an hour". Prints a table, writes JSON.
+
+    python benchmarks/search_wall.py --device cuda --data DATA                   # the goal, full scale
+    python benchmarks/search_wall.py --device cuda --data DATA --scale 0.1       # 1,000-iteration trials
+    python benchmarks/search_wall.py --device cpu --trials 2 --iterations 40 --size 32 --batch-size 4   # smoke
+
+`--scale S` shortens every trial, ASHA's grace period and the evaluation interval by S, so ASHA
+keeps the same shape (same rungs, same number of trials at each), and projects the full-scale
+wall time as the start-up time plus the measured training time divided by S. The start-up time
+(Ray, data, the first trials' CUDA start and graph capture) is the time until the first trial's
+first report. The projection assumes each trial's rate stays what it was; compile's warm-up
+(`--compile`) is paid once per trial, whatever the scale, so it is counted apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from throughput import bench_config  # noqa: E402
+
+from raysemi.config import save_yaml  # noqa: E402
+
+
+def run_search(args, tmp: Path) -> dict:
+    iterations = max(1, round(args.iterations * args.scale))
+    grace = max(1, round(args.grace_period * args.scale))
+    interval = max(1, round(args.eval_interval * args.scale))
+    gpus = 1 if args.device.startswith("cuda") else 0
+    base = bench_config("mean_teacher", args, eval_interval=interval, log_interval=max(interval // 5, 1),
+                        max_iterations=iterations, compile="on" if args.compile else "off")
+    base.device = "auto"
+    save_yaml(base, tmp / "base.yaml")
+    cmd = [sys.executable, "-m", "raysemi.search", "--method", "mean_teacher", "--config", str(tmp / "base.yaml"),
+           "--num-samples", str(args.trials), "--max-iterations", str(iterations), "--eval-interval", str(interval),
+           "--grace-period", str(grace), "--reduction-factor", str(args.reduction_factor), "--seed", str(args.seed),
+           "--gpus", str(gpus), "--cpus-per-trial", str(args.cpus_per_trial), "--storage", str(tmp / "runs"),
+           "--name", "wall", "--experiment", "search-wall", "--tracking-uri", f"sqlite:///{tmp}/mlflow.db"]
+    cmd += ["--gpus-per-trial", str(args.gpus_per_trial)] if gpus else ["--num-cpus", str(args.num_cpus)]
+    t0 = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.time() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"search failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    trials = []
+    for result in sorted((tmp / "runs" / "wall").glob("*/result.json")):
+        reports = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
+        if reports:
+            trials.append({"trial": result.parent.name, "iterations": reports[-1]["iteration"],
+                           "reports": len(reports), "first_report_unix": reports[0]["timestamp"],
+                           "first_report_s": reports[0]["time_total_s"], "seconds": reports[-1]["time_total_s"]})
+    first = min(t["first_report_unix"] for t in trials)
+    # what a trial pays before its first report beyond its training (start, capture, compile) is
+    # counted once per wave of concurrent trials in the start-up estimate, not scaled
+    startup = first - t0
+    done = sum(t["iterations"] for t in trials)
+    return {"command": " ".join(cmd[1:]), "wall_s": wall, "startup_s": startup, "trials": trials,
+            "iterations_total": done, "completed": sum(t["iterations"] == iterations for t in trials),
+            "stopped_early": sum(t["iterations"] < iterations for t in trials), "trial_iterations": iterations,
+            "grace_period": grace, "eval_interval": interval, "search_it_per_s": done / wall,
+            "projected_full_wall_s": startup + (wall - startup) / args.scale}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="phantom", help="dataset root in the SSL4MIS layout, or 'phantom'")
+    p.add_argument("--labeled-patients", type=int, default=7)
+    p.add_argument("--size", type=int, default=256, help="patch size (square)")
+    p.add_argument("--batch-size", type=int, default=24, help="slices per batch (half labeled)")
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    p.add_argument("--amp", default="auto", choices=("auto", "bf16", "off"))
+    p.add_argument("--cuda-graphs", default="auto", choices=("auto", "on", "off"))
+    p.add_argument("--compile", action="store_true", help="compile: on in every trial")
+    p.add_argument("--trials", type=int, default=32)
+    p.add_argument("--iterations", type=int, default=10000, help="iterations per trial at full scale")
+    p.add_argument("--grace-period", type=int, default=2500, help="ASHA's grace period at full scale")
+    p.add_argument("--eval-interval", type=int, default=500, help="evaluation (and report) interval at full scale")
+    p.add_argument("--reduction-factor", type=float, default=3)
+    p.add_argument("--scale", type=float, default=1.0, help="fraction of the full-scale iterations to run")
+    p.add_argument("--gpus-per-trial", type=float, default=0.25)
+    p.add_argument("--cpus-per-trial", type=int, default=2)
+    p.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray for CPU trials")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--out", default="benchmarks/results/search_wall.json")
+    args = p.parse_args()
+    if not 0 < args.scale <= 1:
+        p.error(f"--scale: {args.scale} is invalid; expected a fraction in (0, 1]")
+    with tempfile.TemporaryDirectory() as tmp:
+        r = run_search(args, Path(tmp))
+    device = torch.cuda.get_device_name() if args.device == "cuda" and torch.cuda.is_available() else "cpu"
+    report = {"date": time.strftime("%Y-%m-%d"), "machine": {"platform": platform.platform(), "device": device},
+              "args": vars(args), "benchmark_command": " ".join([Path(sys.executable).name] + sys.argv), **r}
+    share = f"{args.gpus_per_trial:g} GPU per trial" if args.device == "cuda" else f"{args.cpus_per_trial} CPU per trial"
+    print(f"{args.trials} mean-teacher trials of {r['trial_iterations']} iterations (ASHA grace {r['grace_period']}, "
+          f"factor {args.reduction_factor:g}, {share}) on {device}:")
+    print(f"{'wall s':>9}{'start-up s':>12}{'iterations':>12}{'completed':>11}{'stopped':>9}{'it/s':>9}"
+          f"{'projected full-scale wall':>27}")
+    print(f"{r['wall_s']:>9.0f}{r['startup_s']:>12.0f}{r['iterations_total']:>12}{r['completed']:>11}"
+          f"{r['stopped_early']:>9}{r['search_it_per_s']:>9.1f}{r['projected_full_wall_s'] / 60:>23.1f} min")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    print(f"written: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
