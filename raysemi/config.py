@@ -234,7 +234,11 @@ def read_yaml(path: str | Path, what: str = "config file") -> Any:
     try:
         return yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        mark = getattr(err, "problem_mark", None)  # where the parser gave up (0-based)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise UserError(f"{path}: not valid YAML at {where}{problem}" if where else
+                        f"{path}: not valid YAML ({problem})") from None
 
 
 def load_yaml(path: str | Path, base: TrainConfig | None = None) -> TrainConfig:
@@ -263,7 +267,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] 
         typ = _field_type(name)
         flags = ["--" + name.replace("_", "-")]
         flags += ["--" + a.replace("_", "-") for a, n in ALIASES.items() if n == name and len(a) > 1]
-        help_text = f"{f.metadata['help']} (default: {getattr(defaults, name)!r})"
+        own = f.metadata["help"]  # a help that names its default itself keeps its words
+        help_text = own if "(default" in own else f"{own} (default: {getattr(defaults, name)!r})"
         kw: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
         if typ is bool:
             group.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)

@@ -39,6 +39,7 @@ import csv
 import io
 import hashlib
 import json
+import os
 import tempfile
 import typing
 from collections.abc import Callable
@@ -312,6 +313,7 @@ def config_from_run(run_id: str, uri: str) -> tuple[dict[str, Any], str]:
             continue
         import mlflow.artifacts
 
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a small YAML: no bar
         with tempfile.TemporaryDirectory() as d:
             try:
                 local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=name, dst_path=d,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 
 from raysemi.config import TrainConfig, add_config_arguments, load_yaml, resolve_with_sources, save_yaml
@@ -314,6 +315,8 @@ def _search(args, methods, spaces, base: TrainConfig, dataset, uri: str, storage
             tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True,
                                        resume_errored=True)
         else:
+            # `multivariate`, `group` and `constant_liar` are marked experimental (stable for years): no warning each run
+            warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
             sampler = optuna.samplers.TPESampler(seed=args.seed, multivariate=True, group=True, constant_liar=True)
             searcher = OptunaSearch(space=define_by_run(spaces), sampler=sampler, metric=METRIC, mode="max")
             grace = args.grace_period or max(base.eval_interval, base.max_iterations // 4)
@@ -324,7 +327,7 @@ def _search(args, methods, spaces, base: TrainConfig, dataset, uri: str, storage
                 # conditional parameters cannot be parameter columns (the reporter looks each up in
                 # every trial): the trial reports its own values as the `params` text column instead
                 parameter_columns={"method": "strategy"},
-                max_report_frequency=15, sort_by_metric=True, max_column_length=90)
+                max_report_frequency=15, sort_by_metric=True, max_column_length=200)  # UA-MT's params whole
             tuner = tune.Tuner(
                 trainable,
                 tune_config=tune.TuneConfig(metric=METRIC, mode="max", search_alg=searcher, scheduler=scheduler,
@@ -372,7 +375,10 @@ def _search(args, methods, spaces, base: TrainConfig, dataset, uri: str, storage
               f"leaderboard.csv)", flush=True)
         return 1
     parent.end("FINISHED")
-    print(f"\nbest: {summary['best_method']} val dice {summary['best_dice']:.4f}; "
+    browse = f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:") else f"open {uri}"
+    print(f"\nresults: {exp_dir} (leaderboard.csv, best_config.yaml, best_checkpoint.pt, plots); MLflow: {uri}, "
+          f"experiment {args.experiment!r}, parent run {parent.run_id} (browse: {browse})")
+    print(f"best: {summary['best_method']} val dice {summary['best_dice']:.4f}; "
           f"retrain it at full budget on several seeds, scored on the test split: python -m raysemi.train "
           f"--config {exp_dir / 'best_config.yaml'} --max-iterations 30000 --seeds 3 (reset --rampup-interval "
           "and --mt-warmup if the search scaled them down)")

@@ -7,8 +7,10 @@ The first cases run `python -m ...` in a subprocess exactly as a user would; the
 
 from __future__ import annotations
 
+import argparse
 import os
 import random
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -372,7 +374,7 @@ def test_argparse_errors(extra, needles, tiny_phantom, tmp_path, in_process, cap
     ("patch_size: [32, 32, 32]\n", ["patch_size", "[32, 32, 32]"]),
     ("ema_decay: 1.5\nmethod: mean_teacher\n", ["ema_decay", "1.5"]),
     ("- just\n- a list\n", ["mapping"]),
-    ("batch_size: [1\n", ["not valid YAML"]),
+    ("batch_size: [1\n", ["not valid YAML at line 2, column 1"]),
 ], ids=["wrong_type", "wrong_type_quoted", "float_as_list", "patch_size_three", "bad_value", "not_a_mapping",
         "not_yaml"])
 def test_bad_yaml(text, needles, tiny_phantom, tmp_path, in_process, capsys):
@@ -523,3 +525,19 @@ def test_phantom_bad_values(args, needles, tmp_path, in_process, capsys):
     rc, err = call(main, ["phantom", "--out", out, *args], capsys)
     assert_one_line_error(rc, err, *needles)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("module", ["raysemi.train", "raysemi.search", "raysemi.evaluate", "raysemi.predict",
+                                    "raysemi.data"])
+def test_help_states_each_default_once(module):
+    import importlib
+
+    parser = importlib.import_module(module if module != "raysemi.data" else "raysemi.data.__main__").build_parser()
+    helps = [parser.format_help()] + [sub.format_help() for action in parser._actions
+                                      if isinstance(action, argparse._SubParsersAction)
+                                      for sub in action.choices.values()]
+    for text in helps:
+        flat = " ".join(text.split())
+        assert "(default: None)" not in flat, module
+        assert not re.search(r"\(default:[^()]*\) \(default:", flat), module  # no flag says its default twice
+    assert "(default: test)" in " ".join(helps[0].split()) if module == "raysemi.evaluate" else True

@@ -168,9 +168,9 @@ def test_prepare_acdc_refuses_missing_patients_unless_allowed(tmp_path, capsys):
     raw = tmp_path / "database"
     write_acdc(raw)
     rc, _, err = call(["prepare-acdc", "--raw", raw, "--out", tmp_path / "ACDC"], capsys)
-    # patient099 and patient038 are the first two of train.list; patient050 comes next
-    assert_error(rc, err, str(raw / "training" / "patient050"), "patient folder missing", "and 94 more",
-                 "--allow-missing")
+    # only patient099 and patient038 are there; the missing ones are named in order
+    assert_error(rc, err, str(raw / "training" / "patient001"), "patient folder missing",
+                 "and 94 more: patient002, patient003, patient004, patient005, patient006, ...", "--allow-missing")
     assert_nothing_written(tmp_path, "database")
 
 

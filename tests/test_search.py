@@ -3,13 +3,16 @@ SQLite store in a temp folder, data from the phantom generator."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -48,14 +51,28 @@ def search_run(tiny_phantom, tmp_path_factory):
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     cwd = os.getcwd()
     os.chdir(tmp)
+    out = io.StringIO()
     try:
-        code = run_cli(search_main, ["--method", "supervised,em,mt", "--data", str(tiny_phantom), *TINY,
-                                     "--num-samples", "7", "--search-space", str(spaces), "--grace-period", "30",
-                                     "--reduction-factor", "2", "--seed", "3", "--name", "s", "--storage",
-                                     str(tmp / "runs"), "--tracking-uri", uri, "--max-failures", "0"])
+        with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(out):
+            warnings.simplefilter("always")
+            code = run_cli(search_main, ["--method", "supervised,em,mt", "--data", str(tiny_phantom), *TINY,
+                                         "--num-samples", "7", "--search-space", str(spaces), "--grace-period", "30",
+                                         "--reduction-factor", "2", "--seed", "3", "--name", "s", "--storage",
+                                         str(tmp / "runs"), "--tracking-uri", uri, "--max-failures", "0"])
     finally:
         os.chdir(cwd)
-    return {"code": code, "dir": tmp / "runs" / "s", "uri": uri, "tmp": tmp}
+    return {"code": code, "dir": tmp / "runs" / "s", "uri": uri, "tmp": tmp, "out": out.getvalue(),
+            "warnings": [w.category.__name__ for w in caught]}
+
+
+def test_search_ends_by_saying_where_its_results_are(search_run):
+    _, (parent,), _ = children(search_run["uri"], "raysemi-search")
+    last = search_run["out"].strip().splitlines()[-2:]
+    assert last[0] == (f"results: {search_run['dir']} (leaderboard.csv, best_config.yaml, best_checkpoint.pt, plots); "
+                       f"MLflow: {search_run['uri']}, experiment 'raysemi-search', parent run {parent.info.run_id} "
+                       f"(browse: mlflow ui --backend-store-uri {search_run['uri']})"), last
+    assert last[1].startswith("best: supervised val dice ")
+    assert "ExperimentalWarning" not in search_run["warnings"]  # Optuna's, for TPE options we rely on
 
 
 @pytest.mark.slow

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 
-from raysemi.errors import ArgumentParser, run_cli
+from raysemi.errors import ArgumentParser, DefaultsHelpFormatter, run_cli
 
 
-class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+class _Help(DefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Defaults in the option help, and the description's paragraphs and lists kept as written."""
 
 

@@ -120,6 +120,7 @@ def prepare_acdc(raw: str | Path, out: str | Path, overwrite: bool = False, allo
             missing.append(pid)
         else:
             present[pid] = folder
+    missing.sort()
     if missing and not allow_missing:
         more = f" (and {len(missing) - 1} more: {', '.join(missing[1:6])}{', ...' if len(missing) > 6 else ''})" \
             if len(missing) > 1 else ""
