@@ -2,14 +2,16 @@
 
     python -m raysemi.predict --checkpoint runs/x/best.pt --input scans/ --out predictions/
 
-Each input volume (one file, or every .nii / .nii.gz file of a folder) is read with SimpleITK as a
-(D, H, W) array (slices along the first array axis, as the SSL4MIS ACDC preprocessing reads them),
-min-max normalised per volume like the training data, segmented slice by slice (batched, on the
-device, resized to the checkpoint's patch size and back with nearest), and written as
-`<OUT>/<name>_pred.nii.gz` (`<name>` is the input file name without .nii.gz / .nii): a uint8 label
-volume with the input's size, spacing, origin and direction. Every input's header, the output
-folder and the checkpoint are checked before anything is written, and each output is written to a
-temporary name and renamed when complete.
+Each input volume (one file, or every .nii / .nii.gz file of a folder and its subfolders, searched as
+`raysemi.data import` searches --images: hidden files and folders, and --out, left out) is read with
+SimpleITK as a (D, H, W) array (slices along the first array axis, as the SSL4MIS ACDC preprocessing
+reads them), min-max normalised per volume like the training data, segmented slice by slice
+(batched, on the device, resized to the checkpoint's patch size and back with nearest), and written
+as `<OUT>/<sub>/<name>_pred.nii.gz` (`<name>` is the input file name without .nii.gz / .nii, `<sub>`
+its subfolder of --input, so equal names from two subfolders do not collide): a uint8 label volume
+with the input's size, spacing, origin and direction. Every input's header, the output folder and
+the checkpoint are checked before anything is written, and each output is written to a temporary
+name and renamed when complete.
 """
 
 from __future__ import annotations
@@ -27,13 +29,16 @@ PRED_SUFFIX = "_pred.nii.gz"
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m raysemi.predict", description=(
         "Segment 3D NIfTI volumes with a raysemi checkpoint: each input (a .nii/.nii.gz file, or every such "
-        "file in a folder) is min-max normalised per volume as the training data, predicted slice by slice "
-        f"on the device, and written to --out as <name>{PRED_SUFFIX} (uint8 labels, same size, spacing, "
-        "origin and direction as the input)."))
+        "file in a folder and its subfolders) is min-max normalised per volume as the training data, predicted "
+        f"slice by slice on the device, and written to --out as <name>{PRED_SUFFIX}, in the subfolder it had "
+        "in --input (uint8 labels, same size, spacing, origin and direction as the input)."))
     p.add_argument("--checkpoint", required=True, help="a checkpoint written by raysemi.train (best.pt or last.pt)")
     p.add_argument("--input", required=True, metavar="IMG.nii.gz|DIR",
-                   help="a 3D NIfTI file, or a folder whose .nii/.nii.gz files are all predicted")
-    p.add_argument("--out", required=True, metavar="DIR", help="folder for the predicted label volumes")
+                   help="a 3D NIfTI file, or a folder whose .nii/.nii.gz files, in it or in subfolders at any "
+                        "depth (one folder per patient), are all predicted; hidden files and folders, other "
+                        "files, and the --out folder when it lies inside are left out")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="folder for the predicted label volumes, with the subfolders of --input")
     p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda' or 'cuda:N'")
     p.add_argument("--batch-size", type=int, default=32, help="slices per forward pass")
     p.add_argument("--eval-model", "--model", dest="model", choices=("student", "teacher"), default=None,
@@ -54,23 +59,34 @@ def output_name(path: Path) -> str:
     return stem + PRED_SUFFIX
 
 
-def list_inputs(path: str | Path) -> list[Path]:
-    """The NIfTI files to predict: `path` itself, or the .nii/.nii.gz files of a folder (sorted;
-    hidden files, such as a killed run's temporary outputs, are skipped)."""
-    from raysemi.data.convert import nifti_stem
+def list_inputs(path: str | Path, out: str | Path | None = None) -> list[Path]:
+    """The NIfTI files to predict: `path` itself, or the .nii/.nii.gz files of a folder and its
+    subfolders (sorted; searched as `import` searches --images, by `walk_files`: hidden files, such as
+    a killed run's temporary outputs, and hidden folders are skipped, and so is `out` inside `path`,
+    so that a second run does not predict the first one's outputs)."""
+    from raysemi.data.convert import nifti_stem, walk_files
 
     path = Path(path)
     if path.is_dir():
-        files = sorted(p for p in path.iterdir()
-                       if p.is_file() and not p.name.startswith(".") and nifti_stem(p.name) is not None)
+        skip = (Path(out),) if out is not None else ()
+        files = [p for p in walk_files(path, "--input", skip) if nifti_stem(p.name) is not None]
         if not files:
-            raise UserError(f"{path}: --input: folder holds no .nii or .nii.gz file; expected 3D NIfTI volumes")
+            raise UserError(f"{path}: --input: no .nii or .nii.gz file in the folder or its subfolders (hidden "
+                            "ones and --out aside); expected 3D NIfTI volumes")
         return files
     if not path.exists():
         raise UserError(f"{path}: --input: no such file or folder; expected a .nii/.nii.gz file or a folder of them")
     if nifti_stem(path.name) is None:
         raise UserError(f"{path}: --input: not a NIfTI file name; expected a .nii or .nii.gz file (or a folder)")
     return [path]
+
+
+def output_paths(inputs: list[Path], root: Path, out: Path) -> list[Path]:
+    """Where each input's labels go: `out/<sub>/<name>_pred.nii.gz`, `<sub>` the input's subfolder of
+    `root` (the --input folder; none for a file or a flat folder), so equal names cannot collide."""
+    if not root.is_dir():
+        return [out / output_name(p) for p in inputs]
+    return [out / p.parent.relative_to(root) / output_name(p) for p in inputs]
 
 
 def read_header(path: Path) -> tuple[int, ...]:
@@ -118,11 +134,17 @@ def check_out(out: Path, outputs: list[Path], inputs: list[Path], overwrite: boo
             raise UserError(f"{dst}: --out: the output of {src.name} would replace the input {resolved_inputs[key]}; "
                             "expected an --out folder apart from the inputs")
         if key in seen:
-            raise UserError(f"{dst}: --out: both {seen[key].name} and {src.name} would be written here; "
+            raise UserError(f"{dst}: --out: both {seen[key]} and {src} would be written here; "
                             "expected input names that differ without .nii/.nii.gz")
         seen[key] = src
         if dst.exists() and not dst.is_file():
             raise UserError(f"{dst}: --out: exists and is not a file; expected to write a NIfTI file there")
+        folder = dst.parent  # the subfolders of --out this output needs: a file there would stop the run midway
+        while folder != out and folder != folder.parent:
+            if folder.exists() and not folder.is_dir():
+                raise UserError(f"{folder}: --out: exists and is not a folder; expected a folder for the output "
+                                f"of {src}")
+            folder = folder.parent
     parent = out
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
@@ -155,11 +177,12 @@ def main(argv: list[str]) -> int:
     if args.batch_size < 1:
         raise UserError(f"--batch-size: {args.batch_size} is invalid; expected an integer >= 1")
     # every input and the output folder are checked before the checkpoint is read or a file written
-    inputs = list_inputs(args.input)
+    out = Path(args.out)
+    inputs = list_inputs(args.input, out)
     for path in inputs:
         read_header(path)
-    out = Path(args.out)
-    outputs = [out / output_name(p) for p in inputs]
+    root = Path(args.input)
+    outputs = output_paths(inputs, root, out)
     check_out(out, outputs, inputs, args.overwrite)
 
     import numpy as np
@@ -182,6 +205,7 @@ def main(argv: list[str]) -> int:
     print(f"{args.checkpoint} ({config.method}, {which}, {config.num_classes} classes, patch "
           f"{config.patch_size[0]}x{config.patch_size[1]}) on {device}: {len(inputs)} volume(s) -> {out}", flush=True)
     width = len(str(len(inputs)))
+    in_folder = root.is_dir()  # then inputs are shown by their path in --input, else by name as before
     for i, (src, dst) in enumerate(zip(inputs, outputs), start=1):
         t0 = time.perf_counter()
         try:
@@ -199,14 +223,15 @@ def main(argv: list[str]) -> int:
             raise UserError(f"{src}: image: {err}") from None
         pred = predict_volume(net, volume, config.patch_size, device, args.batch_size, amp)
         try:  # created only now, so a run refused on its first volume leaves no empty folder
-            out.mkdir(parents=True, exist_ok=True)
+            dst.parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise UserError(f"{out}: --out: cannot create the folder ({err.strerror or err})") from None
+            raise UserError(f"{dst.parent}: --out: cannot create the folder ({err.strerror or err})") from None
         write_labels(pred, image, dst)
         counts = np.bincount(pred.ravel(), minlength=config.num_classes)
         share = ", ".join(f"{name} {100.0 * c / pred.size:.1f}%" for name, c in zip(names, counts[1:]))
         D, H, W = array.shape
-        print(f"[{i:>{width}}/{len(inputs)}] {src.name}: {D} slices of {H}x{W} -> {dst.name} "
+        shown = src.relative_to(root) if in_folder else src.name
+        print(f"[{i:>{width}}/{len(inputs)}] {shown}: {D} slices of {H}x{W} -> {dst.relative_to(out)} "
               f"({share} of voxels; {time.perf_counter() - t0:.1f}s)", flush=True)
     return 0
 

@@ -131,6 +131,66 @@ def test_folder_of_two_scans_gives_two_outputs(trained, raw_volume, tmp_path, ca
     np.testing.assert_array_equal(a[::-1], b)  # slice by slice: reversing the slices reverses the labels
 
 
+def _labels(path: Path) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def test_nested_folders_keep_their_structure_and_match_single_file_runs(trained, raw_volume, tmp_path, capsys):
+    """--input searches subfolders as `import --images` does (one folder per patient); --out repeats the
+    subfolders, so equal names from two folders do not collide."""
+    scans = tmp_path / "scans"
+    for sub in ("patient001", "patient002/deeper", ".cache"):
+        (scans / sub).mkdir(parents=True)
+    write_nifti(scans / "patient001" / "patient001_frame01.nii.gz", raw_volume)
+    write_nifti(scans / "patient002" / "patient002_frame01.nii", raw_volume[::-1].copy())
+    write_nifti(scans / "patient002" / "deeper" / "patient001_frame01.nii.gz", raw_volume[:, 2:-3].copy())
+    write_nifti(scans / "top.nii.gz", raw_volume[:, :, 1:].copy(), geometry=False)
+    write_nifti(scans / ".cache" / "hidden.nii.gz", raw_volume)  # hidden folder: skipped
+    (scans / "patient001" / "notes.txt").write_bytes(KEEP)  # not NIfTI: skipped
+    (scans / "patient001" / "loop").symlink_to(scans, target_is_directory=True)  # searched once, no loop
+    out = tmp_path / "out"
+    rc, stdout, err = call(["--checkpoint", trained, "--input", scans, "--out", out, "--device", "cpu"], capsys)
+    assert rc == 0, err
+    expected = {"patient001/patient001_frame01.nii.gz": "patient001/patient001_frame01_pred.nii.gz",
+                "patient002/patient002_frame01.nii": "patient002/patient002_frame01_pred.nii.gz",
+                "patient002/deeper/patient001_frame01.nii.gz": "patient002/deeper/patient001_frame01_pred.nii.gz",
+                "top.nii.gz": "top_pred.nii.gz"}
+    written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert written == sorted(expected.values())  # no temporary file, nothing from .cache or the link
+    assert "4 volume(s)" in stdout.splitlines()[0]
+    for src, dst in expected.items():
+        assert f"] {src}: " in stdout and f"-> {dst} " in stdout
+        alone = tmp_path / "alone" / src  # the same file predicted on its own
+        rc, _, err = call(["--checkpoint", trained, "--input", scans / src, "--out", alone, "--device", "cpu"],
+                          capsys)
+        assert rc == 0, err
+        pred, ref = sitk.ReadImage(str(out / dst)), sitk.ReadImage(str(scans / src))
+        assert pred.GetSize() == ref.GetSize() and pred.GetPixelID() == sitk.sitkUInt8
+        assert np.allclose(pred.GetSpacing(), ref.GetSpacing()) and np.allclose(pred.GetOrigin(), ref.GetOrigin())
+        assert np.allclose(pred.GetDirection(), ref.GetDirection())
+        np.testing.assert_array_equal(_labels(out / dst), _labels(alone / Path(dst).name))
+
+
+def test_out_inside_input_is_not_read_as_input(trained, raw_volume, tmp_path, capsys):
+    scans = tmp_path / "scans"
+    (scans / "patient001").mkdir(parents=True)
+    write_nifti(scans / "patient001" / "patient001_frame01.nii.gz", raw_volume)
+    write_nifti(scans / "a.nii.gz", raw_volume[::-1].copy())
+    out = scans / "predictions"
+    args = ["--checkpoint", trained, "--input", scans, "--out", out, "--device", "cpu"]
+    rc, _, err = call(args, capsys)
+    assert rc == 0, err
+    first = {str(p.relative_to(out)): _labels(p) for p in out.rglob("*") if p.is_file()}
+    assert sorted(first) == ["a_pred.nii.gz", "patient001/patient001_frame01_pred.nii.gz"]
+    rc, stdout, err = call(args + ["--overwrite"], capsys)  # the first run's outputs are now inside --input
+    assert rc == 0, err
+    assert "2 volume(s)" in stdout.splitlines()[0] and "predictions/" not in stdout.split("->", 1)[1]
+    again = {str(p.relative_to(out)): _labels(p) for p in out.rglob("*") if p.is_file()}
+    assert sorted(again) == sorted(first)  # nothing like predictions/predictions/... or *_pred_pred
+    for name, labels in first.items():
+        np.testing.assert_array_equal(again[name], labels)
+
+
 def test_minmax_is_the_ssl4mis_rule():
     x = np.array([[[2.0, 4.0], [6.0, 10.0]]], np.float64)
     y = minmax(x)
@@ -255,6 +315,36 @@ def test_a_bad_scan_in_a_folder_stops_before_any_output(trained, raw_volume, tmp
     rc, _, err = call(["--checkpoint", trained, "--input", scans, "--out", out, "--device", "cpu"], capsys)
     assert_error(rc, err, "b.nii.gz", "2D image")
     assert not out.exists()
+
+
+def test_tree_without_nifti_is_one_line(trained, raw_volume, tmp_path, capsys):
+    """Subfolders are searched, but hidden ones and --out are not: a tree whose only NIfTI files lie
+    there holds no input."""
+    scans = tmp_path / "scans"
+    for sub in ("patient001", "patient002", ".hidden", "pred/patient003"):
+        (scans / sub).mkdir(parents=True)
+    (scans / "patient001" / "readme.txt").write_bytes(KEEP)
+    write_nifti(scans / ".hidden" / "a.nii.gz", raw_volume)
+    write_nifti(scans / "pred" / "patient003" / "b_pred.nii.gz", raw_volume)
+    rc, _, err = call(["--checkpoint", trained, "--input", scans, "--out", scans / "pred", "--device", "cpu"],
+                      capsys)
+    assert_error(rc, err, str(scans), "--input", "no .nii or .nii.gz file", "subfolders")
+    assert sorted(p.name for p in (scans / "pred").rglob("*")) == ["b_pred.nii.gz", "patient003"]
+
+
+def test_out_subfolder_that_is_a_file_is_refused_before_writing(trained, raw_volume, tmp_path, capsys):
+    scans = tmp_path / "scans"
+    (scans / "p1").mkdir(parents=True)
+    (scans / "p2").mkdir()
+    write_nifti(scans / "p1" / "a.nii.gz", raw_volume)
+    write_nifti(scans / "p2" / "a.nii.gz", raw_volume)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "p2").write_bytes(KEEP)
+    rc, _, err = call(["--checkpoint", trained, "--input", scans, "--out", out, "--device", "cpu", "--overwrite"],
+                      capsys)
+    assert_error(rc, err, str(out / "p2"), "not a folder")
+    assert sorted(p.name for p in out.iterdir()) == ["p2"] and (out / "p2").read_bytes() == KEEP
 
 
 def test_empty_folder_and_missing_input(trained, tmp_path, capsys):

@@ -1,7 +1,8 @@
-"""What `prepare-acdc` and `import` share: reading NIfTI and PNG files, min-max normalisation, writing
-the HDF5 case files, progress lines, and an output folder that is built beside the target and only
-then renamed into place (or, with --overwrite, swapped for the old dataset's files, all or nothing:
-files of the user's that are not dataset files stay).
+"""What `prepare-acdc` and `import` share: reading NIfTI and PNG files, searching a folder tree (which
+`predict` uses too), min-max normalisation, writing the HDF5 case files, progress lines, and an
+output folder that is built beside the target and only then renamed into place (or, with
+--overwrite, swapped for the old dataset's files, all or nothing: files of the user's that are not
+dataset files stay).
 
 Slice files are numbered from 1, as in the SSL4MIS ACDC release (its lists name `<case>_slice_1` to
 `<case>_slice_<D>`): `<case>_slice_<k>` holds slice index k - 1 of the volume, numbered from the
@@ -43,6 +44,33 @@ def nifti_stem(name: str) -> str | None:
         if low.endswith(suffix) and len(name) > len(suffix):
             return name[:-len(suffix)]
     return None
+
+
+def walk_files(folder: Path, flag: str, skip: tuple[Path | None, ...] = ()) -> list[Path]:
+    """The files in `folder` and its subfolders at any depth, sorted; hidden files and folders are left
+    out, and so are the folders of `skip` (an --out or --labels folder inside the searched one is not
+    input). Linked folders are followed, each folder searched once, so a link loop ends. `import` and
+    `predict` share it, so that both read the same tree the same way; `flag` names the option in the
+    error for an unreadable subfolder."""
+    skipped = {os.path.realpath(s) for s in skip if s is not None} - {os.path.realpath(folder)}
+
+    def unreadable(err: OSError) -> None:
+        raise UserError(f"{err.filename}: {flag} subfolder cannot be read ({err.strerror}); expected a readable "
+                        "folder")
+
+    found: list[Path] = []
+    seen: set[tuple[int, int]] = set()
+    for root, dirs, names in os.walk(folder, onerror=unreadable, followlinks=True):
+        st = os.stat(root)
+        if (st.st_dev, st.st_ino) in seen:  # reached again through a link: searched already
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        # sorted, so a folder reached by two paths (a link) is always found by the same one
+        dirs[:] = sorted(d for d in dirs
+                         if not d.startswith(".") and os.path.realpath(os.path.join(root, d)) not in skipped)
+        found += [Path(root, n) for n in names if not n.startswith(".") and os.path.isfile(os.path.join(root, n))]
+    return sorted(found)
 
 
 def _one_line(err: BaseException) -> str:

@@ -26,7 +26,6 @@ Rules (also in `python -m raysemi.data import --help`):
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -36,7 +35,8 @@ from typing import TextIO
 import numpy as np
 
 from raysemi.data.convert import (Progress, check_image, check_label, check_spacing, nifti_stem,
-                                  read_nifti, read_png, slice_name, staged_output, write_lists, write_volume)
+                                  read_nifti, read_png, slice_name, staged_output, walk_files, write_lists,
+                                  write_volume)
 from raysemi.data.layout import patient_id
 from raysemi.data.normalize import minmax
 from raysemi.errors import UserError
@@ -69,30 +69,13 @@ class ImportSummary:
 
 
 def _files(folder: Path, flag: str, skip: tuple[Path | None, ...] = ()) -> list[Path]:
-    """The files in `folder` and its subfolders at any depth, hidden files and folders left out, and so
-    are the folders of `skip` (the --labels or --out folder inside --images is not images). Linked
-    folders are followed, each folder searched once."""
+    """The files in `folder` and its subfolders (`walk_files`: hidden ones and the folders of `skip`
+    left out), after checking that `folder` is one."""
     if not folder.exists():
         raise UserError(f"{folder}: {flag} folder not found; expected a folder of .nii/.nii.gz or .png files")
     if not folder.is_dir():
         raise UserError(f"{folder}: {flag} is not a folder; expected a folder of .nii/.nii.gz or .png files")
-    skipped = {os.path.realpath(s) for s in skip if s is not None} - {os.path.realpath(folder)}
-
-    def unreadable(err: OSError) -> None:
-        raise UserError(f"{err.filename}: {flag} subfolder cannot be read ({err.strerror}); expected a readable "
-                        "folder")
-
-    found: list[Path] = []
-    seen: set[tuple[int, int]] = set()
-    for root, dirs, names in os.walk(folder, onerror=unreadable, followlinks=True):
-        st = os.stat(root)
-        if (st.st_dev, st.st_ino) in seen:  # reached again through a link: searched already
-            dirs[:] = []
-            continue
-        seen.add((st.st_dev, st.st_ino))
-        dirs[:] = [d for d in dirs if not d.startswith(".") and os.path.realpath(os.path.join(root, d)) not in skipped]
-        found += [Path(root, n) for n in names if not n.startswith(".") and os.path.isfile(os.path.join(root, n))]
-    return sorted(found)
+    return walk_files(folder, flag, skip)
 
 
 def _kind(path: Path) -> str | None:
