@@ -22,8 +22,10 @@ K = 1 (the default) the run folder and the MLflow run are those of a single trai
 with the same extra files, the `test/<m>` metrics and the tags.
 
 `--resume <output>` continues a multi-seed retrain: seed folders with a results.json are kept as
-they are, a seed folder with a last.pt is resumed from it (in a new nested run of the same parent),
-the others are trained from scratch; more seeds than before may be asked.
+they are, a seed folder with a last.pt is resumed from it (in its own nested run, reopened, under
+the same parent), the others are trained from scratch; more seeds than before may be asked. A
+single run resumed from its folder's last.pt goes on in its own MLflow run too (raysemi.tracking:
+`folder_run`).
 
 Baseline: a retrain of any strategy other than `supervised` looks for the latest finished
 supervised retrain in the same experiment with the same data folder, labeled patients (count and
@@ -385,9 +387,10 @@ def retrain(config: TrainConfig, data: Any, splits: dict[str, list], out: Path, 
         def open_single():
             if uri is None:
                 return None
-            from raysemi.tracking import MLflowRun
+            from raysemi.tracking import folder_run
 
-            return MLflowRun(uri, config.experiment, name, tags={**tags, "seed": str(config.seed)})
+            return folder_run(out, uri, config.experiment, name, tags={**tags, "seed": str(config.seed)},
+                              reopen=resumes_in_place(resume, out))
 
         res = train_one(config, data, splits, out, resume=resume, open_run=open_single, end_run=False)
         if res.failure:
@@ -396,13 +399,19 @@ def retrain(config: TrainConfig, data: Any, splits: dict[str, list], out: Path, 
     return _retrain_seeds(config, data, splits, out, seeds, train_one, uri, bool(resume), name, tags)
 
 
+def resumes_in_place(resume: str | None, out: Path) -> bool:
+    """Whether `--resume` continues the run in `out` (its own last.pt), so its MLflow run goes on;
+    a checkpoint from another folder starts a new run there."""
+    return resume is not None and Path(resume).resolve().parent == out.resolve()
+
+
 def _retrain_seeds(config, data, splits, out: Path, seeds: int, train_one: TrainOne, uri: str | None, resuming: bool,
                    name: str, tags: dict[str, str]) -> int:
-    from raysemi.tracking import MLflowRun, flat_params
+    from raysemi.tracking import MLflowRun, flat_params, folder_run, reopen_run
 
     state_path = out / STATE_FILE
     state = read_state(out) if resuming and state_path.is_file() else {}
-    state.update({"seeds": seeds, "base_seed": config.seed, "tracking_uri": uri})
+    state.update({"seeds": seeds, "base_seed": config.seed, "tracking_uri": uri, "experiment": config.experiment})
     state.setdefault("seed_runs", {})
     parent: MLflowRun | None = None
     base = config.replace(output=str(out))
@@ -418,17 +427,8 @@ def _retrain_seeds(config, data, splits, out: Path, seeds: int, train_one: Train
             save_yaml(base, out / "config.yaml")
             if uri is not None:
                 if state.get("parent_run_id"):
-                    from mlflow.exceptions import MlflowException
-                    from mlflow.tracking import MlflowClient
-
-                    try:
-                        found = MLflowRun.existing(MlflowClient(tracking_uri=uri), uri, state["parent_run_id"])
-                        found.client.update_run(found.run_id, status="RUNNING")
-                        parent = found
-                    except MlflowException:
-                        raise UserError(f"--resume: {out}: its MLflow run {state['parent_run_id']} is not in {uri}; "
-                                        "expected the store the retrain was logged to (--tracking-uri), or "
-                                        "--no-mlflow") from None
+                    parent = reopen_run(uri, state["parent_run_id"], str(out))
+                if parent is not None:
                     parent.set_tags({"seeds": seeds, "status": "running"})
                 else:
                     parent = MLflowRun(uri, config.experiment, name, tags=tags)
@@ -459,20 +459,14 @@ def _retrain_seeds(config, data, splits, out: Path, seeds: int, train_one: Train
             resumed = f", resumed from {last}" if seed_resume else ""
             print(f"\n=== seed{k}: seed {cfg.seed} ({k + 1} of {seeds}){resumed} ===", flush=True)
 
-            def open_seed_run(k: int = k, cfg: TrainConfig = cfg, folder: Path = folder) -> MLflowRun | None:
+            def open_seed_run(k: int = k, cfg: TrainConfig = cfg, folder: Path = folder,
+                              reopen: bool = seed_resume is not None) -> MLflowRun | None:
                 p = open_parent()
                 if p is None:
                     return None
-                old = state["seed_runs"].get(str(k))
-                if old:  # an interrupted seed's run: it stays, marked KILLED; the rest goes to a new one
-                    try:
-                        if p.client.get_run(old).info.status == "RUNNING":
-                            p.client.set_terminated(old, "KILLED")
-                    except Exception:  # deleted meanwhile: nothing to mark
-                        pass
-                run = MLflowRun(uri, config.experiment, cfg.run_name, parent_run_id=p.run_id, tags={
-                    **tags, "role": "seed", "seed": str(cfg.seed), "seed_index": str(k),
-                    "run_dir": str(folder.resolve())})
+                run = folder_run(folder, uri, config.experiment, cfg.run_name, parent_run_id=p.run_id, reopen=reopen,
+                                 tags={**tags, "role": "seed", "seed": str(cfg.seed), "seed_index": str(k),
+                                       "run_dir": str(folder.resolve())})
                 state["seed_runs"][str(k)] = run.run_id
                 save_state()
                 return run

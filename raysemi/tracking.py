@@ -15,11 +15,18 @@ its seeds, with several, are nested runs tagged `role=seed`. It logs `test/<m>`,
 the supervised baseline's) with the tag `baseline_run_id` (raysemi.retrain).
 Pictures (`PicturesCallback`): `overlays/best_iter_<iteration>.png` at new best validation Dice and
 `plots/learning_curves.png` at the end, in the run folder and as artifacts.
+
+A run folder records its run in `mlflow_run.json` (run id, tracking URI, experiment; `folder_run`),
+a multi-seed retrain its parent run in `retrain.json`: a resumed training goes on in the same runs
+(`MLflowRun.reopen`). Params keep the values they were first logged with (MLflow cannot change one):
+a value a resume changes (`--max-iterations`, say) is the tag `resumed/<param>`.
 """
 
 from __future__ import annotations
 
 import copy
+import json
+import math
 import os
 import sys
 import time
@@ -32,9 +39,12 @@ import numpy as np
 
 from raysemi import checkpoint
 from raysemi.errors import UserError
+from raysemi.files import write_text_atomic
 from raysemi.loop import Callback, LoopResult, Trainer
 
 DEFAULT_DB = "mlflow.db"
+#: a run folder's record of its MLflow run, read by a resume
+RUN_FILE = "mlflow_run.json"
 
 
 def resolve_tracking_uri(uri: str = "") -> str:
@@ -113,7 +123,14 @@ def flat_params(config: dict[str, Any]) -> dict[str, str]:
 
 
 class MLflowRun:
-    """One MLflow run written through `MlflowClient` (no global active-run state)."""
+    """One MLflow run written through `MlflowClient` (no global active-run state).
+
+    A run `reopen`ed to go on with a resumed training logs nothing twice: `params` and `logged`
+    hold what it had (None for a new run, which has nothing)."""
+
+    params: dict[str, str] | None = None  # a reopened run's params and tags
+    tags: dict[str, str] | None = None
+    logged: dict[str, tuple[int, float] | None] | None = None  # metric -> its last (step, value), read lazily
 
     def __init__(self, uri: str, experiment: str, run_name: str, tags: dict[str, str] | None = None,
                  parent_run_id: str | None = None) -> None:
@@ -134,24 +151,82 @@ class MLflowRun:
         run.client, run.uri, run.run_id, run.experiment_id = client, uri, run_id, experiment_id
         return run
 
+    @classmethod
+    def reopen(cls, uri: str, run_id: str) -> "MLflowRun":
+        """An existing run set RUNNING again, to go on logging into it after a resume. LookupError
+        saying why when the store has no such run (another store) or it was deleted."""
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=uri)
+        try:
+            found = client.get_run(run_id)
+        except MlflowException as err:
+            if err.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                raise
+            raise LookupError(f"is not in {uri}") from None
+        if found.info.lifecycle_stage == "deleted":
+            raise LookupError(f"was deleted from {uri}")
+        client.update_run(run_id, status="RUNNING")
+        run = cls.existing(client, uri, run_id, found.info.experiment_id)
+        run.params, run.tags, run.logged = dict(found.data.params), dict(found.data.tags), {}
+        return run
+
+    @property
+    def reopened(self) -> bool:
+        return self.logged is not None
+
     def log_params(self, params: dict[str, Any]) -> None:
+        """On a reopened run, params it has are not logged again: a changed value (MLflow refuses
+        to change a param) is set as the tag `resumed/<param>`, kept up to date by later resumes."""
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        values = {k: str(v)[:6000] for k, v in params.items()}
+        if self.params is not None:
+            self.set_tags({f"resumed/{k}": v for k, v in values.items() if k in self.params
+                           and (v != self.params[k] or f"resumed/{k}" in self.tags)})
+            values = {k: v for k, v in values.items() if k not in self.params}
+            self.params.update(values)
+        items = [Param(k, v) for k, v in values.items()]
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i:i + 100])
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+    def log_metrics(self, metrics: dict[str, float], step: int, curve: bool = False) -> None:
+        self.log_steps([(step, metrics)], curve)
+
+    def log_steps(self, rows: list[tuple[int, dict[str, float]]], curve: bool = False) -> None:
+        """Log (step, metrics) rows in batches. A reopened run logs no step twice: a metric is not
+        logged at a step before the last one it has; at that step, a `curve` metric (training
+        losses, validation: what a resumed training replays from its checkpoint) is not logged
+        again, any other only with a new value (a summary computed again, e.g. over more seeds)."""
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        items = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
+        items = []
+        for step, metrics in rows:
+            for k, v in metrics.items():
+                v = float(v)
+                if self.logged is not None:
+                    last = self._last_logged(k)
+                    if last is not None and (step < last[0] or step == last[0] and (curve or _same(v, last[1]))):
+                        continue
+                    self.logged[k] = (step, v)
+                items.append(Metric(k, v, ts, step))
         for i in range(0, len(items), 500):
             self.client.log_batch(self.run_id, metrics=items[i:i + 500])
+
+    def _last_logged(self, key: str) -> tuple[int, float] | None:
+        if key not in self.logged:
+            history = self.client.get_metric_history(self.run_id, key)
+            last = max(history, key=lambda m: (m.step, m.timestamp), default=None)
+            self.logged[key] = (last.step, last.value) if last is not None else None
+        return self.logged[key]
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         for k, v in tags.items():
             self.client.set_tag(self.run_id, k, str(v)[:5000])
+            if self.tags is not None:
+                self.tags[k] = str(v)[:5000]
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if Path(path).exists():
@@ -159,6 +234,58 @@ class MLflowRun:
 
     def end(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status)
+
+
+def _same(a: float, b: float) -> bool:
+    return a == b or (math.isnan(a) and math.isnan(b))
+
+
+def reopen_run(uri: str, run_id: str, what: str) -> MLflowRun | None:
+    """`MLflowRun.reopen`, or None after one warning line saying why it cannot be (`what` names
+    the run's folder); the caller then opens a new run."""
+    try:
+        return MLflowRun.reopen(uri, run_id)
+    except LookupError as why:
+        print(f"warning: {what}: its MLflow run {run_id} {why}; logging to a new run", file=sys.stderr, flush=True)
+        return None
+
+
+def read_run_record(folder: Path) -> dict[str, Any]:
+    """A run folder's `mlflow_run.json` ({} when it has none, or one that cannot be read)."""
+    try:
+        record = json.loads((folder / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def folder_run(folder: Path, uri: str, experiment: str, run_name: str, tags: dict[str, str], *, reopen: bool,
+               parent_run_id: str | None = None) -> MLflowRun:
+    """The MLflow run of a run folder, recorded in its `mlflow_run.json`. With `reopen` (training
+    resumed from the folder's own last.pt), the recorded run goes on (`reopen_run`: a new one with
+    a warning line when the store has it no more). Otherwise a new run; a recorded one still
+    RUNNING (its process died) is marked KILLED first."""
+    record = read_run_record(folder)
+    old = record.get("run_id")
+    run = reopen_run(uri, old, str(folder)) if reopen and old else None
+    if run is not None:  # the tags as a new run would have them (the retrain's parent may itself be new)
+        run.set_tags({**tags, **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})})
+    else:
+        if old and not reopen:
+            from mlflow.exceptions import MlflowException
+            from mlflow.tracking import MlflowClient
+
+            client = MlflowClient(tracking_uri=uri)
+            try:
+                if client.get_run(old).info.status == "RUNNING":
+                    client.set_terminated(old, "KILLED")
+            except MlflowException:  # in another store, or deleted: nothing to mark
+                pass
+        run = MLflowRun(uri, experiment, run_name, tags=tags, parent_run_id=parent_run_id)
+        record = {"experiment": experiment}
+    write_text_atomic(folder / RUN_FILE, json.dumps({"run_id": run.run_id, "tracking_uri": uri,
+                                                     "experiment": record.get("experiment", experiment)}, indent=1))
+    return run
 
 
 class MLflowCallback(Callback):
@@ -177,12 +304,16 @@ class MLflowCallback(Callback):
                            "cuda_graphs": trainer.graph_status})
         if self.run_dir is not None:
             self.run.log_artifact(self.run_dir / "config.yaml")
+        if trainer.iteration > 0:  # resumed: the checkpoint's curves first (only what the run lacks)
+            rows = [(int(h["iteration"]), {k: v for k, v in h.items() if k != "iteration"})
+                    for h in trainer.train_history + trainer.history]
+            self.run.log_steps(rows, curve=True)
 
     def on_log(self, trainer: Trainer, iteration: int, metrics: dict[str, float]) -> None:
-        self.run.log_metrics(metrics, iteration)
+        self.run.log_metrics(metrics, iteration, curve=True)
 
     def on_eval(self, trainer: Trainer, iteration: int, metrics: dict[str, float], is_best: bool) -> None:
-        self.run.log_metrics({k: v for k, v in metrics.items() if k != "iteration"}, iteration)
+        self.run.log_metrics({k: v for k, v in metrics.items() if k != "iteration"}, iteration, curve=True)
         if trainer.graph_failure and not self._graph_failure_tagged:
             self.run.set_tags({"cuda_graphs": trainer.graph_status})  # it fell back to eager training
             self._graph_failure_tagged = True

@@ -41,7 +41,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--resume", metavar="LAST.pt|DIR", help=(
         "continue from a full checkpoint (a run folder's last.pt); with several seeds, the retrain folder: finished "
         "seeds are kept, interrupted ones resumed from their last.pt, the rest trained (its config.yaml and seed "
-        "count are used unless given)"))
+        "count are used unless given). A run resumed in its own folder goes on in its MLflow run, in the store it "
+        "was logged to unless --tracking-uri is given"))
     p.add_argument("--overwrite", action="store_true", help="allow an --output folder that already holds a run")
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     add_config_arguments(p)
@@ -157,7 +158,8 @@ def train_one(config: TrainConfig, data, splits: dict[str, list], out: Path, *, 
     save_yaml(config, out / "config.yaml")
     run = open_run() if open_run else None
     console = attach_callbacks(trainer, out, run)
-    console.write(f"run folder: {out}" + (f"; MLflow run {run.run_id} in {run.uri}" if run else ""))
+    console.write(f"run folder: {out}" + (f"; MLflow run {run.run_id} in {run.uri}" if run else "")
+                  + (" (continued)" if run and run.reopened else ""))
     outcome = SeedResult(0, config.seed, out, run_id=run.run_id if run else None, run=run)
     try:
         result = trainer.fit()
@@ -218,20 +220,23 @@ def main(argv: list[str]) -> int:
         print(describe_methods())
         return 0
     config, seeds, resume_dir = resolve_config(args)
-    from raysemi.tracking import check_tracking_uri, resolve_tracking_uri
+    from raysemi.tracking import check_tracking_uri, read_run_record, resolve_tracking_uri
 
+    out = Path(config.output) if config.output else default_output(config)
     uri = resolve_tracking_uri(config.tracking_uri)
-    if resume_dir is not None and getattr(args, "tracking_uri", None) is None:
-        from raysemi.retrain import read_state
+    if args.resume and getattr(args, "tracking_uri", None) is None:  # the store the run was logged to
+        from raysemi.retrain import read_state, resumes_in_place
 
-        uri = read_state(resume_dir).get("tracking_uri") or uri  # the store the retrain was logged to
+        if resume_dir is not None:
+            uri = read_state(resume_dir).get("tracking_uri") or uri
+        elif resumes_in_place(args.resume, out):
+            uri = read_run_record(out).get("tracking_uri") or uri
     if not args.no_mlflow:
         check_tracking_uri(uri)
     # heavy imports after the cheap checks, so bad input answers at once
     from raysemi.data import load_dataset
     from raysemi.retrain import retrain
 
-    out = Path(config.output) if config.output else default_output(config)
     check_output(out, args.overwrite, bool(args.resume))
     data = load_dataset(config.data, config.labeled_patients, config.num_classes)
     splits = eval_splits(data, config.num_classes)

@@ -224,9 +224,50 @@ def test_resume_keeps_finished_seeds_and_continues_the_interrupted_one(tiny_phan
     client = MlflowClient(tracking_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name("raysemi").experiment_id])
     (parent,) = [r for r in runs if r.info.run_name == "r"]
-    kids = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert parent.info.status == "FINISHED" and len(runs) == 4  # the same parent; seed1's first run stays
-    assert sorted(r.info.status for r in kids) == ["FINISHED", "FINISHED", "KILLED"]
+    kids = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    # one parent and one run per seed: the interrupted seed went on in its own run
+    assert parent.info.status == "FINISHED" and len(runs) == 3 and sorted(kids) == ["r-seed0", "r-seed1"]
+    for kid in kids.values():
+        assert kid.info.status == "FINISHED"
+        assert [m.step for m in client.get_metric_history(kid.info.run_id, "val/dice")] == [1, 2]
+        assert [m.step for m in client.get_metric_history(kid.info.run_id, "test_best/dice")] == [2]
+    assert json.loads((tmp_path / "r" / "seed1" / "mlflow_run.json").read_text())["run_id"] == \
+        kids["r-seed1"].info.run_id
+
+
+def test_resume_in_a_store_without_the_retrains_runs_opens_new_ones_with_a_warning_each(tiny_phantom, tmp_path,
+                                                                                        monkeypatch):
+    from raysemi.loop import Trainer
+
+    args = ["--data", tiny_phantom, *TINY, "--max-iterations", "2", "--eval-interval", "1", "--method", "supervised",
+            "--seeds", "2", "--output", "r", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    original = Trainer.train_until
+
+    def interrupted_in_seed1(self, stop):
+        if self.config.seed == 1338:
+            original(self, 1)
+            raise KeyboardInterrupt
+        original(self, stop)
+
+    monkeypatch.setattr(Trainer, "train_until", interrupted_in_seed1)
+    assert train(args, tmp_path)[0] == 130
+    state = json.loads((tmp_path / "r" / "retrain.json").read_text())
+    old_seed1 = json.loads((tmp_path / "r" / "seed1" / "mlflow_run.json").read_text())["run_id"]
+    monkeypatch.setattr(Trainer, "train_until", original)
+
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    code, _, err = train(["--resume", "r", "--tracking-uri", other], tmp_path)
+    assert code == 0, err
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 2, warnings  # the parent's and the interrupted seed's; seed0 is kept as it was
+    assert state["parent_run_id"] in warnings[0] and old_seed1 in warnings[1]
+    assert all("is not in" in w and "other.db" in w and "new run" in w for w in warnings)
+    client = MlflowClient(tracking_uri=other)
+    runs = client.search_runs([client.get_experiment_by_name("raysemi").experiment_id])
+    (parent,) = [r for r in runs if r.info.run_name == "r"]
+    (seed1,) = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(runs) == 2 and parent.info.status == "FINISHED" and seed1.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(seed1.info.run_id, "val/dice")] == [1, 2]
 
 
 def test_resume_uses_the_retrains_store_and_refuses_changed_values(tiny_phantom, tmp_path, monkeypatch):
@@ -253,11 +294,6 @@ def test_resume_uses_the_retrains_store_and_refuses_changed_values(tiny_phantom,
     # other values than the finished seed's: refused before anything is trained
     code, _, err = train(["--resume", r, "--max-iterations", "3"], elsewhere)
     _one_line(code, err, "seed0", "max_iterations: 2 there, 3 now")
-    # a store that does not hold the retrain's parent run: one line, not a traceback
-    code, _, err = train(["--resume", r, "--tracking-uri", f"sqlite:///{tmp_path / 'other.db'}"], elsewhere)
-    # (a new SQLite store prints MLflow's own two INFO lines about creating its tables)
-    _one_line(code, "\n".join(x for x in err.splitlines() if "mlflow.store.db.utils" not in x),
-              "--resume", "is not in", "other.db")
     # from another folder, without --tracking-uri: the store the retrain was logged to
     code, out, err = train(["--resume", r], elsewhere)
     assert code == 0, err

@@ -60,6 +60,104 @@ def test_resume_continues_from_last_checkpoint(tiny_phantom, tmp_path, monkeypat
     assert "6 iterations from 3" in log
 
 
+def _interrupt_at(monkeypatch, iteration: int):
+    """Ctrl-C once training reaches `iteration`; returns the real `Trainer.train_until`, to put back
+    before the resume."""
+    from raysemi.loop import Trainer
+
+    original = Trainer.train_until
+
+    def interrupted(self, stop):
+        original(self, iteration)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "train_until", interrupted)
+    return original
+
+
+def _runs(uri: str) -> list:
+    client = MlflowClient(tracking_uri=uri)
+    return client.search_runs([client.get_experiment_by_name("raysemi").experiment_id])
+
+
+def _steps(uri: str, run_id: str, key: str) -> list[int]:
+    return [m.step for m in MlflowClient(tracking_uri=uri).get_metric_history(run_id, key)]
+
+
+def test_a_resumed_run_goes_on_in_its_own_mlflow_run(tiny_phantom, tmp_path, monkeypatch):
+    from raysemi.loop import Trainer
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    args = ["--method", "supervised", "--data", str(tiny_phantom), *TINY, "--output", "a"]
+    # validated (last.pt) at 3, losses logged at 2 and 4: the resume from 3 goes over 4 again
+    original = _interrupt_at(monkeypatch, 4)
+    assert run_cli(train_main, [*args, "--tracking-uri", uri]) == 130
+    (run,) = _runs(uri)
+    assert run.info.status == "KILLED" and _steps(uri, run.info.run_id, "train/loss") == [2, 4]
+    record = json.loads((tmp_path / "a" / "mlflow_run.json").read_text())
+    assert record == {"run_id": run.info.run_id, "tracking_uri": uri, "experiment": "raysemi"}
+    monkeypatch.setattr(Trainer, "train_until", original)
+
+    assert run_cli(train_main, [*args, "--tracking-uri", uri, "--resume", "a/last.pt"]) == 0
+    (resumed,) = _runs(uri)  # the same run, its curves continuous, no step twice
+    assert resumed.info.run_id == run.info.run_id and resumed.info.status == "FINISHED"
+    assert _steps(uri, run.info.run_id, "val/dice") == [3, 6]
+    assert _steps(uri, run.info.run_id, "train/loss") == [2, 4, 6]
+    assert _steps(uri, run.info.run_id, "test_best/dice") == [6]
+
+    # a finished run resumed: re-evaluated into the same run, nothing logged twice; without
+    # --tracking-uri, in the store the run was logged to (mlflow_run.json), not ./mlflow.db
+    assert run_cli(train_main, [*args, "--resume", "a/last.pt"]) == 0
+    assert not (tmp_path / "mlflow.db").exists()
+    (again,) = _runs(uri)
+    assert again.info.run_id == run.info.run_id and again.info.status == "FINISHED"
+    for key in ("val/dice", "best/val_dice", "test_best/dice", "test/dice", "val_best/hd95"):
+        assert _steps(uri, run.info.run_id, key) == ([3, 6] if key == "val/dice" else [6]), key
+
+    # trained further with a changed flag: the param keeps its first value, the new one is a tag
+    assert run_cli(train_main, [*args, "--resume", "a/last.pt", "--max-iterations", "9"]) == 0
+    (longer,) = _runs(uri)
+    assert longer.info.run_id == run.info.run_id and longer.info.status == "FINISHED"
+    assert _steps(uri, run.info.run_id, "val/dice") == [3, 6, 9]
+    assert longer.data.params["max_iterations"] == "6" and longer.data.params["tracking_uri"] == uri
+    # (tracking_uri is a config field too: not given, it is "" now)
+    assert {k: v for k, v in longer.data.tags.items() if k.startswith("resumed/")} == {
+        "resumed/max_iterations": "9", "resumed/tracking_uri": ""}
+
+
+@pytest.mark.parametrize("gone", ["other_store", "deleted"])
+def test_resume_without_its_mlflow_run_opens_a_new_one_with_a_warning(gone, tiny_phantom, tmp_path, monkeypatch,
+                                                                        capsys):
+    from raysemi.loop import Trainer
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    args = ["--method", "supervised", "--data", str(tiny_phantom), *TINY, "--output", "a"]
+    original = _interrupt_at(monkeypatch, 4)
+    assert run_cli(train_main, [*args, "--tracking-uri", uri]) == 130
+    (old,) = _runs(uri)
+    monkeypatch.setattr(Trainer, "train_until", original)
+    if gone == "deleted":
+        MlflowClient(tracking_uri=uri).delete_run(old.info.run_id)
+    else:  # a fresh store
+        uri = f"sqlite:///{tmp_path / 'fresh.db'}"
+    capsys.readouterr()
+
+    assert run_cli(train_main, [*args, "--tracking-uri", uri, "--resume", "a/last.pt"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1, warnings
+    assert old.info.run_id in warnings[0] and "new run" in warnings[0]
+    assert ("was deleted" if gone == "deleted" else "is not in") in warnings[0]
+    (new,) = _runs(uri)
+    assert new.info.run_id != old.info.run_id and new.info.status == "FINISHED"
+    # the checkpoint's history comes first, so the new run holds the whole curve
+    assert _steps(uri, new.info.run_id, "val/dice") == [3, 6]
+    assert _steps(uri, new.info.run_id, "train/loss") == [2, 4, 6]
+    assert json.loads((tmp_path / "a" / "mlflow_run.json").read_text())["run_id"] == new.info.run_id
+
+
 def test_output_folder_with_a_run_is_not_overwritten(tiny_phantom, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "taken").mkdir()
