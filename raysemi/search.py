@@ -186,6 +186,24 @@ def trial_dirname(trial) -> str:
     return f"{trial.config.get('method', 'trial')}_{trial.trial_id}"
 
 
+def check_parent_run(uri: str, run_id: str, saved_uri: str) -> None:
+    """A continued search logs into its parent run and its trials' runs: refuse, before Ray starts,
+    a tracking store that does not hold the parent (another --tracking-uri, or the run deleted)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        run = MlflowClient(tracking_uri=uri).get_run(run_id)
+        why = "was deleted" if run.info.lifecycle_stage == "deleted" else ""
+    except MlflowException as err:
+        if err.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise
+        why = "is not there"
+    if why:
+        raise UserError(f"--resume: the search's MLflow parent run {run_id} {why} in {uri}; expected the store it "
+                        f"was started with ({saved_uri}): leave out --tracking-uri, or restore the run")
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     for flag, value, ok in (("--num-samples", args.num_samples, args.num_samples >= 1),
@@ -225,6 +243,8 @@ def main(argv: list[str]) -> int:
     spaces = load_spaces(methods, args.search_space)
     uri = resolve_tracking_uri(args.tracking_uri if saved is None or args.tracking_uri else saved["tracking_uri"])
     check_tracking_uri(uri)
+    if saved is not None and saved.get("parent_run_id"):  # its runs must be where the search logs
+        check_parent_run(uri, saved["parent_run_id"], saved["tracking_uri"])
     name = args.name or f"search-{'-'.join(methods) if len(methods) <= 2 else 'all'}-{time.strftime('%Y%m%d-%H%M%S')}"
     exp_dir = storage / name
     try:

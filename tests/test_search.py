@@ -227,6 +227,17 @@ def test_interrupted_search_resumes_without_losing_or_duplicating_trials(tiny_ph
     finished_before = {k.data.tags["trial_id"] for k in kids if k.data.tags["status"] == "completed"}
     assert finished_before
 
+    # a store that does not hold the search's runs is refused in one line, before Ray starts
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    wrong = subprocess.run([sys.executable, "-m", "raysemi.search", "--name", "r", "--storage", str(tmp_path / "runs"),
+                            "--resume", "--tracking-uri", other], capture_output=True, text=True, cwd=tmp_path,
+                           timeout=120)
+    parent_id = json.loads((tmp_path / "runs" / "r" / "raysemi_search.json").read_text())["parent_run_id"]
+    assert wrong.returncode == 2 and wrong.stderr.strip().splitlines()[-1] == (
+        f"error: --resume: the search's MLflow parent run {parent_id} is not there in {other}; expected the store it "
+        f"was started with ({uri}): leave out --tracking-uri, or restore the run"), wrong.stderr[-2000:]
+    assert "Traceback" not in wrong.stderr and "Ray cluster" not in wrong.stdout
+
     # as a user would type it: only the name (the search's own settings were saved with it)
     again = subprocess.run([sys.executable, "-m", "raysemi.search", "--name", "r", "--storage", str(tmp_path / "runs"),
                             "--resume"], capture_output=True, text=True, cwd=tmp_path, timeout=400,
