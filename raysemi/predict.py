@@ -36,7 +36,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--input", required=True, metavar="IMG.nii.gz|DIR",
                    help="a 3D NIfTI file, or a folder whose .nii/.nii.gz files, in it or in subfolders at any "
                         "depth (one folder per patient), are all predicted; hidden files and folders, other "
-                        "files, and the --out folder when it lies inside are left out")
+                        "files, labels beside their image (X_gt, X_label, X_seg next to X) and the --out "
+                        "folder when it lies inside are left out")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="folder for the predicted label volumes, with the subfolders of --input")
     p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda' or 'cuda:N'")
@@ -59,17 +60,31 @@ def output_name(path: Path) -> str:
     return stem + PRED_SUFFIX
 
 
+def is_label_beside_its_image(path: Path) -> bool:
+    """`X_gt`, `X_label` or `X_seg` (.nii/.nii.gz) with `X` (.nii/.nii.gz) in the same folder: a
+    label by `import`'s naming rule, not a scan to predict."""
+    from raysemi.data.convert import NIFTI_SUFFIXES, nifti_stem
+    from raysemi.data.importer import LABEL_SUFFIXES
+
+    stem = nifti_stem(path.name) or ""
+    return any(stem.endswith(suffix) and len(stem) > len(suffix)
+               and any((path.parent / (stem[:-len(suffix)] + ext)).is_file() for ext in NIFTI_SUFFIXES)
+               for suffix in LABEL_SUFFIXES[1:])
+
+
 def list_inputs(path: str | Path, out: str | Path | None = None) -> list[Path]:
     """The NIfTI files to predict: `path` itself, or the .nii/.nii.gz files of a folder and its
     subfolders (sorted; searched as `import` searches --images, by `walk_files`: hidden files, such as
     a killed run's temporary outputs, and hidden folders are skipped, and so is `out` inside `path`,
-    so that a second run does not predict the first one's outputs)."""
+    so that a second run does not predict the first one's outputs; so are label files beside their
+    image, `X_gt` / `X_label` / `X_seg` next to `X`)."""
     from raysemi.data.convert import nifti_stem, walk_files
 
     path = Path(path)
     if path.is_dir():
         skip = (Path(out),) if out is not None else ()
         files = [p for p in walk_files(path, "--input", skip) if nifti_stem(p.name) is not None]
+        files = [p for p in files if not is_label_beside_its_image(p)]
         if not files:
             raise UserError(f"{path}: --input: no .nii or .nii.gz file in the folder or its subfolders (hidden "
                             "ones and --out aside); expected 3D NIfTI volumes")

@@ -121,11 +121,14 @@ def test_folder_of_two_scans_gives_two_outputs(trained, raw_volume, tmp_path, ca
     write_nifti(scans / "b.nii", raw_volume[::-1].copy())
     (scans / "notes.txt").write_bytes(KEEP)  # not NIfTI: skipped in a folder
     (scans / ".a_pred.nii.gz.1234.tmp.nii.gz").write_bytes(b"")  # hidden (a killed run's temp file): skipped
+    write_nifti(scans / "a_gt.nii.gz", raw_volume)  # a's label beside it (import's naming rule): skipped
+    write_nifti(scans / "b_seg.nii.gz", raw_volume)  # b.nii's label
+    write_nifti(scans / "c_label.nii.gz", raw_volume)  # no c beside it: a scan of that name, predicted
     out = tmp_path / "out"
     rc, stdout, err = call(["--checkpoint", trained, "--input", scans, "--out", out, "--device", "cpu"], capsys)
     assert rc == 0, err
-    assert sorted(p.name for p in out.iterdir()) == ["a_pred.nii.gz", "b_pred.nii.gz"]
-    assert "[1/2] a.nii.gz" in stdout and "[2/2] b.nii" in stdout
+    assert sorted(p.name for p in out.iterdir()) == ["a_pred.nii.gz", "b_pred.nii.gz", "c_label_pred.nii.gz"]
+    assert "[1/3] a.nii.gz" in stdout and "[2/3] b.nii" in stdout and "[3/3] c_label.nii.gz" in stdout
     a = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "a_pred.nii.gz")))
     b = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "b_pred.nii.gz")))
     np.testing.assert_array_equal(a[::-1], b)  # slice by slice: reversing the slices reverses the labels
