@@ -269,6 +269,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] 
         flags += ["--" + a.replace("_", "-") for a, n in ALIASES.items() if n == name and len(a) > 1]
         own = f.metadata["help"]  # a help that names its default itself keeps its words
         help_text = own if "(default" in own else f"{own} (default: {getattr(defaults, name)!r})"
+        if group_name == "testing":  # fault injection for the test suite: works, but not shown in --help
+            help_text = argparse.SUPPRESS
         kw: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
         if typ is bool:
             group.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)

@@ -53,5 +53,5 @@ class ArgumentParser(argparse.ArgumentParser):
                           help="show full tracebacks instead of one-line errors")
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.print_usage(sys.stderr)
-        self.exit(2, f"error: {message}\n")
+        # one line, like every other error of the CLIs (train's usage block alone is ~30 lines)
+        self.exit(2, f"error: {message} (see: {self.prog} --help)\n")
