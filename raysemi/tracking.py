@@ -122,6 +122,11 @@ def flat_params(config: dict[str, Any]) -> dict[str, str]:
     return {k: (" ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)) for k, v in config.items()}
 
 
+# config fields that say where a run is logged and written, not what it trains: a resume that leaves
+# them out (the run's own folder and store are used) is not a changed setting worth a tag
+WHERE = ("tracking_uri", "output", "run_name")
+
+
 class MLflowRun:
     """One MLflow run written through `MlflowClient` (no global active-run state).
 
@@ -183,7 +188,7 @@ class MLflowRun:
 
         values = {k: str(v)[:6000] for k, v in params.items()}
         if self.params is not None:
-            self.set_tags({f"resumed/{k}": v for k, v in values.items() if k in self.params
+            self.set_tags({f"resumed/{k}": v for k, v in values.items() if k in self.params and k not in WHERE
                            and (v != self.params[k] or f"resumed/{k}" in self.tags)})
             values = {k: v for k, v in values.items() if k not in self.params}
             self.params.update(values)
