@@ -192,21 +192,32 @@ def test_search_trial_runs_log_their_config_for_from_run(store, tmp_path):
 
 
 # ---- resume ---------------------------------------------------------------------------------------
+
+
+def interrupt_seed1(monkeypatch):
+    """Ctrl-C in seed 1 (seed 1338) after its iteration 1, which validates and writes last.pt; returns
+    the real `Trainer.train_until`, to put back before the resume."""
+    from raysemi.loop import Trainer
+
+    original = Trainer.train_until
+
+    def interrupted_in_seed1(self, stop):
+        if self.config.seed == 1338:
+            original(self, 1)
+            raise KeyboardInterrupt
+        original(self, stop)
+
+    monkeypatch.setattr(Trainer, "train_until", interrupted_in_seed1)
+    return original
+
+
 def test_resume_keeps_finished_seeds_and_continues_the_interrupted_one(tiny_phantom, tmp_path, monkeypatch):
     from raysemi.loop import Trainer
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = ["--data", tiny_phantom, *TINY, "--max-iterations", "2", "--eval-interval", "1", "--tracking-uri", uri,
             "--method", "supervised", "--seeds", "2", "--output", "r"]
-    original = Trainer.train_until
-
-    def interrupted_in_seed1(self, stop):
-        if self.config.seed == 1338:
-            original(self, 1)  # validates at iteration 1: last.pt is written
-            raise KeyboardInterrupt
-        original(self, stop)
-
-    monkeypatch.setattr(Trainer, "train_until", interrupted_in_seed1)
+    original = interrupt_seed1(monkeypatch)
     code, out, _ = train(args, tmp_path)
     assert code == 130 and f"--resume {Path('r')}" in out
     assert (tmp_path / "r" / "seed1" / "last.pt").is_file() and not (tmp_path / "r" / "seed1" / "results.json").exists()
@@ -241,15 +252,7 @@ def test_resume_in_a_store_without_the_retrains_runs_opens_new_ones_with_a_warni
 
     args = ["--data", tiny_phantom, *TINY, "--max-iterations", "2", "--eval-interval", "1", "--method", "supervised",
             "--seeds", "2", "--output", "r", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
-    original = Trainer.train_until
-
-    def interrupted_in_seed1(self, stop):
-        if self.config.seed == 1338:
-            original(self, 1)
-            raise KeyboardInterrupt
-        original(self, stop)
-
-    monkeypatch.setattr(Trainer, "train_until", interrupted_in_seed1)
+    original = interrupt_seed1(monkeypatch)
     assert train(args, tmp_path)[0] == 130
     state = json.loads((tmp_path / "r" / "retrain.json").read_text())
     old_seed1 = json.loads((tmp_path / "r" / "seed1" / "mlflow_run.json").read_text())["run_id"]
@@ -276,15 +279,7 @@ def test_resume_uses_the_retrains_store_and_refuses_changed_values(tiny_phantom,
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     args = ["--data", tiny_phantom, *TINY, "--max-iterations", "2", "--eval-interval", "1",
             "--method", "supervised", "--seeds", "2", "--output", "r"]  # the default store: ./mlflow.db
-    original = Trainer.train_until
-
-    def interrupted_in_seed1(self, stop):
-        if self.config.seed == 1338:
-            original(self, 1)
-            raise KeyboardInterrupt
-        original(self, stop)
-
-    monkeypatch.setattr(Trainer, "train_until", interrupted_in_seed1)
+    original = interrupt_seed1(monkeypatch)
     assert train(args, tmp_path)[0] == 130
     monkeypatch.setattr(Trainer, "train_until", original)
     elsewhere = tmp_path / "elsewhere"
