@@ -42,6 +42,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -62,7 +63,7 @@ def bench_config(method: str, args, **over) -> TrainConfig:
                   patch_size=(args.size, args.size), batch_size=args.batch_size, labeled_bs=args.batch_size // 2,
                   max_iterations=10 ** 9, eval_interval=10 ** 9, log_interval=10 ** 9, device=args.device,
                   amp=args.amp, mt_warmup=0, cuda_graphs=args.cuda_graphs)
-    return TrainConfig(**{**values, **over}).validate()
+    return TrainConfig(**{**values, **getattr(args, "overrides", {}), **over}).validate()
 
 
 def timed_runs(trainer: Trainer, iterations: int, repeats: int) -> list[float]:
@@ -121,7 +122,8 @@ def measure(method: str, data, args, **over) -> dict:
            "device": str(device), "amp": trainer.amp, "channels_last": trainer.channels_last,
            "compiled": trainer.config.compile == "on", "compile_warmup_s": compile_s,
            "cuda_graphs": trainer.cuda_graphs and trainer.graph_failure is None, "graph_failure": trainer.graph_failure,
-           "timed_window_unix": window}
+           "timed_window_unix": window,
+           "overrides": {k: getattr(trainer.config, k) for k in {**getattr(args, "overrides", {}), **over}}}
     if args.profile:
         row["profile"] = profile(trainer, args.profile)
     if args.compare_reference_pipeline and main_row:  # once per strategy, beside the main row
@@ -243,8 +245,16 @@ def main() -> int:
     p.add_argument("--packed-iterations", type=int, default=600, help="iterations per packed trial")
     p.add_argument("--packed-eval-interval", type=int, default=100, help="report interval of packed trials")
     p.add_argument("--packed-cpus-per-trial", type=int, default=2)
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="a config value for every row (repeatable), e.g. --set uncertainty_copies=8")
     p.add_argument("--out", default="benchmarks/results/throughput.json")
     args = p.parse_args()
+    args.overrides = {}
+    for item in args.set:
+        field, sep, value = item.partition("=")
+        if not sep or field not in TrainConfig.__dataclass_fields__:
+            p.error(f"--set: {item!r} is invalid; expected FIELD=VALUE with FIELD a config field")
+        args.overrides[field] = yaml.safe_load(value)
     if args.compile and args.compare_compile:
         p.error("--compile and --compare-compile: choose one (--compare-compile times both)")
     methods = list_methods() if args.methods == "all" else [resolve_method_name(m) for m in args.methods.split(",")]
@@ -269,6 +279,8 @@ def main() -> int:
         head += f"{'eager it/s':>11}{'gain':>6}" if args.compare_eager else ""
         head += f"{'compiled it/s':>14}{'gain':>6}{'compile s':>10}" if args.compare_compile else ""
         head += f"{'ref it/s':>10}{'ratio':>7}{'ref val s':>10}{'ratio':>7}" if ref else ""
+        if args.overrides:
+            print("every row with " + ", ".join(f"{k}={v}" for k, v in args.overrides.items()))
         print(head)
         for m in methods:
             r = measure(m, data, args)

@@ -54,6 +54,7 @@ def test_wrong_keys_and_types(values, match):
     ("consistency", -1.0, "consistency"),
     ("ict_alpha", 0.0, "ict_alpha"),
     ("uncertainty_passes", 0, "T >= 1"),
+    ("uncertainty_copies", 0, r"uncertainty_copies: 0 is invalid; expected an integer >= 1"),
     ("dan_lr", 0.0, "dan_lr"),
     ("patch_size", (30, 30), "multiples of 16"),
     ("labeled_patients", 0, "labeled_patients"),

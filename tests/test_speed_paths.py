@@ -158,6 +158,28 @@ def test_throughput_benchmark_compiled_run_still_compares_with_the_reference(tin
     assert row["speedup"] == pytest.approx(row["it_per_s_median"] / row["ref_it_per_s"])
 
 
+def test_throughput_benchmark_sets_config_values_for_every_row(tiny_phantom, tmp_path):
+    # --set times a variant (here UA-MT's T passes in one teacher forward); a bad one is refused
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent.parent / "benchmarks" / "throughput.py"
+    out = tmp_path / "s.json"
+    common = [sys.executable, str(script), "--methods", "uamt", "--data", str(tiny_phantom), "--labeled-patients", "2",
+              "--size", "32", "--batch-size", "8", "--device", "cpu", "--warmup", "1", "--iterations", "2",
+              "--repeats", "1", "--out", str(out)]
+    proc = subprocess.run(common + ["--set", "uncertainty_copies=8", "--set", "uncertainty_passes=4"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["overrides"] == {"uncertainty_copies": 8, "uncertainty_passes": 4}
+    assert "every row with uncertainty_copies=8, uncertainty_passes=4" in proc.stdout
+    bad = subprocess.run(common + ["--set", "uncertainty_copy=8"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--set: 'uncertainty_copy=8' is invalid" in bad.stderr
+
+
 def test_throughput_benchmark_packed_trials_through_the_search(tiny_phantom, tmp_path):
     import json
     import subprocess

@@ -141,16 +141,16 @@ def ref_mean_teacher(strategy, batch, it, mt_warmup):
     return ref_sup(logits[:lb], batch.label), cons
 
 
-def ref_uamt(strategy, batch, it, max_iterations, uncertainty_passes, start=0.75, end=1.0):
+def ref_uamt(strategy, batch, it, max_iterations, uncertainty_passes, start=0.75, end=1.0, copies=2):
     lb = batch.labeled_bs
     x_u = batch.image[lb:]
     bu = x_u.shape[0]
     logits = affine(batch.image, W_S, B_S)
     target = softmax(affine(x_u + ref_noise(x_u), W_T, B_T))
-    # T noisy teacher passes, two copies of the unlabeled batch per forward (one noise draw each)
+    # T noisy teacher passes, `copies` (the reference: two) of the unlabeled batch per forward, one noise draw each
     total, done = torch.zeros(bu, C, *x_u.shape[2:], dtype=torch.float64), 0
     while done < uncertainty_passes:
-        k = min(2, uncertainty_passes - done)
+        k = min(copies, uncertainty_passes - done)
         xr = torch.cat([x_u] * k)
         p = softmax(affine(xr + ref_noise(xr), W_T, B_T))
         for j in range(k):
@@ -230,6 +230,9 @@ CASES = [
                  5, 2, 3, 1000, id="mt-at-warmup"),
     pytest.param("uncertainty_aware_mean_teacher", PixelAffine, dict(RAMP, max_iterations=100, uncertainty_passes=8),
                  ref_uamt, dict(max_iterations=100, uncertainty_passes=8), 4, 2, 3, 50, id="uamt-T8"),
+    pytest.param("uncertainty_aware_mean_teacher", PixelAffine,
+                 dict(RAMP, max_iterations=100, uncertainty_passes=8, uncertainty_copies=3),
+                 ref_uamt, dict(max_iterations=100, uncertainty_passes=8, copies=3), 4, 2, 3, 50, id="uamt-T8-copies3"),
     pytest.param("uncertainty_aware_mean_teacher", PixelAffine, dict(RAMP, max_iterations=100, uncertainty_passes=3),
                  ref_uamt, dict(max_iterations=100, uncertainty_passes=3), 5, 2, 5, 0, id="uamt-T3-start"),
     pytest.param("uncertainty_aware_mean_teacher", PixelAffine,
@@ -286,6 +289,29 @@ def test_consistency_matches_formula(method, student_fn, kwargs, reference, ref_
         assert float(out["consistency_weight"]) == 0.0 and out["loss"].item() == out["loss_sup"].item()
     if method != "supervised":
         assert float(cons) > 1e-6  # the fixture makes every live term nonzero
+
+
+def test_uamt_copies_per_forward_change_nothing_without_batch_statistics():
+    """Two noisy copies per teacher forward (the reference) or all T in one forward: the same noise
+    stream, so the same uncertainty map for a network without BatchNorm (only BatchNorm's batch
+    statistics see the grouping)."""
+    batch = make_batch(8, 4, 6, seed=5)
+    maps = []
+    for copies in (2, 8):
+        torch.manual_seed(0)
+        strategy = create_method("uncertainty_aware_mean_teacher", PixelAffine(), num_classes=C, max_iterations=100,
+                                 uncertainty_passes=8, uncertainty_copies=copies)
+        torch.manual_seed(1)
+        maps.append(strategy.uncertainty(batch.unlabeled))
+    assert maps[0].shape == (4, 1, 6, 6)
+    torch.testing.assert_close(maps[0], maps[1], rtol=1e-6, atol=1e-7)
+    assert maps[0].std() > 0  # not a constant map that any grouping would reproduce
+
+
+def test_uamt_rejects_zero_copies():
+    with pytest.raises(ValueError, match="uncertainty_copies must be >= 1"):
+        create_method("uncertainty_aware_mean_teacher", PixelAffine(), num_classes=C, max_iterations=10,
+                      uncertainty_copies=0)
 
 
 def test_mean_teacher_warmup_default_is_reference_1000():
