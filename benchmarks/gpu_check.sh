@@ -8,6 +8,8 @@
 #             pipeline, all timed in the same run (METHODS, default all seven); the validation pass
 #             with its metrics on threads and serially;
 #   table     the same table with graphs on and off (eager) instead of compile;
+#   variant   the table's first columns for VARIANT_METHODS (default uamt) with the config values
+#             VARIANT (default "uncertainty_copies=8": UA-MT's T noisy passes in one teacher forward);
 #   packed    4 mean-teacher trials packed on one GPU through raysemi.search (COMPILE=1: compile: on);
 #   train     raysemi.train on CUDA, then a --resume of it (COMPILE=1: with --compile on);
 #   trajectory mean teacher's validation Dice trajectory with graphs on (3 seeds);
@@ -15,9 +17,10 @@
 #             trials, ASHA's rungs scaled alike), 4 trials per GPU, with its projected full-scale
 #             wall time (benchmarks/search_wall.py; about 7 minutes at 0.1 on an H200; not in the
 #             default STAGES).
-# Two calls cover issue 7's open points inside one 15-minute device session:
-#   STAGES="tests compile" DEADLINE=540 bash benchmarks/gpu_check.sh
-#   STAGES="packed train" COMPILE=1 DEADLINE=300 bash benchmarks/gpu_check.sh
+# One call covers issue 7's open points inside one 15-minute device session (the table stages
+# leave RESERVE seconds to the search; each table row is written as soon as it is measured):
+#   STAGES="tests variant compile search" METHODS=dv,dan,uamt SCALE=0.02 RESERVE=230 DEADLINE=585 \
+#     bash benchmarks/gpu_check.sh
 # inductor's cache is kept in .inductor-cache/ (git-ignored, kept between calls on the same
 # machine), so the second call does not compile the UNet again.
 # Results go to $OUT (JSON, logs). On the lent GPU machine, from the repo root:
@@ -30,9 +33,9 @@ STAGES=${STAGES:-tests compile table packed train trajectory}
 METHODS=${METHODS:-all}
 COMPILE=${COMPILE:-0}
 for stage in $STAGES; do
-  case " tests compile table packed train trajectory search " in
+  case " tests compile table variant packed train trajectory search " in
     *" $stage "*) ;;
-    *) echo "gpu_check: STAGES: unknown stage '$stage'; expected some of: tests compile table packed train trajectory search" >&2; exit 2;;
+    *) echo "gpu_check: STAGES: unknown stage '$stage'; expected some of: tests compile table variant packed train trajectory search" >&2; exit 2;;
   esac
 done
 mkdir -p "$OUT"
@@ -53,6 +56,7 @@ log() { echo "== $(date +%T) $*"; }
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 # the whole check must end inside the device call's limit: each stage gets at most what is left
 DEADLINE=${DEADLINE:-540}
+RESERVE=${RESERVE:-5}  # seconds the table stages (compile, table) leave to the stages after them
 left() { local l=$((DEADLINE - SECONDS - ${1:-0})); [ $l -lt 5 ] && l=5; [ $l -gt ${2:-9999} ] && l=$2; echo $l; }
 {
 log "machine (stages: $STAGES; compile in packed/train: $COMPILE)"
@@ -69,9 +73,19 @@ if want tests; then
   echo "tests exit: $?"
 fi
 
+if want variant; then
+  VARIANT=${VARIANT:-uncertainty_copies=8}
+  log "throughput of ${VARIANT_METHODS:-uamt} with $VARIANT (graphs on)"
+  SETS=(); for kv in $VARIANT; do SETS+=(--set "$kv"); done
+  timeout $(left $RESERVE 120) python3 benchmarks/throughput.py --device $DEVICE --data "$WORK/data" --size $PATCH --batch-size $BS \
+    --methods ${VARIANT_METHODS:-uamt} --warmup 20 --iterations $IT --repeats 2 "${SETS[@]}" "${COMPILE_FLAG[@]}" \
+    --out "$OUT/throughput_${DEVICE}_variant.json"
+  echo "variant exit: $?"
+fi
+
 if want compile; then
   log "throughput: graphs, graphs + compile, reference pipeline ($METHODS)"
-  timeout $(left 5) python3 benchmarks/throughput.py --device $DEVICE --data "$WORK/data" --size $PATCH --batch-size $BS \
+  timeout $(left $RESERVE) python3 benchmarks/throughput.py --device $DEVICE --data "$WORK/data" --size $PATCH --batch-size $BS \
     --methods $METHODS --warmup 20 --iterations $IT --repeats 2 --compare-compile --compare-reference-pipeline \
     --reference-iterations $REFIT --out "$OUT/throughput_${DEVICE}_compile.json"
   echo "compile table exit: $?"
@@ -79,7 +93,7 @@ fi
 
 if want table; then
   log "throughput: graphs, eager, reference pipeline ($METHODS)"
-  timeout $(left 5) python3 benchmarks/throughput.py --device $DEVICE --data "$WORK/data" --size $PATCH --batch-size $BS \
+  timeout $(left $RESERVE) python3 benchmarks/throughput.py --device $DEVICE --data "$WORK/data" --size $PATCH --batch-size $BS \
     --methods $METHODS --warmup 20 --iterations $IT --repeats 2 --compare-eager --compare-reference-pipeline \
     --reference-iterations $REFIT --out "$OUT/throughput_$DEVICE.json"
   echo "table exit: $?"

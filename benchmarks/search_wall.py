@@ -8,11 +8,13 @@ an hour". Prints a table, writes JSON.
     python benchmarks/search_wall.py --device cpu --trials 2 --iterations 40 --size 32 --batch-size 4   # smoke
 
 `--scale S` shortens every trial, ASHA's grace period and the evaluation interval by S, so ASHA
-keeps the same shape (same rungs, same number of trials at each), and projects the full-scale
-wall time as the start-up time plus the measured training time divided by S. The start-up time
-(Ray, data, the first trials' CUDA start and graph capture) is the time until the first trial's
-first report. The projection assumes each trial's rate stays what it was; compile's warm-up
-(`--compile`) is paid once per trial, whatever the scale, so it is counted apart.
+keeps the same shape (same rungs, same number of trials at each, as many validations per trial)
+and projects the full-scale wall time from the trials' own accounts: each trial reports its
+seconds of training steps and of validations, and at full scale only the steps take 1/S as long
+(at the trial's steady rate); its start, CUDA graph capture, compile warm-up, validations and
+checkpoints take what they took. The projection is the driver's start (until the first trial
+starts) plus the rest of the measured wall time times the trials' projected seconds over their
+measured seconds: it assumes the trials share the device as they did.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def run_search(args, tmp: Path) -> dict:
     grace = max(1, round(args.grace_period * args.scale))
     interval = max(1, round(args.eval_interval * args.scale))
     gpus = 1 if args.device.startswith("cuda") else 0
-    base = bench_config("mean_teacher", args, eval_interval=interval, log_interval=max(interval // 5, 1),
+    base = bench_config("mean_teacher", args, eval_interval=interval, log_interval=min(100, interval),
                         max_iterations=iterations, compile="on" if args.compile else "off")
     base.device = "auto"
     save_yaml(base, tmp / "base.yaml")
@@ -55,23 +57,42 @@ def run_search(args, tmp: Path) -> dict:
     wall = time.time() - t0
     if proc.returncode != 0:
         raise SystemExit(f"search failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    trials = []
-    for result in sorted((tmp / "runs" / "wall").glob("*/result.json")):
-        reports = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
-        if reports:
-            trials.append({"trial": result.parent.name, "iterations": reports[-1]["iteration"],
-                           "reports": len(reports), "first_report_unix": reports[0]["timestamp"],
-                           "first_report_s": reports[0]["time_total_s"], "seconds": reports[-1]["time_total_s"]})
-    first = min(t["first_report_unix"] for t in trials)
-    # what a trial pays before its first report beyond its training (start, capture, compile) is
-    # counted once per wave of concurrent trials in the start-up estimate, not scaled
-    startup = first - t0
+    trials = [trial_times(result, args.scale) for result in sorted((tmp / "runs" / "wall").glob("*/result.json"))]
+    trials = [t for t in trials if t is not None]
+    # the driver's own start (Ray, MLflow, data into the object store), until the first trial starts
+    startup = min(t["start_unix"] for t in trials) - t0
     done = sum(t["iterations"] for t in trials)
+    measured = sum(t["seconds"] for t in trials)
+    projected = sum(t["projected_seconds"] for t in trials)
     return {"command": " ".join(cmd[1:]), "wall_s": wall, "startup_s": startup, "trials": trials,
             "iterations_total": done, "completed": sum(t["iterations"] == iterations for t in trials),
             "stopped_early": sum(t["iterations"] < iterations for t in trials), "trial_iterations": iterations,
             "grace_period": grace, "eval_interval": interval, "search_it_per_s": done / wall,
-            "projected_full_wall_s": startup + (wall - startup) / args.scale}
+            "trial_seconds_measured": measured, "trial_seconds_projected": projected,
+            "eval_seconds": sum(t["eval_s"] for t in trials),
+            "projected_full_wall_s": startup + (wall - startup) * projected / measured}
+
+
+def trial_times(result: Path, scale: float) -> dict | None:
+    """One trial's seconds, split into training steps (which a full-scale trial multiplies by
+    1/scale) and the rest (start, graph capture, validations, checkpoints: the same at full scale,
+    which runs as many validations), from the trial's reports."""
+    reports = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
+    if not reports:
+        return None
+    first, last = reports[0], reports[-1]
+    # steady rate of the training steps, from the reports after the first (capture and compile left out)
+    d_it = last["iteration"] - first["iteration"]
+    d_train = last.get("time_train_s", 0.0) - first.get("time_train_s", 0.0)
+    rate = d_it / d_train if d_it > 0 and d_train > 0 else None
+    train = last.get("time_train_s", 0.0)
+    steps = last["iteration"] / rate if rate else train  # the steps alone; the rest of `train` is capture/compile
+    full_steps = steps / scale
+    seconds = last["time_total_s"]
+    return {"trial": result.parent.name, "iterations": last["iteration"], "reports": len(reports),
+            "start_unix": last["timestamp"] - seconds, "seconds": seconds, "train_s": train,
+            "eval_s": last.get("time_eval_s", 0.0), "steady_it_per_s": rate,
+            "projected_seconds": seconds - steps + full_steps}
 
 
 def main() -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -153,6 +154,10 @@ class Trainer:
         self.train_history: list[dict[str, float]] = []  # training losses at each log (for the curves)
         self.last_metrics: dict[str, float] = {}
         self.last_logs: dict[str, float] = {}
+        # wall seconds in this process: training steps (graph capture and compile included) and
+        # validations (with their checkpoints); a search's wall-time projection reads them apart
+        self.train_seconds = 0.0
+        self.eval_seconds = 0.0
         self._start_time = time.perf_counter()
         self._t_log, self._it_log = self._start_time, 0
 
@@ -226,6 +231,15 @@ class Trainer:
 
     # -- training --------------------------------------------------------------------------
     def _validate(self) -> None:
+        if self.device.type == "cuda":  # the queued training steps count as training, not validation
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        try:
+            self._validate_and_keep()
+        finally:
+            self.eval_seconds += time.perf_counter() - t0
+
+    def _validate_and_keep(self) -> None:
         summary = self.evaluate()
         metrics = {f"val/{k}": v for k, v in summary.means().items()}
         metrics["iteration"] = float(self.iteration)
@@ -299,6 +313,16 @@ class Trainer:
         cfg = self.config
         stop = min(stop, cfg.max_iterations)
         step = self._graphed_step if self.cuda_graphs else self._eager_step
+        t0, eval0 = time.perf_counter(), self.eval_seconds
+        try:
+            self._train_steps(stop, step)
+            if self.device.type == "cuda":  # the time of the steps, not of their launches
+                torch.cuda.synchronize(self.device)
+        finally:
+            self.train_seconds += time.perf_counter() - t0 - (self.eval_seconds - eval0)
+
+    def _train_steps(self, stop: int, step: Callable) -> None:
+        cfg = self.config
         while self.iteration < stop:
             it = self.iteration
             lr = poly_lr(it, cfg.max_iterations, cfg.base_lr)

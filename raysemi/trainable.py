@@ -107,6 +107,9 @@ def train_trial(config: dict[str, Any], *, base: dict[str, Any], dataset: Datase
             for t in trainers:
                 t.train_until(target)
             metrics = {**aggregate(trainers), **base_metrics, TIME_ATTR: trainers[0].iteration, "diverged": 0,
+                       # this process's seconds of training steps and of validations, all seeds together
+                       "time_train_s": sum(t.train_seconds for t in trainers),
+                       "time_eval_s": sum(t.eval_seconds for t in trainers),
                        "cuda_graphs": next((t.graph_status for t in trainers if t.graph_failure), trainers[0].graph_status)}
             with tempfile.TemporaryDirectory() as d:
                 for k, t in enumerate(trainers):

@@ -270,5 +270,46 @@ def test_search_wall_benchmark_smoke_scales_the_trials_and_projects(tiny_phantom
     assert len(r["trials"]) == 2 and r["completed"] + r["stopped_early"] == 2
     assert r["iterations_total"] == sum(t["iterations"] for t in r["trials"]) and r["completed"] >= 1
     assert 0 < r["startup_s"] < r["wall_s"]
-    assert r["projected_full_wall_s"] == pytest.approx(r["startup_s"] + (r["wall_s"] - r["startup_s"]) / 0.5)
+    # each trial reported its seconds of training steps and of validations; only the steps (at the
+    # trial's steady rate) take twice as long at full scale, the rest (start, validations) the same
+    completed = next(t for t in r["trials"] if t["iterations"] == 20)
+    assert completed["reports"] == 2 and completed["steady_it_per_s"] > 0
+    assert 0 < completed["train_s"] < completed["seconds"] and 0 < completed["eval_s"] < completed["seconds"]
+    steps = 20 / completed["steady_it_per_s"]
+    assert steps <= completed["train_s"] * 1.0001  # the steady steps, without the first step's set-up
+    assert completed["projected_seconds"] == pytest.approx(completed["seconds"] + steps)
+    assert r["trial_seconds_projected"] == pytest.approx(sum(t["projected_seconds"] for t in r["trials"]))
+    ratio = r["trial_seconds_projected"] / r["trial_seconds_measured"]
+    assert 1 < ratio < 2  # not everything doubles
+    assert r["projected_full_wall_s"] == pytest.approx(r["startup_s"] + (r["wall_s"] - r["startup_s"]) * ratio)
     assert "projected full-scale wall" in proc.stdout
+
+
+def test_trainer_counts_training_and_validation_seconds_apart(tiny_phantom, monkeypatch):
+    # a search's wall-time projection scales the steps' seconds alone: validations must not be in them
+    import time
+
+    from raysemi.data import load_dataset
+    from raysemi.loop import Trainer
+
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(tiny_phantom, max_iterations=4, eval_interval=2)
+    trainer = Trainer(cfg, load_dataset(cfg.data, cfg.labeled_patients, cfg.num_classes))
+    evaluate = trainer.evaluate
+
+    def slow_evaluate(*a, **k):  # each validation takes at least 0.2 s more
+        time.sleep(0.2)
+        return evaluate(*a, **k)
+
+    monkeypatch.setattr(trainer, "evaluate", slow_evaluate)
+    trainer.start()
+    t0 = time.perf_counter()
+    trainer.train_until(4)
+    wall = time.perf_counter() - t0
+    assert len(trainer.history) == 2
+    assert trainer.eval_seconds >= 0.4 and trainer.train_seconds > 0
+    assert trainer.train_seconds + trainer.eval_seconds == pytest.approx(wall, rel=0.05, abs=0.01)
+    before = trainer.train_seconds
+    trainer.train_until(4)  # nothing left to train: nothing added
+    assert trainer.train_seconds == pytest.approx(before, abs=0.01)

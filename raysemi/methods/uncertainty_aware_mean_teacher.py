@@ -23,7 +23,8 @@ class UncertaintyAwareMeanTeacher(Strategy):
     (run, as the reference does, two noisy copies of the unlabeled batch per forward; with
     `uncertainty_copies` up to T per forward: fewer, larger forwards, which keep a GPU busier;
     the teacher's BatchNorm then takes its batch statistics over more noisy copies of the same
-    slices, the same in expectation);
+    slices, the same in expectation, and updates its running statistics, which only an
+    `eval_model: teacher` validation reads, fewer times per step);
     `mask = u < th(iter)` with `th = (start + (end - start) * sigmoid_rampup(iter, max_iter)) * ln 2`;
     `consistency = sum(mask * (p_student - p_teacher)^2) / (2 * sum(mask) + 1e-16)`.
     """
