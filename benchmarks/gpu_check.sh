@@ -12,17 +12,22 @@
 #             VARIANT (default "uncertainty_copies=8": UA-MT's T noisy passes in one teacher forward);
 #   packed    4 mean-teacher trials packed on one GPU through raysemi.search (COMPILE=1: compile: on);
 #   train     raysemi.train on CUDA, then a --resume of it (COMPILE=1: with --compile on);
-#   trajectory mean teacher's validation Dice trajectory with graphs on (3 seeds);
+#   trajectory mean teacher's validation Dice trajectory with graphs on (3 seeds; COMPILE=1: compile on);
 #   search    the 32-trial mean-teacher search of issue 7 at SCALE (default 0.1: 1,000-iteration
 #             trials, ASHA's rungs scaled alike), 4 trials per GPU, with its projected full-scale
-#             wall time (benchmarks/search_wall.py; about 7 minutes at 0.1 on an H200; not in the
+#             wall time (benchmarks/search_wall.py; after the packed stage in the same call, also at
+#             the packed rate; 197 s at SCALE=0.02 on an H200, about 10 minutes at 0.1; not in the
 #             default STAGES).
-# One call covers issue 7's open points inside one 15-minute device session (the table stages
-# leave RESERVE seconds to the search; each table row is written as soon as it is measured):
-#   STAGES="tests variant compile search" METHODS=dv,dan,uamt SCALE=0.02 RESERVE=230 DEADLINE=585 \
-#     bash benchmarks/gpu_check.sh
+# The third device session ran (benchmarks/notes/performance.md; the table stages leave RESERVE
+# seconds to the stages after them; each table row is written as soon as it is measured):
+#   STAGES="tests variant compile search" METHODS=dv,dan,uamt SCALE=0.02 RESERVE=250 DEADLINE=585 bash benchmarks/gpu_check.sh
+#   STAGES="packed train" COMPILE=1 DEADLINE=300 bash benchmarks/gpu_check.sh
+#   STAGES=variant COMPILE=1 DEADLINE=110 bash benchmarks/gpu_check.sh
+# What is still open, one call each (performance.md, "The next device session"):
+#   STAGES="compile trajectory" METHODS=ict,em COMPILE=1 DEADLINE=540 bash benchmarks/gpu_check.sh
+#   STAGES="packed search" COMPILE=1 SCALE=0.05 DEADLINE=585 bash benchmarks/gpu_check.sh   # on an H100
 # inductor's cache is kept in .inductor-cache/ (git-ignored, kept between calls on the same
-# machine), so the second call does not compile the UNet again.
+# machine), so a later call does not compile the same networks again.
 # Results go to $OUT (JSON, logs). On the lent GPU machine, from the repo root:
 #   source .gpu-bundle/install.sh && STAGES=... bash benchmarks/gpu_check.sh
 # Locally, a CPU dry run of the same stages at a tiny size: DEVICE=cpu SMALL=1 bash benchmarks/gpu_check.sh
@@ -121,13 +126,17 @@ fi
 if want trajectory; then
   log "mean teacher's Dice trajectory, graphs on"
   timeout $(left 5 80) python3 benchmarks/trajectory.py --device $DEVICE --data "$WORK/data" --size $PATCH --batch-size $BS \
-    --methods mt --iterations $TRAJ --points 5 --seeds 3 --pipelines ours --out "$OUT/trajectory_${DEVICE}_graphs.json"
+    --methods mt --iterations $TRAJ --points 5 --seeds 3 --pipelines ours "${COMPILE_FLAG[@]}" \
+    --out "$OUT/trajectory_${DEVICE}_graphs${COMPILE_FLAG:+_compile}.json"
   echo "trajectory exit: $?"
 fi
 if want search; then
   log "the 32-trial search at scale ${SCALE:-0.1}"
+  # the packed stage's summed rate, when it ran in this call, gives the GPU-bound projection
+  RATE=(); PACKED_JSON="$OUT/throughput_${DEVICE}_packed4${COMPILE_FLAG:+_compile}.json"
+  [ -f "$PACKED_JSON" ] && RATE=(--packed-rate "$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['packed']['total_steady_it_per_s'])" "$PACKED_JSON")")
   timeout $(left 5) python3 benchmarks/search_wall.py --device $DEVICE --data "$WORK/data" --size $PATCH \
-    --batch-size $BS --scale ${SCALE:-0.1} "${SEARCH[@]}" "${COMPILE_FLAG[@]}" --out "$OUT/search_wall_${DEVICE}.json"
+    --batch-size $BS --scale ${SCALE:-0.1} "${SEARCH[@]}" "${COMPILE_FLAG[@]}" "${RATE[@]}" --out "$OUT/search_wall_${DEVICE}.json"
   echo "search exit: $?"
 fi
 kill $SMI 2>/dev/null

@@ -8,13 +8,19 @@ an hour". Prints a table, writes JSON.
     python benchmarks/search_wall.py --device cpu --trials 2 --iterations 40 --size 32 --batch-size 4   # smoke
 
 `--scale S` shortens every trial, ASHA's grace period and the evaluation interval by S, so ASHA
-keeps the same shape (same rungs, same number of trials at each, as many validations per trial)
-and projects the full-scale wall time from the trials' own accounts: each trial reports its
-seconds of training steps and of validations, and at full scale only the steps take 1/S as long
-(at the trial's steady rate); its start, CUDA graph capture, compile warm-up, validations and
-checkpoints take what they took. The projection is the driver's start (until the first trial
-starts) plus the rest of the measured wall time times the trials' projected seconds over their
-measured seconds: it assumes the trials share the device as they did.
+keeps the same shape (same rungs, as many validations per trial) and projects the full-scale wall
+time from the trials' own accounts: each trial reports its seconds of training steps and of
+validations; at full scale only the steps grow, by 1/S. Two projections:
+- from the trials' own rates: the driver's start plus the rest of the wall time times the trials'
+  projected seconds over their measured seconds. At a small S this errs short: a packed trial
+  trains faster while its neighbours validate, which they do far more often, relative to
+  training, than at full scale;
+- with `--packed-rate R` (the summed it/s of the packed trials with the GPU full, from
+  `throughput.py --packed N`): the driver's start, plus each trial's time outside its steady steps
+  (start, CUDA graph capture, compile, validations, checkpoints) divided by the trials per device,
+  plus the full-scale iterations at R. This is the GPU-bound projection; it errs long, since a
+  trial's start and validations mostly overlap its neighbours' training.
+`--from-json FILE` recomputes the projections of a saved result (e.g. with another --packed-rate).
 """
 
 from __future__ import annotations
@@ -69,8 +75,21 @@ def run_search(args, tmp: Path) -> dict:
             "stopped_early": sum(t["iterations"] < iterations for t in trials), "trial_iterations": iterations,
             "grace_period": grace, "eval_interval": interval, "search_it_per_s": done / wall,
             "trial_seconds_measured": measured, "trial_seconds_projected": projected,
-            "eval_seconds": sum(t["eval_s"] for t in trials),
-            "projected_full_wall_s": startup + (wall - startup) * projected / measured}
+            "eval_seconds": sum(t["eval_s"] for t in trials)}
+
+
+def projections(r: dict, scale: float, per_device: float, packed_rate: float | None) -> dict:
+    """The full-scale wall-time projections of a scaled search (see the module's docstring)."""
+    trials = r["trials"]
+    steps = sum(t["iterations"] / t["steady_it_per_s"] if t["steady_it_per_s"] else t["train_s"] for t in trials)
+    out = {"full_scale_iterations": r["iterations_total"] / scale,
+           "outside_steps_s": r["trial_seconds_measured"] - steps, "trials_per_device": per_device,
+           "projected_full_wall_s": r["startup_s"] + (r["wall_s"] - r["startup_s"]) * r["trial_seconds_projected"]
+           / r["trial_seconds_measured"], "packed_rate": packed_rate, "projected_full_wall_packed_s": None}
+    if packed_rate:
+        out["projected_full_wall_packed_s"] = (r["startup_s"] + out["outside_steps_s"] / per_device
+                                               + out["full_scale_iterations"] / packed_rate)
+    return out
 
 
 def trial_times(result: Path, scale: float) -> dict | None:
@@ -115,22 +134,44 @@ def main() -> int:
     p.add_argument("--cpus-per-trial", type=int, default=2)
     p.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray for CPU trials")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--packed-rate", type=float, default=None, metavar="R",
+                   help="summed it/s of packed trials with the device full (throughput.py --packed N), "
+                        "for the GPU-bound projection")
+    p.add_argument("--from-json", default=None, metavar="FILE",
+                   help="recompute the projections of a saved result instead of running a search")
     p.add_argument("--out", default="benchmarks/results/search_wall.json")
     args = p.parse_args()
     if not 0 < args.scale <= 1:
         p.error(f"--scale: {args.scale} is invalid; expected a fraction in (0, 1]")
-    with tempfile.TemporaryDirectory() as tmp:
-        r = run_search(args, Path(tmp))
-    device = torch.cuda.get_device_name() if args.device == "cuda" and torch.cuda.is_available() else "cpu"
-    report = {"date": time.strftime("%Y-%m-%d"), "machine": {"platform": platform.platform(), "device": device},
-              "args": vars(args), "benchmark_command": " ".join([Path(sys.executable).name] + sys.argv), **r}
-    share = f"{args.gpus_per_trial:g} GPU per trial" if args.device == "cuda" else f"{args.cpus_per_trial} CPU per trial"
-    print(f"{args.trials} mean-teacher trials of {r['trial_iterations']} iterations (ASHA grace {r['grace_period']}, "
-          f"factor {args.reduction_factor:g}, {share}) on {device}:")
+    if args.from_json:
+        report = json.loads(Path(args.from_json).read_text())
+        saved = report["args"]
+        per_device = 1 / saved["gpus_per_trial"] if saved["device"] == "cuda" else saved["num_cpus"] / saved["cpus_per_trial"]
+        report.update(projections(report, saved["scale"], per_device, args.packed_rate))
+        report["projection_command"] = " ".join([Path(sys.executable).name] + sys.argv)
+        saved_trials, device = saved["trials"], report["machine"]["device"]
+        share = (f"{saved['gpus_per_trial']:g} GPU per trial" if saved["device"] == "cuda"
+                 else f"{saved['cpus_per_trial']} CPU per trial")
+        factor = saved["reduction_factor"]
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            r = run_search(args, Path(tmp))
+        device = torch.cuda.get_device_name() if args.device == "cuda" and torch.cuda.is_available() else "cpu"
+        per_device = 1 / args.gpus_per_trial if args.device == "cuda" else args.num_cpus / args.cpus_per_trial
+        report = {"date": time.strftime("%Y-%m-%d"), "machine": {"platform": platform.platform(), "device": device},
+                  "args": vars(args), "benchmark_command": " ".join([Path(sys.executable).name] + sys.argv), **r,
+                  **projections(r, args.scale, per_device, args.packed_rate)}
+        saved_trials, factor = args.trials, args.reduction_factor
+        share = f"{args.gpus_per_trial:g} GPU per trial" if args.device == "cuda" else f"{args.cpus_per_trial} CPU per trial"
+    r = report
+    print(f"{saved_trials} mean-teacher trials of {r['trial_iterations']} iterations (ASHA grace {r['grace_period']}, "
+          f"factor {factor:g}, {share}) on {device}:")
+    packed = r["projected_full_wall_packed_s"]
     print(f"{'wall s':>9}{'start-up s':>12}{'iterations':>12}{'completed':>11}{'stopped':>9}{'it/s':>9}"
-          f"{'projected full-scale wall':>27}")
+          f"{'projected full-scale wall':>27}{'at the packed rate':>20}")
     print(f"{r['wall_s']:>9.0f}{r['startup_s']:>12.0f}{r['iterations_total']:>12}{r['completed']:>11}"
-          f"{r['stopped_early']:>9}{r['search_it_per_s']:>9.1f}{r['projected_full_wall_s'] / 60:>23.1f} min")
+          f"{r['stopped_early']:>9}{r['search_it_per_s']:>9.1f}{r['projected_full_wall_s'] / 60:>23.1f} min"
+          + (f"{packed / 60:>16.1f} min" if packed else f"{'(no --packed-rate)':>20}"))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))

@@ -28,7 +28,8 @@ from reference_pipeline import ReferenceFeed  # noqa: E402
 
 def run(method: str, data, args, seed: int, reference: bool) -> list[float]:
     # the reference feed hands over ready batches: no device sampler to capture in a CUDA graph
-    over = {"amp": "off", "channels_last": "off", "cuda_graphs": "off"} if reference else {"cuda_graphs": args.cuda_graphs}
+    over = ({"amp": "off", "channels_last": "off", "cuda_graphs": "off"} if reference
+            else {"cuda_graphs": args.cuda_graphs, "compile": "on" if args.compile else "off"})
     cfg = TrainConfig(method=method, data=args.data, labeled_patients=args.labeled_patients,
                       patch_size=(args.size, args.size), batch_size=args.batch_size, labeled_bs=args.batch_size // 2,
                       max_iterations=args.iterations, eval_interval=args.iterations // args.points,
@@ -63,6 +64,7 @@ def main() -> int:
     p.add_argument("--pipelines", default="ours,reference",
                    help="which to train: 'ours', 'reference' or both (comma-separated)")
     p.add_argument("--cuda-graphs", default="auto", choices=("auto", "on", "off"), help="our path's cuda_graphs")
+    p.add_argument("--compile", action="store_true", help="our path with compile: on")
     p.add_argument("--out", default="benchmarks/results/trajectory.json")
     args = p.parse_args()
     data = load_dataset(args.data, args.labeled_patients, 4)
@@ -78,7 +80,7 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"command": " ".join(["python"] + sys.argv), "args": vars(args), "iterations": its,
-                               "rows": rows, "cuda_graphs": args.cuda_graphs, "date": time.strftime("%Y-%m-%d"),
+                               "rows": rows, "cuda_graphs": args.cuda_graphs, "compile": args.compile, "date": time.strftime("%Y-%m-%d"),
                                "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"},
                               indent=1))
     print(f"validation Dice at iterations {its}; written: {out}")

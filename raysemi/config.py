@@ -58,10 +58,9 @@ class TrainConfig:
     cuda_graphs: str = _f("auto", "capture each training iteration once as a CUDA graph and replay it (removes "
                                   "the per-kernel launch cost): 'auto' (on for CUDA), 'on' or 'off'")
     compile: str = _f("off", "torch.compile the networks: 'on' fuses BatchNorm, activation and dropout kernels "
-                             "(on an H200 with CUDA graphs: mean teacher 61 -> 80 it/s, supervised 73 -> 92 it/s) for "
-                             "about 45 s of compiling per process (and 13 s at the first validation), less once inductor's "
-                             "on-disk cache has the graphs; "
-                             "'off'")
+                             "(on an H200 with CUDA graphs, 1.2-1.5x: mean teacher 61 -> 80 it/s, URPC 58 -> 69, "
+                             "DAN 49 -> 67, UA-MT 27 -> 39) for 15-45 s of compiling per process (and some at the "
+                             "first validation), less once inductor's on-disk cache has the graphs; 'off'")
     # semi-supervised
     consistency: float = _f(0.1, "final weight of the unsupervised term", "strategy")
     consistency_rampup: float = _f(200.0, "ramp length of the consistency weight, in ramp units", "strategy")

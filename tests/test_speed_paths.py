@@ -282,6 +282,19 @@ def test_search_wall_benchmark_smoke_scales_the_trials_and_projects(tiny_phantom
     ratio = r["trial_seconds_projected"] / r["trial_seconds_measured"]
     assert 1 < ratio < 2  # not everything doubles
     assert r["projected_full_wall_s"] == pytest.approx(r["startup_s"] + (r["wall_s"] - r["startup_s"]) * ratio)
+    assert r["projected_full_wall_packed_s"] is None and "(no --packed-rate)" in proc.stdout
+    # the GPU-bound projection, recomputed from the saved result with a packed rate
+    again = tmp_path / "w2.json"
+    proc = subprocess.run([sys.executable, str(script), "--from-json", str(out), "--packed-rate", "10",
+                           "--out", str(again)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r2 = json.loads(again.read_text())
+    steps = sum(t["iterations"] / t["steady_it_per_s"] if t["steady_it_per_s"] else t["train_s"] for t in r["trials"])
+    assert r2["full_scale_iterations"] == pytest.approx(r["iterations_total"] / 0.5)
+    assert r2["projected_full_wall_packed_s"] == pytest.approx(
+        r["startup_s"] + (r["trial_seconds_measured"] - steps) / 2 + r["iterations_total"] / 0.5 / 10)
+    assert r2["projected_full_wall_s"] == pytest.approx(r["projected_full_wall_s"])
+    assert "at the packed rate" in proc.stdout
     assert "projected full-scale wall" in proc.stdout
 
 
@@ -313,3 +326,26 @@ def test_trainer_counts_training_and_validation_seconds_apart(tiny_phantom, monk
     before = trainer.train_seconds
     trainer.train_until(4)  # nothing left to train: nothing added
     assert trainer.train_seconds == pytest.approx(before, abs=0.01)
+
+
+def test_trajectory_benchmark_smoke(tiny_phantom, tmp_path):
+    # the Dice-trajectory benchmark (speed must not change what is learned): both pipelines, one seed
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent.parent / "benchmarks" / "trajectory.py"
+    out = tmp_path / "traj.json"
+    proc = subprocess.run([sys.executable, str(script), "--methods", "mt", "--data", str(tiny_phantom),
+                           "--labeled-patients", "2", "--size", "32", "--batch-size", "4", "--device", "cpu",
+                           "--iterations", "8", "--points", "2", "--seeds", "1", "--reference-workers", "1",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert r["iterations"] == [4, 8] and r["compile"] is False
+    assert [(row["method"], row["pipeline"]) for row in r["rows"]] == [("mean_teacher", "ours"),
+                                                                         ("mean_teacher", "reference")]
+    for row in r["rows"]:
+        assert len(row["curves"]) == 1 and len(row["curves"][0]) == 2
+        assert all(0 <= d <= 1 for d in row["curves"][0])
