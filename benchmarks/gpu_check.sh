@@ -80,11 +80,11 @@ fi
 
 if want variant; then
   VARIANT=${VARIANT:-uncertainty_copies=8}
-  log "throughput of ${VARIANT_METHODS:-uamt} with $VARIANT (graphs on)"
+  log "throughput of ${VARIANT_METHODS:-uamt} with $VARIANT (graphs on${COMPILE_FLAG:+, compile on})"
   SETS=(); for kv in $VARIANT; do SETS+=(--set "$kv"); done
   timeout $(left $RESERVE 120) python3 benchmarks/throughput.py --device $DEVICE --data "$WORK/data" --size $PATCH --batch-size $BS \
     --methods ${VARIANT_METHODS:-uamt} --warmup 20 --iterations $IT --repeats 2 "${SETS[@]}" "${COMPILE_FLAG[@]}" \
-    --out "$OUT/throughput_${DEVICE}_variant.json"
+    --out "$OUT/throughput_${DEVICE}_variant${COMPILE_FLAG:+_compile}.json"
   echo "variant exit: $?"
 fi
 
@@ -134,7 +134,8 @@ if want search; then
   log "the 32-trial search at scale ${SCALE:-0.1}"
   # the packed stage's summed rate, when it ran in this call, gives the GPU-bound projection
   RATE=(); PACKED_JSON="$OUT/throughput_${DEVICE}_packed4${COMPILE_FLAG:+_compile}.json"
-  [ -f "$PACKED_JSON" ] && RATE=(--packed-rate "$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['packed']['total_steady_it_per_s'])" "$PACKED_JSON")")
+  R=$([ -f "$PACKED_JSON" ] && python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['packed']['total_steady_it_per_s'])" "$PACKED_JSON" 2>/dev/null)
+  [ -n "$R" ] && RATE=(--packed-rate "$R")
   timeout $(left 5) python3 benchmarks/search_wall.py --device $DEVICE --data "$WORK/data" --size $PATCH \
     --batch-size $BS --scale ${SCALE:-0.1} "${SEARCH[@]}" "${COMPILE_FLAG[@]}" "${RATE[@]}" --out "$OUT/search_wall_${DEVICE}.json"
   echo "search exit: $?"

@@ -63,25 +63,54 @@ def run_search(args, tmp: Path) -> dict:
     wall = time.time() - t0
     if proc.returncode != 0:
         raise SystemExit(f"search failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    trials = [trial_times(result, args.scale) for result in sorted((tmp / "runs" / "wall").glob("*/result.json"))]
-    trials = [t for t in trials if t is not None]
+    trials = [trial_times(result) for result in sorted((tmp / "runs" / "wall").glob("*/result.json"))]
+    trials = account([t for t in trials if t is not None], args.scale)
     # the driver's own start (Ray, MLflow, data into the object store), until the first trial starts
+    # (Ray's report timestamps are whole seconds: up to 1 s short)
     startup = min(t["start_unix"] for t in trials) - t0
     done = sum(t["iterations"] for t in trials)
-    measured = sum(t["seconds"] for t in trials)
-    projected = sum(t["projected_seconds"] for t in trials)
     return {"command": " ".join(cmd[1:]), "wall_s": wall, "startup_s": startup, "trials": trials,
             "iterations_total": done, "completed": sum(t["iterations"] == iterations for t in trials),
             "stopped_early": sum(t["iterations"] < iterations for t in trials), "trial_iterations": iterations,
             "grace_period": grace, "eval_interval": interval, "search_it_per_s": done / wall,
-            "trial_seconds_measured": measured, "trial_seconds_projected": projected,
+            "trial_seconds_measured": sum(t["seconds"] for t in trials),
+            "trial_seconds_projected": sum(t["projected_seconds"] for t in trials),
             "eval_seconds": sum(t["eval_s"] for t in trials)}
+
+
+def trial_times(result: Path) -> dict | None:
+    """One trial's seconds from its reports: in all, in training steps (capture and compile
+    included), in validations, and the steady rate of its steps after the first report."""
+    reports = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
+    if not reports:
+        return None
+    first, last = reports[0], reports[-1]
+    d_it = last["iteration"] - first["iteration"]
+    d_train = last.get("time_train_s", 0.0) - first.get("time_train_s", 0.0)
+    seconds = last["time_total_s"]
+    return {"trial": result.parent.name, "iterations": last["iteration"], "reports": len(reports),
+            "start_unix": last["timestamp"] - seconds, "seconds": seconds, "train_s": last.get("time_train_s", 0.0),
+            "eval_s": last.get("time_eval_s", 0.0),
+            "steady_it_per_s": d_it / d_train if d_it > 0 and d_train > 0 else None}
+
+
+def account(trials: list[dict], scale: float) -> list[dict]:
+    """Each trial's steps alone (`steps_s`: its iterations at its steady rate; the rest of its
+    training seconds is capture and compile) and its projected seconds at full scale, where only
+    the steps take 1/scale as long. A trial with one report has no steady rate of its own: it
+    takes the median of the others'."""
+    rates = sorted(t["steady_it_per_s"] for t in trials if t["steady_it_per_s"])
+    median = rates[len(rates) // 2] if rates else None
+    for t in trials:
+        rate = t["steady_it_per_s"] or median
+        t["steps_s"] = min(t["iterations"] / rate, t["train_s"]) if rate else t["train_s"]
+        t["projected_seconds"] = t["seconds"] - t["steps_s"] + t["steps_s"] / scale
+    return trials
 
 
 def projections(r: dict, scale: float, per_device: float, packed_rate: float | None) -> dict:
     """The full-scale wall-time projections of a scaled search (see the module's docstring)."""
-    trials = r["trials"]
-    steps = sum(t["iterations"] / t["steady_it_per_s"] if t["steady_it_per_s"] else t["train_s"] for t in trials)
+    steps = sum(t["steps_s"] for t in r["trials"])
     out = {"full_scale_iterations": r["iterations_total"] / scale,
            "outside_steps_s": r["trial_seconds_measured"] - steps, "trials_per_device": per_device,
            "projected_full_wall_s": r["startup_s"] + (r["wall_s"] - r["startup_s"]) * r["trial_seconds_projected"]
@@ -92,26 +121,22 @@ def projections(r: dict, scale: float, per_device: float, packed_rate: float | N
     return out
 
 
-def trial_times(result: Path, scale: float) -> dict | None:
-    """One trial's seconds, split into training steps (which a full-scale trial multiplies by
-    1/scale) and the rest (start, graph capture, validations, checkpoints: the same at full scale,
-    which runs as many validations), from the trial's reports."""
-    reports = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
-    if not reports:
-        return None
-    first, last = reports[0], reports[-1]
-    # steady rate of the training steps, from the reports after the first (capture and compile left out)
-    d_it = last["iteration"] - first["iteration"]
-    d_train = last.get("time_train_s", 0.0) - first.get("time_train_s", 0.0)
-    rate = d_it / d_train if d_it > 0 and d_train > 0 else None
-    train = last.get("time_train_s", 0.0)
-    steps = last["iteration"] / rate if rate else train  # the steps alone; the rest of `train` is capture/compile
-    full_steps = steps / scale
-    seconds = last["time_total_s"]
-    return {"trial": result.parent.name, "iterations": last["iteration"], "reports": len(reports),
-            "start_unix": last["timestamp"] - seconds, "seconds": seconds, "train_s": train,
-            "eval_s": last.get("time_eval_s", 0.0), "steady_it_per_s": rate,
-            "projected_seconds": seconds - steps + full_steps}
+def read_result(path: str, p: argparse.ArgumentParser) -> dict:
+    """A result this script wrote; a missing file or one without the trials' accounts is a usage error."""
+    try:
+        report = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        p.error(f"--from-json: {path}: cannot be read as JSON ({err})")
+    need = ("args", "trials", "startup_s", "wall_s", "iterations_total", "trial_seconds_measured")
+    missing = [k for k in need if k not in report] + [
+        f"trials[].{k}" for k in ("iterations", "seconds", "train_s", "steady_it_per_s")
+        if any(k not in t for t in report.get("trials", []))]
+    if missing:
+        p.error(f"--from-json: {path}: {missing[0]}: missing; expected a result of this script "
+                "(one written before the trials reported their seconds cannot be projected)")
+    report["trials"] = account(report["trials"], report["args"]["scale"])
+    report["trial_seconds_projected"] = sum(t["projected_seconds"] for t in report["trials"])
+    return report
 
 
 def main() -> int:
@@ -144,7 +169,7 @@ def main() -> int:
     if not 0 < args.scale <= 1:
         p.error(f"--scale: {args.scale} is invalid; expected a fraction in (0, 1]")
     if args.from_json:
-        report = json.loads(Path(args.from_json).read_text())
+        report = read_result(args.from_json, p)
         saved = report["args"]
         per_device = 1 / saved["gpus_per_trial"] if saved["device"] == "cuda" else saved["num_cpus"] / saved["cpus_per_trial"]
         report.update(projections(report, saved["scale"], per_device, args.packed_rate))

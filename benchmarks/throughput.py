@@ -42,12 +42,12 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from raysemi.config import TrainConfig, save_yaml  # noqa: E402
+from raysemi.config import ALIASES, FIELDS, TrainConfig, add_config_arguments, save_yaml  # noqa: E402
 from raysemi.data import load_dataset  # noqa: E402
+from raysemi.errors import UserError  # noqa: E402
 from raysemi.inference import evaluate_volumes  # noqa: E402
 from raysemi.loop import Trainer  # noqa: E402
 from raysemi.methods import get_method, list_methods, resolve_method_name  # noqa: E402
@@ -64,6 +64,31 @@ def bench_config(method: str, args, **over) -> TrainConfig:
                   max_iterations=10 ** 9, eval_interval=10 ** 9, log_interval=10 ** 9, device=args.device,
                   amp=args.amp, mt_warmup=0, cuda_graphs=args.cuda_graphs)
     return TrainConfig(**{**values, **getattr(args, "overrides", {}), **over}).validate()
+
+
+def parse_sets(items: list[str], p: argparse.ArgumentParser) -> dict:
+    """`--set FIELD=VALUE` items, read as the training CLI reads its flags (types, aliases) and
+    checked as a config; a bad one is a usage error."""
+    flags = argparse.ArgumentParser(prog="--set", add_help=False)
+    flags.error = lambda message: p.error(f"--set: {message}")  # one line, under this script's usage
+    add_config_arguments(flags)
+    argv: list[str] = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        name = ALIASES.get(key, key)
+        if not sep or name not in FIELDS:
+            p.error(f"--set: {item!r} is invalid; expected FIELD=VALUE with FIELD a config field")
+        flag = "--" + name.replace("_", "-")
+        if FIELDS[name].type in ("bool", bool):  # --eval-hd95 / --no-eval-hd95
+            argv.append(flag if value.lower() in ("true", "on", "yes", "1") else "--no-" + flag[2:])
+        else:
+            argv += [flag, *value.split()]
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(flags.parse_args(argv)).items()}
+    try:
+        TrainConfig(**values).validate("--set")
+    except UserError as err:
+        p.error(str(err))
+    return values
 
 
 def timed_runs(trainer: Trainer, iterations: int, repeats: int) -> list[float]:
@@ -138,7 +163,9 @@ def measure_reference(method: str, data, args, ours: Trainer) -> dict:
     """The same step fed and validated the reference's way (fp32, NCHW, per-iteration host reads)."""
     from reference_pipeline import ReferenceFeed, reference_validation
 
-    cfg = bench_config(method, args, amp="off", channels_last="off", cuda_graphs="off", log_interval=1)
+    # the reference's own settings: --set values (e.g. uncertainty_copies) are ours, not the reference's
+    ref_args = argparse.Namespace(**{**vars(args), "overrides": {}})
+    cfg = bench_config(method, ref_args, amp="off", channels_last="off", cuda_graphs="off", log_interval=1)
     trainer = Trainer(cfg, data)
     uses_unlabeled = get_method(method).uses_unlabeled
     lb = cfg.labeled_bs if uses_unlabeled else cfg.batch_size
@@ -249,12 +276,7 @@ def main() -> int:
                    help="a config value for every row (repeatable), e.g. --set uncertainty_copies=8")
     p.add_argument("--out", default="benchmarks/results/throughput.json")
     args = p.parse_args()
-    args.overrides = {}
-    for item in args.set:
-        field, sep, value = item.partition("=")
-        if not sep or field not in TrainConfig.__dataclass_fields__:
-            p.error(f"--set: {item!r} is invalid; expected FIELD=VALUE with FIELD a config field")
-        args.overrides[field] = yaml.safe_load(value)
+    args.overrides = parse_sets(args.set, p)
     if args.compile and args.compare_compile:
         p.error("--compile and --compare-compile: choose one (--compare-compile times both)")
     methods = list_methods() if args.methods == "all" else [resolve_method_name(m) for m in args.methods.split(",")]

@@ -71,9 +71,9 @@ class TrainConfig:
     uncertainty_threshold_end: float = _f(1.0, "uamt: threshold end, as a fraction of ln 2", "strategy")
     uncertainty_passes: int = _f(8, "uamt: noisy teacher passes T for the uncertainty map", "strategy")
     uncertainty_copies: int = _f(2, "uamt: noisy copies of the unlabeled batch per teacher forward (the reference: 2); "
-                                    "up to T runs the T passes in fewer, larger forwards, which is faster on a GPU "
-                                    "and changes nothing in expectation (the teacher's BatchNorm statistics span "
-                                    "more noisy copies of the same slices)", "strategy")
+                                    "up to T runs the T passes in fewer, larger forwards, which is faster on a GPU; "
+                                    "the teacher's BatchNorm batch statistics then span more noisy copies of the "
+                                    "same slices: about the same, not the same numbers", "strategy")
     ict_alpha: float = _f(0.2, "ict: Beta(alpha, alpha) of the mixing factor", "strategy")
     entropy_classes: int = _f(4, "entropy_minimization: C in the ln(C) normaliser (the 2D reference hard-codes 4)", "strategy")
     dan_lr: float = _f(1e-4, "adversarial: discriminator Adam learning rate (reference DAN_lr)", "strategy")

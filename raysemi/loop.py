@@ -196,6 +196,7 @@ class Trainer:
                 history=[{k: float(v) for k, v in h.items()} for h in self.history],
                 train_history=[{k: float(v) for k, v in h.items()} for h in self.train_history],
                 best_metrics={k: float(v) for k, v in self.best["metrics"].items()},
+                timing={"train_seconds": self.train_seconds, "eval_seconds": self.eval_seconds},
             )
         return payload
 
@@ -228,6 +229,9 @@ class Trainer:
                      "metrics": dict(ckpt.get("best_metrics", {}))}
         self.history = list(ckpt.get("history", []))
         self.train_history = list(ckpt.get("train_history", []))
+        timing = ckpt.get("timing", {})  # so that a resumed trial's seconds go on from where they were
+        self.train_seconds = float(timing.get("train_seconds", 0.0))
+        self.eval_seconds = float(timing.get("eval_seconds", 0.0))
 
     # -- training --------------------------------------------------------------------------
     def _validate(self) -> None:

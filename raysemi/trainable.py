@@ -68,6 +68,13 @@ def aggregate(trainers: list[Trainer]) -> dict[str, float]:
     return out
 
 
+def seconds(trainers: list[Trainer]) -> dict[str, float]:
+    """The trial's seconds of training steps and of validations, all seeds together (resumed
+    trials go on counting from their checkpoint)."""
+    return {"time_train_s": sum(t.train_seconds for t in trainers),
+            "time_eval_s": sum(t.eval_seconds for t in trainers)}
+
+
 def train_trial(config: dict[str, Any], *, base: dict[str, Any], dataset: Dataset, seeds: int = 1,
                 gpus_per_trial: float = 0.0, cpus_per_trial: int = 1) -> None:
     """Tune entry point (wrapped by `tune.with_parameters` in the search driver)."""
@@ -85,6 +92,7 @@ def train_trial(config: dict[str, Any], *, base: dict[str, Any], dataset: Datase
         trainers = [Trainer(cfg.replace(seed=cfg.seed + k), dataset, [keepers[k]]) for k in range(seeds)]
     except UserError as err:
         tune.report({"method": config.get("method", ""), TIME_ATTR: 0, "diverged": 1, METRIC: 0.0,
+                     "time_train_s": 0.0, "time_eval_s": 0.0,
                      "failure_reason": f"invalid config: {err}"})
         return
     ckpt = tune.get_checkpoint()
@@ -107,9 +115,7 @@ def train_trial(config: dict[str, Any], *, base: dict[str, Any], dataset: Datase
             for t in trainers:
                 t.train_until(target)
             metrics = {**aggregate(trainers), **base_metrics, TIME_ATTR: trainers[0].iteration, "diverged": 0,
-                       # this process's seconds of training steps and of validations, all seeds together
-                       "time_train_s": sum(t.train_seconds for t in trainers),
-                       "time_eval_s": sum(t.eval_seconds for t in trainers),
+                       **seconds(trainers),
                        "cuda_graphs": next((t.graph_status for t in trainers if t.graph_failure), trainers[0].graph_status)}
             with tempfile.TemporaryDirectory() as d:
                 for k, t in enumerate(trainers):
@@ -119,7 +125,7 @@ def train_trial(config: dict[str, Any], *, base: dict[str, Any], dataset: Datase
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
     except TrainingDiverged as err:
         last = aggregate(trainers)
-        tune.report({**last, **base_metrics, TIME_ATTR: trainers[0].iteration, "diverged": 1,
+        tune.report({**last, **base_metrics, TIME_ATTR: trainers[0].iteration, "diverged": 1, **seconds(trainers),
                      "failure_reason": str(err), METRIC: 0.0 if not math.isfinite(last.get(METRIC, 0.0)) else
                      last.get(METRIC, 0.0)})
 

@@ -170,14 +170,17 @@ def test_throughput_benchmark_sets_config_values_for_every_row(tiny_phantom, tmp
     common = [sys.executable, str(script), "--methods", "uamt", "--data", str(tiny_phantom), "--labeled-patients", "2",
               "--size", "32", "--batch-size", "8", "--device", "cpu", "--warmup", "1", "--iterations", "2",
               "--repeats", "1", "--out", str(out)]
-    proc = subprocess.run(common + ["--set", "uncertainty_copies=8", "--set", "uncertainty_passes=4"],
+    proc = subprocess.run(common + ["--set", "uncertainty_copies=8", "--set", "T=4"],  # T: the reference's name
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     (row,) = json.loads(out.read_text())["rows"]
     assert row["overrides"] == {"uncertainty_copies": 8, "uncertainty_passes": 4}
     assert "every row with uncertainty_copies=8, uncertainty_passes=4" in proc.stdout
-    bad = subprocess.run(common + ["--set", "uncertainty_copy=8"], capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 2 and "--set: 'uncertainty_copy=8' is invalid" in bad.stderr
+    for item, message in (("uncertainty_copy=8", "--set: 'uncertainty_copy=8' is invalid"),
+                          ("uncertainty_copies=0", "--set: uncertainty_copies: 0 is invalid; expected an integer >= 1"),
+                          ("base_lr=abc", "--set: argument --base-lr: invalid float value: 'abc'")):
+        bad = subprocess.run(common + ["--set", item], capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
 
 
 def test_throughput_benchmark_packed_trials_through_the_search(tiny_phantom, tmp_path):
@@ -275,8 +278,9 @@ def test_search_wall_benchmark_smoke_scales_the_trials_and_projects(tiny_phantom
     completed = next(t for t in r["trials"] if t["iterations"] == 20)
     assert completed["reports"] == 2 and completed["steady_it_per_s"] > 0
     assert 0 < completed["train_s"] < completed["seconds"] and 0 < completed["eval_s"] < completed["seconds"]
-    steps = 20 / completed["steady_it_per_s"]
-    assert steps <= completed["train_s"] * 1.0001  # the steady steps, without the first step's set-up
+    # its steps alone: its iterations at its steady rate (capped by its training seconds)
+    steps = completed["steps_s"]
+    assert steps == pytest.approx(min(20 / completed["steady_it_per_s"], completed["train_s"]))
     assert completed["projected_seconds"] == pytest.approx(completed["seconds"] + steps)
     assert r["trial_seconds_projected"] == pytest.approx(sum(t["projected_seconds"] for t in r["trials"]))
     ratio = r["trial_seconds_projected"] / r["trial_seconds_measured"]
@@ -289,16 +293,25 @@ def test_search_wall_benchmark_smoke_scales_the_trials_and_projects(tiny_phantom
                            "--out", str(again)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     r2 = json.loads(again.read_text())
-    steps = sum(t["iterations"] / t["steady_it_per_s"] if t["steady_it_per_s"] else t["train_s"] for t in r["trials"])
+    steps = sum(t["steps_s"] for t in r["trials"])
+    for t in r["trials"]:  # a trial with one report takes the others' steady rate
+        rate = t["steady_it_per_s"] or completed["steady_it_per_s"]
+        assert t["steps_s"] == pytest.approx(min(t["iterations"] / rate, t["train_s"]))
     assert r2["full_scale_iterations"] == pytest.approx(r["iterations_total"] / 0.5)
     assert r2["projected_full_wall_packed_s"] == pytest.approx(
         r["startup_s"] + (r["trial_seconds_measured"] - steps) / 2 + r["iterations_total"] / 0.5 / 10)
     assert r2["projected_full_wall_s"] == pytest.approx(r["projected_full_wall_s"])
     assert "at the packed rate" in proc.stdout
+    for bad, message in ((tmp_path / "missing.json", "cannot be read as JSON"), (again.with_name("t.json"), "missing")):
+        if bad.name == "t.json":
+            bad.write_text(json.dumps({"rows": []}))  # another benchmark's result
+        refused = subprocess.run([sys.executable, str(script), "--from-json", str(bad)], capture_output=True,
+                                 text=True, timeout=120)
+        assert refused.returncode == 2 and message in refused.stderr and "Traceback" not in refused.stderr
     assert "projected full-scale wall" in proc.stdout
 
 
-def test_trainer_counts_training_and_validation_seconds_apart(tiny_phantom, monkeypatch):
+def test_trainer_counts_training_and_validation_seconds_apart(tiny_phantom, monkeypatch, tmp_path):
     # a search's wall-time projection scales the steps' seconds alone: validations must not be in them
     import time
 
@@ -326,6 +339,10 @@ def test_trainer_counts_training_and_validation_seconds_apart(tiny_phantom, monk
     before = trainer.train_seconds
     trainer.train_until(4)  # nothing left to train: nothing added
     assert trainer.train_seconds == pytest.approx(before, abs=0.01)
+    # a resumed run (a restored trial) goes on counting from its checkpoint
+    resumed = Trainer(cfg, trainer.data)
+    resumed.load(trainer.save(tmp_path / "last.pt"))
+    assert (resumed.train_seconds, resumed.eval_seconds) == (trainer.train_seconds, trainer.eval_seconds)
 
 
 def test_trajectory_benchmark_smoke(tiny_phantom, tmp_path):

@@ -294,7 +294,9 @@ def test_consistency_matches_formula(method, student_fn, kwargs, reference, ref_
 def test_uamt_copies_per_forward_change_nothing_without_batch_statistics():
     """Two noisy copies per teacher forward (the reference) or all T in one forward: the same noise
     stream, so the same uncertainty map for a network without BatchNorm (only BatchNorm's batch
-    statistics see the grouping)."""
+    statistics see the grouping). This relies on torch's CPU generator giving one draw of 8n
+    numbers as four draws of 2n (true here: n is a multiple of 16); the uamt-T8-copies3 case above
+    checks that the grouping is applied at all."""
     batch = make_batch(8, 4, 6, seed=5)
     maps = []
     for copies in (2, 8):
