@@ -8,6 +8,8 @@
 #             pipeline, all timed in the same run (METHODS, default all seven); the validation pass
 #             with its metrics on threads and serially;
 #   table     the same table with graphs on and off (eager) instead of compile;
+#             both table stages train with the config values in SET (e.g. SET="uncertainty_copies=8
+#             uncertainty_with_target=true"; the reference pipeline keeps the reference's own);
 #   variant   the table's first columns for VARIANT_METHODS (default uamt) with the config values
 #             VARIANT (default "uncertainty_copies=8": UA-MT's T noisy passes in one teacher forward);
 #   packed    4 mean-teacher trials packed on one GPU through raysemi.search (COMPILE=1: compile: on);
@@ -26,6 +28,7 @@
 # What is still open, one call each (performance.md, "The next device session"):
 #   STAGES="compile trajectory" METHODS=ict,em COMPILE=1 DEADLINE=540 bash benchmarks/gpu_check.sh
 #   STAGES="packed search" COMPILE=1 SCALE=0.05 DEADLINE=585 bash benchmarks/gpu_check.sh   # on an H100
+#   STAGES=compile METHODS=uamt SET="uncertainty_copies=8 uncertainty_with_target=true" DEADLINE=200 bash benchmarks/gpu_check.sh
 # inductor's cache is kept in .inductor-cache/ (git-ignored, kept between calls on the same
 # machine), so a later call does not compile the same networks again.
 # Results go to $OUT (JSON, logs). On the lent GPU machine, from the repo root:
@@ -57,6 +60,7 @@ else
 fi
 COMPILE_FLAG=(); [ "$COMPILE" = 1 ] && COMPILE_FLAG=(--compile)
 TRAIN_COMPILE=(); [ "$COMPILE" = 1 ] && TRAIN_COMPILE=(--compile on)
+TABLE_SETS=(); for kv in ${SET:-}; do TABLE_SETS+=(--set "$kv"); done
 log() { echo "== $(date +%T) $*"; }
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 # the whole check must end inside the device call's limit: each stage gets at most what is left
@@ -89,18 +93,18 @@ if want variant; then
 fi
 
 if want compile; then
-  log "throughput: graphs, graphs + compile, reference pipeline ($METHODS)"
+  log "throughput: graphs, graphs + compile, reference pipeline ($METHODS${SET:+; $SET})"
   timeout $(left $RESERVE) python3 benchmarks/throughput.py --device $DEVICE --data "$WORK/data" --size $PATCH --batch-size $BS \
     --methods $METHODS --warmup 20 --iterations $IT --repeats 2 --compare-compile --compare-reference-pipeline \
-    --reference-iterations $REFIT --out "$OUT/throughput_${DEVICE}_compile.json"
+    --reference-iterations $REFIT "${TABLE_SETS[@]}" --out "$OUT/throughput_${DEVICE}_compile${SET:+_set}.json"
   echo "compile table exit: $?"
 fi
 
 if want table; then
-  log "throughput: graphs, eager, reference pipeline ($METHODS)"
+  log "throughput: graphs, eager, reference pipeline ($METHODS${SET:+; $SET})"
   timeout $(left $RESERVE) python3 benchmarks/throughput.py --device $DEVICE --data "$WORK/data" --size $PATCH --batch-size $BS \
     --methods $METHODS --warmup 20 --iterations $IT --repeats 2 --compare-eager --compare-reference-pipeline \
-    --reference-iterations $REFIT --out "$OUT/throughput_$DEVICE.json"
+    --reference-iterations $REFIT "${TABLE_SETS[@]}" --out "$OUT/throughput_${DEVICE}${SET:+_set}.json"
   echo "table exit: $?"
 fi
 

@@ -80,6 +80,8 @@ def parse_sets(items: list[str], p: argparse.ArgumentParser) -> dict:
             p.error(f"--set: {item!r} is invalid; expected FIELD=VALUE with FIELD a config field")
         flag = "--" + name.replace("_", "-")
         if FIELDS[name].type in ("bool", bool):  # --eval-hd95 / --no-eval-hd95
+            if value.lower() not in ("true", "on", "yes", "1", "false", "off", "no", "0"):
+                p.error(f"--set: {name}: {value!r} is invalid; expected true or false")
             argv.append(flag if value.lower() in ("true", "on", "yes", "1") else "--no-" + flag[2:])
         else:
             argv += [flag, *value.split()]

@@ -74,6 +74,11 @@ class TrainConfig:
                                     "up to T runs the T passes in fewer, larger forwards, which is faster on a GPU; "
                                     "the teacher's BatchNorm batch statistics then span more noisy copies of the "
                                     "same slices: about the same, not the same numbers", "strategy")
+    uncertainty_with_target: bool = _f(False, "uamt: run the consistency target's noisy teacher pass in the "
+                                              "first uncertainty forward (one teacher forward fewer per step; "
+                                              "its BatchNorm batch statistics then span those copies too: about "
+                                              "the same, not the same numbers); off: its own forward, as in the "
+                                              "reference", "strategy")
     ict_alpha: float = _f(0.2, "ict: Beta(alpha, alpha) of the mixing factor", "strategy")
     entropy_classes: int = _f(4, "entropy_minimization: C in the ln(C) normaliser (the 2D reference hard-codes 4)", "strategy")
     dan_lr: float = _f(1e-4, "adversarial: discriminator Adam learning rate (reference DAN_lr)", "strategy")

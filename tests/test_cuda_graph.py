@@ -194,10 +194,14 @@ def _no_dropout(trainer: Trainer) -> None:
             m.p = 0.0
 
 
+UAMT_ONE_FORWARD = dict(uncertainty_copies=8, uncertainty_with_target=True)  # the speed variant: one teacher forward
+
+
 @cuda
-@pytest.mark.parametrize("name", METHODS)
-def test_capture_replays_every_strategy(name, tiny_phantom, data):
-    trainer, logs = make(tiny_phantom, data, name, graphed=True, device="cuda", cuda_graphs="on")
+@pytest.mark.parametrize("name, over", [(name, {}) for name in METHODS]
+                         + [("uncertainty_aware_mean_teacher", UAMT_ONE_FORWARD)])
+def test_capture_replays_every_strategy(name, over, tiny_phantom, data):
+    trainer, logs = make(tiny_phantom, data, name, graphed=True, device="cuda", cuda_graphs="on", **over)
     trainer.train_until(6)  # 3 eager warm-up iterations, capture at the 4th, then replays
     assert trainer.graph_failure is None and trainer._graphed.graph is not None
     before = [p.detach().clone() for p in trainer.strategy.parameters()]

@@ -170,15 +170,17 @@ def test_throughput_benchmark_sets_config_values_for_every_row(tiny_phantom, tmp
     common = [sys.executable, str(script), "--methods", "uamt", "--data", str(tiny_phantom), "--labeled-patients", "2",
               "--size", "32", "--batch-size", "8", "--device", "cpu", "--warmup", "1", "--iterations", "2",
               "--repeats", "1", "--out", str(out)]
-    proc = subprocess.run(common + ["--set", "uncertainty_copies=8", "--set", "T=4"],  # T: the reference's name
+    proc = subprocess.run(common + ["--set", "uncertainty_copies=8", "--set", "T=4",  # T: the reference's name
+                                    "--set", "uncertainty_with_target=true"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     (row,) = json.loads(out.read_text())["rows"]
-    assert row["overrides"] == {"uncertainty_copies": 8, "uncertainty_passes": 4}
-    assert "every row with uncertainty_copies=8, uncertainty_passes=4" in proc.stdout
+    assert row["overrides"] == {"uncertainty_copies": 8, "uncertainty_passes": 4, "uncertainty_with_target": True}
+    assert "every row with uncertainty_copies=8, uncertainty_passes=4, uncertainty_with_target=True" in proc.stdout
     for item, message in (("uncertainty_copy=8", "--set: 'uncertainty_copy=8' is invalid"),
                           ("uncertainty_copies=0", "--set: uncertainty_copies: 0 is invalid; expected an integer >= 1"),
-                          ("base_lr=abc", "--set: argument --base-lr: invalid float value: 'abc'")):
+                          ("base_lr=abc", "--set: argument --base-lr: invalid float value: 'abc'"),
+                          ("uncertainty_with_target=ture", "--set: uncertainty_with_target: 'ture' is invalid; expected true or false")):
         bad = subprocess.run(common + ["--set", item], capture_output=True, text=True, timeout=60)
         assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
 

@@ -310,6 +310,35 @@ def test_uamt_copies_per_forward_change_nothing_without_batch_statistics():
     assert maps[0].std() > 0  # not a constant map that any grouping would reproduce
 
 
+@pytest.mark.parametrize("copies", [2, 8])
+def test_uamt_target_in_the_uncertainty_forward_changes_nothing_without_batch_statistics(copies):
+    """`uncertainty_with_target` runs the target's noisy pass as the first copy of the first
+    uncertainty forward: the target's noise is still drawn first, so a network without BatchNorm
+    gives the same target, uncertainty map and consistency (same generator caveat as above), in
+    one teacher forward fewer."""
+    batch = make_batch(8, 4, 6, seed=5)
+    results, forwards = [], []
+    for joined in (False, True):
+        torch.manual_seed(0)
+        strategy = create_method("uncertainty_aware_mean_teacher", PixelAffine(), num_classes=C, max_iterations=100,
+                                 uncertainty_passes=8, uncertainty_copies=copies, uncertainty_with_target=joined)
+        set_affine(strategy.teacher, W_T, B_T)
+        sizes = []
+        strategy.teacher.register_forward_hook(lambda m, args, out: sizes.append(args[0].shape[0]))
+        torch.manual_seed(1)
+        results.append((*strategy.teacher_outputs(batch.unlabeled), strategy.step(batch, 50)["consistency"]))
+        forwards.append(sizes)
+    (t0, u0, c0), (t1, u1, c1) = results
+    for a, b in ((t0, t1), (u0, u1), (c0, c1)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert t0.shape == (4, C, 6, 6) and u0.std() > 0 and float(c0) > 1e-6
+    per_step = 1 + 8 // copies
+    assert forwards[0] == [4] + [4 * copies] * (8 // copies) + [4] + [4 * copies] * (8 // copies)
+    assert forwards[1] == [4 * (copies + 1)] + [4 * copies] * (8 // copies - 1) + \
+        [4 * (copies + 1)] + [4 * copies] * (8 // copies - 1)
+    assert len(forwards[1]) == 2 * (per_step - 1)
+
+
 def test_uamt_rejects_zero_copies():
     with pytest.raises(ValueError, match="uncertainty_copies must be >= 1"):
         create_method("uncertainty_aware_mean_teacher", PixelAffine(), num_classes=C, max_iterations=10,
