@@ -104,6 +104,12 @@ class TrainConfig:
         d["patch_size"] = list(self.patch_size)
         return d
 
+    def saved_dict(self) -> dict[str, Any]:
+        """`to_dict()` for people to read (saved YAML, MLflow params): the test suite's fault
+        switches are left out while they are off, so a user's config holds only real settings."""
+        return {k: v for k, v in self.to_dict().items()
+                if not (FIELDS[k].metadata["group"] == "testing" and v == FIELDS[k].default)}
+
     def replace(self, **changes: Any) -> "TrainConfig":
         return from_dict({**self.to_dict(), **changes}, source="overrides")
 
@@ -258,7 +264,7 @@ def save_yaml(config: TrainConfig, path: str | Path) -> Path:
     """Write the resolved config; `load_yaml` reads it back unchanged."""
     from raysemi.files import write_text_atomic
 
-    return write_text_atomic(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
+    return write_text_atomic(path, yaml.safe_dump(config.saved_dict(), sort_keys=False))
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:

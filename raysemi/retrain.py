@@ -432,7 +432,7 @@ def _retrain_seeds(config, data, splits, out: Path, seeds: int, train_one: Train
                     parent.set_tags({"seeds": seeds, "status": "running"})
                 else:
                     parent = MLflowRun(uri, config.experiment, name, tags=tags)
-                    parent.log_params({**flat_params(base.to_dict()), "retrain/seeds": seeds})
+                    parent.log_params({**flat_params(base.saved_dict()), "retrain/seeds": seeds})
                     parent.log_artifact(out / "config.yaml")
                     state["parent_run_id"] = parent.run_id
             save_state()

@@ -313,7 +313,7 @@ def _search(args, methods, spaces, base: TrainConfig, dataset, uri: str, storage
         parent.log_params({"search/methods": ",".join(methods), "search/num_samples": args.num_samples,
                            "search/seeds": args.seeds, "search/gpus": gpus, "search/gpus_per_trial": per_trial,
                            "search/reduction_factor": args.reduction_factor, **{f"base/{k}": v for k, v in
-                                                                               flat_params(base.to_dict()).items()}})
+                                                                               flat_params(base.saved_dict()).items()}})
         state = {"parent_run_id": parent.run_id, "methods": methods, "tracking_uri": uri,
                  "num_samples": args.num_samples, "seeds": args.seeds, "experiment": args.experiment,
                  "search_space": str(Path(args.search_space).resolve()) if args.search_space else None,

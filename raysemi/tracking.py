@@ -303,7 +303,7 @@ class MLflowCallback(Callback):
         self._graph_failure_tagged = False
 
     def on_train_start(self, trainer: Trainer) -> None:
-        self.run.log_params(flat_params(trainer.config.to_dict()))
+        self.run.log_params(flat_params(trainer.config.saved_dict()))
         self.run.set_tags({"strategy": trainer.config.method, "model": trainer.model_name,
                            "device": str(trainer.device), "amp": "bf16" if trainer.amp else "off",
                            "cuda_graphs": trainer.graph_status})

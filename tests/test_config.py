@@ -19,6 +19,15 @@ def test_yaml_round_trip(tmp_path):
     assert load_yaml(path) == c
 
 
+def test_saved_config_leaves_out_the_test_suites_fault_switch_while_it_is_off(tmp_path):
+    path = save_yaml(TrainConfig(method="mean_teacher").validate(), tmp_path / "c.yaml")
+    text = path.read_text()
+    assert "fault_nan_at" not in text and "ema_decay: 0.99" in text
+    assert load_yaml(path) == TrainConfig(method="mean_teacher")
+    on = save_yaml(TrainConfig(fault_nan_at=5), tmp_path / "on.yaml")  # a run that diverges on purpose says so
+    assert "fault_nan_at: 5" in on.read_text() and load_yaml(on).fault_nan_at == 5
+
+
 def test_every_field_is_a_cli_flag_and_cli_overrides_yaml(tmp_path):
     p = argparse.ArgumentParser()
     p.add_argument("--config")

@@ -39,6 +39,7 @@ def test_train_cli_logs_to_the_default_sqlite_store(tiny_phantom, tmp_path, monk
     assert run.info.status == "FINISHED"
     assert run.data.params["method"] == "mean_teacher" and run.data.params["ema_decay"] == "0.95"
     assert run.data.params["base_lr"] == "0.03" and run.data.params["patch_size"] == "32 32"
+    assert "fault_nan_at" not in run.data.params and "fault_nan_at" not in resolved  # the tests' switch, off
     assert run.data.tags["strategy"] == "mean_teacher"
     assert run.data.tags["cuda_graphs"] == "off"  # CPU: the op-by-op step (a GPU run says on, or failed: why)
     dice = client.get_metric_history(run.info.run_id, "val/dice")
