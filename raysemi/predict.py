@@ -36,8 +36,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--input", required=True, metavar="IMG.nii.gz|DIR",
                    help="a 3D NIfTI file, or a folder whose .nii/.nii.gz files, in it or in subfolders at any "
                         "depth (one folder per patient), are all predicted; hidden files and folders, other "
-                        "files, labels beside their image (X_gt, X_label, X_seg next to X) and the --out "
-                        "folder when it lies inside are left out")
+                        "files, labels beside their image (X_gt, X_label, X_seg next to X), 4D volumes "
+                        "(cine sequences such as ACDC's patientNNN_4d, said so) and the --out folder when "
+                        "it lies inside are left out")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="folder for the predicted label volumes, with the subfolders of --input")
     p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda' or 'cuda:N'")
@@ -104,9 +105,9 @@ def output_paths(inputs: list[Path], root: Path, out: Path) -> list[Path]:
     return [out / p.parent.relative_to(root) / output_name(p) for p in inputs]
 
 
-def read_header(path: Path) -> tuple[int, ...]:
-    """Check, from the header only, that `path` is a single-channel 3D NIfTI volume; its size
-    in SimpleITK order (x, y, slices)."""
+def read_header(path: Path, allow_4d: bool = False) -> tuple[int, ...]:
+    """Check, from the header only, that `path` is a single-channel 3D NIfTI volume (or, with
+    `allow_4d`, a 4D one, for the caller to skip); its size in SimpleITK order (x, y, slices[, t])."""
     import SimpleITK as sitk
 
     reader = sitk.ImageFileReader()
@@ -117,7 +118,7 @@ def read_header(path: Path) -> tuple[int, ...]:
     except RuntimeError:
         raise UserError(f"{path}: not a readable NIfTI file; expected a 3D NIfTI volume (.nii/.nii.gz)") from None
     size = tuple(int(s) for s in reader.GetSize())
-    if reader.GetDimension() != 3:
+    if reader.GetDimension() != 3 and not (allow_4d and reader.GetDimension() == 4):
         raise UserError(f"{path}: dimension: {reader.GetDimension()}D image of size {' x '.join(map(str, size))}; "
                         "expected a 3D volume (x, y, slices)")
     if reader.GetNumberOfComponents() != 1:
@@ -194,9 +195,15 @@ def main(argv: list[str]) -> int:
     # every input and the output folder are checked before the checkpoint is read or a file written
     out = Path(args.out)
     inputs = list_inputs(args.input, out)
-    for path in inputs:
-        read_header(path)
     root = Path(args.input)
+    # in a folder, 4D cine sequences lie beside the 3D frames that are segmented (ACDC's
+    # patientNNN_4d.nii.gz): skipped, and said so; a 4D file given alone is refused
+    cines = [path for path in inputs if len(read_header(path, allow_4d=root.is_dir())) == 4]
+    if cines:
+        inputs = [path for path in inputs if path not in cines]
+        if not inputs:
+            raise UserError(f"{root}: --input: only 4D volumes ({len(cines)}, e.g. {cines[0].relative_to(root)}); "
+                            "expected 3D volumes (x, y, slices), e.g. the frames of a cine sequence")
     outputs = output_paths(inputs, root, out)
     check_out(out, outputs, inputs, args.overwrite)
 
@@ -219,6 +226,10 @@ def main(argv: list[str]) -> int:
     names = class_names(config.num_classes)
     print(f"{args.checkpoint} ({config.method}, {which}, {config.num_classes} classes, patch "
           f"{config.patch_size[0]}x{config.patch_size[1]}) on {device}: {len(inputs)} volume(s) -> {out}", flush=True)
+    if cines:
+        shown = ", ".join(str(path.relative_to(root)) for path in cines[:3]) + (", ..." if len(cines) > 3 else "")
+        print(f"skipped {len(cines)} 4D volume(s) (cine sequences; their 3D frames are what is segmented): {shown}",
+              flush=True)
     width = len(str(len(inputs)))
     in_folder = root.is_dir()  # then inputs are shown by their path in --input, else by name as before
     for i, (src, dst) in enumerate(zip(inputs, outputs), start=1):

@@ -320,6 +320,30 @@ def test_a_bad_scan_in_a_folder_stops_before_any_output(trained, raw_volume, tmp
     assert not out.exists()
 
 
+def test_cine_sequences_in_a_folder_are_skipped_and_said_so(trained, raw_volume, tmp_path, capsys):
+    """ACDC's layout: patientNNN_4d.nii.gz beside its 3D frames and their labels. The frames are
+    predicted, the cine is skipped with one line naming it; a folder of cines alone is refused."""
+    scans = tmp_path / "testing"
+    (scans / "patient101").mkdir(parents=True)
+    write_nifti(scans / "patient101" / "patient101_frame01.nii.gz", raw_volume)
+    write_nifti(scans / "patient101" / "patient101_frame01_gt.nii.gz", (raw_volume > raw_volume.mean()).astype(np.uint8))
+    _four_d(scans / "patient101" / "patient101_4d.nii.gz", raw_volume)
+    out = tmp_path / "out"
+    rc, stdout, _ = call(["--checkpoint", trained, "--input", scans, "--out", out, "--device", "cpu"], capsys)
+    assert rc == 0
+    assert "skipped 1 4D volume(s)" in stdout and "patient101/patient101_4d.nii.gz" in stdout
+    assert "1 volume(s)" in stdout
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.nii.gz")) == \
+        ["patient101/patient101_frame01_pred.nii.gz"]
+
+    cines = tmp_path / "cines"
+    cines.mkdir()
+    _four_d(cines / "a_4d.nii.gz", raw_volume)
+    rc, _, err = call(["--checkpoint", trained, "--input", cines, "--out", tmp_path / "out2", "--device", "cpu"], capsys)
+    assert_error(rc, err, str(cines), "--input", "only 4D volumes (1, e.g. a_4d.nii.gz)", "expected 3D volumes")
+    assert not (tmp_path / "out2").exists()
+
+
 def test_tree_without_nifti_is_one_line(trained, raw_volume, tmp_path, capsys):
     """Subfolders are searched, but hidden ones and --out are not: a tree whose only NIfTI files lie
     there holds no input."""
