@@ -16,10 +16,17 @@ COMMANDS = {
 def main() -> int:
     import importlib
 
-    if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help") or sys.argv[1] not in COMMANDS:
-        print("usage: raysemi {" + ",".join(COMMANDS) + "} [options]  (each command has --help)",
-              file=sys.stderr if len(sys.argv) >= 2 and sys.argv[1] not in ("-h", "--help") else sys.stdout)
-        return 0 if len(sys.argv) >= 2 and sys.argv[1] in ("-h", "--help") else 2
+    usage = "usage: raysemi {" + ",".join(COMMANDS) + "} [options]  (each command has --help)"
+    if len(sys.argv) >= 2 and sys.argv[1] in ("-h", "--help"):
+        print(usage)
+        return 0
+    if len(sys.argv) < 2:
+        print(usage, file=sys.stderr)
+        return 2
+    if sys.argv[1] not in COMMANDS:
+        print(f"error: {sys.argv[1]!r} is not a raysemi command; expected one of {', '.join(COMMANDS)} "
+              "(each command has --help)", file=sys.stderr)
+        return 2
     module = importlib.import_module(COMMANDS[sys.argv[1]])
     sys.argv = [f"raysemi {sys.argv[1]}"] + sys.argv[2:]
     return module.cli()

@@ -119,17 +119,19 @@ class TrainConfig:
         `source` names where the values came from: one string, or a field -> source mapping
         (fields not in it are reported as coming from 'config').
         """
-        from raysemi.methods import list_methods, resolve_method_name
+        from raysemi.methods import resolve_method_name
+        from raysemi.methods.registry import describe_names
         from raysemi.models import list_models
 
         def bad(name: str, expected: str) -> None:
             src = source.get(name, "config") if isinstance(source, dict) else source
-            raise UserError(f"{src}: {name}: {getattr(self, name)!r} is invalid; expected {expected}")
+            where = src if src == "--" + name.replace("_", "-") else f"{src}: {name}"  # the flag names the field
+            raise UserError(f"{where}: {getattr(self, name)!r} is invalid; expected {expected}")
 
         try:
             self.method = resolve_method_name(self.method)
         except KeyError:
-            bad("method", f"one of {', '.join(list_methods())}")
+            bad("method", f"one of {describe_names()}")
         if self.model != "auto" and self.model not in list_models():
             bad("model", f"'auto' or one of {', '.join(list_models())}")
         if self.num_classes < 2:
@@ -244,7 +246,7 @@ def read_yaml(path: str | Path, what: str = "config file") -> Any:
     """Parse a YAML file (empty -> {}); a missing file or bad YAML is a UserError naming it."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: {what} not found")
+        raise UserError(f"{path}: {what} " + ("is a folder; expected a YAML file" if path.is_dir() else "not found"))
     try:
         return yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:

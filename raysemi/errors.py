@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 
 
@@ -15,8 +16,8 @@ class UserError(ValueError):
 def run_cli(main: Callable[[list[str]], int | None], argv: Sequence[str] | None = None) -> int:
     """Run a CLI entry point: a UserError (or ValueError from a constructor) becomes one line.
 
-    Exit code 2 for bad input; `--debug` anywhere on the command line, or RAYSEMI_DEBUG=1,
-    re-raises instead so the traceback is shown.
+    Exit code 2 for bad input; `--debug` anywhere on the command line, or RAYSEMI_DEBUG=1, shows
+    the traceback above that line (the exit code stays 2, so scripts see the same outcome).
     """
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("RAYSEMI_DEBUG") == "1"
@@ -24,7 +25,7 @@ def run_cli(main: Callable[[list[str]], int | None], argv: Sequence[str] | None 
         return main(args) or 0
     except UserError as err:
         if debug:
-            raise
+            traceback.print_exc()
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -102,8 +102,8 @@ def build_strategy(config: TrainConfig, source: str = "config") -> tuple[str, nn
     student = create_model(model_name, in_channels=config.in_channels, num_classes=config.num_classes)
     try:
         strategy = create_method(config.method, student, **config.to_dict())
-    except ValueError as err:
-        raise UserError(f"{source}: {err}") from None
+    except ValueError as err:  # the strategy's messages start with its name, which may be `source`
+        raise UserError(str(err) if str(err).startswith(f"{source}:") else f"{source}: {err}") from None
     if config.eval_model == "teacher" and strategy.teacher is None:
         raise UserError(f"{source}: eval_model: 'teacher' but {cls.name} has no EMA teacher; expected 'student'")
     return model_name, strategy
@@ -211,7 +211,10 @@ class Trainer:
         nets = self.strategy.networks()
         for name, state in ckpt["networks"].items():
             if name not in nets:
-                raise UserError(f"{path}: networks.{name}: not a network of {self.config.method}")
+                saved = ckpt["config"].get("method", "another strategy")
+                raise UserError(f"{path}: networks.{name}: not a network of {self.config.method}; the checkpoint "
+                                f"was trained with {saved}: expected its config (leave out --config and --method "
+                                "to take the checkpoint's)")
             checkpoint.load_network(nets[name], state, path, name)
         if "optimizer" not in ckpt:
             raise UserError(f"{path}: optimizer: missing; expected a full (resumable) checkpoint such as last.pt")

@@ -136,6 +136,23 @@ def check_resources(args, cluster: dict[str, float], nodes: list[dict] | None = 
     return gpus, per, max(1, concurrency)
 
 
+def check_local_resources(args) -> None:
+    """On this machine's own Ray (no --address), --gpus and --cpus-per-trial are checked against
+    what it has before the data is loaded; on a cluster, `check_resources` does it once joined."""
+    if args.address or os.environ.get("RAY_ADDRESS"):
+        return
+    import torch
+
+    here = torch.cuda.device_count()
+    if args.gpus is not None and args.gpus > here:
+        raise UserError(f"--gpus: {args.gpus:g} asked, but this machine has {here} GPUs; expected at most that "
+                        "many (use --gpus 0 for CPU trials)")
+    cpus = args.num_cpus or os.cpu_count() or 1
+    if args.cpus_per_trial > cpus:
+        raise UserError(f"--cpus-per-trial: {args.cpus_per_trial} is invalid; expected 1 to {cpus} (the CPUs "
+                        f"{'given to --num-cpus' if args.num_cpus else 'of this machine'})")
+
+
 def start_ray(args) -> dict[str, float]:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's classic table, with our columns
@@ -210,11 +227,17 @@ def main(argv: list[str]) -> int:
                             ("--seeds", args.seeds, args.seeds >= 1),
                             ("--reduction-factor", args.reduction_factor, args.reduction_factor > 1),
                             ("--grace-period", args.grace_period, args.grace_period is None or args.grace_period >= 1),
-                            ("--max-failures", args.max_failures, args.max_failures >= 0)):
-        if not ok:
-            raise UserError(f"{flag}: {value} is invalid; expected "
-                            + ("a number > 1" if flag == "--reduction-factor" else "an integer >= 1"
-                               if flag != "--max-failures" else "an integer >= 0"))
+                            ("--max-failures", args.max_failures, args.max_failures >= 0),
+                            ("--cpus-per-trial", args.cpus_per_trial, args.cpus_per_trial >= 1),
+                            ("--num-cpus", args.num_cpus, args.num_cpus is None or args.num_cpus >= 1),
+                            ("--gpus", args.gpus, args.gpus is None or args.gpus >= 0),
+                            ("--gpus-per-trial", args.gpus_per_trial, args.gpus_per_trial is None
+                             or args.gpus_per_trial >= 0)):
+        if not ok:  # the checks that need no cluster and no data, before either is touched
+            raise UserError(f"{flag}: {value:g} is invalid; expected "
+                            + {"--reduction-factor": "a number > 1", "--max-failures": "an integer >= 0",
+                               "--gpus": "0 or more", "--gpus-per-trial": "0 or more"}.get(flag, "an integer >= 1"))
+    check_local_resources(args)
     if "://" in args.storage:
         raise UserError(f"--storage: {args.storage!r}: URIs are not supported; expected a folder, on a multi-node "
                         "cluster one that every node mounts at the same path (NFS, or a bucket mounted with a FUSE "
@@ -237,6 +260,9 @@ def main(argv: list[str]) -> int:
     else:
         methods = resolve_methods(args.method)
         base = base_config(args, methods)
+        if args.grace_period is not None and args.grace_period > base.max_iterations:
+            raise UserError(f"--grace-period: {args.grace_period} is invalid; expected at most max_iterations "
+                            f"({base.max_iterations}): ASHA may stop a trial only before it ends")
     from raysemi.search_space import load_spaces
     from raysemi.tracking import check_tracking_uri, resolve_tracking_uri
 
@@ -255,8 +281,10 @@ def main(argv: list[str]) -> int:
     except OSError as err:
         raise UserError(f"--storage: {storage} is not writable ({err.strerror})") from None
 
-    from raysemi.data import load_dataset
+    from raysemi.data import load_dataset, resolve_data_root
+    from raysemi.data.layout import read_list
 
+    read_list(resolve_data_root(base.data), "train_slices")  # a wrong --data in one line, before any output
     print(f"loading data: {base.data}", flush=True)
     dataset = load_dataset(base.data, base.labeled_patients, base.num_classes)
     cluster = start_ray(args)
@@ -339,7 +367,7 @@ def _search(args, methods, spaces, base: TrainConfig, dataset, uri: str, storage
             warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
             sampler = optuna.samplers.TPESampler(seed=args.seed, multivariate=True, group=True, constant_liar=True)
             searcher = OptunaSearch(space=define_by_run(spaces), sampler=sampler, metric=METRIC, mode="max")
-            grace = args.grace_period or max(base.eval_interval, base.max_iterations // 4)
+            grace = min(args.grace_period or max(base.eval_interval, base.max_iterations // 4), base.max_iterations)
             scheduler = ASHAScheduler(time_attr=TIME_ATTR, max_t=base.max_iterations, grace_period=grace,
                                       reduction_factor=args.reduction_factor)
             reporter = tune.CLIReporter(

@@ -39,7 +39,8 @@ def build_parser() -> ArgumentParser:
         "std over volumes and over seeds (default: 1, a single run in <output>)"))
     p.add_argument("--list-methods", action="store_true", help="list the strategies and their hyperparameters, then exit")
     p.add_argument("--resume", metavar="LAST.pt|DIR", help=(
-        "continue from a full checkpoint (a run folder's last.pt); with several seeds, the retrain folder: finished "
+        "continue from a full checkpoint (a run folder's last.pt), with the config it was trained with and in its "
+        "folder unless --config, --from-run or flags say otherwise; with several seeds, the retrain folder: finished "
         "seeds are kept, interrupted ones resumed from their last.pt, the rest trained (its config.yaml and seed "
         "count are used unless given). A run resumed in its own folder goes on in its MLflow run, in the store it "
         "was logged to unless --tracking-uri is given"))
@@ -101,6 +102,14 @@ def resolve_config(args) -> tuple[TrainConfig, int, Path | None]:
         raise UserError(f"--resume: {args.resume}: with --seeds {seeds}, expected the retrain folder (the --output "
                         "folder holding seed0/, seed1/, ...), not a checkpoint")
     base = None
+    if args.resume and resume_dir is None and not (args.config or args.from_run):
+        from raysemi import checkpoint
+        from raysemi.retrain import NOT_FROM_RUN
+
+        # a single run goes on with the config it was trained with, in the checkpoint's folder (and
+        # so in its MLflow run); flags still override it, e.g. a longer --max-iterations
+        values = {**checkpoint.load(args.resume)["config"], **NOT_FROM_RUN, "output": str(Path(args.resume).parent)}
+        base = (values, f"{args.resume}: config")
     if args.from_run:
         from raysemi.retrain import config_from_run
         from raysemi.tracking import resolve_tracking_uri

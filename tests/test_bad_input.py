@@ -254,11 +254,19 @@ def test_phantom_refuses_folder_with_other_content_subprocess(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run.")], "temp folder left behind"
 
 
+def test_unknown_command_is_named_subprocess(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "raysemi", "trian", "--method", "mt"], capture_output=True, text=True,
+                       cwd=tmp_path, timeout=120)
+    assert_one_line_error(r.returncode, r.stderr, "'trian' is not a raysemi command",
+                          "expected one of search, train, evaluate, predict, data")
+
+
 def test_debug_shows_the_traceback_subprocess(tmp_path):
     r = run_module("raysemi.train", train_args("/nonexistent", tmp_path / "run", "--debug"), tmp_path)
-    assert r.returncode not in (0, 2)
+    assert r.returncode == 2  # the same outcome for scripts, with or without --debug
     assert "Traceback" in r.stderr
     assert "UserError" in r.stderr and "/nonexistent" in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: /nonexistent")
 
 
 # ---- training: corrupted data sets (in-process) ----------------------------------------------------
@@ -282,7 +290,27 @@ DATA_CASES = [
          ["image", "inf"]),
     case("inf_in_val_volume", lambda r: rewrite_h5(val_volume(r), image=_set_first(-np.inf)), ["image", "inf"]),
     case("not_hdf5", lambda r: (labeled_slice(r).write_bytes(b"not hdf5"), labeled_slice(r))[1], ["HDF5"]),
+    case("image_of_strings", lambda r: rewrite_h5(labeled_slice(r), image=lambda a: np.full(a.shape, b"abc")),
+         ["image", "are not numbers", "expected intensities"]),
+    case("label_of_strings", lambda r: rewrite_h5(val_volume(r), label=lambda a: np.full(a.shape, b"rv")),
+         ["label", "are not numbers", "expected integer classes in [0, 4)"]),
+    case("image_a_group", lambda r: _image_group(labeled_slice(r)), ["image", "is a group, not a dataset"]),
+    case("spacing_not_numbers", lambda r: _set_attr(val_volume(r), "spacing", "1.5 mm"),
+         ["spacing", "'1.5 mm'", "not numeric"]),
 ]
+
+
+def _image_group(path: Path) -> Path:
+    with h5py.File(path, "a") as f:
+        del f["image"]
+        f.create_group("image")
+    return path
+
+
+def _set_attr(path: Path, name: str, value) -> Path:
+    with h5py.File(path, "a") as f:
+        f.attrs[name] = value
+    return path
 
 
 @pytest.mark.parametrize("corrupt,needles", DATA_CASES)
@@ -308,27 +336,27 @@ VALUE_CASES = [
     # id, extra flags, needles
     case("labeled_patients_more_than_listed", ["--labeled-patients", "99"],
          ["train_slices.list", "labeled_patients: 99"]),
-    case("labeled_patients_zero", ["--labeled-patients", "0"], ["--labeled-patients", "labeled_patients: 0 "]),
+    case("labeled_patients_zero", ["--labeled-patients", "0"], ["--labeled-patients: 0 is invalid"]),
     case("labeled_bs_not_below_batch_size", ["--method", "mean_teacher", "--batch-size", "4", "--labeled-bs", "4"],
-         ["--labeled-bs", "labeled_bs: 4 ", "batch_size (4)"]),
-    case("unknown_method", ["--method", "fixmatch"], ["--method", "'fixmatch'", "mean_teacher"]),
-    case("ema_decay_one", ["--method", "mean_teacher", "--ema-decay", "1.0"], ["ema_decay: 1.0 ", "[0, 1)"]),
-    case("ema_decay_negative", ["--method", "mean_teacher", "--ema-decay", "-0.1"], ["ema_decay: -0.1 "]),
+         ["--labeled-bs: 4 is invalid", "batch_size (4)"]),
+    case("unknown_method", ["--method", "fixmatch"], ["--method: 'fixmatch' is invalid", "mean_teacher (mt)"]),
+    case("ema_decay_one", ["--method", "mean_teacher", "--ema-decay", "1.0"], ["--ema-decay: 1.0 is invalid", "[0, 1)"]),
+    case("ema_decay_negative", ["--method", "mean_teacher", "--ema-decay", "-0.1"], ["--ema-decay: -0.1 is invalid"]),
     case("consistency_negative", ["--method", "mean_teacher", "--consistency", "-1"], ["consistency: -1"]),
     case("consistency_rampup_negative", ["--method", "mean_teacher", "--consistency-rampup", "-5"],
-         ["consistency_rampup: -5"]),
-    case("ict_alpha_zero", ["--method", "ict", "--ict-alpha", "0"], ["ict_alpha: 0"]),
+         ["--consistency-rampup: -5.0 is invalid"]),
+    case("ict_alpha_zero", ["--method", "ict", "--ict-alpha", "0"], ["--ict-alpha: 0.0 is invalid"]),
     case("ict_odd_unlabeled_count", ["--method", "ict", "--batch-size", "5", "--labeled-bs", "2"],
          ["batch_size - labeled_bs = 3", "even"]),
     case("uncertainty_passes_zero", ["--method", "uamt", "--uncertainty-passes", "0"],
-         ["uncertainty_passes: 0 ", "T >= 1"]),
-    case("dan_lr_zero", ["--method", "adversarial", "--dan-lr", "0"], ["dan_lr: 0"]),
+         ["--uncertainty-passes: 0 is invalid", "T >= 1"]),
+    case("dan_lr_zero", ["--method", "adversarial", "--dan-lr", "0"], ["--dan-lr: 0.0 is invalid"]),
     case("pyramid_consistency_with_unet", ["--method", "pyramid_consistency", "--model", "unet"],
          ["model", "'unet'", "pyramid_consistency", "unet_ds"]),
     case("mean_teacher_with_unet_ds", ["--method", "mean_teacher", "--model", "unet_ds"],
          ["model", "'unet_ds'", "mean_teacher"]),
     case("unknown_model", ["--model", "resnet"], ["--model", "'resnet'"]),
-    case("patch_size_not_multiple_of_16", ["--patch-size", "30", "30"], ["patch_size", "(30, 30)"]),
+    case("patch_size_not_multiple_of_16", ["--patch-size", "30", "30"], ["--patch-size: (30, 30) is invalid", "multiples of 16"]),
     case("device_cuda_without_cuda", ["--device", "cuda"], ["device", "'cuda'"],
          marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
 ]
@@ -390,6 +418,19 @@ def test_missing_yaml_file(tiny_phantom, tmp_path, in_process, capsys):
     cfg = tmp_path / "nope.yaml"
     rc, err = call(main, ["--config", cfg, *train_args(tiny_phantom, tmp_path / "run")], capsys)
     assert_one_line_error(rc, err, str(cfg), "not found")
+    assert_no_run_folder(tmp_path / "run")
+
+
+def test_config_or_data_of_the_wrong_kind(tiny_phantom, tmp_path, in_process, capsys):
+    """A folder given as --config, a file as --data: said so, not 'not found'."""
+    from raysemi.train import main
+
+    rc, err = call(main, ["--config", tmp_path, *train_args(tiny_phantom, tmp_path / "run")], capsys)
+    assert_one_line_error(rc, err, str(tmp_path), "config file is a folder; expected a YAML file")
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("method: mean_teacher\n")
+    rc, err = call(main, train_args(cfg, tmp_path / "run"), capsys)
+    assert_one_line_error(rc, err, str(cfg), "is not a folder", "SSL4MIS ACDC layout")
     assert_no_run_folder(tmp_path / "run")
 
 
@@ -500,6 +541,15 @@ def test_evaluate_good_checkpoint_on_corrupt_data(trained_run, data_copy, tmp_pa
     assert csv.read_text() == KEEP
 
 
+def test_evaluate_misspelled_split_names_the_lists_there(trained_run, tiny_phantom, tmp_path, in_process, capsys):
+    from raysemi.evaluate import main
+
+    rc, err = call(main, ["--checkpoint", trained_run / "best.pt", "--data", tiny_phantom, "--split", "tset",
+                          "--device", "cpu", "--out", tmp_path / "r.csv"], capsys)
+    assert_one_line_error(rc, err, "tset.list", "list file not found", "test, train, train_slices, val")
+    assert not (tmp_path / "r.csv").exists()
+
+
 # ---- phantom CLI (in-process) ----------------------------------------------------------------------
 def test_phantom_overwrite_refuses_a_folder_that_is_not_a_phantom(tmp_path, in_process, capsys):
     from raysemi.data.__main__ import main
@@ -508,6 +558,16 @@ def test_phantom_overwrite_refuses_a_folder_that_is_not_a_phantom(tmp_path, in_p
     rc, err = call(main, ["phantom", "--out", out, "--patients", "3", "--size", "32", "32", "--overwrite"], capsys)
     assert_one_line_error(rc, err, str(out), "refusing")
     assert_untouched(out)
+
+
+def test_phantom_out_that_is_a_file(tmp_path, in_process, capsys):
+    from raysemi.data.__main__ import main
+
+    out = tmp_path / "x.nii.gz"
+    out.write_text(KEEP)
+    rc, err = call(main, ["phantom", "--out", out, "--patients", "3", "--size", "32", "32"], capsys)
+    assert_one_line_error(rc, err, str(out), "--out exists and is not a folder")
+    assert out.read_text() == KEEP
 
 
 @pytest.mark.parametrize("args,needles", [

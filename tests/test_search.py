@@ -146,13 +146,24 @@ def test_leaderboard_ranks_by_best_validation_dice_and_best_config_retrains(sear
     assert cfg.method == "supervised"
 
 
-@pytest.mark.slow
-def test_asking_for_more_gpus_than_the_cluster_has_is_a_clear_error(tiny_phantom, tmp_path, capsys):
+@pytest.mark.parametrize("flags,message", [
+    (["--gpus", "4"], "error: --gpus: 4 asked, but this machine has 0 GPUs; expected at most that many"),
+    (["--gpus", "-1"], "error: --gpus: -1 is invalid; expected 0 or more"),
+    (["--gpus-per-trial", "-0.5"], "error: --gpus-per-trial: -0.5 is invalid; expected 0 or more"),
+    (["--cpus-per-trial", "0"], "error: --cpus-per-trial: 0 is invalid; expected an integer >= 1"),
+    (["--cpus-per-trial", "5"], "error: --cpus-per-trial: 5 is invalid; expected 1 to 2 (the CPUs given to --num-cpus)"),
+    (["--grace-period", "100"], "error: --grace-period: 100 is invalid; expected at most max_iterations (40)"),
+    (["--data", "/nonexistent/acdc"], "error: /nonexistent/acdc: data folder not found"),
+], ids=["more_gpus_than_here", "negative_gpus", "negative_gpus_per_trial", "zero_cpus_per_trial",
+        "more_cpus_per_trial_than_ray", "grace_beyond_the_trial", "missing_data"])
+def test_flags_that_cannot_work_are_refused_before_data_ray_or_mlflow(flags, message, tiny_phantom, tmp_path, capsys):
+    """One line, exit 2, nothing printed before it and nothing started: no search folder, no store."""
     code = run_cli(search_main, ["--method", "mean_teacher", "--data", str(tiny_phantom), *TINY[:-8],
-                                 "--num-cpus", "2", "--gpus", "4", "--storage", str(tmp_path),
+                                 "--num-cpus", "2", *flags, "--storage", str(tmp_path / "st"), "--name", "x",
                                  "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and err[-1].startswith("error: --gpus: 4 asked, but the Ray cluster has 0 GPUs")
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and err.startswith(message) and len(err.strip().splitlines()) == 1, (out, err)
+    assert not (tmp_path / "st" / "x").exists() and not (tmp_path / "m.db").exists()
 
 
 @pytest.mark.slow
@@ -275,11 +286,12 @@ def test_address_pointing_at_nothing_fails_fast(tiny_phantom, tmp_path, capsys, 
 
 
 @pytest.mark.parametrize("extra,match", [
-    (["--method", "mt", "--batch-size", "4", "--labeled-bs", "4"], "--labeled-bs: labeled_bs: 4 is invalid"),
+    (["--method", "mt", "--batch-size", "4", "--labeled-bs", "4"], "--labeled-bs: 4 is invalid"),
     (["--method", "dv", "--model", "unet"], "pyramid_consistency: model: 'unet' cannot be used"),
     (["--method", "supervised,mt", "--eval-model", "teacher"], "supervised: eval_model: 'teacher'"),
-    (["--method", "ict", "--batch-size", "7", "--labeled-bs", "2"], "must be even"),
-    (["--method", "mt", "--reduction-factor", "1"], "--reduction-factor: 1.0 is invalid"),
+    (["--method", "ict", "--batch-size", "7", "--labeled-bs", "2"],
+     "error: interpolation_consistency: the unlabeled slices per batch (batch_size - labeled_bs = 5) must be even"),
+    (["--method", "mt", "--reduction-factor", "1"], "--reduction-factor: 1 is invalid"),
 ])
 def test_settings_no_trial_could_run_with_are_refused_before_ray_starts(tiny_phantom, tmp_path, capsys, extra, match):
     t0 = time.time()

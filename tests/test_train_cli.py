@@ -61,6 +61,32 @@ def test_resume_continues_from_last_checkpoint(tiny_phantom, tmp_path, monkeypat
     assert "6 iterations from 3" in log
 
 
+def test_resume_alone_takes_the_checkpoints_config_and_folder(tiny_phantom, tmp_path, monkeypatch):
+    """`--resume run/last.pt` and nothing else: the strategy, its settings and the folder are the
+    run's own (not the defaults' supervised), and flags still override them."""
+    monkeypatch.chdir(tmp_path)
+    first = ["--data", str(tiny_phantom), *TINY, "--no-mlflow", "--method", "mean_teacher", "--ema-decay", "0.95",
+             "--output", "a", "--max-iterations", "3"]
+    assert run_cli(train_main, first) == 0
+    assert run_cli(train_main, ["--resume", "a/last.pt", "--no-mlflow", "--max-iterations", "6"]) == 0
+    resumed = yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())
+    assert resumed["method"] == "mean_teacher" and resumed["ema_decay"] == 0.95 and resumed["max_iterations"] == 6
+    assert "6 iterations from 3" in (tmp_path / "a" / "train.log").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # no new run folder
+
+
+def test_resume_with_another_strategy_names_the_checkpoints(tiny_phantom, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args = ["--data", str(tiny_phantom), *TINY, "--no-mlflow", "--output", "a"]
+    assert run_cli(train_main, [*args, "--method", "mean_teacher", "--max-iterations", "3"]) == 0
+    capsys.readouterr()
+    assert run_cli(train_main, [*args, "--method", "supervised", "--resume", "a/last.pt"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: a/last.pt: networks.teacher: not a network of supervised; the checkpoint was trained "
+                   "with mean_teacher: expected its config (leave out --config and --method to take the "
+                   "checkpoint's)")
+
+
 def _interrupt_at(monkeypatch, iteration: int):
     """Ctrl-C once training reaches `iteration`; returns the real `Trainer.train_until`, to put back
     before the resume."""

@@ -37,11 +37,14 @@ def read_list(root: str | Path, split: str) -> list[str]:
     """Case names of one split list, in file order."""
     root = Path(root)
     if not root.is_dir():
-        raise UserError(f"{root}: data folder not found; expected a folder in the SSL4MIS ACDC layout "
+        what = "is not a folder" if root.exists() else "data folder not found"
+        raise UserError(f"{root}: {what}; expected a folder in the SSL4MIS ACDC layout "
                         "(train_slices.list, val.list, data/...), or 'phantom'")
     path = root / f"{split}.list"
     if not path.is_file():
-        raise UserError(f"{path}: list file not found; expected one case name per line")
+        there = sorted(p.name[:-len(".list")] for p in root.glob("*.list") if p.is_file())
+        raise UserError(f"{path}: list file not found; expected one case name per line (the lists in "
+                        f"{root}: {', '.join(there) or 'none'})")
     names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     if not names:
         raise UserError(f"{path}: list file is empty; expected one case name per line")
@@ -78,6 +81,16 @@ class _MissingLabel(UserError):
     """A file read as labeled has no `label` dataset (load_train_slices explains which N to use)."""
 
 
+def _numeric(path: Path, name: str, dataset, expected: str) -> np.ndarray:
+    """A dataset's values, refused in one line unless they are numbers (bool, integer or float)."""
+    if not isinstance(dataset, h5py.Dataset):
+        raise UserError(f"{path}: {name}: is a group, not a dataset; expected an array of {expected}")
+    value = np.asarray(dataset[()])
+    if value.dtype.kind not in "biuf":
+        raise UserError(f"{path}: {name}: values of type {dataset.dtype} are not numbers; expected {expected}")
+    return value
+
+
 def _read_h5(path: Path, num_classes: int, need_label: bool, listed_in: str) -> tuple[np.ndarray, np.ndarray | None, tuple | None]:
     if not path.is_file():
         raise UserError(f"{path}: listed in {listed_in} but the file is missing")
@@ -89,14 +102,20 @@ def _read_h5(path: Path, num_classes: int, need_label: bool, listed_in: str) -> 
         if "image" not in f:
             raise UserError(f"{path}: image: dataset missing; expected datasets 'image' and 'label' "
                             f"(found: {', '.join(f.keys()) or 'none'})")
-        image = np.asarray(f["image"][()], dtype=np.float32)
+        image = _numeric(path, "image", f["image"], "intensities").astype(np.float32)
         label = None
         if need_label:
             if "label" not in f:
                 raise _MissingLabel(f"{path}: label: dataset missing; expected datasets 'image' and 'label' "
                                     f"(found: {', '.join(f.keys())})")
-            label = np.asarray(f["label"][()])
-        spacing = tuple(float(s) for s in f.attrs["spacing"]) if "spacing" in f.attrs else None
+            label = _numeric(path, "label", f["label"], f"integer classes in [0, {num_classes})")
+        spacing = None
+        if "spacing" in f.attrs:
+            try:
+                spacing = tuple(float(s) for s in np.atleast_1d(f.attrs["spacing"]))
+            except (TypeError, ValueError):
+                raise UserError(f"{path}: spacing: {f.attrs['spacing']!r} is not numeric; expected the voxel "
+                                "spacing (z, y, x) in mm as numbers") from None
     if not np.isfinite(image).all():
         raise UserError(f"{path}: image: contains NaN or inf; expected finite intensities")
     if label is not None:

@@ -172,6 +172,9 @@ def write_phantom(out: str | Path, patients: int = 40, seed: int = 0, size: tupl
         raise UserError(f"phantom: patients: {patients} is invalid; expected at least 3 (train, val and test)")
     if len(size) != 2 or min(size) < 32:
         raise UserError(f"phantom: size: {tuple(size)} is invalid; expected two integers >= 32")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: --out exists and is not a folder; expected a new or empty folder (or a "
+                        "dataset folder, with --overwrite)")
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise UserError(f"{out}: output folder exists and is not empty; choose another or pass --overwrite")

@@ -34,8 +34,12 @@ def resolve_method_name(name: str) -> str:
         return key
     if key in _ALIASES:
         return _ALIASES[key]
-    known = ", ".join(f"{n} ({', '.join(c.aliases)})" if c.aliases else n for n, c in _METHODS.items())
-    raise KeyError(f"unknown method {name!r}; known: {known}")
+    raise KeyError(f"unknown method {name!r}; known: {describe_names()}")
+
+
+def describe_names() -> str:
+    """'supervised, mean_teacher (mt), ...': the registered names with their aliases."""
+    return ", ".join(f"{n} ({', '.join(c.aliases)})" if c.aliases else n for n, c in _METHODS.items())
 
 
 def get_method(name: str) -> type:
