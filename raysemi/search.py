@@ -136,6 +136,21 @@ def check_resources(args, cluster: dict[str, float], nodes: list[dict] | None = 
     return gpus, per, max(1, concurrency)
 
 
+def progress_reporter(**kwargs):
+    """Tune's progress table, with its "Current best trial" and row order by each trial's best Dice
+    so far (BEST), as the leaderboard ranks; Tune's default would read the last value, and the
+    search's own metric (the last Dice, which ASHA compares) would replace the reporter's."""
+    from ray import tune
+
+    from raysemi.trainable import BEST
+
+    class BestSoFarReporter(tune.CLIReporter):
+        def set_search_properties(self, metric, mode) -> bool:
+            return True  # keep BEST
+
+    return BestSoFarReporter(metric=BEST, mode="max", **kwargs)
+
+
 def check_local_resources(args) -> None:
     """On this machine's own Ray (no --address), --gpus and --cpus-per-trial are checked against
     what it has before the data is loaded; on a cluster, `check_resources` does it once joined."""
@@ -307,7 +322,7 @@ def _search(args, methods, spaces, base: TrainConfig, dataset, uri: str, storage
     from raysemi.cluster import alive_nodes, check_nodes, describe, node_of_this_driver
     from raysemi.search_report import summarize
     from raysemi.search_space import define_by_run
-    from raysemi.trainable import METRIC, TIME_ATTR, train_trial
+    from raysemi.trainable import BEST, METRIC, TIME_ATTR, train_trial
     from raysemi.tracking import MLflowRun, flat_params, make_tune_callback
 
     nodes = alive_nodes()
@@ -365,13 +380,15 @@ def _search(args, methods, spaces, base: TrainConfig, dataset, uri: str, storage
         else:
             # `multivariate`, `group` and `constant_liar` are marked experimental (stable for years): no warning each run
             warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+            optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "A new study created in memory" line
             sampler = optuna.samplers.TPESampler(seed=args.seed, multivariate=True, group=True, constant_liar=True)
             searcher = OptunaSearch(space=define_by_run(spaces), sampler=sampler, metric=METRIC, mode="max")
             grace = min(args.grace_period or max(base.eval_interval, base.max_iterations // 4), base.max_iterations)
             scheduler = ASHAScheduler(time_attr=TIME_ATTR, max_t=base.max_iterations, grace_period=grace,
                                       reduction_factor=args.reduction_factor)
-            reporter = tune.CLIReporter(
-                metric_columns={TIME_ATTR: "iter", METRIC: "val dice", "val/hd95": "hd95", "params": "params"},
+            reporter = progress_reporter(
+                metric_columns={TIME_ATTR: "iter", METRIC: "val dice", BEST: "best dice", "val/hd95": "hd95",
+                                "params": "params"},
                 # conditional parameters cannot be parameter columns (the reporter looks each up in
                 # every trial): the trial reports its own values as the `params` text column instead
                 parameter_columns={"method": "strategy"},

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import os
 import sys
@@ -102,6 +103,11 @@ def _check_server_accepts(uri: str, timeout: float) -> None:
                             "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or a token") from None
     except (urllib.error.URLError, OSError, ValueError):
         pass  # it answered /health: let MLflow itself report anything else
+
+
+# a new SQLite store announces its table set-up at INFO ("Creating initial MLflow database tables...",
+# "Updating database tables") in the middle of a run's output: only warnings from there
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 
 
 def experiment_id(client: Any, name: str, uri: str) -> str:

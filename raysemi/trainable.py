@@ -29,6 +29,7 @@ from raysemi.search_space import trial_values
 
 #: the metric ASHA and the leaderboard rank by, and the time attribute
 METRIC, TIME_ATTR = "val/dice", "iteration"
+BEST = "best_val_dice"  # the trial's best METRIC so far: what the progress table ranks by
 
 
 class _KeepBest(Callback):
@@ -66,6 +67,14 @@ def aggregate(trainers: list[Trainer]) -> dict[str, float]:
             out[f"val/dice_seed{i}"] = float(t.last_metrics.get("val/dice", float("nan")))
         out["val/dice_std"] = float(np.std([t.last_metrics.get("val/dice", 0.0) for t in trainers]))
     return out
+
+
+def best_so_far(trainers: list[Trainer]) -> float:
+    """The trial's best validation Dice so far, mean over seeds at each evaluation: what the
+    leaderboard ranks by (Tune's own "best trial" would read the last value)."""
+    means = [float(np.mean([h.get("val/dice", float("nan")) for h in row]))
+             for row in zip(*(t.history for t in trainers))]
+    return max((m for m in means if math.isfinite(m)), default=float("nan"))
 
 
 def seconds(trainers: list[Trainer]) -> dict[str, float]:
@@ -115,7 +124,7 @@ def train_trial(config: dict[str, Any], *, base: dict[str, Any], dataset: Datase
             for t in trainers:
                 t.train_until(target)
             metrics = {**aggregate(trainers), **base_metrics, TIME_ATTR: trainers[0].iteration, "diverged": 0,
-                       **seconds(trainers),
+                       **seconds(trainers), BEST: best_so_far(trainers),
                        "cuda_graphs": next((t.graph_status for t in trainers if t.graph_failure), trainers[0].graph_status)}
             with tempfile.TemporaryDirectory() as d:
                 for k, t in enumerate(trainers):

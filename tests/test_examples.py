@@ -25,6 +25,11 @@ def test_example_runs_with_smoke_flag(example, tmp_path):
         assert "leaderboard" in proc.stdout and list(tmp_path.glob("runs/*/best_config.yaml"))
         # Tune's progress table with our columns: strategy, iteration, Dice and the searched values
         assert "val dice" in proc.stdout and "params" in proc.stdout and "strategy" in proc.stdout
+        # its "Current best trial" reads each trial's best Dice so far, as the leaderboard ranks
+        assert "best dice" in proc.stdout and "Current best trial" in proc.stdout
+        output = proc.stdout + proc.stderr  # no set-up chatter of MLflow's store or Optuna's study
+        assert "Creating initial MLflow database tables" not in output and "A new study created" not in output
+        assert all("with best_val_dice=" in line for line in proc.stdout.splitlines() if "Current best trial" in line)
     else:  # retrain_best: two seeds, each in its own folder, aggregated
         assert len(list(tmp_path.glob("runs/*/retrained/seed*/best.pt"))) == 2
         assert list(tmp_path.glob("runs/*/retrained/results_per_volume.csv"))

@@ -7,6 +7,7 @@ import contextlib
 import csv
 import io
 import json
+import math
 import os
 import signal
 import subprocess
@@ -144,6 +145,20 @@ def test_leaderboard_ranks_by_best_validation_dice_and_best_config_retrains(sear
 
     net, cfg = load_network(search_run["dir"] / "best_checkpoint.pt", None, "cpu")
     assert cfg.method == "supervised"
+
+
+def test_best_so_far_is_the_best_mean_over_seeds_the_leaderboard_ranks_by():
+    from types import SimpleNamespace
+
+    from raysemi.trainable import best_so_far
+
+    seeds = [SimpleNamespace(history=[{"val/dice": 0.2}, {"val/dice": 0.8}, {"val/dice": 0.5}]),
+             SimpleNamespace(history=[{"val/dice": 0.4}, {"val/dice": 0.6}, {"val/dice": 0.7}])]
+    # the evaluations' means are 0.3, 0.7, 0.6: the best is 0.7, not the last (0.6) nor the mean of
+    # the per-seed maxima (0.75)
+    assert best_so_far(seeds) == pytest.approx(0.7)
+    assert best_so_far([seeds[0]]) == pytest.approx(0.8)  # one seed: its best, not its last 0.5
+    assert math.isnan(best_so_far([SimpleNamespace(history=[])]))
 
 
 @pytest.mark.parametrize("flags,message", [

@@ -117,7 +117,9 @@ def main(argv: list[str]) -> int:
         out = write_phantom(args.out, args.patients, args.seed, tuple(args.size), overwrite=args.overwrite,
                             workers=args.workers)
         counts = {s: len(read_list(out, s)) for s in ("train_slices", "train", "val", "test")}
-        print(f"phantom written to {out}: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+        print(f"phantom written to {out}: {args.patients} patients, 2 volumes each (ED, ES); "
+              f"{counts['train']} training volumes ({counts['train_slices']} slices), {counts['val']} validation "
+              f"and {counts['test']} test volumes")
     elif args.command == "prepare-acdc":
         from raysemi.data.acdc import prepare_acdc
 
