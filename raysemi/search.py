@@ -151,6 +151,21 @@ def progress_reporter(**kwargs):
     return BestSoFarReporter(metric=BEST, mode="max", **kwargs)
 
 
+#: what a search saves at its start and keeps when continued, whatever the flags then say
+SAVED = ("method", "data", "labeled_patients", "num_samples", "max_iterations", "eval_interval", "seeds",
+         "search_space", "seed", "config", "experiment")
+
+
+def ignored_on_resume(parser: ArgumentParser, args) -> list[str]:
+    """The flags given to a continued search that it ignores: its own saved settings, and any
+    config field (those flags are in `args` only when given)."""
+    from raysemi.config import FIELDS
+
+    given = [dest for dest in SAVED if getattr(args, dest) != parser.get_default(dest)]
+    given += [name for name in FIELDS if name not in OWN and name in vars(args)]
+    return ["--" + dest.replace("_", "-") for dest in given]
+
+
 def check_local_resources(args) -> None:
     """On this machine's own Ray (no --address), --gpus and --cpus-per-trial are checked against
     what it has before the data is loaded; on a cluster, `check_resources` does it once joined."""
@@ -237,7 +252,8 @@ def check_parent_run(uri: str, run_id: str, saved_uri: str) -> None:
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     for flag, value, ok in (("--num-samples", args.num_samples, args.num_samples >= 1),
                             ("--seeds", args.seeds, args.seeds >= 1),
                             ("--reduction-factor", args.reduction_factor, args.reduction_factor > 1),
@@ -270,6 +286,10 @@ def main(argv: list[str]) -> int:
         base = load_yaml(storage / args.name / "base_config.yaml")
         print(f"continuing search {args.name!r} with its saved settings ({', '.join(methods)}, "
               f"{args.num_samples} samples, {base.max_iterations} iterations)", flush=True)
+        ignored = ignored_on_resume(parser, args)
+        if ignored:
+            print(f"warning: {', '.join(ignored)}: ignored; a continued search keeps the settings it started "
+                  "with (start a new search, with another --name, to change them)", flush=True)
     elif args.resume:
         raise UserError(f"--resume: {storage / args.name} holds no search to continue")
     else:

@@ -264,12 +264,15 @@ def test_interrupted_search_resumes_without_losing_or_duplicating_trials(tiny_ph
         f"was started with ({uri}): leave out --tracking-uri, or restore the run"), wrong.stderr[-2000:]
     assert "Traceback" not in wrong.stderr and "Ray cluster" not in wrong.stdout
 
-    # as a user would type it: only the name (the search's own settings were saved with it)
+    # as a user would type it: the name (the search's own settings were saved with it), here with
+    # two settings it cannot change any more, which it says it ignores
     again = subprocess.run([sys.executable, "-m", "raysemi.search", "--name", "r", "--storage", str(tmp_path / "runs"),
-                            "--resume"], capture_output=True, text=True, cwd=tmp_path, timeout=400,
-                           env={**os.environ, "MLFLOW_TRACKING_URI": "sqlite:///nowhere-else.db"})
+                            "--resume", "--num-samples", "9", "--base-lr", "0.5"], capture_output=True, text=True,
+                           cwd=tmp_path, timeout=400, env={**os.environ, "MLFLOW_TRACKING_URI": "sqlite:///nowhere-else.db"})
     assert again.returncode == 0, again.stdout[-3000:]
     assert "continuing search 'r'" in again.stdout and "resuming search r" in again.stdout
+    assert "warning: --num-samples, --base-lr: ignored; a continued search keeps the settings it started with" \
+        in again.stdout
     assert not (tmp_path / "nowhere-else.db").exists()  # the saved tracking URI is used
     client, parents, kids = children(uri, "raysemi-search")
     assert len(parents) == 1 and len(kids) == 3  # nothing logged twice as a new run
