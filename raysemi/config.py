@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import difflib
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -196,8 +197,19 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     typ = _field_type(name)
 
     def wrong(expected: str) -> UserError:
-        return UserError(f"{source}: {name}: {value!r} has the wrong type; expected {expected}")
+        # as the YAML file spells it: true, null
+        shown = "null" if value is None else str(value).lower() if isinstance(value, bool) else repr(value)
+        return UserError(f"{source}: {name}: {shown} has the wrong type; expected {expected}")
 
+    if typ in (int, float) and isinstance(value, str):
+        # YAML 1.1 (PyYAML) reads 1e-3 and 1e4 as strings: a number written so is still a number
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+        else:
+            if math.isfinite(number) and value.strip().lower() not in ("nan", "inf", "-inf", "infinity"):
+                value = number
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -242,13 +254,30 @@ def from_dict(values: dict[str, Any], source: str = "config", base: TrainConfig 
     return TrainConfig(**kwargs)
 
 
+class YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading numbers in exponent form without a dot (`1e-4`, `3e4`) as
+    floats, as YAML 1.2 does; YAML 1.1 (PyYAML) reads them as strings, so a learning rate written
+    the usual way would be refused."""
+
+
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def load_yaml_text(text: str) -> Any:
+    """YAML text read with `YamlLoader`."""
+    return yaml.load(text, Loader=YamlLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def read_yaml(path: str | Path, what: str = "config file") -> Any:
     """Parse a YAML file (empty -> {}); a missing file or bad YAML is a UserError naming it."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: {what} " + ("is a folder; expected a YAML file" if path.is_dir() else "not found"))
     try:
-        return yaml.safe_load(path.read_text()) or {}
+        return load_yaml_text(path.read_text()) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)  # where the parser gave up (0-based)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""

@@ -49,12 +49,24 @@ def test_aliases_resolve():
 @pytest.mark.parametrize("values,match", [
     ({"batchsize": 3}, "batchsize: unknown config key.*batch_size"),
     ({"batch_size": "big"}, "batch_size: 'big' has the wrong type; expected an integer"),
-    ({"base_lr": True}, "base_lr: True has the wrong type"),
+    ({"base_lr": True}, "base_lr: true has the wrong type"),  # spelled as in the YAML file
+    ({"max_iterations": None}, "max_iterations: null has the wrong type; expected an integer"),
+    ({"base_lr": "nan"}, "base_lr: 'nan' has the wrong type; expected a number"),
+    ({"max_iterations": "1.5e3x"}, "max_iterations: '1.5e3x' has the wrong type"),
     ({"patch_size": [1, 2, 3]}, "patch_size"),
 ])
 def test_wrong_keys_and_types(values, match):
     with pytest.raises(UserError, match=match):
         from_dict(values, source="x.yaml")
+
+
+def test_numbers_yaml_reads_as_strings_are_numbers(tmp_path):
+    """PyYAML (YAML 1.1) reads `1e-3` and `3e4` as strings: they are still the numbers meant."""
+    path = tmp_path / "c.yaml"
+    path.write_text("base_lr: 1e-3\nmax_iterations: 3e4\nema_decay: '0.95'\n")
+    c = load_yaml(path)
+    assert (c.base_lr, c.max_iterations, c.ema_decay) == (0.001, 30000, 0.95)
+    assert isinstance(c.max_iterations, int)
 
 
 @pytest.mark.parametrize("field,value,match", [

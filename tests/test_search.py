@@ -331,3 +331,14 @@ def test_search_space_values_are_checked_against_the_config(tmp_path, capsys, co
     code = run_cli(search_main, ["--method", "ict", "--search-space", str(path), "--storage", str(tmp_path)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and str(path) in err and match in err
+
+
+def test_search_space_reads_exponent_numbers_as_numbers(tmp_path):
+    """`low: 1e-4` (how learning rates are written) is a string to PyYAML's YAML 1.1; ours reads a number."""
+    from raysemi.search_space import load_spaces
+
+    path = tmp_path / "space.yaml"
+    path.write_text("base_lr: {type: loguniform, low: 1e-4, high: 1e-1}\nconsistency: {type: choice, values: [1e-2, 1e-1]}\n")
+    space = load_spaces(["mean_teacher"], str(path))["mean_teacher"]
+    assert (space["base_lr"].low, space["base_lr"].high) == (1e-4, 0.1)
+    assert list(space["consistency"].values) == [0.01, 0.1]
