@@ -360,15 +360,17 @@ def _search(args, methods, spaces, base: TrainConfig, dataset, uri: str, storage
             print(f"warning: {line}", flush=True)
     state_path = exp_dir / STATE_FILE
     resuming = tune.Tuner.can_restore(str(exp_dir))
-    if args.resume and not resuming:
-        raise UserError(f"--resume: {exp_dir} holds no search to continue")
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
-    if resuming and state.get("parent_run_id"):
+    if args.resume and not resuming and not state.get("parent_run_id"):
+        raise UserError(f"--resume: {exp_dir} holds no search to continue")
+    if state.get("parent_run_id"):  # continued: with Tune's saved trials, or stopped before it saved any
         from mlflow.tracking import MlflowClient
 
         parent = MLflowRun.existing(MlflowClient(tracking_uri=uri), uri, state["parent_run_id"])
         parent.client.update_run(parent.run_id, status="RUNNING")
-        print(f"resuming search {name} (MLflow parent run {parent.run_id})", flush=True)
+        print(f"resuming search {name} (MLflow parent run {parent.run_id})" if resuming else
+              f"search {name} stopped before Tune saved any trial: starting its trials with its saved settings "
+              f"(MLflow parent run {parent.run_id})", flush=True)
     else:
         exp_dir.mkdir(parents=True, exist_ok=True)
         parent = MLflowRun(uri, args.experiment, name, tags={"search": name, "methods": ",".join(methods),
@@ -401,7 +403,7 @@ def _search(args, methods, spaces, base: TrainConfig, dataset, uri: str, storage
             # `multivariate`, `group` and `constant_liar` are marked experimental (stable for years): no warning each run
             warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
             optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "A new study created in memory" line
-            sampler = optuna.samplers.TPESampler(seed=args.seed, multivariate=True, group=True, constant_liar=True)
+            sampler = optuna.samplers.TPESampler(seed=base.seed, multivariate=True, group=True, constant_liar=True)
             searcher = OptunaSearch(space=define_by_run(spaces), sampler=sampler, metric=METRIC, mode="max")
             grace = min(args.grace_period or max(base.eval_interval, base.max_iterations // 4), base.max_iterations)
             scheduler = ASHAScheduler(time_attr=TIME_ATTR, max_t=base.max_iterations, grace_period=grace,

@@ -228,6 +228,35 @@ def test_unreachable_tracking_server_fails_before_any_trial(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_a_search_stopped_before_tune_saved_a_trial_starts_its_trials_on_resume(tiny_phantom, tmp_path, capsys):
+    """Its settings and MLflow parent run were saved, Tune's state was not (a crash in between):
+    --resume starts its trials with those settings, in that parent run, instead of refusing."""
+    from raysemi.config import TrainConfig, save_yaml
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    parent_id = client.create_run(client.create_experiment("raysemi-search"), run_name="h").info.run_id
+    folder = tmp_path / "runs" / "h"
+    folder.mkdir(parents=True)
+    save_yaml(TrainConfig(method="mean_teacher", data=str(tiny_phantom), labeled_patients=3, patch_size=(32, 32),
+                          batch_size=8, labeled_bs=4, max_iterations=20, eval_interval=10, mt_warmup=0,
+                          eval_batch_size=16, tracking_uri=uri), folder / "base_config.yaml")
+    (folder / "raysemi_search.json").write_text(json.dumps({
+        "parent_run_id": parent_id, "methods": ["mean_teacher"], "tracking_uri": uri, "num_samples": 1, "seeds": 1,
+        "experiment": "raysemi-search", "search_space": None, "finished": False}))
+    code = run_cli(search_main, ["--name", "h", "--storage", str(tmp_path / "runs"), "--resume", "--num-cpus", "2",
+                                 "--cpus-per-trial", "2", "--gpus", "0"])
+    out = capsys.readouterr().out
+    assert code == 0, out[-3000:]
+    assert f"search h stopped before Tune saved any trial: starting its trials with its saved settings (MLflow " \
+           f"parent run {parent_id})" in out
+    _, parents, kids = children(uri, "raysemi-search")
+    assert [p.info.run_id for p in parents] == [parent_id] and parents[0].info.status == "FINISHED"
+    assert len(kids) == 1 and kids[0].data.tags["mlflow.parentRunId"] == parent_id
+    assert json.loads((folder / "raysemi_search.json").read_text())["finished"] is True
+
+
+@pytest.mark.slow
 def test_interrupted_search_resumes_without_losing_or_duplicating_trials(tiny_phantom, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = [sys.executable, "-m", "raysemi.search", "--method", "mean_teacher", "--data", str(tiny_phantom), *TINY,
