@@ -792,3 +792,95 @@ def test_import_refuses_one_name_from_two_subfolders(case, tmp_path, capsys):
                        "--out", tmp_path / "out", "--num-classes", 3], capsys)
     assert_error(rc, err, *needles(tmp_path))
     assert_nothing_written(tmp_path, "img", "lab")
+
+
+# ---- import --case-per-folder (KiTS-like: one folder per case, the same file names in each) --------
+def write_case_folders(images: Path, labels: Path | None, rng, labeled: int = 6, unlabeled: int = 2) -> dict:
+    """case_0000k/imaging.nii.gz, and its label segmentation.nii.gz beside it (labels None) or in
+    labels/case_0000k/ (the name there does not matter); cases 0..labeled-1 labeled."""
+    arrays = {}
+    for k in range(labeled + unlabeled):
+        name = f"case_{k:05d}"
+        image, label = volume(rng, int(rng.integers(2, 4)))
+        (images / name).mkdir(parents=True)
+        write_nifti(images / name / "imaging.nii.gz", image)
+        if k < labeled:
+            folder = images / name if labels is None else labels / name
+            folder.mkdir(parents=True, exist_ok=True)
+            write_nifti(folder / ("segmentation.nii.gz" if labels is None else "mask.nii"), label)
+        arrays[name] = image, (label if k < labeled else None)
+    return arrays
+
+
+def test_import_case_per_folder_names_cases_by_their_folder(tmp_path, capsys):
+    images = tmp_path / "kits"
+    arrays = write_case_folders(images, None, np.random.default_rng(2))
+    out = tmp_path / "out"
+    rc, _, err = call(["import", "--images", images, "--labels", images, "--out", out], capsys)  # without the flag
+    assert_error(rc, err, "file name 'imaging' again", "pass --case-per-folder")
+    rc, stdout, err = call(["import", "--images", images, "--labels", images, "--out", out, "--case-per-folder",
+                            "--val-fraction", 0.2, "--test-fraction", 0.2], capsys)
+    assert rc == 0, err
+    assert "6 labeled cases, 2 unlabeled" in stdout
+    names = read_list(out, "train") + read_list(out, "val") + read_list(out, "test")
+    assert sorted(names) == sorted(arrays)
+    for name, (image, label) in arrays.items():
+        h5 = read_h5(out / "data" / f"{name}.h5")
+        np.testing.assert_allclose(h5["image"], minmax(image), atol=1e-6)
+        assert np.array_equal(h5["label"], label) if label is not None else "label" not in h5
+
+    # the labels in a tree of their own, mirroring the case folders: the same dataset
+    other = tmp_path / "other"
+    write_case_folders(other / "scans", other / "masks", np.random.default_rng(2))
+    rc, _, err = call(["import", "--images", other / "scans", "--labels", other / "masks", "--out", tmp_path / "o2",
+                       "--case-per-folder", "--val-fraction", 0.2, "--test-fraction", 0.2], capsys)
+    assert rc == 0, err
+    assert snapshot(tmp_path / "o2") == snapshot(out)
+
+
+def _two_images(t: Path) -> None:
+    write_nifti(t / "kits" / "case_00002" / "imaging_t2.nii.gz", volume(np.random.default_rng(0), 2)[0])
+
+
+def _file_at_the_top(t: Path) -> None:
+    write_nifti(t / "kits" / "extra.nii.gz", volume(np.random.default_rng(0), 2)[0])
+
+
+def _two_labels(t: Path) -> None:
+    write_nifti(t / "kits" / "case_00003" / "mask.nii.gz", volume(np.random.default_rng(0), 2)[1])
+
+
+def _png_inside(t: Path) -> None:
+    write_png(t / "kits" / "case_00004" / "preview.png", np.zeros((16, 16), np.uint8))
+
+
+CASE_FOLDER_BAD = {
+    "two_images": (_two_images, ["kits", "case_00002: --case-per-folder: 2 images (imaging", "expected one image"],
+                   True),
+    "file_at_the_top": (_file_at_the_top, ["extra.nii.gz: --case-per-folder: a file directly in --images"], True),
+    "two_labels": (_two_labels, ["case_00003: --case-per-folder: 2 labels", "expected at most one"], True),
+    "png_inside": (_png_inside, ["preview.png: --case-per-folder: not a NIfTI"], True),
+    "labels_beside_without_labels_flag": (lambda t: None, ["case_00000: --case-per-folder: 2 images",
+                                                           "need --labels set to the --images folder"], False),
+}
+
+
+@pytest.mark.parametrize("case", CASE_FOLDER_BAD)
+def test_import_case_per_folder_bad_input(case, tmp_path, capsys):
+    make, needles, labels_flag = CASE_FOLDER_BAD[case]
+    write_case_folders(tmp_path / "kits", None, np.random.default_rng(2))
+    make(tmp_path)
+    rc, _, err = call(["import", "--images", tmp_path / "kits", *(["--labels", tmp_path / "kits"] if labels_flag else []),
+                       "--out", tmp_path / "out", "--case-per-folder"], capsys)
+    assert_error(rc, err, *needles)
+    assert_nothing_written(tmp_path, "kits")
+
+
+def test_import_case_per_folder_label_folder_without_its_image_folder(tmp_path, capsys):
+    write_case_folders(tmp_path / "scans", tmp_path / "masks", np.random.default_rng(2))
+    (tmp_path / "masks" / "case_00099").mkdir()
+    write_nifti(tmp_path / "masks" / "case_00099" / "mask.nii", volume(np.random.default_rng(0), 2)[1])
+    rc, _, err = call(["import", "--images", tmp_path / "scans", "--labels", tmp_path / "masks", "--out",
+                       tmp_path / "out", "--case-per-folder"], capsys)
+    assert_error(rc, err, "case_00099", "has no image folder", "expected the subfolders of --labels to mirror")
+    assert_nothing_written(tmp_path, "scans", "masks")

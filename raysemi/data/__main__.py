@@ -98,6 +98,12 @@ def build_parser() -> ArgumentParser:
                     "with its subfolders")
     im.add_argument("--labels", help="folder of label files (naming rule above), searched with its subfolders; at "
                     "least 2 labeled patients are needed (train and val)")
+    im.add_argument("--case-per-folder", action="store_true",
+                    help="each subfolder of --images is one case, named by its path ('/' read as '_'), its files "
+                         "named alike in every case (KiTS: case_00000/imaging.nii.gz beside segmentation.nii.gz): "
+                         "one NIfTI image in each, and its label beside it (--labels set to the --images folder; "
+                         "named label, seg, segmentation, mask, gt or <image>_gt) or in the same subfolder of "
+                         "another --labels folder")
     im.add_argument("--out", required=True, help=OUT_HELP)
     im.add_argument("--val-fraction", type=float, default=0.1, help="fraction of the labeled patients for val")
     im.add_argument("--test-fraction", type=float, default=0.2, help="fraction of the labeled patients for test")
@@ -136,7 +142,7 @@ def main(argv: list[str]) -> int:
         from raysemi.data.importer import import_folder
 
         s = import_folder(args.images, args.out, args.labels, args.val_fraction, args.test_fraction, args.seed,
-                          args.num_classes, overwrite=args.overwrite)
+                          args.num_classes, overwrite=args.overwrite, case_per_folder=args.case_per_folder)
         for note in s.notes:
             print(f"note: {note}")
         n = {k: len(v) for k, v in s.lists.items()}

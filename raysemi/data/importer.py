@@ -119,7 +119,8 @@ def scan(images: Path, labels: Path | None, out: Path | None = None) -> tuple[st
         if s in stems:
             what = "file" if same_folder else "image"  # side by side, a label's name may be the one twice
             raise UserError(f"{p}: {what} name {s!r} again (also {stems[s]}); expected one file per {what} name in "
-                            "--images and its subfolders (an image's name is its case name)")
+                            "--images and its subfolders (an image's name is its case name; for one folder per "
+                            "case with the same file names in each, pass --case-per-folder)")
         stems[s] = p
     if same_folder:  # images and labels side by side: X.nii.gz with X_gt.nii.gz
         stems = {s: p for s, p in stems.items() if _label_base(s) not in stems}
@@ -191,6 +192,67 @@ def scan(images: Path, labels: Path | None, out: Path | None = None) -> tuple[st
     return kind, sorted(cases.values(), key=lambda c: c.name)
 
 
+#: file names (without extension) taken as the label of the image beside them with --case-per-folder
+FOLDER_LABEL_NAMES = ("label", "labels", "seg", "segmentation", "mask", "gt", "ground_truth", "groundtruth")
+
+
+def scan_case_folders(images: Path, labels: Path | None, out: Path | None = None) -> list[Case]:
+    """--case-per-folder: each folder of `images` holding NIfTI files is one case, named by its
+    path under `images` ('/' -> '_'), its files named alike from case to case (KiTS's
+    case_00000/imaging.nii.gz, say). In it: one image, and, with --labels the --images folder, a
+    label named as in FOLDER_LABEL_NAMES or `<image>_gt/_label/_seg`; with --labels another folder,
+    the one NIfTI file of the same subfolder there."""
+    files = _files(images, "--images", (labels, out))
+    if not any(nifti_stem(p.name) for p in files):
+        raise UserError(f"{images}: --case-per-folder: no .nii/.nii.gz file in the folder or its subfolders; "
+                        "expected one subfolder per case holding its NIfTI volume")
+    for p in files:
+        if nifti_stem(p.name) is None:
+            raise UserError(f"{p}: --case-per-folder: not a NIfTI (.nii, .nii.gz) file; expected only NIfTI "
+                            "volumes (PNG slices are imported without --case-per-folder)")
+    same_folder = labels is not None and labels.resolve() == images.resolve()
+    by_folder: dict[Path, list[Path]] = {}
+    for p in files:
+        by_folder.setdefault(p.parent, []).append(p)
+    label_files: dict[Path, list[Path]] = {}
+    if labels is not None and not same_folder:
+        for p in _files(labels, "--labels", (images, out)):
+            if nifti_stem(p.name) is None:
+                raise UserError(f"{p}: not a NIfTI file; expected NIfTI labels in --labels")
+            label_files.setdefault(p.parent.relative_to(labels), []).append(p)
+    cases: dict[str, Case] = {}
+    for folder, group in sorted(by_folder.items()):
+        rel = folder.relative_to(images)
+        if rel == Path("."):
+            raise UserError(f"{group[0]}: --case-per-folder: a file directly in --images; expected one subfolder "
+                            "per case (the case is named by its folder)")
+        stems = {nifti_stem(p.name): p for p in group}
+        labs = [p for st, p in stems.items() if same_folder and (
+            st.lower() in FOLDER_LABEL_NAMES or (_label_base(st) is not None and _label_base(st) in stems))]
+        imgs = [p for p in group if p not in labs]
+        if len(imgs) != 1:
+            hint = ("; labels beside their image need --labels set to the --images folder"
+                    if labels is None and len(imgs) == 2 else "")
+            raise UserError(f"{folder}: --case-per-folder: {len(imgs)} images ({', '.join(p.name for p in imgs)}); "
+                            "expected one image per case folder, and beside it at most one label named "
+                            f"{', '.join(FOLDER_LABEL_NAMES)} or <image>_gt{hint}")
+        if not same_folder and labels is not None:
+            labs = label_files.pop(rel, [])
+        if len(labs) > 1:
+            raise UserError(f"{labs[0].parent}: --case-per-folder: {len(labs)} labels "
+                            f"({', '.join(p.name for p in labs)}) for image {imgs[0]}; expected at most one")
+        name = "_".join(rel.parts)
+        if name in cases:
+            raise UserError(f"{folder}: --case-per-folder: case name {name!r} again (also {cases[name].images[0].parent});"
+                            " expected folder paths that stay distinct with '/' read as '_'")
+        cases[name] = Case(name, imgs, labs or None)
+    if label_files:
+        rel, orphans = next(iter(label_files.items()))
+        raise UserError(f"{orphans[0]}: label folder {rel} has no image folder {images / rel}; expected the "
+                        "subfolders of --labels to mirror those of --images")
+    return sorted(cases.values(), key=lambda c: c.name)
+
+
 def _split(patients: list[str], val_fraction: float, test_fraction: float, seed: int
            ) -> tuple[list[str], list[str], list[str]]:
     n = len(patients)
@@ -233,8 +295,10 @@ def _read_case(case: Case, kind: str, num_classes: int
 
 def import_folder(images: str | Path, out: str | Path, labels: str | Path | None = None,
                   val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0, num_classes: int = 4,
-                  overwrite: bool = False, stream: TextIO | None = None) -> ImportSummary:
-    """Write the SSL4MIS layout to `out` from a folder of NIfTI volumes or PNG slices (see the module doc)."""
+                  overwrite: bool = False, stream: TextIO | None = None, case_per_folder: bool = False
+                  ) -> ImportSummary:
+    """Write the SSL4MIS layout to `out` from a folder of NIfTI volumes or PNG slices (see the module
+    doc); with `case_per_folder`, one case per folder (`scan_case_folders`)."""
     images, out = Path(images).expanduser(), Path(out).expanduser()
     labels = Path(labels).expanduser() if labels is not None else None
     stream = stream or sys.stdout
@@ -246,7 +310,7 @@ def import_folder(images: str | Path, out: str | Path, labels: str | Path | None
                         f"--val-fraction + --test-fraction < 1 (val is {val_fraction:g})")
     if not 2 <= num_classes <= 65536:
         raise UserError(f"--num-classes: {num_classes} is invalid; expected 2 or more (background included)")
-    kind, cases = scan(images, labels, out)
+    kind, cases = ("nifti", scan_case_folders(images, labels, out)) if case_per_folder else scan(images, labels, out)
 
     by_patient: dict[str, list[Case]] = {}
     for c in cases:
