@@ -36,7 +36,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--input", required=True, metavar="IMG.nii.gz|DIR",
                    help="a 3D NIfTI file, or a folder whose .nii/.nii.gz files, in it or in subfolders at any "
                         "depth (one folder per patient), are all predicted; hidden files and folders, other "
-                        "files, labels beside their image (X_gt, X_label, X_seg next to X), 4D volumes "
+                        "files, labels beside their image (X_gt, X_label, X_seg next to X; segmentation, "
+                        "mask, label, seg, gt next to another volume), 4D volumes "
                         "(cine sequences such as ACDC's patientNNN_4d, said so) and the --out folder when "
                         "it lies inside are left out")
     p.add_argument("--out", required=True, metavar="DIR",
@@ -62,12 +63,16 @@ def output_name(path: Path) -> str:
 
 
 def is_label_beside_its_image(path: Path) -> bool:
-    """`X_gt`, `X_label` or `X_seg` (.nii/.nii.gz) with `X` (.nii/.nii.gz) in the same folder: a
-    label by `import`'s naming rule, not a scan to predict."""
+    """`X_gt`, `X_label` or `X_seg` (.nii/.nii.gz) with `X` (.nii/.nii.gz) in the same folder, or a
+    file named as `import --case-per-folder` names labels (segmentation, mask, gt, ...) beside
+    another NIfTI file: a label by `import`'s naming rules, not a scan to predict."""
     from raysemi.data.convert import NIFTI_SUFFIXES, nifti_stem
-    from raysemi.data.importer import LABEL_SUFFIXES
+    from raysemi.data.importer import FOLDER_LABEL_NAMES, LABEL_SUFFIXES
 
     stem = nifti_stem(path.name) or ""
+    if stem.lower() in FOLDER_LABEL_NAMES and any(
+            p != path and nifti_stem(p.name) is not None for p in path.parent.iterdir()):
+        return True
     return any(stem.endswith(suffix) and len(stem) > len(suffix)
                and any((path.parent / (stem[:-len(suffix)] + ext)).is_file() for ext in NIFTI_SUFFIXES)
                for suffix in LABEL_SUFFIXES[1:])

@@ -344,6 +344,22 @@ def test_cine_sequences_in_a_folder_are_skipped_and_said_so(trained, raw_volume,
     assert not (tmp_path / "out2").exists()
 
 
+def test_case_folders_with_generic_names_predict_the_image_not_the_label(trained, raw_volume, tmp_path, capsys):
+    """KiTS's layout (import --case-per-folder): case_00000/imaging.nii.gz beside segmentation.nii.gz."""
+    scans = tmp_path / "kits"
+    for case in ("case_00000", "case_00001"):
+        (scans / case).mkdir(parents=True)
+        write_nifti(scans / case / "imaging.nii.gz", raw_volume)
+        write_nifti(scans / case / "segmentation.nii.gz", (raw_volume > raw_volume.mean()).astype(np.uint8))
+    (scans / "lonely").mkdir()
+    write_nifti(scans / "lonely" / "mask.nii.gz", raw_volume)  # alone in its folder: a scan after all
+    out = tmp_path / "out"
+    rc, _, err = call(["--checkpoint", trained, "--input", scans, "--out", out, "--device", "cpu"], capsys)
+    assert rc == 0, err
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.nii.gz")) == [
+        "case_00000/imaging_pred.nii.gz", "case_00001/imaging_pred.nii.gz", "lonely/mask_pred.nii.gz"]
+
+
 def test_tree_without_nifti_is_one_line(trained, raw_volume, tmp_path, capsys):
     """Subfolders are searched, but hidden ones and --out are not: a tree whose only NIfTI files lie
     there holds no input."""
