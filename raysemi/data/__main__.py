@@ -46,8 +46,9 @@ Bring your own images (labeled or not) into the SSL4MIS layout.
 (grayscale): PNGs named <case>_slice_<k>.png make one case, its slices ordered by the integer k
 (2 before 10); any other PNG is a one-slice case. Files may lie in subfolders at any depth (one
 folder per patient, say): the case name is the file name without its extension, and must be unique
-over the whole tree (two files giving the same name are refused); a PNG case's slices lie in one
-folder. Hidden files and folders are ignored, and so are the --labels and --out folders when they
+over the whole tree (two files giving the same name are refused; one folder per case with the same
+file names in each, such as KiTS's case_00000/imaging.nii.gz, needs --case-per-folder); a PNG
+case's slices lie in one folder. Hidden files and folders are ignored, and so are the --labels and --out folders when they
 lie inside --images; any other file is an error.
 
 Labels (optional): the label of image X.nii.gz / X.png is the file in --labels (or any of its
