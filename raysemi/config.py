@@ -227,7 +227,8 @@ def _coerce(name: str, value: Any, source: str) -> Any:
     if typ is str:
         if isinstance(value, str):
             return value
-        raise wrong("a string")
+        raise wrong("a string" + (" (in quotes, as YAML reads this as a number)"
+                                  if isinstance(value, (int, float)) and not isinstance(value, bool) else ""))
     # tuple[int, int]
     if isinstance(value, (list, tuple)) and len(value) == 2 and all(
             isinstance(v, int) and not isinstance(v, bool) for v in value):
@@ -256,8 +257,10 @@ def from_dict(values: dict[str, Any], source: str = "config", base: TrainConfig 
 
 class YamlLoader(yaml.SafeLoader):
     """PyYAML's safe loader, reading numbers in exponent form without a dot (`1e-4`, `3e4`) as
-    floats, as YAML 1.2 does; YAML 1.1 (PyYAML) reads them as strings, so a learning rate written
-    the usual way would be refused."""
+    floats, as YAML 1.2 does; YAML 1.1 (PyYAML) reads them as strings, so a learning-rate range
+    written the usual way would be refused. For search spaces, whose values are numbers; configs
+    keep the safe loader (a `run_name: 1e5` stays text) and `_coerce` reads '1e-4' in a number
+    field as the number."""
 
 
 YamlLoader.add_implicit_resolver(
@@ -266,18 +269,13 @@ YamlLoader.add_implicit_resolver(
     list("-+0123456789"))
 
 
-def load_yaml_text(text: str) -> Any:
-    """YAML text read with `YamlLoader`."""
-    return yaml.load(text, Loader=YamlLoader)  # noqa: S506 - a SafeLoader subclass
-
-
-def read_yaml(path: str | Path, what: str = "config file") -> Any:
+def read_yaml(path: str | Path, what: str = "config file", loader: type = yaml.SafeLoader) -> Any:
     """Parse a YAML file (empty -> {}); a missing file or bad YAML is a UserError naming it."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: {what} " + ("is a folder; expected a YAML file" if path.is_dir() else "not found"))
     try:
-        return load_yaml_text(path.read_text()) or {}
+        return yaml.load(path.read_text(), Loader=loader) or {}  # noqa: S506 - SafeLoader or a subclass
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)  # where the parser gave up (0-based)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""

@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from raysemi.config import FIELDS, TrainConfig, load_yaml_text, save_yaml
+from raysemi.config import FIELDS, TrainConfig, save_yaml
 from raysemi.errors import UserError
 from raysemi.files import write_text_atomic
 from raysemi.metrics import METRICS, Summary
@@ -320,7 +320,7 @@ def config_from_run(run_id: str, uri: str) -> tuple[dict[str, Any], str]:
             try:
                 local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=name, dst_path=d,
                                                             tracking_uri=uri)
-                values = load_yaml_text(Path(local).read_text()) or {}
+                values = yaml.safe_load(Path(local).read_text()) or {}
             except (MlflowException, OSError) as err:
                 raise UserError(f"{source}: {name}: cannot be read from the artifact store ({err})") from None
             except yaml.YAMLError:

@@ -136,6 +136,14 @@ def check_resources(args, cluster: dict[str, float], nodes: list[dict] | None = 
     return gpus, per, max(1, concurrency)
 
 
+def sortable_by_best(trials) -> bool:
+    """Whether Tune can sort the ended trials by BEST: it cannot compare a missing value, which a
+    trial of a search started by an older version and continued lacks (then Tune's order stays)."""
+    from raysemi.trainable import BEST
+
+    return all(BEST in t.last_result for t in trials if t.status == "TERMINATED" and t.last_result)
+
+
 def progress_reporter(**kwargs):
     """Tune's progress table, with its "Current best trial" and row order by each trial's best Dice
     so far (BEST), as the leaderboard ranks; Tune's default would read the last value, and the
@@ -148,22 +156,38 @@ def progress_reporter(**kwargs):
         def set_search_properties(self, metric, mode) -> bool:
             return True  # keep BEST
 
+        def _progress_str(self, trials, *args, **kwargs):
+            self._sort_by_metric = sortable_by_best(trials)
+            return super()._progress_str(trials, *args, **kwargs)
+
     return BestSoFarReporter(metric=BEST, mode="max", **kwargs)
 
 
 #: what a search saves at its start and keeps when continued, whatever the flags then say
 SAVED = ("method", "data", "labeled_patients", "num_samples", "max_iterations", "eval_interval", "seeds",
          "search_space", "seed", "config", "experiment")
+#: kept too when Tune restores its own state (its scheduler and failure settings are part of it)
+RESTORED = ("grace_period", "reduction_factor", "max_failures")
 
 
-def ignored_on_resume(parser: ArgumentParser, args) -> list[str]:
-    """The flags given to a continued search that it ignores: its own saved settings, and any
-    config field (those flags are in `args` only when given)."""
+def given_flags(parser: ArgumentParser, argv: list[str]) -> list[str]:
+    """The destinations of the flags typed on the command line, in order (a flag given with its
+    default value counts too)."""
+    dests: list[str] = []
+    for token in argv:
+        action = parser._option_string_actions.get(str(token).split("=", 1)[0])
+        if action is not None and action.dest not in dests:
+            dests.append(action.dest)
+    return dests
+
+
+def ignored_on_resume(given: list[str], restored: bool) -> list[str]:
+    """The typed flags a continued search ignores: its saved settings, any config field, and
+    (when Tune restores its state) ASHA's and the retries' settings."""
     from raysemi.config import FIELDS
 
-    given = [dest for dest in SAVED if getattr(args, dest) != parser.get_default(dest)]
-    given += [name for name in FIELDS if name not in OWN and name in vars(args)]
-    return ["--" + dest.replace("_", "-") for dest in given]
+    kept = SAVED + (RESTORED if restored else ())
+    return ["--" + d.replace("_", "-") for d in given if d in kept or (d in FIELDS and d not in OWN)]
 
 
 def check_local_resources(args) -> None:
@@ -175,8 +199,8 @@ def check_local_resources(args) -> None:
 
     here = torch.cuda.device_count()
     if args.gpus is not None and args.gpus > here:
-        raise UserError(f"--gpus: {args.gpus:g} asked, but this machine has {here} GPUs; expected at most that "
-                        "many (use --gpus 0 for CPU trials)")
+        raise UserError(f"--gpus: {args.gpus:g} asked, but this machine has {here} GPU{'' if here == 1 else 's'}; "
+                        "expected at most that many (use --gpus 0 for CPU trials)")
     cpus = args.num_cpus or os.cpu_count() or 1
     if args.cpus_per_trial > cpus:
         raise UserError(f"--cpus-per-trial: {args.cpus_per_trial} is invalid; expected 1 to {cpus} (the CPUs "
@@ -254,6 +278,7 @@ def check_parent_run(uri: str, run_id: str, saved_uri: str) -> None:
 def main(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.given = given_flags(parser, argv)
     for flag, value, ok in (("--num-samples", args.num_samples, args.num_samples >= 1),
                             ("--seeds", args.seeds, args.seeds >= 1),
                             ("--reduction-factor", args.reduction_factor, args.reduction_factor > 1),
@@ -265,7 +290,7 @@ def main(argv: list[str]) -> int:
                             ("--gpus-per-trial", args.gpus_per_trial, args.gpus_per_trial is None
                              or args.gpus_per_trial >= 0)):
         if not ok:  # the checks that need no cluster and no data, before either is touched
-            raise UserError(f"{flag}: {value:g} is invalid; expected "
+            raise UserError(f"{flag}: {value if isinstance(value, int) else f'{value:g}'} is invalid; expected "
                             + {"--reduction-factor": "a number > 1", "--max-failures": "an integer >= 0",
                                "--gpus": "0 or more", "--gpus-per-trial": "0 or more"}.get(flag, "an integer >= 1"))
     check_local_resources(args)
@@ -286,10 +311,7 @@ def main(argv: list[str]) -> int:
         base = load_yaml(storage / args.name / "base_config.yaml")
         print(f"continuing search {args.name!r} with its saved settings ({', '.join(methods)}, "
               f"{args.num_samples} samples, {base.max_iterations} iterations)", flush=True)
-        ignored = ignored_on_resume(parser, args)
-        if ignored:
-            print(f"warning: {', '.join(ignored)}: ignored; a continued search keeps the settings it started "
-                  "with (start a new search, with another --name, to change them)", flush=True)
+
     elif args.resume:
         raise UserError(f"--resume: {storage / args.name} holds no search to continue")
     else:
@@ -371,6 +393,10 @@ def _search(args, methods, spaces, base: TrainConfig, dataset, uri: str, storage
         print(f"resuming search {name} (MLflow parent run {parent.run_id})" if resuming else
               f"search {name} stopped before Tune saved any trial: starting its trials with its saved settings "
               f"(MLflow parent run {parent.run_id})", flush=True)
+        ignored = ignored_on_resume(getattr(args, "given", []), restored=resuming)
+        if ignored:
+            print(f"warning: {', '.join(ignored)}: ignored; a continued search keeps the settings it started "
+                  "with (start a new search, with another --name, to change them)", flush=True)
     else:
         exp_dir.mkdir(parents=True, exist_ok=True)
         parent = MLflowRun(uri, args.experiment, name, tags={"search": name, "methods": ",".join(methods),
@@ -394,7 +420,7 @@ def _search(args, methods, spaces, base: TrainConfig, dataset, uri: str, storage
                              gpus_per_trial=per_trial, cpus_per_trial=args.cpus_per_trial),
         {"cpu": args.cpus_per_trial, "gpu": per_trial})
     callback = make_tune_callback(uri, args.experiment, parent.run_id, exp_dir / "mlflow_trial_runs.json",
-                                  {k: v for k, v in base.to_dict().items()}, base.max_iterations)
+                                  base.saved_dict(), base.max_iterations)
     try:
         if resuming:
             tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True,

@@ -89,10 +89,10 @@ def _check_value(source: str, name: str, value: Any) -> None:
 
 
 def load_space(path: str | Path) -> dict[str, Dist]:
-    from raysemi.config import read_yaml
+    from raysemi.config import YamlLoader, read_yaml
 
     path = Path(path)
-    raw = read_yaml(path, "search space file")
+    raw = read_yaml(path, "search space file", YamlLoader)  # low: 1e-4 is a number
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping of config field -> distribution")
     return {name: parse_dist(str(path), name, spec) for name, spec in raw.items()}

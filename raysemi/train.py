@@ -108,7 +108,14 @@ def resolve_config(args) -> tuple[TrainConfig, int, Path | None]:
 
         # a single run goes on with the config it was trained with, in the checkpoint's folder (and
         # so in its MLflow run); flags still override it, e.g. a longer --max-iterations
-        values = {**checkpoint.load(args.resume)["config"], **NOT_FROM_RUN, "output": str(Path(args.resume).parent)}
+        from raysemi.config import ALIASES, FIELDS
+
+        saved = checkpoint.load(args.resume)["config"]
+        gone = sorted(k for k in saved if k not in FIELDS and k not in ALIASES)  # fields of an older version
+        if gone:
+            print(f"note: {args.resume}: config fields this version no longer has, left out: {', '.join(gone)}")
+        values = {**{k: v for k, v in saved.items() if k not in gone}, **NOT_FROM_RUN,
+                  "output": str(Path(args.resume).parent)}
         base = (values, f"{args.resume}: config")
     if args.from_run:
         from raysemi.retrain import config_from_run

@@ -100,7 +100,7 @@ def train_trial(config: dict[str, Any], *, base: dict[str, Any], dataset: Datase
         keepers = [_KeepBest() for _ in range(seeds)]
         trainers = [Trainer(cfg.replace(seed=cfg.seed + k), dataset, [keepers[k]]) for k in range(seeds)]
     except UserError as err:
-        tune.report({"method": config.get("method", ""), TIME_ATTR: 0, "diverged": 1, METRIC: 0.0,
+        tune.report({"method": config.get("method", ""), TIME_ATTR: 0, "diverged": 1, METRIC: 0.0, BEST: 0.0,
                      "time_train_s": 0.0, "time_eval_s": 0.0,
                      "failure_reason": f"invalid config: {err}"})
         return
@@ -134,7 +134,9 @@ def train_trial(config: dict[str, Any], *, base: dict[str, Any], dataset: Datase
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
     except TrainingDiverged as err:
         last = aggregate(trainers)
+        best = best_so_far(trainers)  # every report has BEST: the progress table sorts by it
         tune.report({**last, **base_metrics, TIME_ATTR: trainers[0].iteration, "diverged": 1, **seconds(trainers),
+                     BEST: best if math.isfinite(best) else 0.0,
                      "failure_reason": str(err), METRIC: 0.0 if not math.isfinite(last.get(METRIC, 0.0)) else
                      last.get(METRIC, 0.0)})
 

@@ -297,6 +297,10 @@ DATA_CASES = [
     case("image_a_group", lambda r: _image_group(labeled_slice(r)), ["image", "is a group, not a dataset"]),
     case("spacing_not_numbers", lambda r: _set_attr(val_volume(r), "spacing", "1.5 mm"),
          ["spacing", "'1.5 mm'", "not numeric"]),
+    case("spacing_one_value", lambda r: _set_attr(val_volume(r), "spacing", 1.5),
+         ["spacing: (1.5,) is invalid", "expected 3 finite numbers > 0"]),
+    case("spacing_zero", lambda r: _set_attr(val_volume(r), "spacing", np.array([10.0, 0.0, 1.5])),
+         ["spacing: (10.0, 0.0, 1.5) is invalid"]),
 ]
 
 

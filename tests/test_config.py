@@ -60,6 +60,14 @@ def test_wrong_keys_and_types(values, match):
         from_dict(values, source="x.yaml")
 
 
+def test_text_that_looks_like_a_number_round_trips(tmp_path):
+    c = TrainConfig(run_name="1e5", experiment="2e3", data="3.5")
+    assert load_yaml(save_yaml(c, tmp_path / "c.yaml")) == c
+    (tmp_path / "bad.yaml").write_text("run_name: 1.5\n")
+    with pytest.raises(UserError, match=r"run_name: 1.5 has the wrong type; expected a string \(in quotes"):
+        load_yaml(tmp_path / "bad.yaml")
+
+
 def test_numbers_yaml_reads_as_strings_are_numbers(tmp_path):
     """PyYAML (YAML 1.1) reads `1e-3` and `3e4` as strings: they are still the numbers meant."""
     path = tmp_path / "c.yaml"

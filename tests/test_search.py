@@ -161,8 +161,21 @@ def test_best_so_far_is_the_best_mean_over_seeds_the_leaderboard_ranks_by():
     assert math.isnan(best_so_far([SimpleNamespace(history=[])]))
 
 
+def test_the_table_is_sorted_by_best_dice_only_when_every_ended_trial_has_it():
+    from types import SimpleNamespace
+
+    from raysemi.search import sortable_by_best
+
+    ended = SimpleNamespace(status="TERMINATED", last_result={"val/dice": 0.5, "best_val_dice": 0.7})
+    running = SimpleNamespace(status="RUNNING", last_result={"val/dice": 0.4})
+    pending = SimpleNamespace(status="TERMINATED", last_result={})
+    assert sortable_by_best([ended, running, pending])
+    older = SimpleNamespace(status="TERMINATED", last_result={"val/dice": 0.6})  # a search resumed from before
+    assert not sortable_by_best([ended, older])
+
+
 @pytest.mark.parametrize("flags,message", [
-    (["--gpus", "4"], "error: --gpus: 4 asked, but this machine has 0 GPUs; expected at most that many"),
+    (["--gpus", "4"], "error: --gpus: 4 asked, but this machine has {gpus}; expected at most that many"),
     (["--gpus", "-1"], "error: --gpus: -1 is invalid; expected 0 or more"),
     (["--gpus-per-trial", "-0.5"], "error: --gpus-per-trial: -0.5 is invalid; expected 0 or more"),
     (["--cpus-per-trial", "0"], "error: --cpus-per-trial: 0 is invalid; expected an integer >= 1"),
@@ -177,6 +190,10 @@ def test_flags_that_cannot_work_are_refused_before_data_ray_or_mlflow(flags, mes
                                  "--num-cpus", "2", *flags, "--storage", str(tmp_path / "st"), "--name", "x",
                                  "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])
     out, err = capsys.readouterr()
+    import torch
+
+    here = torch.cuda.device_count()
+    message = message.format(gpus=f"{here} GPU{'' if here == 1 else 's'}")
     assert code == 2 and out == "" and err.startswith(message) and len(err.strip().splitlines()) == 1, (out, err)
     assert not (tmp_path / "st" / "x").exists() and not (tmp_path / "m.db").exists()
 
@@ -294,14 +311,16 @@ def test_interrupted_search_resumes_without_losing_or_duplicating_trials(tiny_ph
     assert "Traceback" not in wrong.stderr and "Ray cluster" not in wrong.stdout
 
     # as a user would type it: the name (the search's own settings were saved with it), here with
-    # two settings it cannot change any more, which it says it ignores
+    # two settings it cannot change any more (a config field, ASHA's factor restored with Tune's
+    # state), which it says it ignores, and not the saved ones it was not given (--num-samples)
     again = subprocess.run([sys.executable, "-m", "raysemi.search", "--name", "r", "--storage", str(tmp_path / "runs"),
-                            "--resume", "--num-samples", "9", "--base-lr", "0.5"], capture_output=True, text=True,
-                           cwd=tmp_path, timeout=400, env={**os.environ, "MLFLOW_TRACKING_URI": "sqlite:///nowhere-else.db"})
+                            "--resume", "--base-lr", "0.5", "--reduction-factor", "2"], capture_output=True,
+                           text=True, cwd=tmp_path, timeout=400,
+                           env={**os.environ, "MLFLOW_TRACKING_URI": "sqlite:///nowhere-else.db"})
     assert again.returncode == 0, again.stdout[-3000:]
     assert "continuing search 'r'" in again.stdout and "resuming search r" in again.stdout
-    assert "warning: --num-samples, --base-lr: ignored; a continued search keeps the settings it started with" \
-        in again.stdout
+    assert "warning: --base-lr, --reduction-factor: ignored; a continued search keeps the settings it started " \
+           "with" in again.stdout
     assert not (tmp_path / "nowhere-else.db").exists()  # the saved tracking URI is used
     client, parents, kids = children(uri, "raysemi-search")
     assert len(parents) == 1 and len(kids) == 3  # nothing logged twice as a new run

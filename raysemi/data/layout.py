@@ -9,6 +9,7 @@ names the file, the field, the value and what was expected.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from importlib import resources
@@ -116,6 +117,11 @@ def _read_h5(path: Path, num_classes: int, need_label: bool, listed_in: str) -> 
             except (TypeError, ValueError):
                 raise UserError(f"{path}: spacing: {f.attrs['spacing']!r} is not numeric; expected the voxel "
                                 "spacing (z, y, x) in mm as numbers") from None
+    # a volume's spacing scales HD95 and ASD (a training slice's is never read)
+    if spacing is not None and image.ndim == 3 and (
+            len(spacing) != 3 or not all(math.isfinite(v) and v > 0 for v in spacing)):
+        raise UserError(f"{path}: spacing: {spacing} is invalid; expected 3 finite numbers > 0 (z, y, x in mm "
+                        "per voxel of the volume)")
     if not np.isfinite(image).all():
         raise UserError(f"{path}: image: contains NaN or inf; expected finite intensities")
     if label is not None:
