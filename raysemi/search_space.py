@@ -48,7 +48,7 @@ def parse_dist(source: str, name: str, spec: Any) -> Dist:
         raise UserError(f"{where}: not a config field; expected TrainConfig fields such as consistency, ema_decay, base_lr")
     if name not in SEARCHABLE:
         raise UserError(f"{where}: cannot be searched (the data, model shape and evaluation are fixed per search); "
-                        f"expected one of {', '.join(SEARCHABLE)}")
+                        f"expected one of {', '.join(f for f in SEARCHABLE if FIELDS[f].metadata['group'] != 'testing')}")
     if not isinstance(spec, dict) or spec.get("type") not in TYPES:
         raise UserError(f"{where}: {spec!r} is not a distribution; expected {{type: {'|'.join(TYPES)}, ...}}")
     kind = spec["type"]
