@@ -326,7 +326,7 @@ def test_uamt_target_in_the_uncertainty_forward_changes_nothing_without_batch_st
         sizes = []
         strategy.teacher.register_forward_hook(lambda m, args, out: sizes.append(args[0].shape[0]))
         torch.manual_seed(1)
-        results.append((*strategy.teacher_outputs(batch.unlabeled), strategy.step(batch, 50)["consistency"]))
+        results.append((*strategy.teacher_outputs(batch.unlabeled), strategy.step(batch, 50)["consistency"].detach()))
         forwards.append(sizes)
     (t0, u0, c0), (t1, u1, c1) = results
     for a, b in ((t0, t1), (u0, u1), (c0, c1)):
