@@ -342,10 +342,10 @@ def main(argv: list[str]) -> int:
     from raysemi.data.layout import read_list
 
     read_list(resolve_data_root(base.data), "train_slices")  # a wrong --data in one line, before any output
-    print(f"loading data: {base.data}", flush=True)
-    dataset = load_dataset(base.data, base.labeled_patients, base.num_classes)
-    cluster = start_ray(args)
+    cluster = start_ray(args)  # before the data: a cluster that cannot be joined is one line, too
     try:
+        print(f"loading data: {base.data}", flush=True)
+        dataset = load_dataset(base.data, base.labeled_patients, base.num_classes)
         return _search(args, methods, spaces, base, dataset, uri, storage, name, exp_dir, cluster)
     finally:
         import ray

@@ -347,8 +347,9 @@ def test_address_pointing_at_nothing_fails_fast(tiny_phantom, tmp_path, capsys, 
     code = run_cli(search_main, ["--method", "mt", "--data", str(tiny_phantom), "--labeled-patients", "2",
                                  "--address", address, "--storage", str(tmp_path),
                                  "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and match in err[-1] and time.time() - t0 < 30
+    out, err = capsys.readouterr()
+    assert code == 2 and len(err.strip().splitlines()) == 1 and match in err and time.time() - t0 < 30, err
+    assert out == ""  # refused before the data is loaded
 
 
 @pytest.mark.parametrize("extra,match", [
