@@ -313,7 +313,8 @@ def main(argv: list[str]) -> int:
               f"{args.num_samples} samples, {base.max_iterations} iterations)", flush=True)
 
     elif args.resume:
-        raise UserError(f"--resume: {storage / args.name} holds no search to continue")
+        raise UserError(f"--resume: {storage / args.name} holds no search to continue; expected --name and "
+                        f"--storage as the search was started with (--storage is {args.storage!r})")
     else:
         methods = resolve_methods(args.method)
         base = base_config(args, methods)

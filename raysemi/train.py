@@ -168,6 +168,9 @@ def train_one(config: TrainConfig, data, splits: dict[str, list], out: Path, *, 
     trainer = Trainer(config, data)
     if resume:
         trainer.load(resume)
+        if trainer.iteration > config.max_iterations:  # before config.yaml is rewritten with the smaller value
+            raise UserError(f"--max-iterations: {config.max_iterations} is below the {trainer.iteration} iterations "
+                            f"{resume} has trained; expected at least {trainer.iteration}")
     out.mkdir(parents=True, exist_ok=True)
     config.output = str(out)
     trainer.output_dir = out

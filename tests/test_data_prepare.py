@@ -862,6 +862,8 @@ CASE_FOLDER_BAD = {
     "png_inside": (_png_inside, ["preview.png: --case-per-folder: not a NIfTI"], True),
     "labels_beside_without_labels_flag": (lambda t: None, ["case_00000: --case-per-folder: 2 images",
                                                            "need --labels set to the --images folder"], False),
+    "label_without_image": (lambda t: (t / "kits" / "case_00005" / "imaging.nii.gz").unlink(),
+                            ["case_00005: --case-per-folder: only a label (segmentation.nii.gz), no image"], True),
 }
 
 
@@ -876,11 +878,40 @@ def test_import_case_per_folder_bad_input(case, tmp_path, capsys):
     assert_nothing_written(tmp_path, "kits")
 
 
-def test_import_case_per_folder_label_folder_without_its_image_folder(tmp_path, capsys):
+def _orphan_label_folder(t: Path) -> None:
+    (t / "masks" / "case_00099").mkdir()
+    write_nifti(t / "masks" / "case_00099" / "mask.nii", volume(np.random.default_rng(0), 2)[1])
+
+
+def _label_at_the_top_of_labels(t: Path) -> None:
+    write_nifti(t / "masks" / "stray.nii.gz", volume(np.random.default_rng(0), 2)[1])
+
+
+def _label_beside_with_a_labels_tree(t: Path) -> None:
+    write_nifti(t / "scans" / "case_00001" / "segmentation.nii.gz", volume(np.random.default_rng(0), 2)[1])
+
+
+@pytest.mark.parametrize("make,needles", [
+    (_orphan_label_folder, ["case_00099", "has no image folder", "expected the subfolders of --labels to mirror"]),
+    (_label_at_the_top_of_labels, ["stray.nii.gz: --case-per-folder: a file directly in --labels"]),
+    (_label_beside_with_a_labels_tree, ["case_00001: --case-per-folder: 2 images",
+                                        "with --labels another folder, labels lie in its subfolders"]),
+], ids=["orphan_label_folder", "label_at_the_top", "label_beside_with_a_labels_tree"])
+def test_import_case_per_folder_with_a_labels_tree_bad_input(make, needles, tmp_path, capsys):
     write_case_folders(tmp_path / "scans", tmp_path / "masks", np.random.default_rng(2))
-    (tmp_path / "masks" / "case_00099").mkdir()
-    write_nifti(tmp_path / "masks" / "case_00099" / "mask.nii", volume(np.random.default_rng(0), 2)[1])
+    make(tmp_path)
     rc, _, err = call(["import", "--images", tmp_path / "scans", "--labels", tmp_path / "masks", "--out",
                        tmp_path / "out", "--case-per-folder"], capsys)
-    assert_error(rc, err, "case_00099", "has no image folder", "expected the subfolders of --labels to mirror")
+    assert_error(rc, err, *needles)
     assert_nothing_written(tmp_path, "scans", "masks")
+
+
+def test_the_label_names_are_said_alike_in_help_and_readme(capsys):
+    from raysemi.data.importer import FOLDER_LABEL_NAMES, FOLDER_LABEL_RULE
+
+    with pytest.raises(SystemExit):
+        main(["import", "--help"])
+    assert FOLDER_LABEL_RULE in " ".join(capsys.readouterr().out.split())
+    readme = " ".join((Path(__file__).parent.parent / "README.md").read_text().split())
+    section = readme[readme.index("--case-per-folder`"):][:900]
+    assert all(f"`{name}`" in section for name in FOLDER_LABEL_NAMES)

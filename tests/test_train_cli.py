@@ -61,7 +61,7 @@ def test_resume_continues_from_last_checkpoint(tiny_phantom, tmp_path, monkeypat
     assert "6 iterations from 3" in log
 
 
-def test_resume_alone_takes_the_checkpoints_config_and_folder(tiny_phantom, tmp_path, monkeypatch):
+def test_resume_alone_takes_the_checkpoints_config_and_folder(tiny_phantom, tmp_path, monkeypatch, capsys):
     """`--resume run/last.pt` and nothing else: the strategy, its settings and the folder are the
     run's own (not the defaults' supervised), and flags still override them."""
     monkeypatch.chdir(tmp_path)
@@ -73,6 +73,13 @@ def test_resume_alone_takes_the_checkpoints_config_and_folder(tiny_phantom, tmp_
     assert resumed["method"] == "mean_teacher" and resumed["ema_decay"] == 0.95 and resumed["max_iterations"] == 6
     assert "6 iterations from 3" in (tmp_path / "a" / "train.log").read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # no new run folder
+    # a budget below what the checkpoint has trained is refused, and the run's config stays as it was
+    before = (tmp_path / "a" / "config.yaml").read_text()
+    capsys.readouterr()
+    assert run_cli(train_main, ["--resume", "a/last.pt", "--no-mlflow", "--max-iterations", "4"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: --max-iterations: 4 is below the 6 iterations a/last.pt has "
+                                               "trained; expected at least 6")
+    assert (tmp_path / "a" / "config.yaml").read_text() == before
 
 
 def test_resume_with_another_strategy_names_the_checkpoints(tiny_phantom, tmp_path, monkeypatch, capsys):

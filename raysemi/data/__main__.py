@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 
+from raysemi.data.importer import FOLDER_LABEL_RULE
 from raysemi.errors import ArgumentParser, DefaultsHelpFormatter, run_cli
 
 
@@ -103,8 +104,7 @@ def build_parser() -> ArgumentParser:
                     help="each subfolder of --images is one case, named by its path ('/' read as '_'), its files "
                          "named alike in every case (KiTS: case_00000/imaging.nii.gz beside segmentation.nii.gz): "
                          "one NIfTI image in each, and its label beside it (--labels set to the --images folder; "
-                         "named label, seg, segmentation, mask, gt or <image>_gt) or in the same subfolder of "
-                         "another --labels folder")
+                         f"named {FOLDER_LABEL_RULE}) or in the same subfolder of another --labels folder")
     im.add_argument("--out", required=True, help=OUT_HELP)
     im.add_argument("--val-fraction", type=float, default=0.1, help="fraction of the labeled patients for val")
     im.add_argument("--test-fraction", type=float, default=0.2, help="fraction of the labeled patients for test")

@@ -194,6 +194,8 @@ def scan(images: Path, labels: Path | None, out: Path | None = None) -> tuple[st
 
 #: file names (without extension) taken as the label of the image beside them with --case-per-folder
 FOLDER_LABEL_NAMES = ("label", "labels", "seg", "segmentation", "mask", "gt", "ground_truth", "groundtruth")
+#: the same, as the help, the README and the errors say it
+FOLDER_LABEL_RULE = f"{', '.join(FOLDER_LABEL_NAMES)}, or <image>_gt, <image>_label, <image>_seg"
 
 
 def scan_case_folders(images: Path, labels: Path | None, out: Path | None = None) -> list[Case]:
@@ -230,12 +232,16 @@ def scan_case_folders(images: Path, labels: Path | None, out: Path | None = None
         labs = [p for st, p in stems.items() if same_folder and (
             st.lower() in FOLDER_LABEL_NAMES or (_label_base(st) is not None and _label_base(st) in stems))]
         imgs = [p for p in group if p not in labs]
+        if not imgs:
+            raise UserError(f"{folder}: --case-per-folder: only a label ({', '.join(p.name for p in labs)}), no "
+                            "image; expected one image per case folder")
         if len(imgs) != 1:
-            hint = ("; labels beside their image need --labels set to the --images folder"
-                    if labels is None and len(imgs) == 2 else "")
+            hint = ("; labels beside their image need --labels set to the --images folder" if labels is None else
+                    "; with --labels another folder, labels lie in its subfolders, not beside the images"
+                    if not same_folder else "")
             raise UserError(f"{folder}: --case-per-folder: {len(imgs)} images ({', '.join(p.name for p in imgs)}); "
                             "expected one image per case folder, and beside it at most one label named "
-                            f"{', '.join(FOLDER_LABEL_NAMES)} or <image>_gt{hint}")
+                            f"{FOLDER_LABEL_RULE}{hint}")
         if not same_folder and labels is not None:
             labs = label_files.pop(rel, [])
         if len(labs) > 1:
@@ -248,6 +254,9 @@ def scan_case_folders(images: Path, labels: Path | None, out: Path | None = None
         cases[name] = Case(name, imgs, labs or None)
     if label_files:
         rel, orphans = next(iter(label_files.items()))
+        if rel == Path("."):
+            raise UserError(f"{orphans[0]}: --case-per-folder: a file directly in --labels; expected one subfolder "
+                            "per case, as in --images")
         raise UserError(f"{orphans[0]}: label folder {rel} has no image folder {images / rel}; expected the "
                         "subfolders of --labels to mirror those of --images")
     return sorted(cases.values(), key=lambda c: c.name)
