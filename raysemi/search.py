@@ -366,7 +366,7 @@ def _search(args, methods, spaces, base: TrainConfig, dataset, uri: str, storage
     from raysemi.search_report import summarize
     from raysemi.search_space import define_by_run
     from raysemi.trainable import BEST, METRIC, TIME_ATTR, train_trial
-    from raysemi.tracking import MLflowRun, flat_params, make_tune_callback
+    from raysemi.tracking import MLflowRun, flat_params, make_tune_callback, write_trial_run_map
 
     nodes = alive_nodes()
     gpus, per_trial, concurrency = check_resources(args, cluster, nodes)
@@ -453,9 +453,11 @@ def _search(args, methods, spaces, base: TrainConfig, dataset, uri: str, storage
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=1))
         results = tuner.fit()
     except KeyboardInterrupt:
+        write_trial_run_map(uri, parent.run_id, exp_dir / "mlflow_trial_runs.json")
         parent.set_tags({"status": "interrupted"})
         print(f"\ninterrupted; continue with: {resume_command(args, name, storage)}")
         return 130
+    write_trial_run_map(uri, parent.run_id, exp_dir / "mlflow_trial_runs.json")
     done = finished_trials(exp_dir)
     if done < args.num_samples:  # Ctrl-C: Tune stopped gracefully
         parent.set_tags({"status": "interrupted"})

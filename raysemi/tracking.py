@@ -465,6 +465,23 @@ class PicturesCallback(Callback):
             self._warn("learning curves", err)
 
 
+def write_trial_run_map(uri: str, parent_run_id: str, path: Path) -> None:
+    """`path` <- the search's trial id -> MLflow run id map, read from the parent run's children.
+    Written by the driver once Tune has ended: Tune syncs its own copy of the search folder over
+    it while it runs, which puts back the map of a resumed search's first session."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    parent = client.get_run(parent_run_id)
+    runs = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'",
+                              max_results=50000)
+    found = {r.data.tags["trial_id"]: r.info.run_id for r in runs if "trial_id" in r.data.tags}
+    known = json.loads(path.read_text()) if path.is_file() else {}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({**known, **found}, indent=1))
+    tmp.replace(path)
+
+
 def make_tune_callback(uri: str, experiment: str, parent_run_id: str, state_file: Path, base: dict[str, Any],
                        max_iterations: int):
     """A Ray Tune callback that logs every trial as a nested MLflow run under the search's parent

@@ -326,6 +326,9 @@ def test_interrupted_search_resumes_without_losing_or_duplicating_trials(tiny_ph
     assert len(parents) == 1 and len(kids) == 3  # nothing logged twice as a new run
     after = json.loads(runs_file.read_text())
     assert all(after[t] == run_id for t, run_id in before.items())
+    # the map on disk holds every trial, those of the resumed session too (Tune's sync of its own
+    # copy of the folder must not put back the first session's map)
+    assert sorted(after.values()) == sorted(k.info.run_id for k in kids)
     for k in kids:
         steps = [m.step for m in client.get_metric_history(k.info.run_id, "val/dice")]
         assert steps == sorted(set(steps)), steps  # no step logged twice
