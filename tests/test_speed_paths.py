@@ -1,6 +1,11 @@
 """The fast paths compute what the plain paths compute: batched validation equals slice-by-slice,
 and a bf16 + channels_last step gives the fp32 losses within bf16 tolerance."""
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +14,14 @@ from raysemi.data import Batch, load_volumes
 from raysemi.inference import evaluate_volumes, predict_volume
 from raysemi.methods import create_method, get_method, list_methods
 from raysemi.models import create_model
+
+BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+
+
+def run_benchmark(script: Path, *args, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python <script> ARGS` as a user runs it (a fresh process); its exit code and output."""
+    return subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def test_batched_validation_equals_slice_by_slice(tiny_phantom):
@@ -102,19 +115,13 @@ def test_bf16_channels_last_step_matches_fp32(name):
 
 
 def test_throughput_benchmark_cpu_smoke(tiny_phantom, tmp_path):
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).parent.parent / "benchmarks" / "throughput.py"
+    script = BENCHMARKS / "throughput.py"
     out = tmp_path / "t.json"
-    proc = subprocess.run([sys.executable, str(script), "--methods", "supervised,mt", "--data", str(tiny_phantom),
-                           "--labeled-patients", "2", "--size", "32", "--batch-size", "16", "--device", "cpu",
-                           "--warmup", "2", "--iterations", "3", "--repeats", "2", "--compare-reference-pipeline",
-                           "--reference-iterations", "8", "--reference-workers", "1", "--profile", "2", "--compare-eager",
-                           "--compare-compile", "--out", str(out)],
-                          capture_output=True, text=True, timeout=300)
+    proc = run_benchmark(script, "--methods", "supervised,mt", "--data", str(tiny_phantom),
+                         "--labeled-patients", "2", "--size", "32", "--batch-size", "16", "--device", "cpu",
+                         "--warmup", "2", "--iterations", "3", "--repeats", "2", "--compare-reference-pipeline",
+                         "--reference-iterations", "8", "--reference-workers", "1", "--profile", "2", "--compare-eager",
+                         "--compare-compile", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     assert [r["method"] for r in rows] == ["supervised", "mean_teacher"]
@@ -140,18 +147,13 @@ def test_throughput_benchmark_cpu_smoke(tiny_phantom, tmp_path):
 
 def test_throughput_benchmark_compiled_run_still_compares_with_the_reference(tiny_phantom, tmp_path):
     # the smoke's shapes (batch 16, 32x32): after it, inductor's on-disk cache has the compiled UNet
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).parent.parent / "benchmarks" / "throughput.py"
+    script = BENCHMARKS / "throughput.py"
     out = tmp_path / "c.json"
-    proc = subprocess.run([sys.executable, str(script), "--methods", "supervised", "--data", str(tiny_phantom),
-                           "--labeled-patients", "2", "--size", "32", "--batch-size", "16", "--device", "cpu",
-                           "--warmup", "2", "--iterations", "2", "--repeats", "1", "--compile",
-                           "--compare-reference-pipeline", "--reference-iterations", "4", "--reference-workers", "1",
-                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    proc = run_benchmark(script, "--methods", "supervised", "--data", str(tiny_phantom),
+                         "--labeled-patients", "2", "--size", "32", "--batch-size", "16", "--device", "cpu",
+                         "--warmup", "2", "--iterations", "2", "--repeats", "1", "--compile",
+                         "--compare-reference-pipeline", "--reference-iterations", "4", "--reference-workers", "1",
+                         "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     (row,) = json.loads(out.read_text())["rows"]
     assert row["compiled"] is True and row["ref_it_per_s"] > 0
@@ -160,19 +162,13 @@ def test_throughput_benchmark_compiled_run_still_compares_with_the_reference(tin
 
 def test_throughput_benchmark_sets_config_values_for_every_row(tiny_phantom, tmp_path):
     # --set times a variant (here UA-MT's T passes in one teacher forward); a bad one is refused
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).parent.parent / "benchmarks" / "throughput.py"
+    script = BENCHMARKS / "throughput.py"
     out = tmp_path / "s.json"
-    common = [sys.executable, str(script), "--methods", "uamt", "--data", str(tiny_phantom), "--labeled-patients", "2",
+    common = ["--methods", "uamt", "--data", str(tiny_phantom), "--labeled-patients", "2",
               "--size", "32", "--batch-size", "8", "--device", "cpu", "--warmup", "1", "--iterations", "2",
               "--repeats", "1", "--out", str(out)]
-    proc = subprocess.run(common + ["--set", "uncertainty_copies=8", "--set", "T=4",  # T: the reference's name
-                                    "--set", "uncertainty_with_target=true"],
-                          capture_output=True, text=True, timeout=300)
+    proc = run_benchmark(script, *common, "--set", "uncertainty_copies=8", "--set", "T=4",  # T: the reference's name
+                         "--set", "uncertainty_with_target=true")
     assert proc.returncode == 0, proc.stderr[-2000:]
     (row,) = json.loads(out.read_text())["rows"]
     assert row["overrides"] == {"uncertainty_copies": 8, "uncertainty_passes": 4, "uncertainty_with_target": True}
@@ -181,23 +177,17 @@ def test_throughput_benchmark_sets_config_values_for_every_row(tiny_phantom, tmp
                           ("uncertainty_copies=0", "--set: uncertainty_copies: 0 is invalid; expected an integer >= 1"),
                           ("base_lr=abc", "--set: argument --base-lr: invalid float value: 'abc'"),
                           ("uncertainty_with_target=ture", "--set: uncertainty_with_target: 'ture' is invalid; expected true or false")):
-        bad = subprocess.run(common + ["--set", item], capture_output=True, text=True, timeout=60)
+        bad = run_benchmark(script, *common, "--set", item, timeout=60)
         assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
 
 
 def test_throughput_benchmark_packed_trials_through_the_search(tiny_phantom, tmp_path):
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).parent.parent / "benchmarks" / "throughput.py"
+    script = BENCHMARKS / "throughput.py"
     out = tmp_path / "p.json"
-    proc = subprocess.run([sys.executable, str(script), "--methods", "mt", "--data", str(tiny_phantom),
-                           "--labeled-patients", "2", "--size", "32", "--batch-size", "4", "--device", "cpu",
-                           "--packed", "2", "--packed-iterations", "30", "--packed-eval-interval", "10",
-                           "--packed-cpus-per-trial", "1", "--out", str(out)],
-                          capture_output=True, text=True, timeout=300)
+    proc = run_benchmark(script, "--methods", "mt", "--data", str(tiny_phantom),
+                         "--labeled-patients", "2", "--size", "32", "--batch-size", "4", "--device", "cpu",
+                         "--packed", "2", "--packed-iterations", "30", "--packed-eval-interval", "10",
+                         "--packed-cpus-per-trial", "1", "--out", str(out))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     packed = json.loads(out.read_text())["packed"]
     assert len(packed["trials"]) == 2 and all(t["iterations"] == 30 and t["reports"] == 3 for t in packed["trials"])
@@ -236,16 +226,10 @@ def test_compile_switch_trains_like_eager_and_keeps_checkpoints_plain(tiny_phant
 
 
 def test_validation_metrics_benchmark_smoke(tiny_phantom, tmp_path):
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).parent.parent / "benchmarks" / "validation_metrics.py"
+    script = BENCHMARKS / "validation_metrics.py"
     out = tmp_path / "v.json"
-    proc = subprocess.run([sys.executable, str(script), "--data", str(tiny_phantom), "--speckles", "0,0.01",
-                           "--threads", "1,2", "--repeats", "1", "--out", str(out)],
-                          capture_output=True, text=True, timeout=300)
+    proc = run_benchmark(script, "--data", str(tiny_phantom), "--speckles", "0,0.01",
+                         "--threads", "1,2", "--repeats", "1", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
     assert [r["speckle"] for r in report["rows"]] == [0.0, 0.01] and report["volumes"] >= 1
@@ -256,18 +240,12 @@ def test_validation_metrics_benchmark_smoke(tiny_phantom, tmp_path):
 
 
 def test_search_wall_benchmark_smoke_scales_the_trials_and_projects(tiny_phantom, tmp_path):
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).parent.parent / "benchmarks" / "search_wall.py"
+    script = BENCHMARKS / "search_wall.py"
     out = tmp_path / "w.json"
-    proc = subprocess.run([sys.executable, str(script), "--device", "cpu", "--data", str(tiny_phantom),
-                           "--labeled-patients", "2", "--size", "32", "--batch-size", "4", "--trials", "2",
-                           "--iterations", "40", "--grace-period", "20", "--eval-interval", "20", "--scale", "0.5",
-                           "--cpus-per-trial", "1", "--num-cpus", "2", "--out", str(out)],
-                          capture_output=True, text=True, timeout=300)
+    proc = run_benchmark(script, "--device", "cpu", "--data", str(tiny_phantom),
+                         "--labeled-patients", "2", "--size", "32", "--batch-size", "4", "--trials", "2",
+                         "--iterations", "40", "--grace-period", "20", "--eval-interval", "20", "--scale", "0.5",
+                         "--cpus-per-trial", "1", "--num-cpus", "2", "--out", str(out))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     r = json.loads(out.read_text())
     # --scale 0.5: 20-iteration trials, grace period and evaluation interval 10
@@ -291,8 +269,8 @@ def test_search_wall_benchmark_smoke_scales_the_trials_and_projects(tiny_phantom
     assert r["projected_full_wall_packed_s"] is None and "(no --packed-rate)" in proc.stdout
     # the GPU-bound projection, recomputed from the saved result with a packed rate
     again = tmp_path / "w2.json"
-    proc = subprocess.run([sys.executable, str(script), "--from-json", str(out), "--packed-rate", "10",
-                           "--out", str(again)], capture_output=True, text=True, timeout=120)
+    proc = run_benchmark(script, "--from-json", str(out), "--packed-rate", "10",
+                         "--out", str(again), timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     r2 = json.loads(again.read_text())
     steps = sum(t["steps_s"] for t in r["trials"])
@@ -307,8 +285,7 @@ def test_search_wall_benchmark_smoke_scales_the_trials_and_projects(tiny_phantom
     for bad, message in ((tmp_path / "missing.json", "cannot be read as JSON"), (again.with_name("t.json"), "missing")):
         if bad.name == "t.json":
             bad.write_text(json.dumps({"rows": []}))  # another benchmark's result
-        refused = subprocess.run([sys.executable, str(script), "--from-json", str(bad)], capture_output=True,
-                                 text=True, timeout=120)
+        refused = run_benchmark(script, "--from-json", str(bad), timeout=120)
         assert refused.returncode == 2 and message in refused.stderr and "Traceback" not in refused.stderr
     assert "projected full-scale wall" in proc.stdout
 
@@ -349,17 +326,11 @@ def test_trainer_counts_training_and_validation_seconds_apart(tiny_phantom, monk
 
 def test_trajectory_benchmark_smoke(tiny_phantom, tmp_path):
     # the Dice-trajectory benchmark (speed must not change what is learned): both pipelines, one seed
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).parent.parent / "benchmarks" / "trajectory.py"
+    script = BENCHMARKS / "trajectory.py"
     out = tmp_path / "traj.json"
-    proc = subprocess.run([sys.executable, str(script), "--methods", "mt", "--data", str(tiny_phantom),
-                           "--labeled-patients", "2", "--size", "32", "--batch-size", "4", "--device", "cpu",
-                           "--iterations", "8", "--points", "2", "--seeds", "1", "--reference-workers", "1",
-                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    proc = run_benchmark(script, "--methods", "mt", "--data", str(tiny_phantom), "--labeled-patients", "2",
+                         "--size", "32", "--batch-size", "4", "--device", "cpu", "--iterations", "8", "--points", "2",
+                         "--seeds", "1", "--reference-workers", "1", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = json.loads(out.read_text())
     assert r["iterations"] == [4, 8] and r["compile"] is False
