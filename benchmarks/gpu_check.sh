@@ -9,7 +9,9 @@
 #             with its metrics on threads and serially;
 #   table     the same table with graphs on and off (eager) instead of compile;
 #             both table stages train with the config values in SET (e.g. SET="uncertainty_copies=8
-#             uncertainty_with_target=true"; the reference pipeline keeps the reference's own);
+#             uncertainty_with_target=true"; the reference pipeline keeps the reference's own), and with
+#             COMPARE="FIELD=VALUE ..." time each strategy again with those values, in the same process
+#             (e.g. COMPARE="cudnn_benchmark=off": an A/B of one setting);
 #   variant   the table's first columns for VARIANT_METHODS (default uamt) with the config values
 #             VARIANT (default "uncertainty_copies=8": UA-MT's T noisy passes in one teacher forward);
 #   packed    4 mean-teacher trials packed on one GPU through raysemi.search (COMPILE=1: compile: on);
@@ -61,6 +63,7 @@ fi
 COMPILE_FLAG=(); [ "$COMPILE" = 1 ] && COMPILE_FLAG=(--compile)
 TRAIN_COMPILE=(); [ "$COMPILE" = 1 ] && TRAIN_COMPILE=(--compile on)
 TABLE_SETS=(); for kv in ${SET:-}; do TABLE_SETS+=(--set "$kv"); done
+for kv in ${COMPARE:-}; do TABLE_SETS+=(--compare-set "$kv"); done
 log() { echo "== $(date +%T) $*"; }
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 # the whole check must end inside the device call's limit: each stage gets at most what is left
@@ -93,7 +96,7 @@ if want variant; then
 fi
 
 if want compile; then
-  log "throughput: graphs, graphs + compile, reference pipeline ($METHODS${SET:+; $SET})"
+  log "throughput: graphs, graphs + compile, reference pipeline ($METHODS${SET:+; $SET}${COMPARE:+; B: $COMPARE})"
   timeout $(left $RESERVE) python3 benchmarks/throughput.py --device $DEVICE --data "$WORK/data" --size $PATCH --batch-size $BS \
     --methods $METHODS --warmup 20 --iterations $IT --repeats 2 --compare-compile --compare-reference-pipeline \
     --reference-iterations $REFIT "${TABLE_SETS[@]}" --out "$OUT/throughput_${DEVICE}_compile${SET:+_set}.json"
@@ -101,7 +104,7 @@ if want compile; then
 fi
 
 if want table; then
-  log "throughput: graphs, eager, reference pipeline ($METHODS${SET:+; $SET})"
+  log "throughput: graphs, eager, reference pipeline ($METHODS${SET:+; $SET}${COMPARE:+; B: $COMPARE})"
   timeout $(left $RESERVE) python3 benchmarks/throughput.py --device $DEVICE --data "$WORK/data" --size $PATCH --batch-size $BS \
     --methods $METHODS --warmup 20 --iterations $IT --repeats 2 --compare-eager --compare-reference-pipeline \
     --reference-iterations $REFIT "${TABLE_SETS[@]}" --out "$OUT/throughput_${DEVICE}${SET:+_set}.json"

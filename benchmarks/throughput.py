@@ -8,6 +8,7 @@ device memory and one validation pass's time, over several repeats; prints a tab
     python benchmarks/throughput.py --device cuda --compare-eager                               # CUDA graphs' gain
     python benchmarks/throughput.py --device cuda --methods mt --compile                       # with torch.compile
     python benchmarks/throughput.py --device cuda --compare-compile                             # compile's gain
+    python benchmarks/throughput.py --device cuda --compare-set cudnn_benchmark=off             # a config value's
 
 The reference size is batch 24 (12 labeled), 256x256, 7 labeled patients. Timing is of the real
 training path (`Trainer.train_until`: device-resident slices, device augmentation, bf16 and
@@ -18,6 +19,9 @@ ends of each measured run.
 CPU augmentation per sample through a DataLoader whose workers restart every epoch, synchronous
 copies, fp32 NCHW, losses read back every iteration; validation one slice at a time), so each
 ratio comes from one run on one machine. See benchmarks/reference_pipeline.py.
+
+`--compare-set FIELD=VALUE` (repeatable) times each strategy a second time, in the same process,
+with those config values on top of the row's own (`--set`, `--compile`): an A/B of one setting.
 
 `--packed N` runs N concurrent trials of the first strategy through the real search path
 (`python -m raysemi.search`, fractional GPUs, data through Ray's object store, ASHA not stopping
@@ -276,9 +280,13 @@ def main() -> int:
     p.add_argument("--packed-cpus-per-trial", type=int, default=2)
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="a config value for every row (repeatable), e.g. --set uncertainty_copies=8")
+    p.add_argument("--compare-set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="time each strategy again with these config values (repeatable), e.g. "
+                        "--compare-set cudnn_benchmark=off: an A/B of one setting in the same process")
     p.add_argument("--out", default="benchmarks/results/throughput.json")
     args = p.parse_args()
     args.overrides = parse_sets(args.set, p)
+    args.compare_overrides = parse_sets(args.compare_set, p)
     if args.compile and args.compare_compile:
         p.error("--compile and --compare-compile: choose one (--compare-compile times both)")
     methods = list_methods() if args.methods == "all" else [resolve_method_name(m) for m in args.methods.split(",")]
@@ -302,9 +310,12 @@ def main() -> int:
         head = f"{'strategy':<32}{'it/s':>9}{'ms/step':>9}{'peak MiB':>10}{'val s':>8}"
         head += f"{'eager it/s':>11}{'gain':>6}" if args.compare_eager else ""
         head += f"{'compiled it/s':>14}{'gain':>6}{'compile s':>10}" if args.compare_compile else ""
+        head += f"{'B it/s':>9}{'B/A':>6}" if args.compare_overrides else ""
         head += f"{'ref it/s':>10}{'ratio':>7}{'ref val s':>10}{'ratio':>7}" if ref else ""
         if args.overrides:
             print("every row with " + ", ".join(f"{k}={v}" for k, v in args.overrides.items()))
+        if args.compare_overrides:
+            print("A: it/s; B: the same with " + ", ".join(f"{k}={v}" for k, v in args.compare_overrides.items()))
         print(head)
         for m in methods:
             r = measure(m, data, args)
@@ -326,6 +337,14 @@ def main() -> int:
                                                            "compile_warmup_s", "cuda_graphs", "graph_failure")})
                 r["compile_gain"] = c["it_per_s_median"] / r["it_per_s_median"]
                 line += f"{c['it_per_s_median']:>14.2f}{r['compile_gain']:>5.2f}x{c['compile_warmup_s']:>10.1f}"
+            if args.compare_overrides:
+                b = measure(m, data, args, **args.compare_overrides)
+                r.update({f"compared_{k}": b[k] for k in ("it_per_s_mean", "it_per_s_median", "it_per_s_runs",
+                                                           "ms_per_step", "peak_mem_mib", "val_pass_s", "val_dice",
+                                                           "compile_warmup_s", "cuda_graphs", "graph_failure",
+                                                           "overrides")})
+                r["compared_gain"] = b["it_per_s_median"] / r["it_per_s_median"]
+                line += f"{b['it_per_s_median']:>9.2f}{r['compared_gain']:>5.2f}x"
             if ref:
                 if args.compare_compile:
                     r["compiled_speedup"] = r["compiled_it_per_s_median"] / r["ref_it_per_s"]

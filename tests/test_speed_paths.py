@@ -168,11 +168,18 @@ def test_throughput_benchmark_sets_config_values_for_every_row(tiny_phantom, tmp
               "--size", "32", "--batch-size", "8", "--device", "cpu", "--warmup", "1", "--iterations", "2",
               "--repeats", "1", "--out", str(out)]
     proc = run_benchmark(script, *common, "--set", "uncertainty_copies=8", "--set", "T=4",  # T: the reference's name
-                         "--set", "uncertainty_with_target=true")
+                         "--set", "uncertainty_with_target=true", "--compare-set", "uncertainty_copies=2")
     assert proc.returncode == 0, proc.stderr[-2000:]
     (row,) = json.loads(out.read_text())["rows"]
     assert row["overrides"] == {"uncertainty_copies": 8, "uncertainty_passes": 4, "uncertainty_with_target": True}
     assert "every row with uncertainty_copies=8, uncertainty_passes=4, uncertainty_with_target=True" in proc.stdout
+    # --compare-set: the same row timed again with one value changed, in the same process
+    assert row["compared_overrides"] == {**row["overrides"], "uncertainty_copies": 2}
+    assert row["compared_it_per_s_median"] > 0
+    assert row["compared_gain"] == pytest.approx(row["compared_it_per_s_median"] / row["it_per_s_median"])
+    assert "B: the same with uncertainty_copies=2" in proc.stdout
+    bad = run_benchmark(script, *common, "--compare-set", "cudnn_benchmark=fast", timeout=60)
+    assert bad.returncode == 2 and "--set: cudnn_benchmark: 'fast' is invalid; expected 'auto', 'on' or 'off'" in bad.stderr
     for item, message in (("uncertainty_copy=8", "--set: 'uncertainty_copy=8' is invalid"),
                           ("uncertainty_copies=0", "--set: uncertainty_copies: 0 is invalid; expected an integer >= 1"),
                           ("base_lr=abc", "--set: argument --base-lr: invalid float value: 'abc'"),
