@@ -11,7 +11,7 @@
 #             both table stages train with the config values in SET (e.g. SET="uncertainty_copies=8
 #             uncertainty_with_target=true"; the reference pipeline keeps the reference's own), and with
 #             COMPARE="FIELD=VALUE ..." time each strategy again with those values, in the same process
-#             (e.g. COMPARE="cudnn_benchmark=off": an A/B of one setting);
+#             (e.g. COMPARE="uncertainty_copies=2": an A/B of one setting);
 #   variant   the table's first columns for VARIANT_METHODS (default uamt) with the config values
 #             VARIANT (default "uncertainty_copies=8": UA-MT's T noisy passes in one teacher forward);
 #   packed    4 mean-teacher trials packed on one GPU through raysemi.search (COMPILE=1: compile: on);

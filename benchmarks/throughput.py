@@ -8,7 +8,7 @@ device memory and one validation pass's time, over several repeats; prints a tab
     python benchmarks/throughput.py --device cuda --compare-eager                               # CUDA graphs' gain
     python benchmarks/throughput.py --device cuda --methods mt --compile                       # with torch.compile
     python benchmarks/throughput.py --device cuda --compare-compile                             # compile's gain
-    python benchmarks/throughput.py --device cuda --compare-set cudnn_benchmark=off             # a config value's
+    python benchmarks/throughput.py --device cuda --methods uamt --compare-set uncertainty_copies=8  # one value's A/B
 
 The reference size is batch 24 (12 labeled), 256x256, 7 labeled patients. Timing is of the real
 training path (`Trainer.train_until`: device-resident slices, device augmentation, bf16 and
@@ -282,7 +282,7 @@ def main() -> int:
                    help="a config value for every row (repeatable), e.g. --set uncertainty_copies=8")
     p.add_argument("--compare-set", action="append", default=[], metavar="FIELD=VALUE",
                    help="time each strategy again with these config values (repeatable), e.g. "
-                        "--compare-set cudnn_benchmark=off: an A/B of one setting in the same process")
+                        "--compare-set uncertainty_copies=8: an A/B of one setting in the same process")
     p.add_argument("--out", default="benchmarks/results/throughput.json")
     args = p.parse_args()
     args.overrides = parse_sets(args.set, p)

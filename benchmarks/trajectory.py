@@ -24,12 +24,13 @@ from raysemi.data import load_dataset  # noqa: E402
 from raysemi.loop import Trainer  # noqa: E402
 from raysemi.methods import get_method, resolve_method_name  # noqa: E402
 from reference_pipeline import ReferenceFeed  # noqa: E402
+from throughput import parse_sets  # noqa: E402
 
 
 def run(method: str, data, args, seed: int, reference: bool) -> list[float]:
     # the reference feed hands over ready batches: no device sampler to capture in a CUDA graph
     over = ({"amp": "off", "channels_last": "off", "cuda_graphs": "off"} if reference
-            else {"cuda_graphs": args.cuda_graphs, "compile": "on" if args.compile else "off"})
+            else {"cuda_graphs": args.cuda_graphs, "compile": "on" if args.compile else "off", **args.overrides})
     cfg = TrainConfig(method=method, data=args.data, labeled_patients=args.labeled_patients,
                       patch_size=(args.size, args.size), batch_size=args.batch_size, labeled_bs=args.batch_size // 2,
                       max_iterations=args.iterations, eval_interval=args.iterations // args.points,
@@ -65,8 +66,12 @@ def main() -> int:
                    help="which to train: 'ours', 'reference' or both (comma-separated)")
     p.add_argument("--cuda-graphs", default="auto", choices=("auto", "on", "off"), help="our path's cuda_graphs")
     p.add_argument("--compile", action="store_true", help="our path with compile: on")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="a config value for our path (repeatable), e.g. --set uncertainty_copies=8; the reference "
+                        "feed keeps the reference's own")
     p.add_argument("--out", default="benchmarks/results/trajectory.json")
     args = p.parse_args()
+    args.overrides = parse_sets(args.set, p)
     data = load_dataset(args.data, args.labeled_patients, 4)
     rows = []
     for m in [resolve_method_name(x) for x in args.methods.split(",")]:

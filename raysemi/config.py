@@ -62,9 +62,6 @@ class TrainConfig:
                              "(on an H200 with CUDA graphs, 1.2-1.5x: mean teacher 61 -> 80 it/s, URPC 58 -> 69, "
                              "DAN 49 -> 67, UA-MT 27 -> 39) for 15-45 s of compiling per process (and some at the "
                              "first validation), less once inductor's on-disk cache has the graphs; 'off'")
-    cudnn_benchmark: str = _f("auto", "let cuDNN time its convolution algorithms at the training step's shapes "
-                                      "once, then use the fastest (the shapes never change): 'auto' (on for "
-                                      "CUDA), 'on' or 'off' (cuDNN's heuristic choice; validation always uses it)")
     # semi-supervised
     consistency: float = _f(0.1, "final weight of the unsupervised term", "strategy")
     consistency_rampup: float = _f(200.0, "ramp length of the consistency weight, in ramp units", "strategy")
@@ -181,8 +178,6 @@ class TrainConfig:
             bad("compile", "'on' or 'off'")
         if self.cuda_graphs not in ("auto", "on", "off"):
             bad("cuda_graphs", "'auto', 'on' or 'off'")
-        if self.cudnn_benchmark not in ("auto", "on", "off"):
-            bad("cudnn_benchmark", "'auto', 'on' or 'off'")
         if self.eval_model not in ("student", "teacher"):
             bad("eval_model", "'student' or 'teacher'")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):

@@ -8,7 +8,6 @@ those arrive as callbacks.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 import time
@@ -133,8 +132,6 @@ class Trainer:
         self.cuda_graphs = config.fault_nan_at < 0 and (
             config.cuda_graphs == "on" or (config.cuda_graphs == "auto" and self.device.type == "cuda"))
         self._graphed: GraphedStep | None = None
-        # cuDNN times its algorithms once per shape; the training step's shapes never change
-        self.cudnn_benchmark = self.device.type == "cuda" and config.cudnn_benchmark in ("auto", "on")
         self.strategy.to(self.device)
         if self.channels_last:
             self.strategy.to(memory_format=torch.channels_last)
@@ -269,17 +266,6 @@ class Trainer:
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
 
-    @contextlib.contextmanager
-    def _cudnn_algorithms(self):
-        """cuDNN's algorithm choice for a training step: timed (`cudnn_benchmark`) or its heuristic.
-        Validation keeps the heuristic: its batch shapes vary with each volume's slice count."""
-        before = torch.backends.cudnn.benchmark
-        torch.backends.cudnn.benchmark = self.cudnn_benchmark
-        try:
-            yield
-        finally:
-            torch.backends.cudnn.benchmark = before
-
     def start(self) -> None:
         """Call the callbacks' `on_train_start` and put the networks in training mode."""
         self._start_time = time.perf_counter()
@@ -348,8 +334,7 @@ class Trainer:
             it = self.iteration
             lr = poly_lr(it, cfg.max_iterations, cfg.base_lr)
             inputs = self.strategy.step_inputs(it)
-            with self._cudnn_algorithms():
-                out, extra = step(it, lr, inputs)
+            out, extra = step(it, lr, inputs)
             loss = out["loss"]
             self.iteration += 1
             done = self.iteration >= cfg.max_iterations

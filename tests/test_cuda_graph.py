@@ -187,27 +187,6 @@ def test_cuda_graphs_config(tiny_phantom, data):
         tiny_config(tiny_phantom, compile="yes")
 
 
-def test_cudnn_benchmark_is_on_in_training_steps_only(tiny_phantom, data):
-    with pytest.raises(UserError, match="cudnn_benchmark: 'fast' is invalid; expected 'auto', 'on' or 'off'"):
-        tiny_config(tiny_phantom, cudnn_benchmark="fast")
-    assert TrainConfig().cudnn_benchmark == "auto"
-    assert Trainer(tiny_config(tiny_phantom, cudnn_benchmark="on"), data).cudnn_benchmark is False  # no cuDNN on CPU
-    trainer, _ = make(tiny_phantom, data, "mean_teacher", graphed=False, max_iterations=4, eval_interval=2)
-    trainer.cudnn_benchmark = True  # as on CUDA
-    seen: list[tuple[bool, bool]] = []  # (training mode, cuDNN benchmark flag) at each student forward
-    trainer.strategy.student.register_forward_hook(lambda m, i, o: seen.append((m.training, torch.backends.cudnn.benchmark)))
-    before = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = False
-    try:
-        trainer.train_until(4)
-        assert torch.backends.cudnn.benchmark is False  # given back after each step
-    finally:
-        torch.backends.cudnn.benchmark = before
-    assert {flag for training, flag in seen if training} == {True}  # every training step timed its algorithms
-    assert {flag for training, flag in seen if not training} == {False}  # validation: cuDNN's heuristic
-    assert len({training for training, _ in seen}) == 2  # both were seen (two validations)
-
-
 # -- on a GPU ----------------------------------------------------------------------------------------
 def _no_dropout(trainer: Trainer) -> None:
     for m in trainer.strategy.modules():
@@ -268,12 +247,6 @@ def test_captured_step_equals_eager_step_on_cuda(name, tiny_phantom, data):
     da = torch.cat([(a - p0).double().flatten() for p0, a in zip(start, eager.strategy.student.parameters())])
     db = torch.cat([(b - p0).double().flatten() for p0, b in zip(start, graphed.strategy.student.parameters())])
     assert (db - da).norm() <= 0.05 * da.norm()
-
-
-@cuda
-def test_cudnn_benchmark_auto_is_on_for_cuda(tiny_phantom, data):
-    assert Trainer(tiny_config(tiny_phantom, device="cuda"), data).cudnn_benchmark is True
-    assert Trainer(tiny_config(tiny_phantom, device="cuda", cudnn_benchmark="off"), data).cudnn_benchmark is False
 
 
 @cuda
