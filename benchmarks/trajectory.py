@@ -27,15 +27,18 @@ from reference_pipeline import ReferenceFeed  # noqa: E402
 from throughput import parse_sets  # noqa: E402
 
 
-def run(method: str, data, args, seed: int, reference: bool) -> list[float]:
+def run(method: str, data, args, seed: int, reference: bool) -> tuple[list[float], dict]:
+    """One seed's validation Dice at each evaluation, and the config values that `--set` names as
+    this pipeline's trainer had them."""
     # the reference feed hands over ready batches: no device sampler to capture in a CUDA graph
     over = ({"amp": "off", "channels_last": "off", "cuda_graphs": "off"} if reference
             else {"cuda_graphs": args.cuda_graphs, "compile": "on" if args.compile else "off", **args.overrides})
-    cfg = TrainConfig(method=method, data=args.data, labeled_patients=args.labeled_patients,
-                      patch_size=(args.size, args.size), batch_size=args.batch_size, labeled_bs=args.batch_size // 2,
-                      max_iterations=args.iterations, eval_interval=args.iterations // args.points,
-                      log_interval=10 ** 9, device=args.device, mt_warmup=0, seed=seed,
-                      rampup_interval=max(1, args.iterations // 200), eval_hd95=False, **over).validate()
+    values = dict(method=method, data=args.data, labeled_patients=args.labeled_patients,
+                  patch_size=(args.size, args.size), batch_size=args.batch_size, labeled_bs=args.batch_size // 2,
+                  max_iterations=args.iterations, eval_interval=args.iterations // args.points,
+                  log_interval=10 ** 9, device=args.device, mt_warmup=0, seed=seed,
+                  rampup_interval=max(1, args.iterations // 200), eval_hd95=False)
+    cfg = TrainConfig(**{**values, **over}).validate()
     trainer = Trainer(cfg, data)
     if reference:
         uses = get_method(method).uses_unlabeled
@@ -47,7 +50,7 @@ def run(method: str, data, args, seed: int, reference: bool) -> list[float]:
     result = trainer.fit()
     if trainer.graph_failure:
         print(f"  seed {seed}: CUDA graph capture failed, trained eagerly: {trainer.graph_failure}")
-    return [h["val/dice"] for h in result.history]
+    return [h["val/dice"] for h in result.history], {k: getattr(cfg, k) for k in args.overrides}
 
 
 def main() -> int:
@@ -76,10 +79,12 @@ def main() -> int:
     rows = []
     for m in [resolve_method_name(x) for x in args.methods.split(",")]:
         for pipeline in args.pipelines.split(","):
-            curves = [run(m, data, args, 1337 + s, pipeline == "reference") for s in range(args.seeds)]
+            runs = [run(m, data, args, 1337 + s, pipeline == "reference") for s in range(args.seeds)]
+            curves = [curve for curve, _ in runs]
             mean = [statistics.mean(c[i] for c in curves) for i in range(len(curves[0]))]
             std = [statistics.pstdev(c[i] for c in curves) for i in range(len(curves[0]))]
-            rows.append({"method": m, "pipeline": pipeline, "curves": curves, "mean": mean, "std": std})
+            rows.append({"method": m, "pipeline": pipeline, "curves": curves, "mean": mean, "std": std,
+                         "set": runs[0][1]})
             print(f"{m:<24}{pipeline:<11}" + "  ".join(f"{a:.3f}+-{b:.3f}" for a, b in zip(mean, std)), flush=True)
     its = [args.iterations // args.points * (i + 1) for i in range(args.points)]
     out = Path(args.out)

@@ -337,10 +337,12 @@ def test_trajectory_benchmark_smoke(tiny_phantom, tmp_path):
     out = tmp_path / "traj.json"
     proc = run_benchmark(script, "--methods", "mt", "--data", str(tiny_phantom), "--labeled-patients", "2",
                          "--size", "32", "--batch-size", "4", "--device", "cpu", "--iterations", "8", "--points", "2",
-                         "--seeds", "1", "--reference-workers", "1", "--out", str(out))
+                         "--seeds", "1", "--reference-workers", "1", "--set", "ema_decay=0.95", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = json.loads(out.read_text())
     assert r["iterations"] == [4, 8] and r["compile"] is False
+    # --set reaches our path's trainer only; the reference feed keeps the reference's value
+    assert [row["set"] for row in r["rows"]] == [{"ema_decay": 0.95}, {"ema_decay": 0.99}]
     assert [(row["method"], row["pipeline"]) for row in r["rows"]] == [("mean_teacher", "ours"),
                                                                          ("mean_teacher", "reference")]
     for row in r["rows"]:
