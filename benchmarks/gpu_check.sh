@@ -15,6 +15,8 @@
 #   variant   the table's first columns for VARIANT_METHODS (default uamt) with the config values
 #             VARIANT (default "uncertainty_copies=8": UA-MT's T noisy passes in one teacher forward);
 #   packed    4 mean-teacher trials packed on one GPU through raysemi.search (COMPILE=1: compile: on);
+#   mps       the same under NVIDIA MPS (nvidia-cuda-mps-control -d, stopped after): without it the
+#             trials' processes take turns on the GPU; with it their kernels can run side by side;
 #   train     raysemi.train on CUDA, then a --resume of it (COMPILE=1: with --compile on);
 #   trajectory mean teacher's validation Dice trajectory with graphs on (3 seeds; COMPILE=1: compile on);
 #   search    the 32-trial mean-teacher search of issue 7 at SCALE (default 0.1: 1,000-iteration
@@ -22,15 +24,12 @@
 #             wall time (benchmarks/search_wall.py; after the packed stage in the same call, also at
 #             the packed rate; 197 s at SCALE=0.02 on an H200, about 10 minutes at 0.1; not in the
 #             default STAGES).
-# The third device session ran (benchmarks/notes/performance.md; the table stages leave RESERVE
-# seconds to the stages after them; each table row is written as soon as it is measured):
-#   STAGES="tests variant compile search" METHODS=dv,dan,uamt SCALE=0.02 RESERVE=250 DEADLINE=585 bash benchmarks/gpu_check.sh
-#   STAGES="packed train" COMPILE=1 DEADLINE=300 bash benchmarks/gpu_check.sh
-#   STAGES=variant COMPILE=1 DEADLINE=110 bash benchmarks/gpu_check.sh
+# The fourth device session ran (benchmarks/notes/performance.md, "The fourth session"):
+#   STAGES="compile trajectory" METHODS=uamt,mt,ict,em,dv,dan,supervised SET="uncertainty_copies=8 uncertainty_with_target=true" COMPILE=1 RESERVE=80 DEADLINE=565 bash benchmarks/gpu_check.sh
+#   STAGES=tests DEADLINE=170 bash benchmarks/gpu_check.sh
 # What is still open, one call each (performance.md, "The next device session"):
-#   STAGES="compile trajectory" METHODS=ict,em COMPILE=1 DEADLINE=540 bash benchmarks/gpu_check.sh
+#   STAGES="packed mps" COMPILE=1 DEADLINE=420 bash benchmarks/gpu_check.sh
 #   STAGES="packed search" COMPILE=1 SCALE=0.05 DEADLINE=585 bash benchmarks/gpu_check.sh   # on an H100
-#   STAGES=compile METHODS=uamt SET="uncertainty_copies=8 uncertainty_with_target=true" DEADLINE=200 bash benchmarks/gpu_check.sh
 # inductor's cache is kept in .inductor-cache/ (git-ignored, kept between calls on the same
 # machine), so a later call does not compile the same networks again.
 # Results go to $OUT (JSON, logs). On the lent GPU machine, from the repo root:
@@ -43,9 +42,9 @@ STAGES=${STAGES:-tests compile table packed train trajectory}
 METHODS=${METHODS:-all}
 COMPILE=${COMPILE:-0}
 for stage in $STAGES; do
-  case " tests compile table variant packed train trajectory search " in
+  case " tests compile table variant packed mps train trajectory search " in
     *" $stage "*) ;;
-    *) echo "gpu_check: STAGES: unknown stage '$stage'; expected some of: tests compile table variant packed train trajectory search" >&2; exit 2;;
+    *) echo "gpu_check: STAGES: unknown stage '$stage'; expected some of: tests compile table variant packed mps train trajectory search" >&2; exit 2;;
   esac
 done
 mkdir -p "$OUT"
@@ -117,6 +116,25 @@ if want packed; then
     --batch-size $BS --methods mean_teacher --packed 4 --packed-iterations $PACKIT --packed-eval-interval $PACKEVAL \
     "${COMPILE_FLAG[@]}" --out "$OUT/throughput_${DEVICE}_packed4${COMPILE_FLAG:+_compile}.json"
   echo "packed exit: $?"
+fi
+
+if want mps; then
+  log "four packed mean-teacher trials under MPS (graphs on${COMPILE_FLAG:+, compile on})"
+  if ! command -v nvidia-cuda-mps-control >/dev/null; then
+    echo "mps: nvidia-cuda-mps-control is not on this machine"
+  else
+    export CUDA_MPS_PIPE_DIRECTORY=$WORK/mps-pipe CUDA_MPS_LOG_DIRECTORY=$WORK/mps-log
+    mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+    nvidia-cuda-mps-control -d && echo "mps: daemon started"
+    timeout $(left 60 240) python3 benchmarks/throughput.py --device $DEVICE --data "$WORK/data" --size $PATCH \
+      --batch-size $BS --methods mean_teacher --packed 4 --packed-iterations $PACKIT --packed-eval-interval $PACKEVAL \
+      "${COMPILE_FLAG[@]}" --out "$OUT/throughput_${DEVICE}_packed4_mps${COMPILE_FLAG:+_compile}.json"
+    echo "mps exit: $?"
+    echo get_server_list | nvidia-cuda-mps-control | sed 's/^/mps: server /'
+    echo quit | nvidia-cuda-mps-control
+    cp "$CUDA_MPS_LOG_DIRECTORY/control.log" "$OUT/mps_control.log" 2>/dev/null
+    unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+  fi
 fi
 
 if want train; then

@@ -24,6 +24,10 @@ from raysemi.errors import UserError
 #: YAML keys accepted as other names of a field (the reference's spelling).
 ALIASES = {"DAN_lr": "dan_lr", "T": "uncertainty_passes", "labeled_num": "labeled_patients"}
 
+#: `compile: auto` compiles CUDA runs of at least this many iterations: compiling costs 15-45 s a
+#: process (cold cache) and saves 1.5-13 ms a step on an H200 (benchmarks/notes/performance.md)
+COMPILE_AUTO_ITERATIONS = 10_000
+
 
 def _f(default: Any, help: str, group: str = "training") -> Any:
     """A dataclass field with its help text and CLI group (read by `add_config_arguments`)."""
@@ -58,10 +62,12 @@ class TrainConfig:
     channels_last: str = _f("auto", "channels_last memory format: 'auto' (on with bf16 on CUDA), 'on' or 'off'")
     cuda_graphs: str = _f("auto", "capture each training iteration once as a CUDA graph and replay it (removes "
                                   "the per-kernel launch cost): 'auto' (on for CUDA), 'on' or 'off'")
-    compile: str = _f("off", "torch.compile the networks: 'on' fuses BatchNorm, activation and dropout kernels "
-                             "(on an H200 with CUDA graphs, 1.2-1.5x: mean teacher 61 -> 80 it/s, URPC 58 -> 69, "
-                             "DAN 49 -> 67, UA-MT 27 -> 39) for 15-45 s of compiling per process (and some at the "
-                             "first validation), less once inductor's on-disk cache has the graphs; 'off'")
+    compile: str = _f("auto", "torch.compile the networks: fuses BatchNorm, activation and dropout kernels (on "
+                              "an H200 with CUDA graphs, 1.1-1.6x: mean teacher 64 -> 83 it/s, URPC 59 -> 72, DAN "
+                              "51 -> 63) for 15-45 s of compiling per process (and some at the first validation), "
+                              "less once inductor's on-disk cache has the graphs; 'auto': on for CUDA runs of "
+                              f"{COMPILE_AUTO_ITERATIONS:,} iterations or more, where that pays for itself; 'on' or "
+                              "'off'")
     # semi-supervised
     consistency: float = _f(0.1, "final weight of the unsupervised term", "strategy")
     consistency_rampup: float = _f(200.0, "ramp length of the consistency weight, in ramp units", "strategy")
@@ -96,6 +102,12 @@ class TrainConfig:
     fault_nan_at: int = _f(-1, "testing only: make the loss NaN at this iteration (-1: never)", "testing")
 
     # ---- derived -------------------------------------------------------------------------
+    def compiles(self, device_type: str) -> bool:
+        """Whether the networks are compiled on this device type: 'on', or 'auto' on CUDA for runs
+        long enough that the compiling pays for itself."""
+        return self.compile == "on" or (self.compile == "auto" and device_type == "cuda"
+                                        and self.max_iterations >= COMPILE_AUTO_ITERATIONS)
+
     @property
     def unlabeled_bs(self) -> int:
         return self.batch_size - self.labeled_bs
@@ -174,8 +186,8 @@ class TrainConfig:
             bad("amp", "'auto', 'bf16' or 'off'")
         if self.channels_last not in ("auto", "on", "off"):
             bad("channels_last", "'auto', 'on' or 'off'")
-        if self.compile not in ("on", "off"):
-            bad("compile", "'on' or 'off'")
+        if self.compile not in ("auto", "on", "off"):
+            bad("compile", "'auto', 'on' or 'off'")
         if self.cuda_graphs not in ("auto", "on", "off"):
             bad("cuda_graphs", "'auto', 'on' or 'off'")
         if self.eval_model not in ("student", "teacher"):

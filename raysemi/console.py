@@ -56,7 +56,7 @@ class ConsoleCallback(Callback):
                    f"({len(d.labeled_patients)} patients), {len(d.unlabeled_idx)} unlabeled, "
                    f"{len(trainer.data.val)} validation volumes; model {trainer.model_name}, "
                    f"device {trainer.device}{', bf16' if trainer.amp else ''}"
-                   f"{', CUDA graphs' if trainer.cuda_graphs else ''}{', compiled' if c.compile == 'on' else ''}; "
+                   f"{', CUDA graphs' if trainer.cuda_graphs else ''}{', compiled' if trainer.compiled else ''}; "
                    f"{c.max_iterations} iterations from {trainer.iteration}")
         if self.progress and trainer.iteration < c.max_iterations:
             self.bar = ProgressBar(c.max_iterations, "train", "it", self.progress_stream or self.stream,

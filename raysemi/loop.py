@@ -135,7 +135,8 @@ class Trainer:
         self.strategy.to(self.device)
         if self.channels_last:
             self.strategy.to(memory_format=torch.channels_last)
-        if config.compile == "on":  # in place: parameter names, and so checkpoints, stay the same
+        self.compiled = config.compiles(self.device.type)
+        if self.compiled:  # in place: parameter names, and so checkpoints, stay the same
             for net in self.strategy.networks().values():
                 net.compile()
         self.optimizer = torch.optim.SGD(self.strategy.student.parameters(), lr=config.base_lr,

@@ -312,7 +312,7 @@ class MLflowCallback(Callback):
         self.run.log_params(flat_params(trainer.config.saved_dict()))
         self.run.set_tags({"strategy": trainer.config.method, "model": trainer.model_name,
                            "device": str(trainer.device), "amp": "bf16" if trainer.amp else "off",
-                           "cuda_graphs": trainer.graph_status})
+                           "cuda_graphs": trainer.graph_status, "compiled": "on" if trainer.compiled else "off"})
         if self.run_dir is not None:
             self.run.log_artifact(self.run_dir / "config.yaml")
         if trainer.iteration > 0:  # resumed: the checkpoint's curves first (only what the run lacks)
@@ -593,6 +593,8 @@ def make_tune_callback(uri: str, experiment: str, parent_run_id: str, state_file
             run.log_metrics(metrics, step)
             if result.get("cuda_graphs"):
                 run.set_tags({"cuda_graphs": str(result["cuda_graphs"])[:250]})
+            if result.get("compiled") in ("on", "off"):
+                run.set_tags({"compiled": result["compiled"]})
             if result.get("diverged"):
                 run.set_tags({"status": "failed", "failure_reason": result.get("failure_reason", "diverged")})
 

@@ -125,7 +125,8 @@ def train_trial(config: dict[str, Any], *, base: dict[str, Any], dataset: Datase
                 t.train_until(target)
             metrics = {**aggregate(trainers), **base_metrics, TIME_ATTR: trainers[0].iteration, "diverged": 0,
                        **seconds(trainers), BEST: best_so_far(trainers),
-                       "cuda_graphs": next((t.graph_status for t in trainers if t.graph_failure), trainers[0].graph_status)}
+                       "cuda_graphs": next((t.graph_status for t in trainers if t.graph_failure), trainers[0].graph_status),
+                       "compiled": "on" if trainers[0].compiled else "off"}
             with tempfile.TemporaryDirectory() as d:
                 for k, t in enumerate(trainers):
                     t.save(Path(d) / f"seed{k}.pt", full=True)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from raysemi.config import TrainConfig
+from raysemi.config import COMPILE_AUTO_ITERATIONS, TrainConfig
 from raysemi.cuda_graph import ema_, sgd_momentum_
 from raysemi.data import load_dataset
 from raysemi.errors import UserError
@@ -183,8 +183,20 @@ def test_cuda_graphs_config(tiny_phantom, data):
         Trainer(tiny_config(tiny_phantom, cuda_graphs="on"), data)
     assert Trainer(tiny_config(tiny_phantom), data).cuda_graphs is False  # auto on CPU: off
     assert TrainConfig().cuda_graphs == "auto"
-    with pytest.raises(UserError, match="compile: 'yes' is invalid; expected 'on' or 'off'"):
+    with pytest.raises(UserError, match="compile: 'yes' is invalid; expected 'auto', 'on' or 'off'"):
         tiny_config(tiny_phantom, compile="yes")
+
+
+def test_compile_auto_compiles_long_cuda_runs_only(tiny_phantom, data):
+    # compiling costs 15-45 s a process: 'auto' spends it where the faster steps win it back
+    assert TrainConfig().compile == "auto"
+    long_run, short_run = TrainConfig(max_iterations=COMPILE_AUTO_ITERATIONS), TrainConfig(max_iterations=2000)
+    assert long_run.compiles("cuda") and not short_run.compiles("cuda")
+    assert not long_run.compiles("cpu")
+    assert TrainConfig(compile="on", max_iterations=10).compiles("cpu")
+    assert not TrainConfig(compile="off").compiles("cuda")
+    trainer = Trainer(tiny_config(tiny_phantom, max_iterations=COMPILE_AUTO_ITERATIONS), data)  # CPU
+    assert trainer.compiled is False and trainer.strategy.student._compiled_call_impl is None
 
 
 # -- on a GPU ----------------------------------------------------------------------------------------
@@ -247,6 +259,12 @@ def test_captured_step_equals_eager_step_on_cuda(name, tiny_phantom, data):
     da = torch.cat([(a - p0).double().flatten() for p0, a in zip(start, eager.strategy.student.parameters())])
     db = torch.cat([(b - p0).double().flatten() for p0, b in zip(start, graphed.strategy.student.parameters())])
     assert (db - da).norm() <= 0.05 * da.norm()
+
+
+@cuda
+def test_compile_auto_compiles_a_long_cuda_run(tiny_phantom, data):
+    trainer = Trainer(tiny_config(tiny_phantom, device="cuda", max_iterations=COMPILE_AUTO_ITERATIONS), data)
+    assert trainer.compiled and trainer.strategy.student._compiled_call_impl is not None
 
 
 @cuda

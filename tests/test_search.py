@@ -86,6 +86,7 @@ def test_search_logs_parent_and_nested_trial_runs(search_run):
     assert all(k.data.tags["mlflow.parentRunId"] == parent.info.run_id for k in kids)
     assert {k.data.tags["strategy"] for k in kids} <= {"supervised", "entropy_minimization", "mean_teacher"}
     assert all(k.data.tags.get("cuda_graphs") == "off" for k in kids)  # reported by the trials (CPU)
+    assert all(k.data.tags.get("compiled") == "off" for k in kids)  # compile: auto, on CPU
     for k in kids:
         # the trial's whole resolved config as params, and its identity as tags
         assert k.data.params["method"] == k.data.tags["strategy"]

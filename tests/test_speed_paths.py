@@ -2,6 +2,8 @@
 and a bf16 + channels_last step gives the fp32 losses within bf16 tolerance."""
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -179,7 +181,7 @@ def test_throughput_benchmark_sets_config_values_for_every_row(tiny_phantom, tmp
     assert row["compared_gain"] == pytest.approx(row["compared_it_per_s_median"] / row["it_per_s_median"])
     assert "B: the same with uncertainty_copies=2" in proc.stdout
     bad = run_benchmark(script, *common, "--compare-set", "compile=fast", timeout=60)
-    assert bad.returncode == 2 and "--set: compile: 'fast' is invalid; expected 'on' or 'off'" in bad.stderr
+    assert bad.returncode == 2 and "--set: compile: 'fast' is invalid; expected 'auto', 'on' or 'off'" in bad.stderr
     for item, message in (("uncertainty_copy=8", "--set: 'uncertainty_copy=8' is invalid"),
                           ("uncertainty_copies=0", "--set: uncertainty_copies: 0 is invalid; expected an integer >= 1"),
                           ("base_lr=abc", "--set: argument --base-lr: invalid float value: 'abc'"),
@@ -348,3 +350,20 @@ def test_trajectory_benchmark_smoke(tiny_phantom, tmp_path):
     for row in r["rows"]:
         assert len(row["curves"]) == 1 and len(row["curves"][0]) == 2
         assert all(0 <= d <= 1 for d in row["curves"][0])
+
+
+def test_gpu_check_stages_are_checked_and_mps_is_looked_for(tmp_path):
+    # the prepared device check: a mistyped stage is refused before anything runs; the MPS stage
+    # says so when the machine has no MPS control (this one), instead of timing plain packing
+    script = BENCHMARKS / "gpu_check.sh"
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "DEVICE": "cpu", "SMALL": "1"}
+    bad = subprocess.run(["bash", str(script)], env={**env, "STAGES": "packed mpss"}, capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown stage 'mpss'" in bad.stderr and not (tmp_path / "out").exists()
+    if shutil.which("nvidia-cuda-mps-control"):
+        pytest.skip("this machine has MPS: the stage would start its daemon")
+    ok = subprocess.run(["bash", str(script)], env={**env, "STAGES": "mps"}, capture_output=True, text=True,
+                        timeout=120)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "mps: nvidia-cuda-mps-control is not on this machine" in ok.stdout
+    assert "mps: nvidia-cuda-mps-control is not on this machine" in (tmp_path / "out" / "log.txt").read_text()

@@ -42,6 +42,7 @@ def test_train_cli_logs_to_the_default_sqlite_store(tiny_phantom, tmp_path, monk
     assert "fault_nan_at" not in run.data.params and "fault_nan_at" not in resolved  # the tests' switch, off
     assert run.data.tags["strategy"] == "mean_teacher"
     assert run.data.tags["cuda_graphs"] == "off"  # CPU: the op-by-op step (a GPU run says on, or failed: why)
+    assert run.data.tags["compiled"] == "off"  # compile: auto compiles long CUDA runs only
     dice = client.get_metric_history(run.info.run_id, "val/dice")
     assert [m.step for m in dice] == [3, 6]
     loss = client.get_metric_history(run.info.run_id, "train/loss")
