@@ -121,18 +121,25 @@ fi
 if want mps; then
   log "four packed mean-teacher trials under MPS (graphs on${COMPILE_FLAG:+, compile on})"
   if ! command -v nvidia-cuda-mps-control >/dev/null; then
-    echo "mps: nvidia-cuda-mps-control is not on this machine"
+    echo "mps: nvidia-cuda-mps-control is not on this machine; stage skipped"
   else
-    export CUDA_MPS_PIPE_DIRECTORY=$WORK/mps-pipe CUDA_MPS_LOG_DIRECTORY=$WORK/mps-log
+    export CUDA_MPS_PIPE_DIRECTORY=$WORK/mps-pipe CUDA_MPS_LOG_DIRECTORY=$WORK/mps-log  # Ray's workers inherit them
     mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
-    nvidia-cuda-mps-control -d && echo "mps: daemon started"
-    timeout $(left 60 240) python3 benchmarks/throughput.py --device $DEVICE --data "$WORK/data" --size $PATCH \
-      --batch-size $BS --methods mean_teacher --packed 4 --packed-iterations $PACKIT --packed-eval-interval $PACKEVAL \
-      "${COMPILE_FLAG[@]}" --out "$OUT/throughput_${DEVICE}_packed4_mps${COMPILE_FLAG:+_compile}.json"
-    echo "mps exit: $?"
-    echo get_server_list | nvidia-cuda-mps-control | sed 's/^/mps: server /'
-    echo quit | nvidia-cuda-mps-control
-    cp "$CUDA_MPS_LOG_DIRECTORY/control.log" "$OUT/mps_control.log" 2>/dev/null
+    mps_quit() { echo quit | nvidia-cuda-mps-control >/dev/null 2>&1; }
+    if nvidia-cuda-mps-control -d; then
+      trap mps_quit EXIT; trap 'mps_quit; exit 143' INT TERM  # the daemon outlives this script otherwise
+      echo "mps: daemon started"
+      timeout $(left 60 240) python3 benchmarks/throughput.py --device $DEVICE --data "$WORK/data" --size $PATCH \
+        --batch-size $BS --methods mean_teacher --packed 4 --packed-iterations $PACKIT --packed-eval-interval $PACKEVAL \
+        "${COMPILE_FLAG[@]}" --out "$OUT/throughput_${DEVICE}_packed4_mps${COMPILE_FLAG:+_compile}.json"
+      echo "mps exit: $?"
+      # CUDA falls back to no MPS when a client cannot connect: the control log counts who did
+      echo "mps: $(grep -c 'New client' "$CUDA_MPS_LOG_DIRECTORY/control.log" 2>/dev/null) client connections in control.log"
+      mps_quit; trap - EXIT INT TERM
+      cp "$CUDA_MPS_LOG_DIRECTORY/control.log" "$OUT/mps_control.log" 2>/dev/null
+    else
+      echo "mps: the MPS daemon did not start; stage skipped"
+    fi
     unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
   fi
 fi
@@ -166,5 +173,6 @@ if want search; then
   echo "search exit: $?"
 fi
 kill $SMI 2>/dev/null
+rm -rf "$WORK"
 log "done"
 } 2>&1 | tee "$OUT/log.txt"

@@ -148,7 +148,9 @@ def main() -> int:
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--amp", default="auto", choices=("auto", "bf16", "off"))
     p.add_argument("--cuda-graphs", default="auto", choices=("auto", "on", "off"))
-    p.add_argument("--compile", action="store_true", help="compile: on in every trial")
+    p.add_argument("--compile", action="store_true",
+                   help="compile: on in every trial (without it: off, at every scale; a plain raysemi.search "
+                        "compiles CUDA trials of 10,000 iterations or more, compile: auto)")
     p.add_argument("--trials", type=int, default=32)
     p.add_argument("--iterations", type=int, default=10000, help="iterations per trial at full scale")
     p.add_argument("--grace-period", type=int, default=2500, help="ASHA's grace period at full scale")

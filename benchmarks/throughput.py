@@ -70,28 +70,28 @@ def bench_config(method: str, args, **over) -> TrainConfig:
     return TrainConfig(**{**values, **getattr(args, "overrides", {}), **over}).validate()
 
 
-def parse_sets(items: list[str], p: argparse.ArgumentParser) -> dict:
-    """`--set FIELD=VALUE` items, read as the training CLI reads its flags (types, aliases) and
-    checked as a config; a bad one is a usage error."""
-    flags = argparse.ArgumentParser(prog="--set", add_help=False)
-    flags.error = lambda message: p.error(f"--set: {message}")  # one line, under this script's usage
+def parse_sets(items: list[str], p: argparse.ArgumentParser, option: str = "--set") -> dict:
+    """`--set FIELD=VALUE` items (or another `option`'s), read as the training CLI reads its flags
+    (types, aliases) and checked as a config; a bad one is a usage error naming `option`."""
+    flags = argparse.ArgumentParser(prog=option, add_help=False)
+    flags.error = lambda message: p.error(f"{option}: {message}")  # one line, under this script's usage
     add_config_arguments(flags)
     argv: list[str] = []
     for item in items:
         key, sep, value = item.partition("=")
         name = ALIASES.get(key, key)
         if not sep or name not in FIELDS:
-            p.error(f"--set: {item!r} is invalid; expected FIELD=VALUE with FIELD a config field")
+            p.error(f"{option}: {item!r} is invalid; expected FIELD=VALUE with FIELD a config field")
         flag = "--" + name.replace("_", "-")
         if FIELDS[name].type in ("bool", bool):  # --eval-hd95 / --no-eval-hd95
             if value.lower() not in ("true", "on", "yes", "1", "false", "off", "no", "0"):
-                p.error(f"--set: {name}: {value!r} is invalid; expected true or false")
+                p.error(f"{option}: {name}: {value!r} is invalid; expected true or false")
             argv.append(flag if value.lower() in ("true", "on", "yes", "1") else "--no-" + flag[2:])
         else:
             argv += [flag, *value.split()]
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(flags.parse_args(argv)).items()}
     try:
-        TrainConfig(**values).validate("--set")
+        TrainConfig(**values).validate(option)
     except UserError as err:
         p.error(str(err))
     return values
@@ -286,7 +286,7 @@ def main() -> int:
     p.add_argument("--out", default="benchmarks/results/throughput.json")
     args = p.parse_args()
     args.overrides = parse_sets(args.set, p)
-    args.compare_overrides = parse_sets(args.compare_set, p)
+    args.compare_overrides = parse_sets(args.compare_set, p, "--compare-set")
     if args.compile and args.compare_compile:
         p.error("--compile and --compare-compile: choose one (--compare-compile times both)")
     methods = list_methods() if args.methods == "all" else [resolve_method_name(m) for m in args.methods.split(",")]

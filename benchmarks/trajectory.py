@@ -31,7 +31,7 @@ def run(method: str, data, args, seed: int, reference: bool) -> tuple[list[float
     """One seed's validation Dice at each evaluation, and the config values that `--set` names as
     this pipeline's trainer had them."""
     # the reference feed hands over ready batches: no device sampler to capture in a CUDA graph
-    over = ({"amp": "off", "channels_last": "off", "cuda_graphs": "off"} if reference
+    over = ({"amp": "off", "channels_last": "off", "cuda_graphs": "off", "compile": "off"} if reference
             else {"cuda_graphs": args.cuda_graphs, "compile": "on" if args.compile else "off", **args.overrides})
     values = dict(method=method, data=args.data, labeled_patients=args.labeled_patients,
                   patch_size=(args.size, args.size), batch_size=args.batch_size, labeled_bs=args.batch_size // 2,

@@ -66,8 +66,8 @@ class TrainConfig:
                               "an H200 with CUDA graphs, 1.1-1.6x: mean teacher 64 -> 83 it/s, URPC 59 -> 72, DAN "
                               "51 -> 63) for 15-45 s of compiling per process (and some at the first validation), "
                               "less once inductor's on-disk cache has the graphs; 'auto': on for CUDA runs of "
-                              f"{COMPILE_AUTO_ITERATIONS:,} iterations or more, where that pays for itself; 'on' or "
-                              "'off'")
+                              f"{COMPILE_AUTO_ITERATIONS:,} iterations or more with CUDA graphs (if compiling fails "
+                              "there, one warning and the run goes on uncompiled); 'on' or 'off'")
     # semi-supervised
     consistency: float = _f(0.1, "final weight of the unsupervised term", "strategy")
     consistency_rampup: float = _f(200.0, "ramp length of the consistency weight, in ramp units", "strategy")
@@ -104,8 +104,9 @@ class TrainConfig:
     # ---- derived -------------------------------------------------------------------------
     def compiles(self, device_type: str) -> bool:
         """Whether the networks are compiled on this device type: 'on', or 'auto' on CUDA for runs
-        long enough that the compiling pays for itself."""
-        return self.compile == "on" or (self.compile == "auto" and device_type == "cuda"
+        long enough that the compiling pays for itself, inside CUDA graphs (without them the
+        compiled step measured slower than the eager one)."""
+        return self.compile == "on" or (self.compile == "auto" and device_type == "cuda" and self.cuda_graphs != "off"
                                         and self.max_iterations >= COMPILE_AUTO_ITERATIONS)
 
     @property

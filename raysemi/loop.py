@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import random
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,8 +137,10 @@ class Trainer:
         if self.channels_last:
             self.strategy.to(memory_format=torch.channels_last)
         self.compiled = config.compiles(self.device.type)
-        if self.compiled:  # in place: parameter names, and so checkpoints, stay the same
-            for net in self.strategy.networks().values():
+        self.compile_failure: str | None = None  # why `compile: auto` gave up compiling, if it did
+        self._compile_tried = False
+        if self.compiled:
+            for net in self.strategy.networks().values():  # in place: parameter names and checkpoints stay
                 net.compile()
         self.optimizer = torch.optim.SGD(self.strategy.student.parameters(), lr=config.base_lr,
                                          momentum=config.momentum, weight_decay=config.weight_decay)
@@ -310,6 +313,13 @@ class Trainer:
         return self._graphed.failure if self._graphed is not None else None
 
     @property
+    def compile_status(self) -> str:
+        """'on', 'off', or 'failed: <why>' (the value of the runs' `compiled` tag)."""
+        if self.compile_failure:
+            return f"failed: {self.compile_failure}"
+        return "on" if self.compiled else "off"
+
+    @property
     def graph_status(self) -> str:
         """'on', 'off', or 'failed: <why>' (the value of the runs' `cuda_graphs` tag)."""
         if self.graph_failure:
@@ -329,13 +339,35 @@ class Trainer:
         finally:
             self.train_seconds += time.perf_counter() - t0 - (self.eval_seconds - eval0)
 
+    def _first_compiled_step(self, step: Callable, it: int, lr: float, inputs: dict):
+        """The first step of a run that `compile: auto` compiled, where the compiling happens: if
+        torch.compile cannot work on this machine (no C++ compiler, no triton, ...), one warning
+        says why and the run goes on uncompiled; `compile: on` lets the error stop the run."""
+        try:
+            return step(it, lr, inputs)
+        except torch._dynamo.exc.TorchDynamoException as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            self.compile_failure = f"{type(err).__name__}: {first}"[:300]
+            warnings.warn(f"compile: auto: torch.compile failed on this machine ({self.compile_failure}); "
+                          "training goes on uncompiled (--compile off skips the attempt)", stacklevel=2)
+            for net in self.strategy.networks().values():
+                net._compiled_call_impl = None
+            self.compiled = False
+            torch._dynamo.reset()
+            self._graphed = None  # capture again, uncompiled
+            return step(it, lr, inputs)
+
     def _train_steps(self, stop: int, step: Callable) -> None:
         cfg = self.config
         while self.iteration < stop:
             it = self.iteration
             lr = poly_lr(it, cfg.max_iterations, cfg.base_lr)
             inputs = self.strategy.step_inputs(it)
-            out, extra = step(it, lr, inputs)
+            if self.compiled and cfg.compile == "auto" and not self._compile_tried:
+                out, extra = self._first_compiled_step(step, it, lr, inputs)
+                self._compile_tried = True
+            else:
+                out, extra = step(it, lr, inputs)
             loss = out["loss"]
             self.iteration += 1
             done = self.iteration >= cfg.max_iterations

@@ -64,7 +64,7 @@ MATCH_TAGS = ("data", "labeled_patients", "labeled_set", "test_split", "num_clas
 #: the config artifacts read back by --from-run, in order: a training run's, a search parent's
 CONFIG_ARTIFACTS = ("config.yaml", "best_config.yaml")
 #: fields that describe where and how the old run ran, not what it trained: not taken from a run
-NOT_FROM_RUN = {"output": "", "run_name": "", "device": "auto", "tracking_uri": ""}
+NOT_FROM_RUN = {"output": "", "run_name": "", "device": "auto", "tracking_uri": "", "compile": "auto"}
 STD_NOTE = ("mean over seeds of each seed's mean over volumes; std_volumes: population std over all (seed, volume) "
             "pairs; std_seeds: population std of the per-seed means")
 
@@ -285,7 +285,8 @@ def config_from_run(run_id: str, uri: str) -> tuple[dict[str, Any], str]:
     """(config values, their source) of an MLflow run: its config.yaml artifact (a training run, a
     retrain, a search trial), else its best_config.yaml (a search's parent run), else its params
     named like config fields. Fields in NOT_FROM_RUN (output folder, run name, device, tracking
-    URI) are reset: they belong to the old run, and flags set them for the new one."""
+    URI, compile) are reset: they belong to the old run and its machine, and flags set them for
+    the new one."""
     from raysemi.tracking import check_tracking_uri
 
     if uri.startswith("sqlite:///"):

@@ -307,12 +307,13 @@ class MLflowCallback(Callback):
     def __init__(self, run: MLflowRun, run_dir: Path | None = None) -> None:
         self.run, self.run_dir = run, run_dir
         self._graph_failure_tagged = False
+        self._compile_failure_tagged = False
 
     def on_train_start(self, trainer: Trainer) -> None:
         self.run.log_params(flat_params(trainer.config.saved_dict()))
         self.run.set_tags({"strategy": trainer.config.method, "model": trainer.model_name,
                            "device": str(trainer.device), "amp": "bf16" if trainer.amp else "off",
-                           "cuda_graphs": trainer.graph_status, "compiled": "on" if trainer.compiled else "off"})
+                           "cuda_graphs": trainer.graph_status, "compiled": trainer.compile_status})
         if self.run_dir is not None:
             self.run.log_artifact(self.run_dir / "config.yaml")
         if trainer.iteration > 0:  # resumed: the checkpoint's curves first (only what the run lacks)
@@ -328,6 +329,9 @@ class MLflowCallback(Callback):
         if trainer.graph_failure and not self._graph_failure_tagged:
             self.run.set_tags({"cuda_graphs": trainer.graph_status})  # it fell back to eager training
             self._graph_failure_tagged = True
+        if trainer.compile_failure and not self._compile_failure_tagged:
+            self.run.set_tags({"compiled": trainer.compile_status[:250]})  # compile: auto gave up
+            self._compile_failure_tagged = True
 
     def on_train_end(self, trainer: Trainer, result: LoopResult) -> None:
         self.run.log_metrics({"best/val_dice": result.best_dice, "best/iteration": result.best_iteration},
@@ -593,8 +597,8 @@ def make_tune_callback(uri: str, experiment: str, parent_run_id: str, state_file
             run.log_metrics(metrics, step)
             if result.get("cuda_graphs"):
                 run.set_tags({"cuda_graphs": str(result["cuda_graphs"])[:250]})
-            if result.get("compiled") in ("on", "off"):
-                run.set_tags({"compiled": result["compiled"]})
+            if result.get("compiled"):
+                run.set_tags({"compiled": str(result["compiled"])[:250]})
             if result.get("diverged"):
                 run.set_tags({"status": "failed", "failure_reason": result.get("failure_reason", "diverged")})
 

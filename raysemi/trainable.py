@@ -124,9 +124,7 @@ def train_trial(config: dict[str, Any], *, base: dict[str, Any], dataset: Datase
             for t in trainers:
                 t.train_until(target)
             metrics = {**aggregate(trainers), **base_metrics, TIME_ATTR: trainers[0].iteration, "diverged": 0,
-                       **seconds(trainers), BEST: best_so_far(trainers),
-                       "cuda_graphs": next((t.graph_status for t in trainers if t.graph_failure), trainers[0].graph_status),
-                       "compiled": "on" if trainers[0].compiled else "off"}
+                       **seconds(trainers), BEST: best_so_far(trainers), **speed_paths(trainers)}
             with tempfile.TemporaryDirectory() as d:
                 for k, t in enumerate(trainers):
                     t.save(Path(d) / f"seed{k}.pt", full=True)
@@ -137,9 +135,16 @@ def train_trial(config: dict[str, Any], *, base: dict[str, Any], dataset: Datase
         last = aggregate(trainers)
         best = best_so_far(trainers)  # every report has BEST: the progress table sorts by it
         tune.report({**last, **base_metrics, TIME_ATTR: trainers[0].iteration, "diverged": 1, **seconds(trainers),
+                     **speed_paths(trainers),
                      BEST: best if math.isfinite(best) else 0.0,
                      "failure_reason": str(err), METRIC: 0.0 if not math.isfinite(last.get(METRIC, 0.0)) else
                      last.get(METRIC, 0.0)})
+
+
+def speed_paths(trainers: list[Trainer]) -> dict[str, str]:
+    """The trial's CUDA graphs and compile status (the trial run's tags): a seed's failure wins."""
+    return {"cuda_graphs": next((t.graph_status for t in trainers if t.graph_failure), trainers[0].graph_status),
+            "compiled": next((t.compile_status for t in trainers if t.compile_failure), trainers[0].compile_status)}
 
 
 def _node_id() -> str:

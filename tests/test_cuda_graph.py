@@ -193,10 +193,36 @@ def test_compile_auto_compiles_long_cuda_runs_only(tiny_phantom, data):
     long_run, short_run = TrainConfig(max_iterations=COMPILE_AUTO_ITERATIONS), TrainConfig(max_iterations=2000)
     assert long_run.compiles("cuda") and not short_run.compiles("cuda")
     assert not long_run.compiles("cpu")
+    assert not long_run.replace(cuda_graphs="off").compiles("cuda")  # compiled without graphs was slower
     assert TrainConfig(compile="on", max_iterations=10).compiles("cpu")
     assert not TrainConfig(compile="off").compiles("cuda")
     trainer = Trainer(tiny_config(tiny_phantom, max_iterations=COMPILE_AUTO_ITERATIONS), data)  # CPU
     assert trainer.compiled is False and trainer.strategy.student._compiled_call_impl is None
+
+
+def test_compile_auto_trains_uncompiled_where_torch_compile_fails(tiny_phantom, data, monkeypatch):
+    """The default must not stop a run on a machine where inductor cannot build (here: no C++
+    compiler, for real): one warning with the reason, the run goes on uncompiled, the status says
+    so. `compile: on` lets the same error stop the run."""
+    import torch._dynamo
+    import torch._inductor.config
+
+    monkeypatch.setattr(TrainConfig, "compiles", lambda self, device_type: self.compile != "off")  # as on CUDA
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", ("/nonexistent/c++",))
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)  # build, not load a cached build
+    torch._dynamo.reset()
+    trainer, logs = make(tiny_phantom, data, "mean_teacher", graphed=False, max_iterations=2, eval_interval=2)
+    assert trainer.compiled and trainer.compile_status == "on"
+    with pytest.warns(UserWarning, match=r"compile: auto: torch.compile failed on this machine \(.*C\+\+ compiler"):
+        trainer.train_until(2)
+    assert trainer.iteration == 2 and math.isfinite(logs.logs[-1]["train/loss"])
+    assert not trainer.compiled and trainer.compile_status.startswith("failed: ")
+    assert all(net._compiled_call_impl is None for net in trainer.strategy.networks().values())
+    torch._dynamo.reset()
+    strict, _ = make(tiny_phantom, data, "mean_teacher", graphed=False, max_iterations=2, compile="on")
+    with pytest.raises(torch._dynamo.exc.TorchDynamoException, match="C\\+\\+ compiler"):
+        strict.train_until(1)
+    torch._dynamo.reset()
 
 
 # -- on a GPU ----------------------------------------------------------------------------------------

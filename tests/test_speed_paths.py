@@ -1,6 +1,7 @@
 """The fast paths compute what the plain paths compute: batched validation equals slice-by-slice,
 and a bf16 + channels_last step gives the fp32 losses within bf16 tolerance."""
 
+import copy
 import json
 import os
 import shutil
@@ -181,7 +182,7 @@ def test_throughput_benchmark_sets_config_values_for_every_row(tiny_phantom, tmp
     assert row["compared_gain"] == pytest.approx(row["compared_it_per_s_median"] / row["it_per_s_median"])
     assert "B: the same with uncertainty_copies=2" in proc.stdout
     bad = run_benchmark(script, *common, "--compare-set", "compile=fast", timeout=60)
-    assert bad.returncode == 2 and "--set: compile: 'fast' is invalid; expected 'auto', 'on' or 'off'" in bad.stderr
+    assert bad.returncode == 2 and "--compare-set: compile: 'fast' is invalid; expected 'auto', 'on' or 'off'" in bad.stderr
     for item, message in (("uncertainty_copy=8", "--set: 'uncertainty_copy=8' is invalid"),
                           ("uncertainty_copies=0", "--set: uncertainty_copies: 0 is invalid; expected an integer >= 1"),
                           ("base_lr=abc", "--set: argument --base-lr: invalid float value: 'abc'"),
@@ -213,8 +214,9 @@ def test_compile_switch_trains_like_eager_and_keeps_checkpoints_plain(tiny_phant
     from tests.conftest import tiny_config
 
     data = load_dataset(str(tiny_phantom), 2, 4)
-    runs = {}
+    runs, graphs = {}, {}
     for mode in ("off", "on"):
+        graphs[mode] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         trainer = Trainer(tiny_config(tiny_phantom, method="mean_teacher", mt_warmup=0, compile=mode,
                                       max_iterations=3, eval_interval=3), data, output_dir=tmp_path / mode)
         losses = []
@@ -225,8 +227,17 @@ def test_compile_switch_trains_like_eager_and_keeps_checkpoints_plain(tiny_phant
         trainer.fit()
         runs[mode] = (trainer, losses)
     (plain, plain_losses), (compiled, compiled_losses) = runs["off"], runs["on"]
-    assert all(hasattr(net, "_compiled_call_impl") and net._compiled_call_impl is not None
-               for net in compiled.strategy.networks().values())
+    assert all(net._compiled_call_impl is not None for net in compiled.strategy.networks().values())
+    assert graphs["on"] == graphs["off"]  # the uncompiled run traced nothing
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs["on"]  # the compiled one did
+    # a copy of a compiled network runs its own weights, not the original's (the overlay of the best)
+    student = compiled.strategy.student.eval()
+    twin = copy.deepcopy(student)
+    for p in twin.parameters():
+        p.data.zero_()
+    x = torch.randn(1, 1, 32, 32)
+    with torch.no_grad():
+        assert not torch.equal(twin(x), student(x))
     assert compiled_losses == pytest.approx(plain_losses, rel=1e-2)
     assert list(compiled.strategy.state_dict()) == list(plain.strategy.state_dict())
     again = Trainer(tiny_config(tiny_phantom, method="mean_teacher", mt_warmup=0, max_iterations=4), data)
@@ -356,14 +367,29 @@ def test_gpu_check_stages_are_checked_and_mps_is_looked_for(tmp_path):
     # the prepared device check: a mistyped stage is refused before anything runs; the MPS stage
     # says so when the machine has no MPS control (this one), instead of timing plain packing
     script = BENCHMARKS / "gpu_check.sh"
-    env = {**os.environ, "OUT": str(tmp_path / "out"), "DEVICE": "cpu", "SMALL": "1"}
+    # from the repository root, with this interpreter as its python3, as a user runs it
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "DEVICE": "cpu", "SMALL": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    root = BENCHMARKS.parent
     bad = subprocess.run(["bash", str(script)], env={**env, "STAGES": "packed mpss"}, capture_output=True,
-                         text=True, timeout=60)
+                         text=True, timeout=60, cwd=root)
     assert bad.returncode == 2 and "unknown stage 'mpss'" in bad.stderr and not (tmp_path / "out").exists()
     if shutil.which("nvidia-cuda-mps-control"):
         pytest.skip("this machine has MPS: the stage would start its daemon")
     ok = subprocess.run(["bash", str(script)], env={**env, "STAGES": "mps"}, capture_output=True, text=True,
-                        timeout=120)
+                        timeout=120, cwd=root)
     assert ok.returncode == 0, ok.stderr[-2000:]
-    assert "mps: nvidia-cuda-mps-control is not on this machine" in ok.stdout
-    assert "mps: nvidia-cuda-mps-control is not on this machine" in (tmp_path / "out" / "log.txt").read_text()
+    line = "mps: nvidia-cuda-mps-control is not on this machine; stage skipped"
+    assert line in ok.stdout and line in (tmp_path / "out" / "log.txt").read_text()
+    assert not list((tmp_path / "out").glob("*mps*.json"))  # no plain-packing numbers filed as MPS ones
+    # an MPS control whose daemon cannot start (as in a container without the right IPC): skipped too
+    fake = tmp_path / "bin" / "nvidia-cuda-mps-control"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\necho \"$@\" >> \"$(dirname \"$0\")/calls\"; exit 1\n")
+    fake.chmod(0o755)
+    failing = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=120, cwd=root,
+                             env={**env, "STAGES": "mps", "PATH": f"{fake.parent}{os.pathsep}{env['PATH']}"})
+    assert failing.returncode == 0, failing.stderr[-2000:]
+    assert "mps: the MPS daemon did not start; stage skipped" in failing.stdout
+    assert (fake.parent / "calls").read_text().split() == ["-d"]  # asked to start, nothing timed
+    assert not list((tmp_path / "out").glob("*mps*.json"))
