@@ -345,8 +345,8 @@ def read_state(folder: Path) -> dict[str, Any]:
     """The state file of a multi-seed retrain folder (for --resume DIR)."""
     path = folder / STATE_FILE
     if not path.is_file():
-        raise UserError(f"--resume: {folder}: not a multi-seed retrain folder (no {STATE_FILE}); to continue a "
-                        "single run give its last.pt")
+        raise UserError(f"--resume: {folder}: not a multi-seed retrain folder (no {STATE_FILE}) nor a run folder "
+                        "(no last.pt); expected a run's folder or last.pt, or a retrain folder")
     try:
         state = json.loads(path.read_text())
         int(state["seeds"])

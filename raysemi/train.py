@@ -39,7 +39,7 @@ def build_parser() -> ArgumentParser:
         "std over volumes and over seeds (default: 1, a single run in <output>)"))
     p.add_argument("--list-methods", action="store_true", help="list the strategies and their hyperparameters, then exit")
     p.add_argument("--resume", metavar="LAST.pt|DIR", help=(
-        "continue from a full checkpoint (a run folder's last.pt), with the config it was trained with and in its "
+        "continue from a full checkpoint (a run folder's last.pt, or the folder itself), with the config it was trained with and in its "
         "folder unless --config, --from-run or flags say otherwise; with several seeds, the retrain folder: finished "
         "seeds are kept, interrupted ones resumed from their last.pt, the rest trained (its config.yaml and seed "
         "count are used unless given). A run resumed in its own folder goes on in its MLflow run, in the store it "
@@ -85,6 +85,12 @@ def resolve_config(args) -> tuple[TrainConfig, int, Path | None]:
         raise UserError("--from-run and --config: both give the config to train; expected one of them "
                         "(flags override either)")
     seeds, resume_dir, config_file = args.seeds, None, args.config
+    if args.resume and Path(args.resume).is_dir():
+        from raysemi.retrain import STATE_FILE
+
+        run_dir = Path(args.resume)
+        if not (run_dir / STATE_FILE).is_file() and (run_dir / "last.pt").is_file():
+            args.resume = str(run_dir / "last.pt")  # a single run's folder: go on from its last.pt
     if args.resume and Path(args.resume).is_dir():
         from raysemi.retrain import read_state
 

@@ -81,6 +81,10 @@ def test_resume_alone_takes_the_checkpoints_config_and_folder(tiny_phantom, tmp_
     assert capsys.readouterr().err.strip() == ("error: --max-iterations: 4 is below the 6 iterations a/last.pt has "
                                                "trained; expected at least 6")
     assert (tmp_path / "a" / "config.yaml").read_text() == before
+    # the run's folder stands for its last.pt
+    assert run_cli(train_main, ["--resume", "a", "--no-mlflow", "--max-iterations", "8"]) == 0
+    assert "8 iterations from 6" in (tmp_path / "a" / "train.log").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
 
 
 def test_resume_with_another_strategy_names_the_checkpoints(tiny_phantom, tmp_path, monkeypatch, capsys):
