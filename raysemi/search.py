@@ -144,6 +144,21 @@ def sortable_by_best(trials) -> bool:
     return all(BEST in t.last_result for t in trials if t.status == "TERMINATED" and t.last_result)
 
 
+def with_best_params(text: str, trials) -> str:
+    """Tune's "Current best trial" line lists the parameter columns only (the strategy: sampled
+    values cannot be columns, see `params`): give it the trial's own sampled values instead."""
+    lines = text.split("\n")
+    for i, line in enumerate(lines):
+        if line.startswith("Current best trial: ") and " and parameters=" in line:
+            trial_id = line[len("Current best trial: "):].split(" ", 1)[0]
+            trial = next((t for t in trials if t.trial_id == trial_id), None)
+            result = (trial.last_result or {}) if trial is not None else {}
+            if result.get("params"):
+                values = f"method={result['method']}, {result['params']}" if result.get("method") else result["params"]
+                lines[i] = f"{line.split(' and parameters=', 1)[0]} and parameters: {values}"
+    return "\n".join(lines)
+
+
 def progress_reporter(**kwargs):
     """Tune's progress table, with its "Current best trial" and row order by each trial's best Dice
     so far (BEST), as the leaderboard ranks; Tune's default would read the last value, and the
@@ -158,7 +173,7 @@ def progress_reporter(**kwargs):
 
         def _progress_str(self, trials, *args, **kwargs):
             self._sort_by_metric = sortable_by_best(trials)
-            return super()._progress_str(trials, *args, **kwargs)
+            return with_best_params(super()._progress_str(trials, *args, **kwargs), trials)
 
     return BestSoFarReporter(metric=BEST, mode="max", **kwargs)
 

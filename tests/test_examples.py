@@ -29,7 +29,9 @@ def test_example_runs_with_smoke_flag(example, tmp_path):
         assert "best dice" in proc.stdout and "Current best trial" in proc.stdout
         output = proc.stdout + proc.stderr  # no set-up chatter of MLflow's store or Optuna's study
         assert "Creating initial MLflow database tables" not in output and "A new study created" not in output
-        assert all("with best_val_dice=" in line for line in proc.stdout.splitlines() if "Current best trial" in line)
+        best = [line for line in proc.stdout.splitlines() if line.startswith("Current best trial")]
+        assert best and all("with best_val_dice=" in line for line in best)
+        assert all(" and parameters: method=" in line for line in best)  # the sampled values, not just the strategy
     else:  # retrain_best: two seeds, each in its own folder, aggregated
         assert len(list(tmp_path.glob("runs/*/retrained/seed*/best.pt"))) == 2
         assert list(tmp_path.glob("runs/*/retrained/results_per_volume.csv"))

@@ -175,6 +175,21 @@ def test_the_table_is_sorted_by_best_dice_only_when_every_ended_trial_has_it():
     assert not sortable_by_best([ended, older])
 
 
+def test_the_current_best_trial_line_gives_its_sampled_values():
+    from types import SimpleNamespace
+
+    from raysemi.search import with_best_params
+
+    trials = [SimpleNamespace(trial_id="a1", last_result={"method": "mean_teacher", "params": "consistency=0.3"}),
+              SimpleNamespace(trial_id="b2", last_result={})]
+    table = ("== Status ==\nCurrent best trial: a1 with best_val_dice=0.81 and parameters={'method': 'mean_teacher'}\n"
+             "Number of trials: 2/2")
+    assert with_best_params(table, trials).split("\n")[1] == (
+        "Current best trial: a1 with best_val_dice=0.81 and parameters: method=mean_teacher, consistency=0.3")
+    unknown = table.replace("a1 with", "b2 with")  # no params reported yet: Tune's line stays
+    assert with_best_params(unknown, trials) == unknown
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--gpus", "4"], "error: --gpus: 4 asked, but this machine has {gpus}; expected at most that many"),
     (["--gpus", "-1"], "error: --gpus: -1 is invalid; expected 0 or more"),
