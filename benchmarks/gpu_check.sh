@@ -110,11 +110,16 @@ if want table; then
   echo "table exit: $?"
 fi
 
-if want packed; then
-  log "four packed mean-teacher trials through the search (graphs on${COMPILE_FLAG:+, compile on})"
+# four packed mean-teacher trials through the search; $1: the JSON name's suffix after packed4
+packed4() {
   timeout $(left 60 240) python3 benchmarks/throughput.py --device $DEVICE --data "$WORK/data" --size $PATCH \
     --batch-size $BS --methods mean_teacher --packed 4 --packed-iterations $PACKIT --packed-eval-interval $PACKEVAL \
-    "${COMPILE_FLAG[@]}" --out "$OUT/throughput_${DEVICE}_packed4${COMPILE_FLAG:+_compile}.json"
+    "${COMPILE_FLAG[@]}" --out "$OUT/throughput_${DEVICE}_packed4$1${COMPILE_FLAG:+_compile}.json"
+}
+
+if want packed; then
+  log "four packed mean-teacher trials through the search (graphs on${COMPILE_FLAG:+, compile on})"
+  packed4 ""
   echo "packed exit: $?"
 fi
 
@@ -129,9 +134,7 @@ if want mps; then
     if nvidia-cuda-mps-control -d; then
       trap mps_quit EXIT; trap 'mps_quit; exit 143' INT TERM  # the daemon outlives this script otherwise
       echo "mps: daemon started"
-      timeout $(left 60 240) python3 benchmarks/throughput.py --device $DEVICE --data "$WORK/data" --size $PATCH \
-        --batch-size $BS --methods mean_teacher --packed 4 --packed-iterations $PACKIT --packed-eval-interval $PACKEVAL \
-        "${COMPILE_FLAG[@]}" --out "$OUT/throughput_${DEVICE}_packed4_mps${COMPILE_FLAG:+_compile}.json"
+      packed4 _mps
       echo "mps exit: $?"
       # CUDA falls back to no MPS when a client cannot connect: the control log counts who did
       echo "mps: $(grep -c 'New client' "$CUDA_MPS_LOG_DIRECTORY/control.log" 2>/dev/null) client connections in control.log"

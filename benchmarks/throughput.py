@@ -165,6 +165,16 @@ def measure(method: str, data, args, **over) -> dict:
     return row
 
 
+#: what a second timing of the same strategy (--compare-compile, --compare-set) adds to its row
+COLUMN_KEYS = ("it_per_s_mean", "it_per_s_median", "it_per_s_runs", "ms_per_step", "peak_mem_mib", "val_pass_s",
+               "val_dice", "compile_warmup_s", "cuda_graphs", "graph_failure")
+
+
+def add_column(row: dict, prefix: str, other: dict, keys: tuple[str, ...]) -> None:
+    """Copy `keys` of another timing of the row's strategy into the row, as `<prefix>_<key>`."""
+    row.update({f"{prefix}_{k}": other[k] for k in keys})
+
+
 def measure_reference(method: str, data, args, ours: Trainer) -> dict:
     """The same step fed and validated the reference's way (fp32, NCHW, per-iteration host reads)."""
     from reference_pipeline import ReferenceFeed, reference_validation
@@ -326,23 +336,18 @@ def main() -> int:
                     f"{r['val_pass_s']:>8.2f}")
             if args.compare_eager:
                 e = measure(m, data, args, cuda_graphs="off")
-                r.update({f"eager_{k}": e[k] for k in ("it_per_s_mean", "it_per_s_median", "it_per_s_runs",
-                                                        "ms_per_step", "peak_mem_mib", "val_dice")})
+                add_column(r, "eager", e, ("it_per_s_mean", "it_per_s_median", "it_per_s_runs", "ms_per_step",
+                                           "peak_mem_mib", "val_dice"))
                 r["graph_gain"] = r["it_per_s_median"] / e["it_per_s_median"]
                 line += f"{e['it_per_s_median']:>11.2f}{r['graph_gain']:>5.2f}x"
             if args.compare_compile:
                 c = measure(m, data, args, compile="on")
-                r.update({f"compiled_{k}": c[k] for k in ("it_per_s_mean", "it_per_s_median", "it_per_s_runs",
-                                                           "ms_per_step", "peak_mem_mib", "val_pass_s", "val_dice",
-                                                           "compile_warmup_s", "cuda_graphs", "graph_failure")})
+                add_column(r, "compiled", c, COLUMN_KEYS)
                 r["compile_gain"] = c["it_per_s_median"] / r["it_per_s_median"]
                 line += f"{c['it_per_s_median']:>14.2f}{r['compile_gain']:>5.2f}x{c['compile_warmup_s']:>10.1f}"
             if args.compare_overrides:
                 b = measure(m, data, args, **args.compare_overrides)
-                r.update({f"compared_{k}": b[k] for k in ("it_per_s_mean", "it_per_s_median", "it_per_s_runs",
-                                                           "ms_per_step", "peak_mem_mib", "val_pass_s", "val_dice",
-                                                           "compile_warmup_s", "cuda_graphs", "graph_failure",
-                                                           "overrides")})
+                add_column(r, "compared", b, (*COLUMN_KEYS, "overrides"))
                 r["compared_gain"] = b["it_per_s_median"] / r["it_per_s_median"]
                 line += f"{b['it_per_s_median']:>9.2f}{r['compared_gain']:>5.2f}x"
             if ref:
