@@ -276,10 +276,22 @@ class YamlLoader(yaml.SafeLoader):
     field as the number."""
 
 
-YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"))
+#: numbers in exponent form, which YAML 1.2 reads as floats and YAML 1.1 (PyYAML) as text
+EXPONENT_NUMBER = re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+YamlLoader.add_implicit_resolver("tag:yaml.org,2002:float", EXPONENT_NUMBER, list("-+0123456789"))
+
+
+class YamlDumper(yaml.SafeDumper):
+    """PyYAML's safe dumper, quoting text that a YAML 1.2 reader would take for a number
+    (`run_name: '1.0e5'`); PyYAML writes it bare, since YAML 1.1 reads it as text."""
+
+
+def _represent_text(dumper: yaml.SafeDumper, text: str) -> yaml.ScalarNode:
+    style = "'" if EXPONENT_NUMBER.match(text) else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", text, style=style)
+
+
+YamlDumper.add_representer(str, _represent_text)
 
 
 def read_yaml(path: str | Path, what: str = "config file", loader: type = yaml.SafeLoader) -> Any:
@@ -306,7 +318,7 @@ def save_yaml(config: TrainConfig, path: str | Path) -> Path:
     """Write the resolved config; `load_yaml` reads it back unchanged."""
     from raysemi.files import write_text_atomic
 
-    return write_text_atomic(path, yaml.safe_dump(config.saved_dict(), sort_keys=False))
+    return write_text_atomic(path, yaml.dump(config.saved_dict(), Dumper=YamlDumper, sort_keys=False))
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:

@@ -1,8 +1,10 @@
 import argparse
 
 import pytest
+import yaml
 
-from raysemi.config import FIELDS, TrainConfig, add_config_arguments, from_dict, load_yaml, resolve, save_yaml
+from raysemi.config import (FIELDS, TrainConfig, YamlLoader, add_config_arguments, from_dict, load_yaml, resolve,
+                            save_yaml)
 from raysemi.errors import UserError
 
 
@@ -61,8 +63,12 @@ def test_wrong_keys_and_types(values, match):
 
 
 def test_text_that_looks_like_a_number_round_trips(tmp_path):
-    c = TrainConfig(run_name="1e5", experiment="2e3", data="3.5")
-    assert load_yaml(save_yaml(c, tmp_path / "c.yaml")) == c
+    c = TrainConfig(run_name="1e5", experiment="2.0e3", data="3.5")
+    path = save_yaml(c, tmp_path / "c.yaml")
+    assert load_yaml(path) == c
+    # a YAML 1.2 reader, which takes bare 1e5 for a number, reads them as text too: they are quoted
+    saved = yaml.load(path.read_text(), Loader=YamlLoader)
+    assert (saved["run_name"], saved["experiment"], saved["data"]) == ("1e5", "2.0e3", "3.5")
     (tmp_path / "bad.yaml").write_text("run_name: 1.5\n")
     with pytest.raises(UserError, match=r"run_name: 1.5 has the wrong type; expected a string \(in quotes"):
         load_yaml(tmp_path / "bad.yaml")
