@@ -249,9 +249,13 @@ def measure_packed(method: str, args) -> dict:
             span = last["time_total_s"] - first["time_total_s"]
             rate = (last["iteration"] - first["iteration"]) / span if span > 0 else float("nan")
             trials.append({"trial": result.parent.name, "reports": len(reports), "iterations": last["iteration"],
-                           "steady_it_per_s": rate, "trial_seconds": last["time_total_s"]})
+                           "steady_it_per_s": rate, "trial_seconds": last["time_total_s"],
+                           "compiled": last.get("compiled")})
     done = [t for t in trials if t["reports"] >= 2]
-    return {"method": method, "packed": n, "gpus_per_trial": 1 / n if gpus else 0, "compiled": args.compile,
+    # what the trials themselves report (on, off, failed: why), not what was asked for
+    compiled = sorted({str(t["compiled"]) for t in trials})
+    return {"method": method, "packed": n, "gpus_per_trial": 1 / n if gpus else 0,
+            "compile_asked": args.compile, "compiled": compiled[0] if len(compiled) == 1 else compiled,
             "trials": trials,
             "total_steady_it_per_s": sum(t["steady_it_per_s"] for t in done),
             "search_wall_s": wall, "search_it_per_s": sum(t["iterations"] for t in trials) / wall,
@@ -312,7 +316,8 @@ def main() -> int:
         per_trial = ", ".join(f"{t['steady_it_per_s']:.1f}" for t in r["trials"])
         print(f"{r['packed']} packed {r['method']} trials: {r['total_steady_it_per_s']:.1f} it/s in total at steady "
               f"state ({per_trial} per trial); whole search "
-              f"{r['search_it_per_s']:.1f} it/s over {r['search_wall_s']:.0f} s including start-up")
+              f"{r['search_it_per_s']:.1f} it/s over {r['search_wall_s']:.0f} s including start-up; "
+              f"compiled: {r['compiled']}")
     else:
         data = load_dataset(args.data, args.labeled_patients, 4)
         rows = []

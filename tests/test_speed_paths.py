@@ -202,6 +202,8 @@ def test_throughput_benchmark_packed_trials_through_the_search(tiny_phantom, tmp
     packed = json.loads(out.read_text())["packed"]
     assert len(packed["trials"]) == 2 and all(t["iterations"] == 30 and t["reports"] == 3 for t in packed["trials"])
     assert packed["total_steady_it_per_s"] == pytest.approx(sum(t["steady_it_per_s"] for t in packed["trials"]))
+    # the trials' own compile reports (a short CPU run is not compiled), not the flag as given
+    assert packed["compiled"] == "off" and [t["compiled"] for t in packed["trials"]] == ["off", "off"]
     assert "packed mean_teacher trials" in proc.stdout
 
 
