@@ -19,7 +19,8 @@ Pictures (`PicturesCallback`): `overlays/best_iter_<iteration>.png` at new best 
 A run folder records its run in `mlflow_run.json` (run id, tracking URI, experiment; `folder_run`),
 a multi-seed retrain its parent run in `retrain.json`: a resumed training goes on in the same runs
 (`MLflowRun.reopen`). Params keep the values they were first logged with (MLflow cannot change one):
-a value a resume changes (`--max-iterations`, say) is the tag `resumed/<param>`.
+a value a resume changes (`--max-iterations`, say) is the tag `resumed/<param>`; a speed path a
+resume changes (`device`, `amp`, `cuda_graphs`, `compiled`) also gets `history/<tag>`.
 """
 
 from __future__ import annotations
@@ -311,15 +312,28 @@ class MLflowCallback(Callback):
 
     def on_train_start(self, trainer: Trainer) -> None:
         self.run.log_params(flat_params(trainer.config.saved_dict()))
-        self.run.set_tags({"strategy": trainer.config.method, "model": trainer.model_name,
-                           "device": str(trainer.device), "amp": "bf16" if trainer.amp else "off",
-                           "cuda_graphs": trainer.graph_status, "compiled": trainer.compile_status})
+        paths = {"device": str(trainer.device), "amp": "bf16" if trainer.amp else "off",
+                 "cuda_graphs": trainer.graph_status, "compiled": trainer.compile_status}
+        self.run.set_tags({"strategy": trainer.config.method, "model": trainer.model_name, **paths,
+                           **self._path_history(trainer.iteration, paths)})
         if self.run_dir is not None:
             self.run.log_artifact(self.run_dir / "config.yaml")
         if trainer.iteration > 0:  # resumed: the checkpoint's curves first (only what the run lacks)
             rows = [(int(h["iteration"]), {k: v for k, v in h.items() if k != "iteration"})
                     for h in trainer.train_history + trainer.history]
             self.run.log_steps(rows, curve=True)
+
+    def _path_history(self, iteration: int, paths: dict[str, str]) -> dict[str, str]:
+        """A resumed run whose speed path changed (a resume past 10,000 iterations that `compile:
+        auto` now compiles, another card): `history/<tag>`, e.g. 'off from 0; on from 12000', beside
+        the tag, which gives the latest session's."""
+        old = self.run.tags or {}
+        history = {}
+        for tag, value in paths.items():
+            if iteration > 0 and tag in old and old[tag] != value:  # the tag still holds the last session's
+                before = old.get(f"history/{tag}", f"{old[tag]} from 0")
+                history[f"history/{tag}"] = f"{before}; {value} from {iteration}"
+        return history
 
     def on_log(self, trainer: Trainer, iteration: int, metrics: dict[str, float]) -> None:
         self.run.log_metrics(metrics, iteration, curve=True)

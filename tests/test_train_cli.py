@@ -165,6 +165,14 @@ def test_a_resumed_run_goes_on_in_its_own_mlflow_run(tiny_phantom, tmp_path, mon
     # of what it trains, so it gets no tag)
     assert {k: v for k, v in longer.data.tags.items() if k.startswith("resumed/")} == {
         "resumed/max_iterations": "9"}
+    assert not any(k.startswith("history/") for k in longer.data.tags)  # no speed path changed
+
+    # resumed on another speed path (as `compile: auto` does past 10,000 iterations on CUDA): the
+    # tag says the latest session's, `history/<tag>` from which iteration each held
+    assert run_cli(train_main, [*args, "--resume", "a/last.pt", "--max-iterations", "12", "--amp", "bf16"]) == 0
+    (mixed,) = _runs(uri)
+    assert mixed.data.tags["amp"] == "bf16" and mixed.data.tags["history/amp"] == "off from 0; bf16 from 9"
+    assert [k for k in mixed.data.tags if k.startswith("history/")] == ["history/amp"]
 
 
 @pytest.mark.parametrize("gone", ["other_store", "deleted"])
