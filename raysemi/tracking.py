@@ -325,7 +325,7 @@ class MLflowCallback(Callback):
 
     def _path_history(self, iteration: int, paths: dict[str, str]) -> dict[str, str]:
         """A resumed run whose speed path changed (a resume past 10,000 iterations that `compile:
-        auto` now compiles, another card): `history/<tag>`, e.g. 'off from 0; on from 12000', beside
+        auto` now compiles, another card): `history/<tag>`, e.g. 'off from 0; on from 5000', beside
         the tag, which gives the latest session's."""
         old = self.run.tags or {}
         history = {}
