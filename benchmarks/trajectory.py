@@ -77,7 +77,11 @@ def main() -> int:
     args.overrides = parse_sets(args.set, p)
     data = load_dataset(args.data, args.labeled_patients, 4)
     rows = []
-    for m in [resolve_method_name(x) for x in args.methods.split(",")]:
+    methods = [resolve_method_name(x) for x in args.methods.split(",")]
+    width = max(24, *(len(m) + 2 for m in methods))  # uncertainty_aware_mean_teacher is 30 long
+    its = [args.iterations // args.points * (i + 1) for i in range(args.points)]
+    print(f"{'strategy':<{width}}{'pipeline':<11}" + "  ".join(f"{'it ' + str(i):>12}" for i in its), flush=True)
+    for m in methods:
         for pipeline in args.pipelines.split(","):
             runs = [run(m, data, args, 1337 + s, pipeline == "reference") for s in range(args.seeds)]
             curves = [curve for curve, _ in runs]
@@ -85,8 +89,7 @@ def main() -> int:
             std = [statistics.pstdev(c[i] for c in curves) for i in range(len(curves[0]))]
             rows.append({"method": m, "pipeline": pipeline, "curves": curves, "mean": mean, "std": std,
                          "set": runs[0][1]})
-            print(f"{m:<24}{pipeline:<11}" + "  ".join(f"{a:.3f}+-{b:.3f}" for a, b in zip(mean, std)), flush=True)
-    its = [args.iterations // args.points * (i + 1) for i in range(args.points)]
+            print(f"{m:<{width}}{pipeline:<11}" + "  ".join(f"{a:.3f}+-{b:.3f}" for a, b in zip(mean, std)), flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"command": " ".join(["python"] + sys.argv), "args": vars(args), "iterations": its,

@@ -356,6 +356,7 @@ def test_trajectory_benchmark_smoke(tiny_phantom, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = json.loads(out.read_text())
     assert r["iterations"] == [4, 8] and r["compile"] is False
+    assert proc.stdout.splitlines()[0].split() == ["strategy", "pipeline", "it", "4", "it", "8"]
     # --set reaches our path's trainer only; the reference feed keeps the reference's value
     assert [row["set"] for row in r["rows"]] == [{"ema_decay": 0.95}, {"ema_decay": 0.99}]
     assert [(row["method"], row["pipeline"]) for row in r["rows"]] == [("mean_teacher", "ours"),
