@@ -22,15 +22,17 @@ p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDes
 p.add_argument("search_dir", nargs="?", help="a search folder holding best_config.yaml")
 p.add_argument("--max-iterations", type=int, default=30000)
 p.add_argument("--seeds", type=int, default=3, help="seeds to train the best config with (seed, seed+1, ...)")
-p.add_argument("--smoke-test", action="store_true")
+p.add_argument("--smoke-test", action="store_true", help="a tiny search first, then its best config retrained")
+p.add_argument("--name", default="retrain-smoke", help="with --smoke-test: the tiny search's folder under runs/ "
+               "(a finished search is not run again, so give another name to run it twice)")
 args = p.parse_args()
 
 if args.smoke_test:
     code = run_cli(search, ["--method", "supervised", "--data", smoke_data(Path.cwd()), *SMOKE_TRAIN,
-                            "--num-samples", "2", "--gpus", "0", "--name", "retrain-smoke", "--storage", "runs"])
+                            "--num-samples", "2", "--gpus", "0", "--name", args.name, "--storage", "runs"])
     if code:
         sys.exit(code)
-    search_dir, budget, seeds = Path("runs/retrain-smoke"), 6, 2
+    search_dir, budget, seeds = Path("runs") / args.name, 6, 2
 else:
     if not args.search_dir:
         p.error("give the search folder (runs/<search>)")

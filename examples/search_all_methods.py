@@ -21,13 +21,19 @@ p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDes
 p.add_argument("--data", default="phantom")
 p.add_argument("--num-samples", type=int, default=32)
 p.add_argument("--smoke-test", action="store_true", help="tiny data and budget, 3 strategies, 3 trials")
+p.add_argument("--name", help="the search's folder under runs/ (default: all-smoke for --smoke-test, else the "
+                              "search's own default); a finished search is not run again")
 args = p.parse_args()
 
 gpus = torch.cuda.device_count()
 if args.smoke_test:
     argv = ["--method", "supervised,em,ict", "--data", smoke_data(Path.cwd()), *SMOKE_TRAIN, "--num-samples", "3",
-            "--gpus", "0", "--name", "all-smoke"]
+            "--gpus", "0", "--name", args.name or "all-smoke"]
 else:
+    if not gpus:
+        print(f"note: no GPU here: {args.num_samples} trials x 2 seeds x 10,000 iterations at 256x256 on the CPUs "
+              "take days; Ctrl-C stops it (resumable). For a look on a CPU: examples/quick_search.py", flush=True)
     argv = ["--method", "all", "--data", args.data, "--num-samples", str(args.num_samples), "--max-iterations",
-            "10000", "--gpus", str(gpus), *(["--gpus-per-trial", "0.5"] if gpus else []), "--seeds", "2"]
+            "10000", "--gpus", str(gpus), *(["--gpus-per-trial", "0.5"] if gpus else []), "--seeds", "2",
+            *(["--name", args.name] if args.name else [])]
 sys.exit(run_cli(search, argv))

@@ -17,10 +17,11 @@ def test_there_are_examples():
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
 def test_example_runs_with_smoke_flag(example, tmp_path):
     env_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    proc = subprocess.run([sys.executable, str(example), "--smoke-test"], capture_output=True, text=True,
+    name = f"ex-{example.stem}"  # --name: a user can run an example again under another name
+    proc = subprocess.run([sys.executable, str(example), "--smoke-test", "--name", name], capture_output=True, text=True,
                           cwd=tmp_path, timeout=600, env={**__import__("os").environ, "MLFLOW_TRACKING_URI": env_uri})
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-2000:])
-    assert (tmp_path / "mlflow.db").is_file()
+    assert (tmp_path / "mlflow.db").is_file() and (tmp_path / "runs" / name).is_dir()
     if "search" in example.name:
         assert "leaderboard" in proc.stdout and list(tmp_path.glob("runs/*/best_config.yaml"))
         # Tune's progress table with our columns: strategy, iteration, Dice and the searched values
