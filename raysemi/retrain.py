@@ -556,3 +556,12 @@ def report(config: TrainConfig, results: list[SeedResult], failed: list[SeedResu
         run.set_tags({"status": "failed", "failure_reason": failure[:5000]} if failed else {"status": "finished"})
         run.end("FAILED" if failed else "FINISHED")
     return 1 if failed else 0
+
+
+if __name__ == "__main__":  # the name sounds like a command; say which one it is instead of doing nothing
+    import sys
+
+    print("raysemi.retrain is a library module, not a command: retrain with `python -m raysemi.train --from-run "
+          "RUN_ID --seeds K` or `--config runs/<search>/best_config.yaml --seeds K` (README: Retraining the winner)",
+          file=sys.stderr)
+    sys.exit(2)

@@ -190,3 +190,12 @@ def write_learning_curves_png(path: str | Path, train_logs: Sequence[tuple[int, 
                               history: Sequence[dict[str, float]], **kwargs) -> Path:
     """`learning_curves_figure(...)` saved as a PNG at `path` (1500 x 420 px)."""
     return save_figure(learning_curves_figure(train_logs, history, **kwargs), path)
+
+
+if __name__ == "__main__":  # the name sounds like a command; say where the pictures come from instead
+    import sys
+
+    print("raysemi.visualize is a library module, not a command: training and search write the pictures "
+          "themselves (overlays/ and plots/ in each run folder, and in MLflow; README: Pictures in MLflow)",
+          file=sys.stderr)
+    sys.exit(2)

@@ -262,3 +262,11 @@ def test_all_patients_labeled_is_a_clear_error_for_a_semi_supervised_strategy(ti
                                 "--labeled-patients", "8", "--output", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert code == 2 and "labeled_patients labels every patient" in err and "--method supervised" in err
+
+
+@pytest.mark.parametrize("module", ["raysemi.retrain", "raysemi.visualize"])
+def test_library_modules_that_sound_like_commands_say_which_command_to_use(module):
+    # `python -m raysemi.retrain --help` printed nothing and exited 0, as if it had worked
+    proc = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith(f"{module} is a library module, not a command")
