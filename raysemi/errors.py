@@ -56,3 +56,10 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         # one line, like every other error of the CLIs (train's usage block alone is ~30 lines)
         self.exit(2, f"error: {message} (see: {self.prog} --help)\n")
+
+
+def not_a_command(module: str, instead: str) -> int:
+    """For `python -m <module>` on a library module whose name sounds like a command: one line on
+    stderr saying which command to use `instead`, and exit code 2 (not silence and 0)."""
+    print(f"{module} is a library module, not a command: {instead}", file=sys.stderr)
+    return 2

@@ -559,9 +559,8 @@ def report(config: TrainConfig, results: list[SeedResult], failed: list[SeedResu
 
 
 if __name__ == "__main__":  # the name sounds like a command; say which one it is instead of doing nothing
-    import sys
+    from raysemi.errors import not_a_command
 
-    print("raysemi.retrain is a library module, not a command: retrain with `python -m raysemi.train --from-run "
-          "RUN_ID --seeds K` or `--config runs/<search>/best_config.yaml --seeds K` (README: Retraining the winner)",
-          file=sys.stderr)
-    sys.exit(2)
+    raise SystemExit(not_a_command("raysemi.retrain", "retrain with `python -m raysemi.train --from-run RUN_ID "
+                                   "--seeds K` or `--config runs/<search>/best_config.yaml --seeds K` (README: "
+                                   "Retraining the winner)"))

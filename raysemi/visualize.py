@@ -193,9 +193,8 @@ def write_learning_curves_png(path: str | Path, train_logs: Sequence[tuple[int, 
 
 
 if __name__ == "__main__":  # the name sounds like a command; say where the pictures come from instead
-    import sys
+    from raysemi.errors import not_a_command
 
-    print("raysemi.visualize is a library module, not a command: training and search write the pictures "
-          "themselves (overlays/ and plots/ in each run folder, and in MLflow; README: Pictures in MLflow)",
-          file=sys.stderr)
-    sys.exit(2)
+    raise SystemExit(not_a_command("raysemi.visualize", "training and search write the pictures themselves "
+                                   "(overlays/ and plots/ in each run folder, and in MLflow; README: Pictures in "
+                                   "MLflow)"))
