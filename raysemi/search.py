@@ -136,6 +136,11 @@ def check_resources(args, cluster: dict[str, float], nodes: list[dict] | None = 
     return gpus, per, max(1, concurrency)
 
 
+def asha_grace(args, base: TrainConfig) -> int:
+    """ASHA's grace period: --grace-period, else a quarter of the trial, at least one evaluation."""
+    return min(args.grace_period or max(base.eval_interval, base.max_iterations // 4), base.max_iterations)
+
+
 def sortable_by_best(trials) -> bool:
     """Whether Tune can sort the ended trials by BEST: it cannot compare a missing value, which a
     trial of a search started by an older version and continued lacks (then Tune's order stays)."""
@@ -378,6 +383,7 @@ def _search(args, methods, spaces, base: TrainConfig, dataset, uri: str, storage
     from ray.tune.search.optuna import OptunaSearch
 
     from raysemi.cluster import alive_nodes, check_nodes, describe, node_of_this_driver
+    from raysemi.search_budget import cpu_estimate, looks_long
     from raysemi.search_report import summarize
     from raysemi.search_space import define_by_run
     from raysemi.trainable import BEST, METRIC, TIME_ATTR, train_trial
@@ -397,6 +403,12 @@ def _search(args, methods, spaces, base: TrainConfig, dataset, uri: str, storage
         for line in check_nodes(storage, nodes):
             print(f"warning: {line}", flush=True)
     state_path = exp_dir / STATE_FILE
+    sizes = dict(num_samples=args.num_samples, seeds=args.seeds, concurrency=concurrency, threads=args.cpus_per_trial)
+    if per_trial == 0 and not state_path.is_file() and looks_long(base, **sizes):
+        # how long a new CPU search takes, before anything is created (Ctrl-C here leaves nothing behind)
+        print("timing one training step on this machine's CPU to estimate the search's time ...", flush=True)
+        print(cpu_estimate(base, methods, dataset, grace=asha_grace(args, base),
+                           reduction_factor=args.reduction_factor, **sizes), flush=True)
     resuming = tune.Tuner.can_restore(str(exp_dir))
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
     if args.resume and not resuming and not state.get("parent_run_id"):
@@ -447,7 +459,7 @@ def _search(args, methods, spaces, base: TrainConfig, dataset, uri: str, storage
             optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "A new study created in memory" line
             sampler = optuna.samplers.TPESampler(seed=base.seed, multivariate=True, group=True, constant_liar=True)
             searcher = OptunaSearch(space=define_by_run(spaces), sampler=sampler, metric=METRIC, mode="max")
-            grace = min(args.grace_period or max(base.eval_interval, base.max_iterations // 4), base.max_iterations)
+            grace = asha_grace(args, base)
             scheduler = ASHAScheduler(time_attr=TIME_ATTR, max_t=base.max_iterations, grace_period=grace,
                                       reduction_factor=args.reduction_factor)
             reporter = progress_reporter(
