@@ -68,18 +68,19 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.batch_size < 1:
         raise UserError(f"--batch-size: {args.batch_size} is invalid; expected an integer >= 1")
-    from raysemi.progress import progress
     from raysemi.data import load_volumes, resolve_data_root
     from raysemi.inference import evaluate_volumes
     from raysemi.loop import resolve_device
+    from raysemi.progress import ProgressBar
 
     device = resolve_device(args.device)
     net, config = load_network(args.checkpoint, args.model, device)
     root = resolve_data_root(args.data or config.data)
     volumes = load_volumes(root, args.split, config.num_classes)
     amp = device.type == "cuda" and config.amp != "off"
-    summary = evaluate_volumes(net, progress(volumes, args.split, unit="vol"), config.num_classes, config.patch_size,
-                               device, args.batch_size, True, amp)
+    with ProgressBar(len(volumes), args.split, unit="vol") as bar:
+        summary = evaluate_volumes(net, volumes, config.num_classes, config.patch_size, device, args.batch_size,
+                                   True, amp, bar=bar)
     print(f"{args.checkpoint} on {root} ({args.split}):")
     print(summary.format())
     if args.out:

@@ -31,6 +31,7 @@ from raysemi.inference import evaluate_volumes
 from raysemi.methods import create_method, get_method
 from raysemi.metrics import Summary
 from raysemi.models import create_model
+from raysemi.progress import ProgressBar
 from raysemi.schedules import ema_alpha, poly_lr
 
 
@@ -174,13 +175,15 @@ class Trainer:
             return self.strategy.teacher
         return self.strategy.student
 
-    def evaluate(self, volumes=None, which: str | None = None, distances: bool | None = None) -> Summary:
-        """Per-volume metrics of the student (or teacher) on the validation volumes (or others)."""
+    def evaluate(self, volumes=None, which: str | None = None, distances: bool | None = None,
+                 bar: ProgressBar | None = None) -> Summary:
+        """Per-volume metrics of the student (or teacher) on the validation volumes (or others);
+        `bar` counts the volumes whose metrics are done."""
         net = self.eval_network(which)
         return evaluate_volumes(net, self.data.val if volumes is None else volumes, self.config.num_classes,
                                 self.config.patch_size, self.device, self.config.eval_batch_size,
                                 self.config.eval_hd95 if distances is None else distances, self.amp,
-                                self.channels_last)
+                                self.channels_last, bar=bar)
 
     # -- state -----------------------------------------------------------------------------
     def checkpoint_payload(self, full: bool = True) -> dict[str, Any]:

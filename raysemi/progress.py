@@ -13,10 +13,8 @@ import math
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
-from typing import TextIO, TypeVar
-
-T = TypeVar("T")
+from collections.abc import Callable
+from typing import TextIO
 
 
 def format_duration(seconds: float) -> str:
@@ -176,18 +174,3 @@ class ProgressBar:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def progress(items: Iterable[T], desc: str = "", total: int | None = None, unit: str = "it",
-             stream: TextIO | None = None, **kwargs) -> Iterator[T]:
-    """Iterate `items` with a `ProgressBar` that counts each item once the caller is done with it
-    (the next one is asked for), e.g. `evaluate_volumes(net, progress(volumes, "test", unit="vol"), ...)`."""
-    if total is None:
-        total = len(items)  # type: ignore[arg-type]
-    bar = ProgressBar(total, desc, unit, stream, **kwargs)
-    try:
-        for item in items:
-            yield item
-            bar.advance()
-    finally:
-        bar.close()

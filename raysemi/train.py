@@ -215,15 +215,15 @@ def _final_report(config: TrainConfig, trainer, result, splits: dict[str, list],
                   outcome, end_run: bool) -> None:
     """The best checkpoint on the validation split and on the test split if listed; results.json
     (the seed's "finished" mark for a multi-seed --resume) is written last, whole."""
-    from raysemi.progress import progress
+    from raysemi.progress import ProgressBar
 
     best = checkpoint.load(out / "best.pt", trainer.device)
     net = trainer.eval_network()
     checkpoint.load_network(net, best["networks"][config.eval_model], out / "best.pt", config.eval_model)
     outcome.best_iteration, outcome.iterations = result.best_iteration, result.iterations
     for split, volumes in splits.items():
-        summary = trainer.evaluate(progress(volumes, f"{split} volumes", unit="vol", stream=console.stream),
-                                   distances=True)
+        with ProgressBar(len(volumes), f"{split} volumes", unit="vol", stream=console.stream) as bar:
+            summary = trainer.evaluate(volumes, distances=True, bar=bar)
         outcome.summaries[split] = summary
         console.write(f"\n{split} split, best checkpoint (iteration {result.best_iteration}, {config.eval_model}):\n"
                       + summary.format())

@@ -7,7 +7,7 @@ import io
 
 import pytest
 
-from raysemi.progress import ProgressBar, format_duration, progress
+from raysemi.progress import ProgressBar, format_duration
 
 
 class Clock:
@@ -83,15 +83,6 @@ def test_eta_rate_and_resumed_start():
     assert bar.rate() == pytest.approx(5.0) and bar.eta() == pytest.approx(8.0)
     assert "60/100 ( 60%) 5.0 it/s" in bar.text() and "ETA 0:08" in bar.text()
     assert format_duration(3725) == "1:02:05" and format_duration(65) == "1:05" and format_duration(float("nan")) == "?"
-
-
-def test_progress_counts_each_item_when_done():
-    out = io.StringIO()
-    seen = []
-    for item in progress(["a", "b", "c"], "test", unit="vol", stream=out, tty=False):
-        seen.append(item)
-    lines = out.getvalue().splitlines()
-    assert seen == ["a", "b", "c"] and lines[-1].startswith("test 3/3 (100%)") and "vol/s" in lines[-1]
 
 
 def test_disabled_bar_prints_nothing_but_messages():

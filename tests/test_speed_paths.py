@@ -90,6 +90,46 @@ def test_validation_metrics_on_threads_equal_the_serial_pass(tiny_phantom, monke
     assert not np.isnan(pooled.table()).any() and pooled.means()["hd95"] > 0  # the distances were computed
 
 
+def test_the_validation_bar_counts_a_volume_when_its_metrics_are_done(tiny_phantom, monkeypatch):
+    """Not when it is segmented: the last volumes' metrics can take seconds after the network is done."""
+    import io
+    import threading
+
+    from raysemi import inference
+    from raysemi.progress import ProgressBar
+
+    model = create_model("unet", in_channels=1, num_classes=4).eval()
+    volumes = load_volumes(tiny_phantom, "test", 4)
+    n = len(volumes)
+    seen: list = []
+    shown_all = threading.Event()
+    real = inference.case_metrics
+
+    class Recording(ProgressBar):
+        def update(self, done: int, info: str | None = None) -> None:
+            seen.append((done, info))
+            if info == f"{n} segmented":
+                shown_all.set()
+            super().update(done, info)
+
+    def slow(*a, **k):  # every metric waits until the bar has shown all volumes segmented
+        assert shown_all.wait(30)
+        return real(*a, **k)
+
+    monkeypatch.setattr(inference, "case_metrics", slow)
+    bar = Recording(n, "val", unit="vol", stream=io.StringIO(), tty=False)
+    evaluate_volumes(model, volumes, 4, (32, 32), torch.device("cpu"), workers=2, bar=bar)
+    segmenting = seen[:n]
+    assert [info for _, info in segmenting] == [f"{k} segmented" for k in range(1, n + 1)]
+    assert all(done == 0 for done, _ in segmenting)  # segmented, but no metric done yet: nothing counted
+    assert [done for done, _ in seen[n:]] == sorted(done for done, _ in seen[n:]) and seen[-1][0] == n
+    # one worker: each volume is counted once its metrics are done, in order
+    monkeypatch.setattr(inference, "case_metrics", real)
+    seen.clear()
+    evaluate_volumes(model, volumes, 4, (32, 32), torch.device("cpu"), workers=1, bar=bar)
+    assert [done for done, _ in seen] == list(range(1, n + 1))
+
+
 @pytest.mark.parametrize("name", list_methods())
 def test_bf16_channels_last_step_matches_fp32(name):
     cls = get_method(name)
