@@ -20,7 +20,8 @@ A run folder records its run in `mlflow_run.json` (run id, tracking URI, experim
 a multi-seed retrain its parent run in `retrain.json`: a resumed training goes on in the same runs
 (`MLflowRun.reopen`). Params keep the values they were first logged with (MLflow cannot change one):
 a value a resume changes (`--max-iterations`, say) is the tag `resumed/<param>`; a speed path a
-resume changes (`device`, `amp`, `cuda_graphs`, `compiled`) also gets `history/<tag>`.
+resume changes (`device`, `amp`, `cuda_graphs`, `compiled`) also gets `history/<tag>`, in search
+trial runs too (resumed or retried by Tune).
 """
 
 from __future__ import annotations
@@ -300,6 +301,23 @@ def folder_run(folder: Path, uri: str, experiment: str, run_name: str, tags: dic
     return run
 
 
+#: the tags that say which speed path a run took; a resume may change them
+SPEED_TAGS = ("device", "amp", "cuda_graphs", "compiled")
+
+
+def path_history(old: dict[str, str], paths: dict[str, str], iteration: int) -> dict[str, str]:
+    """For a run resumed at `iteration` whose speed path changed (a resume past 10,000 iterations
+    that `compile: auto` now compiles, another card, a trial retried on a node where compiling
+    fails): `history/<tag>`, e.g. 'off from 0; on from 5000', beside the tag, which gives the
+    latest session's. `old` is the run's tags so far."""
+    history = {}
+    for tag, value in paths.items():
+        if iteration > 0 and tag in old and old[tag] != value:  # the tag still holds the last session's
+            before = old.get(f"history/{tag}", f"{old[tag]} from 0")
+            history[f"history/{tag}"] = f"{before}; {value} from {iteration}"
+    return history
+
+
 class MLflowCallback(Callback):
     """Logs a training run: config as params, losses and validation metrics over iterations, and
     the resolved config.yaml as an artifact (`raysemi.train` adds the log, best checkpoint and
@@ -315,25 +333,13 @@ class MLflowCallback(Callback):
         paths = {"device": str(trainer.device), "amp": "bf16" if trainer.amp else "off",
                  "cuda_graphs": trainer.graph_status, "compiled": trainer.compile_status}
         self.run.set_tags({"strategy": trainer.config.method, "model": trainer.model_name, **paths,
-                           **self._path_history(trainer.iteration, paths)})
+                           **path_history(self.run.tags or {}, paths, trainer.iteration)})
         if self.run_dir is not None:
             self.run.log_artifact(self.run_dir / "config.yaml")
         if trainer.iteration > 0:  # resumed: the checkpoint's curves first (only what the run lacks)
             rows = [(int(h["iteration"]), {k: v for k, v in h.items() if k != "iteration"})
                     for h in trainer.train_history + trainer.history]
             self.run.log_steps(rows, curve=True)
-
-    def _path_history(self, iteration: int, paths: dict[str, str]) -> dict[str, str]:
-        """A resumed run whose speed path changed (a resume past 10,000 iterations that `compile:
-        auto` now compiles, another card): `history/<tag>`, e.g. 'off from 0; on from 5000', beside
-        the tag, which gives the latest session's."""
-        old = self.run.tags or {}
-        history = {}
-        for tag, value in paths.items():
-            if iteration > 0 and tag in old and old[tag] != value:  # the tag still holds the last session's
-                before = old.get(f"history/{tag}", f"{old[tag]} from 0")
-                history[f"history/{tag}"] = f"{before}; {value} from {iteration}"
-        return history
 
     def on_log(self, trainer: Trainer, iteration: int, metrics: dict[str, float]) -> None:
         self.run.log_metrics(metrics, iteration, curve=True)
@@ -530,6 +536,7 @@ def make_tune_callback(uri: str, experiment: str, parent_run_id: str, state_file
             self.logged_step: dict[str, int] = {}
             self.nodes: dict[str, list[str]] = {}  # trial id -> the nodes it reported from, one per move
             self.retries: dict[str, int] = {}
+            self.paths: dict[str, dict[str, str]] = {}  # trial id -> its speed tags and their history, as set
             self._client = None
 
         @property
@@ -609,12 +616,23 @@ def make_tune_callback(uri: str, experiment: str, parent_run_id: str, state_file
             metrics = {k: v for k, v in result.items() if isinstance(k, str) and ("/" in k or k in ("lr", "it_per_s"))
                        and isinstance(v, (int, float)) and not isinstance(v, bool)}
             run.log_metrics(metrics, step)
-            if result.get("cuda_graphs"):
-                run.set_tags({"cuda_graphs": str(result["cuda_graphs"])[:250]})
-            if result.get("compiled"):
-                run.set_tags({"compiled": str(result["compiled"])[:250]})
+            self._tag_paths(trial.trial_id, run, result)
             if result.get("diverged"):
                 run.set_tags({"status": "failed", "failure_reason": result.get("failure_reason", "diverged")})
+
+        def _tag_paths(self, trial_id: str, run: MLflowRun, result: dict) -> None:
+            """The trial's speed path as tags (`device`, `amp`, `cuda_graphs`, `compiled`), set when
+            they change, with `history/<tag>` when a resumed or retried trial took another path."""
+            paths = {tag: str(result[tag])[:250] for tag in SPEED_TAGS if result.get(tag)}
+            if trial_id not in self.paths:  # first result seen by this driver: what the run has so far
+                tags = self.client.get_run(run.run_id).data.tags
+                self.paths[trial_id] = {k: v for k, v in tags.items() if k in SPEED_TAGS or k.startswith("history/")}
+            old = self.paths[trial_id]
+            changed = {**{k: v for k, v in paths.items() if old.get(k) != v},
+                       **path_history(old, paths, int(result.get("start_iteration", 0)))}
+            if changed:
+                run.set_tags(changed)
+                old.update(changed)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             run = self._run(trial)

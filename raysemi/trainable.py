@@ -117,7 +117,9 @@ def train_trial(config: dict[str, Any], *, base: dict[str, Any], dataset: Datase
         t.start()
     _, values = trial_values(config)
     params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(values.items()))
-    base_metrics = {"method": cfg.method, "seeds": seeds, "device": device, "node_id": _node_id(), "params": params}
+    # start_iteration: where this session of the trial began (0, or a checkpoint's), for the tags' history
+    base_metrics = {"method": cfg.method, "seeds": seeds, "node_id": _node_id(), "params": params,
+                    "start_iteration": trainers[0].iteration}
     try:
         while trainers[0].iteration < cfg.max_iterations:
             target = (trainers[0].iteration // cfg.eval_interval + 1) * cfg.eval_interval
@@ -142,8 +144,10 @@ def train_trial(config: dict[str, Any], *, base: dict[str, Any], dataset: Datase
 
 
 def speed_paths(trainers: list[Trainer]) -> dict[str, str]:
-    """The trial's CUDA graphs and compile status (the trial run's tags): a seed's failure wins."""
-    return {"cuda_graphs": next((t.graph_status for t in trainers if t.graph_failure), trainers[0].graph_status),
+    """The trial's device, autocast, CUDA graphs and compile status (the trial run's tags, as a
+    training run's): a seed's failure wins."""
+    return {"device": str(trainers[0].device), "amp": "bf16" if trainers[0].amp else "off",
+            "cuda_graphs": next((t.graph_status for t in trainers if t.graph_failure), trainers[0].graph_status),
             "compiled": next((t.compile_status for t in trainers if t.compile_failure), trainers[0].compile_status)}
 
 

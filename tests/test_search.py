@@ -87,6 +87,8 @@ def test_search_logs_parent_and_nested_trial_runs(search_run):
     assert {k.data.tags["strategy"] for k in kids} <= {"supervised", "entropy_minimization", "mean_teacher"}
     assert all(k.data.tags.get("cuda_graphs") == "off" for k in kids)  # reported by the trials (CPU)
     assert all(k.data.tags.get("compiled") == "off" for k in kids)  # compile: auto, on CPU
+    assert all(k.data.tags.get("device") == "cpu" and k.data.tags.get("amp") == "off" for k in kids)
+    assert not any(t.startswith("history/") for k in kids for t in k.data.tags)  # no trial changed its path
     for k in kids:
         # the trial's whole resolved config as params, and its identity as tags
         assert k.data.params["method"] == k.data.tags["strategy"]
@@ -102,6 +104,46 @@ def test_search_logs_parent_and_nested_trial_runs(search_run):
     assert {"leaderboard.csv", "best_config.yaml", "best_checkpoint.pt", "plots"} <= artifacts
     plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
     assert {"plots/val_dice_per_trial.png", "plots/best_dice_per_strategy.png"} <= plots
+
+
+def test_a_trial_resumed_on_another_speed_path_gets_its_history(tmp_path):
+    """A trial retried or resumed where it runs differently (here compiling fails on the new node):
+    its tag gives the latest session's path, `history/<tag>` each path with the iteration it began
+    at, across a restarted driver too. (The Tune trial is a stand-in: CPU trials cannot change path.)"""
+    from raysemi.config import TrainConfig
+    from raysemi.tracking import MLflowRun, make_tune_callback
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = MLflowRun(uri, "search-exp", "search")
+    base = TrainConfig(data="x", max_iterations=40).to_dict()
+    state = tmp_path / "state.json"
+
+    class Trial:
+        trial_id = "t0001"
+        config = {"method": "supervised"}
+
+    first = {"device": "cuda", "amp": "bf16", "cuda_graphs": "on", "compiled": "on", "start_iteration": 0}
+    callback = make_tune_callback(uri, "search-exp", parent.run_id, state, base, 40)
+    callback.on_trial_start(0, [], Trial())
+    for step in (10, 20):
+        callback.on_trial_result(0, [], Trial(), {"iteration": step, "val/dice": 0.1, **first})
+    run_id = callback.runs["t0001"]
+    tags = MlflowClient(tracking_uri=uri).get_run(run_id).data.tags
+    assert {k: tags[k] for k in first if k != "start_iteration"} == {k: v for k, v in first.items()
+                                                                    if k != "start_iteration"}
+    assert not any(k.startswith("history/") for k in tags)
+    # the driver restarted (--resume); the trial goes on from its checkpoint at 20 on another node
+    resumed = make_tune_callback(uri, "search-exp", parent.run_id, state, base, 40)
+    failed = "failed: BackendCompilerFailed: no C++ compiler"
+    resumed.on_trial_result(0, [], Trial(), {"iteration": 30, **first, "compiled": failed, "start_iteration": 20})
+    resumed.on_trial_result(0, [], Trial(), {"iteration": 40, **first, "compiled": failed, "start_iteration": 20})
+    tags = MlflowClient(tracking_uri=uri).get_run(run_id).data.tags
+    assert tags["compiled"] == failed and tags["history/compiled"] == f"on from 0; {failed} from 20"
+    assert [k for k in tags if k.startswith("history/")] == ["history/compiled"]  # the rest did not change
+    # retried once more, where it compiles again
+    resumed.on_trial_result(0, [], Trial(), {"iteration": 50, **first, "start_iteration": 40})
+    tags = MlflowClient(tracking_uri=uri).get_run(run_id).data.tags
+    assert tags["compiled"] == "on" and tags["history/compiled"] == f"on from 0; {failed} from 20; on from 40"
 
 
 @pytest.mark.slow
