@@ -57,7 +57,7 @@ def evaluate_volumes(model: nn.Module, volumes: Iterable[Volume], num_classes: i
             pred = predict_volume(model, vol.image, patch_size, device, batch_size, amp, channels_last)
             rows.append((vol.name, case_metrics(pred, vol.label, num_classes, vol.spacing, distances)))
             if bar is not None:
-                bar.update(len(rows))
+                bar.update(len(rows), f"{len(rows)} segmented")
         return Summary(class_names(num_classes), rows)
     pool = ThreadPoolExecutor(n, thread_name_prefix="raysemi-metrics")
 

@@ -141,6 +141,27 @@ def asha_grace(args, base: TrainConfig) -> int:
     return min(args.grace_period or max(base.eval_interval, base.max_iterations // 4), base.max_iterations)
 
 
+def print_cpu_estimate(args, base: TrainConfig, methods: list[str], dataset, concurrency: int) -> None:
+    """How long a CPU search that may be long takes: its strategies' steps timed where trials run,
+    then one line (a warning over an hour). Ctrl-C here leaves nothing behind; a step that cannot
+    be timed costs the estimate only."""
+    from raysemi.search_budget import estimate_line, looks_long, time_steps
+
+    sizes = dict(num_samples=args.num_samples, seeds=args.seeds, concurrency=concurrency, threads=args.cpus_per_trial)
+    if not looks_long(base, methods, **sizes):
+        return
+    what = "one training step" if len(methods) == 1 else f"one training step of each of the {len(methods)} strategies"
+    print(f"timing {what} on this machine's CPU to estimate the search's time ...", flush=True)
+    try:
+        steps = time_steps(base, methods, dataset, args.cpus_per_trial)
+    except Exception as err:  # noqa: BLE001 - the search itself may still work; say why, go on
+        print(f"warning: no time estimate: a training step could not be timed "
+              f"({str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__})", flush=True)
+        return
+    print(estimate_line(base, steps, grace=asha_grace(args, base), reduction_factor=args.reduction_factor, **sizes),
+          flush=True)
+
+
 def sortable_by_best(trials) -> bool:
     """Whether Tune can sort the ended trials by BEST: it cannot compare a missing value, which a
     trial of a search started by an older version and continued lacks (then Tune's order stays)."""
@@ -383,7 +404,6 @@ def _search(args, methods, spaces, base: TrainConfig, dataset, uri: str, storage
     from ray.tune.search.optuna import OptunaSearch
 
     from raysemi.cluster import alive_nodes, check_nodes, describe, node_of_this_driver
-    from raysemi.search_budget import cpu_estimate, looks_long
     from raysemi.search_report import summarize
     from raysemi.search_space import define_by_run
     from raysemi.trainable import BEST, METRIC, TIME_ATTR, train_trial
@@ -403,12 +423,8 @@ def _search(args, methods, spaces, base: TrainConfig, dataset, uri: str, storage
         for line in check_nodes(storage, nodes):
             print(f"warning: {line}", flush=True)
     state_path = exp_dir / STATE_FILE
-    sizes = dict(num_samples=args.num_samples, seeds=args.seeds, concurrency=concurrency, threads=args.cpus_per_trial)
-    if per_trial == 0 and not state_path.is_file() and looks_long(base, **sizes):
-        # how long a new CPU search takes, before anything is created (Ctrl-C here leaves nothing behind)
-        print("timing one training step on this machine's CPU to estimate the search's time ...", flush=True)
-        print(cpu_estimate(base, methods, dataset, grace=asha_grace(args, base),
-                           reduction_factor=args.reduction_factor, **sizes), flush=True)
+    if per_trial == 0 and not state_path.is_file():  # a new CPU search: before anything is created
+        print_cpu_estimate(args, base, methods, dataset, concurrency)
     resuming = tune.Tuner.can_restore(str(exp_dir))
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
     if args.resume and not resuming and not state.get("parent_run_id"):

@@ -2,8 +2,9 @@
 
 A search with the defaults (16 trials of 30,000 iterations at 256x256) is meant for GPUs; with
 `--gpus 0` it would run for weeks without saying so. The driver first makes a cheap, optimistic
-guess from the sizes; when that is over ten minutes it times a real training step on this
-machine and prints the estimate, as a warning with the quick start's sizes when it is over an hour.
+guess from the sizes; when that is over ten minutes it times one real training step of each
+searched strategy (in a Ray task, where trials run) and prints the estimate, as a warning with the
+quick start's sizes when it is over an hour.
 """
 
 from __future__ import annotations
@@ -16,40 +17,57 @@ import torch
 from raysemi.config import TrainConfig
 from raysemi.data import Dataset
 
-#: pixel-samples (patch pixels x batch) per second per CPU thread, a few times what a 2-core EPYC
-#: VM does (83,000 for mean teacher at 256x256, 170,000 for the supervised UNet at 64x64): a guess
-#: that no CPU beats by much, so a search it puts under MEASURE_S is short anywhere
-FAST_CPU_PIXELS_PER_S = 5.0e5
-#: a guess at least this long times a real step (cheap at the sizes where the guess is wrong)
+#: pixel-samples (patch pixels x batch) per second of the supervised UNet's step on one CPU thread:
+#: a few times what a 2-core EPYC VM does (104,000 at 256x256), so that a guess under MEASURE_S
+#: means a short search on any CPU
+FAST_CPU_PIXELS_PER_S = 3.0e5
+#: step time relative to the supervised UNet's (the CPU benchmark's ms/step, README "CPU smoke")
+RELATIVE_COST = {"mean_teacher": 1.25, "uncertainty_aware_mean_teacher": 2.85, "pyramid_consistency": 1.15,
+                 "adversarial": 1.75}
+#: a guess at least this long times real steps (cheap at the sizes where the guess is wrong)
 MEASURE_S = 600.0
 #: an estimate at least this long is a warning
 LONG_S = 3600.0
+#: the README's quick start, the way out of a long CPU search
+QUICK_START = ("--patch-size 64 64 --batch-size 8 --labeled-bs 4 --labeled-patients 3 --max-iterations 300 "
+               "--eval-interval 100 --mt-warmup 10 --rampup-interval 2")
 
 
-def asha_iterations(num_samples: int, max_iterations: int, grace: int, reduction_factor: float) -> float:
-    """Iterations all trials together run when ASHA stops trials as designed: every trial reaches
-    the first rung, 1/factor of them the next, and so on, to max_iterations (Tune's rungs are
-    grace * factor**k below max_iterations). An estimate: early trials pass rungs more easily."""
-    milestones, m = [], float(grace)
+def rungs(max_iterations: int, grace: int, reduction_factor: float, eval_interval: int) -> list[int]:
+    """Where ASHA can stop trials, and the end: Tune's milestones (grace * factor**k below
+    max_iterations) fall at the first report at or past them, a multiple of eval_interval."""
+    points, m = [], float(grace)
     while m < max_iterations:
-        milestones.append(m)
+        points.append(min(math.ceil(m / eval_interval) * eval_interval, max_iterations))
         m *= reduction_factor
-    milestones.append(float(max_iterations))
-    total, previous = 0.0, 0.0
-    for k, milestone in enumerate(milestones):
-        total += max(1.0, num_samples / reduction_factor ** k) * (milestone - previous)
-        previous = milestone
-    return min(total, float(num_samples) * max_iterations)
+    return sorted(set(points) | {max_iterations})
 
 
-def quick_guess_s(base: TrainConfig, num_samples: int, seeds: int, concurrency: int, threads: int) -> float:
-    """An optimistic wall time from the sizes alone (no trial stopped early)."""
+def wall_iterations(num_samples: int, concurrency: int, points: list[int], reduction_factor: float) -> float:
+    """Iterations one slot runs in a row when ASHA stops trials as designed: every trial reaches
+    the first rung, 1/factor of them the next, and so on; each stretch takes its trials' share of
+    the slots, and at least one trial's length (a lone survivor runs alone). A floor: early
+    trials pass rungs more easily, as few results are there to compare with."""
+    total, previous = 0.0, 0
+    for k, point in enumerate(points):
+        trials = max(1.0, num_samples / reduction_factor ** k)
+        total += max(trials / concurrency, 1.0) * (point - previous)
+        previous = point
+    return total
+
+
+def quick_guess_s(base: TrainConfig, methods: list[str], num_samples: int, seeds: int, concurrency: int,
+                  threads: int) -> float:
+    """An optimistic wall time from the sizes alone (no trial stopped early, a fast CPU, threads that
+    scale as their square root, the dearest searched strategy)."""
     pixels = base.patch_size[0] * base.patch_size[1] * base.batch_size
-    return num_samples * seeds * base.max_iterations * pixels / (FAST_CPU_PIXELS_PER_S * threads * concurrency)
+    cost = max(RELATIVE_COST.get(m, 1.0) for m in methods)
+    waves = math.ceil(num_samples / concurrency)
+    return waves * seeds * base.max_iterations * pixels * cost / (FAST_CPU_PIXELS_PER_S * math.sqrt(threads))
 
 
 def seconds_per_step(base: TrainConfig, method: str, dataset: Dataset, threads: int) -> float:
-    """Seconds of one training step of `method` on this machine's CPU with `threads` threads (the
+    """Seconds of one training step of `method` on this process's CPU with `threads` threads (the
     real step: sampling, losses, backward, optimiser, EMA). A first step over 2 s is the answer
     (at 256x256 a step can take 20 s, and its one-time costs are small beside that); a shorter
     one was the warm-up, and three more steps are timed."""
@@ -74,37 +92,60 @@ def seconds_per_step(base: TrainConfig, method: str, dataset: Dataset, threads: 
         torch.set_num_threads(previous)
 
 
+def _step_seconds(base: TrainConfig, methods: list[str], dataset: Dataset, threads: int) -> dict[str, float]:
+    return {m: seconds_per_step(base, m, dataset, threads) for m in methods}
+
+
+def time_steps(base: TrainConfig, methods: list[str], dataset: Dataset, threads: int) -> dict[str, float]:
+    """`seconds_per_step` of each strategy, in one Ray task of `threads` CPUs, where trials run: on
+    a cluster, a node that has them; the task's process ends with it, and its memory with it."""
+    import ray
+
+    task = ray.remote(max_calls=1)(_step_seconds).options(num_cpus=threads)
+    return ray.get(task.remote(base, methods, dataset, threads))
+
+
+def plural(n: float, word: str) -> str:
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
+
+
 def format_long(seconds: float) -> str:
     """'40 minutes', '5.2 hours', '3.1 days'."""
     if seconds < 5400:
-        return f"{max(1, round(seconds / 60))} minutes"
+        return plural(max(1, round(seconds / 60)), "minute")
     if seconds < 2 * 86400:
         return f"{seconds / 3600:.1f} hours"
     return f"{seconds / 86400:.1f} days"
 
 
-def looks_long(base: TrainConfig, *, num_samples: int, seeds: int, concurrency: int, threads: int) -> bool:
-    """Whether a CPU search might take long enough to time a step and say so (`cpu_estimate`)."""
-    return quick_guess_s(base, num_samples, seeds, concurrency, threads) >= MEASURE_S
+def looks_long(base: TrainConfig, methods: list[str], *, num_samples: int, seeds: int, concurrency: int,
+               threads: int) -> bool:
+    """Whether a CPU search might take long enough to time its steps and say so (`estimate_line`)."""
+    return quick_guess_s(base, methods, num_samples, seeds, concurrency, threads) >= MEASURE_S
 
 
-def cpu_estimate(base: TrainConfig, methods: list[str], dataset: Dataset, *, num_samples: int, seeds: int,
-                 concurrency: int, threads: int, grace: int, reduction_factor: float) -> str:
-    """The line to print before a CPU search starts: a measured step and the estimated wall time,
-    as a warning with the way out when it is over an hour."""
-    method = "mean_teacher" if "mean_teacher" in methods else methods[0]
-    step = seconds_per_step(base, method, dataset, threads)
-    per_iteration = seeds * step / concurrency
-    full = num_samples * base.max_iterations * per_iteration
-    asha = asha_iterations(num_samples, base.max_iterations, grace, reduction_factor) * per_iteration
+def estimate_line(base: TrainConfig, steps: dict[str, float], *, num_samples: int, seeds: int, concurrency: int,
+                  threads: int, grace: int, reduction_factor: float) -> str:
+    """The line to print before a CPU search starts, from the strategies' timed steps (their mean:
+    TPE picks the strategies as it goes): the estimated wall time, as a warning with the way out
+    when it is over an hour."""
+    step = sum(steps.values()) / len(steps)
+    points = rungs(base.max_iterations, grace, reduction_factor, base.eval_interval)
+    asha = wall_iterations(num_samples, concurrency, points, reduction_factor) * seeds * step
+    full = math.ceil(num_samples / concurrency) * base.max_iterations * seeds * step
     h, w = base.patch_size
-    what = (f"one {method} training step at {h}x{w}, batch {base.batch_size}, took {step:.2f} s on this machine's "
-            f"CPU ({threads} thread{'s' if threads > 1 else ''}); {num_samples} trials x {seeds} seed"
-            f"{'s' if seeds > 1 else ''} x {base.max_iterations:,} iterations, {concurrency} at once, take about "
-            f"{format_long(asha)} if ASHA stops trials as designed, {format_long(full)} if it stops none "
+    if len(steps) == 1:
+        (method,) = steps
+        timed = f"one {method} training step at {h}x{w}, batch {base.batch_size}, took {step:.2f} s"
+    else:
+        fast, slow = min(steps, key=steps.get), max(steps, key=steps.get)
+        timed = (f"a training step at {h}x{w}, batch {base.batch_size}, took {steps[fast]:.2f} s ({fast}) to "
+                 f"{steps[slow]:.2f} s ({slow}), {step:.2f} s on average over the {len(steps)} strategies,")
+    what = (f"{timed} on this machine's CPU ({plural(threads, 'thread')}); {plural(num_samples, 'trial')} x "
+            f"{plural(seeds, 'seed')} x {plural(base.max_iterations, 'iteration')}, {concurrency} at once, take at "
+            f"least about {format_long(asha)} if ASHA stops trials as designed, {format_long(full)} if it stops none "
             "(validations not counted)")
     if asha < LONG_S:
         return f"estimate: {what}"
-    return (f"warning: {what}. For a first look on CPUs use small sizes (the README's quick start: "
-            "--patch-size 64 64 --batch-size 8 --labeled-bs 4 --max-iterations 300), or GPUs (--gpus N); "
-            "Ctrl-C stops the search and --resume continues it")
+    return (f"warning: {what}. For a first look on CPUs use small sizes (the README's quick start: {QUICK_START}), "
+            "or GPUs (--gpus N); Ctrl-C stops the search and --resume continues it")

@@ -12,43 +12,93 @@ import torch
 
 from raysemi.config import TrainConfig
 from raysemi.data import load_dataset
-from raysemi.search_budget import asha_iterations, cpu_estimate, looks_long, seconds_per_step
+from raysemi.search_budget import (QUICK_START, estimate_line, looks_long, rungs, seconds_per_step, time_steps,
+                                   wall_iterations)
 from tests.conftest import tiny_config
 
 
-def test_asha_iterations_follow_the_rungs():
-    # 16 trials, rungs at 7,500 and 22,500 of 30,000, factor 3: all to 7,500, 16/3 on to 22,500, 16/9 to the end
-    assert asha_iterations(16, 30000, 7500, 3) == pytest.approx(16 * 7500 + 16 / 3 * 15000 + 16 / 9 * 7500)
-    # a grace period of the whole trial stops nothing; one trial is never cut below itself
-    assert asha_iterations(5, 1000, 1000, 3) == 5 * 1000
-    assert asha_iterations(1, 1000, 100, 3) == 1000
+def test_rungs_are_tunes_milestones_at_the_reports():
+    from ray.tune.schedulers import ASHAScheduler
+
+    asha = ASHAScheduler(time_attr="iteration", max_t=30000, grace_period=7500, reduction_factor=3, metric="m",
+                         mode="max")
+    tune_milestones = sorted(m for m, _ in asha._brackets[0]._rungs)
+    assert rungs(30000, 7500, 3, eval_interval=1) == [*tune_milestones, 30000] == [7500, 22500, 30000]
+    # a milestone is judged at the first report at or past it: every 200 iterations, 7,600 and 22,600
+    assert rungs(30000, 7500, 3, eval_interval=200) == [7600, 22600, 30000]
+    assert rungs(100, 10, 2, eval_interval=50) == [50, 100]  # milestones 10, 20, 40, 80 meet at two reports
+
+
+def test_wall_time_counts_the_slots_and_the_lone_survivor():
+    points = [7500, 22500, 30000]
+    # 16 trials on 2 slots: 8 waves to 7,500, 16/3 trials on to 22,500 (2.67 waves), 16/9 to the end (one)
+    assert wall_iterations(16, 2, points, 3) == pytest.approx(8 * 7500 + 16 / 3 / 2 * 15000 + 7500)
+    # more slots than trials: never shorter than one trial run whole
+    assert wall_iterations(16, 16, points, 3) == pytest.approx(30000)
+    assert wall_iterations(1, 2, points, 3) == pytest.approx(30000)
 
 
 def test_only_searches_that_may_be_long_are_timed():
     sizes = dict(num_samples=16, seeds=1, concurrency=2, threads=1)
-    assert looks_long(TrainConfig(), **sizes)  # the defaults: 30,000 iterations at 256x256
+    assert looks_long(TrainConfig(), ["mean_teacher"], **sizes)  # the defaults: 30,000 iterations at 256x256
     quick = TrainConfig(patch_size=(64, 64), batch_size=8, labeled_bs=4, max_iterations=300)
-    assert not looks_long(quick, **{**sizes, "num_samples": 6})  # the README's quick start
+    assert not looks_long(quick, ["mean_teacher", "supervised"], **{**sizes, "num_samples": 6})  # the quick start
+    # an hour of UA-MT on this machine's 2 cores (measured: 62 minutes): its cost and its threads count
+    uamt = TrainConfig(patch_size=(96, 96), batch_size=24, labeled_bs=12, max_iterations=1350)
+    assert looks_long(uamt, ["uncertainty_aware_mean_teacher"], num_samples=2, seeds=1, concurrency=1, threads=2)
+    assert not looks_long(uamt.replace(max_iterations=300), ["supervised"], num_samples=2, seeds=1, concurrency=1,
+                          threads=2)
 
 
-def test_a_step_is_timed_on_the_cpu_with_the_trials_threads(tiny_phantom):
+def test_a_step_is_timed_on_the_cpu_with_the_trials_threads(tiny_phantom, monkeypatch):
+    from raysemi.loop import Trainer
+
     data = load_dataset(str(tiny_phantom), 2, 4)
+    seen = []
+    real = Trainer.train_until
+    monkeypatch.setattr(Trainer, "train_until", lambda self, stop: seen.append(torch.get_num_threads()) or
+                        real(self, stop))
     before = torch.get_num_threads()
-    step = seconds_per_step(tiny_config(tiny_phantom, max_iterations=100), "mean_teacher", data, threads=1)
-    assert 0 < step < 2 and torch.get_num_threads() == before
+    torch.set_num_threads(1)
+    try:
+        step = seconds_per_step(tiny_config(tiny_phantom, max_iterations=100), "mean_teacher", data, threads=2)
+        assert torch.get_num_threads() == 1  # put back
+    finally:
+        torch.set_num_threads(before)
+    assert 0 < step < 2 and seen == [2, 2]  # the warm-up step, then three steps, with the trial's threads
 
 
-def test_the_estimate_warns_with_the_numbers_and_the_way_out(tiny_phantom):
+def test_steps_are_timed_in_a_ray_task_for_each_strategy(tiny_phantom):
+    import ray
+
     data = load_dataset(str(tiny_phantom), 2, 4)
-    sizes = dict(num_samples=8, seeds=2, concurrency=2, threads=1, reduction_factor=3)
-    long = tiny_config(tiny_phantom, max_iterations=10_000_000)
-    line = cpu_estimate(long, ["supervised", "mean_teacher"], data, grace=2_500_000, **sizes)
-    assert line.startswith("warning: one mean_teacher training step at 32x32, batch 4, took ")
-    assert "8 trials x 2 seeds x 10,000,000 iterations, 2 at once, take about " in line and " days if it stops none" in line
-    assert "--patch-size 64 64" in line and "--resume" in line and "\n" not in line
-    short = tiny_config(tiny_phantom, max_iterations=20)
-    line = cpu_estimate(short, ["supervised"], data, grace=10, **sizes)
-    assert line.startswith("estimate: one supervised training step") and " minutes if ASHA stops trials" in line
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        steps = time_steps(tiny_config(tiny_phantom, max_iterations=100), ["supervised", "mean_teacher"], data, 1)
+    finally:
+        ray.shutdown()
+    assert list(steps) == ["supervised", "mean_teacher"] and all(0 < s < 2 for s in steps.values())
+
+
+def test_the_estimate_line_gives_the_numbers_and_the_way_out():
+    sizes = dict(num_samples=16, seeds=2, concurrency=2, threads=1, grace=7500, reduction_factor=3)
+    base = TrainConfig()  # 256x256, batch 24, 30,000 iterations, evaluated every 200
+    line = estimate_line(base, {"mean_teacher": 19.0}, **sizes)
+    assert line.startswith("warning: one mean_teacher training step at 256x256, batch 24, took 19.00 s on this "
+                           "machine's CPU (1 thread); 16 trials x 2 seeds x 30,000 iterations, 2 at once, take at "
+                           "least about 47.6 days if ASHA stops trials as designed, 105.6 days if it stops none")
+    assert f"(the README's quick start: {QUICK_START})" in line and "--mt-warmup 10" in QUICK_START
+    assert "--resume" in line and "\n" not in line
+    # several strategies: the range, and their mean for the estimate
+    line = estimate_line(base, {"supervised": 20.0, "uncertainty_aware_mean_teacher": 50.0, "mean_teacher": 20.0},
+                         **sizes)
+    assert ("took 20.00 s (supervised) to 50.00 s (uncertainty_aware_mean_teacher), 30.00 s on average over the 3 "
+            "strategies, on this machine's CPU") in line
+    short = TrainConfig(max_iterations=20, eval_interval=10)
+    line = estimate_line(short, {"supervised": 2.0}, **{**sizes, "num_samples": 1, "seeds": 1, "grace": 10})
+    assert line == ("estimate: one supervised training step at 256x256, batch 24, took 2.00 s on this machine's CPU "
+                    "(1 thread); 1 trial x 1 seed x 20 iterations, 2 at once, take at least about 1 minute if ASHA "
+                    "stops trials as designed, 1 minute if it stops none (validations not counted)")
 
 
 def test_ctrl_c_while_timing_leaves_no_search_behind(tiny_phantom, tmp_path):
@@ -69,6 +119,7 @@ def test_ctrl_c_while_timing_leaves_no_search_behind(tiny_phantom, tmp_path):
                 break
             lines.append(line)
             if line.startswith("timing one training step"):
+                time.sleep(1)  # into the Ray task's step
                 proc.send_signal(signal.SIGINT)
                 break
         out, err = proc.communicate(timeout=120)
@@ -77,6 +128,7 @@ def test_ctrl_c_while_timing_leaves_no_search_behind(tiny_phantom, tmp_path):
             proc.kill()
     assert any(x.startswith("timing one training step on this machine's CPU") for x in lines), "".join(lines)
     assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err[-2000:]
+    assert "estimate" not in out and "warning: one supervised" not in out  # stopped while timing
     assert not (tmp_path / "runs" / "long").exists()  # no search folder, so no search to resume by mistake
     from mlflow.tracking import MlflowClient
 
