@@ -37,7 +37,8 @@ def build_parser() -> ArgumentParser:
                    help="a 3D NIfTI file, or a folder whose .nii/.nii.gz files, in it or in subfolders at any "
                         "depth (one folder per patient), are all predicted; hidden files and folders, other "
                         "files, labels beside their image (X_gt, X_label, X_seg next to X; segmentation, "
-                        "mask, label, seg, gt next to another volume), 4D volumes "
+                        "mask, label, seg, gt next to another volume), subfolders named for labels (labels, "
+                        "masks, segmentations, gt, labelsTr, ...: a labels tree beside the images'), 4D volumes "
                         "(cine sequences such as ACDC's patientNNN_4d, said so) and the --out folder when "
                         "it lies inside are left out")
     p.add_argument("--out", required=True, metavar="DIR",
@@ -76,6 +77,20 @@ def is_label_beside_its_image(path: Path) -> bool:
     return any(stem.endswith(suffix) and len(stem) > len(suffix)
                and any((path.parent / (stem[:-len(suffix)] + ext)).is_file() for ext in NIFTI_SUFFIXES)
                for suffix in LABEL_SUFFIXES[1:])
+
+
+def labels_folder(path: Path, root: Path) -> Path | None:
+    """The subfolder of `root` that `path` lies in whose name says labels (`labels/`, `masks/`,
+    nnU-Net's `labelsTr/`, ...: a tree of labels that mirrors the images' tree), or None. `root`
+    itself may be one: given as --input, its files are predicted."""
+    from raysemi.data.importer import FOLDER_LABEL_NAMES
+
+    names = {*FOLDER_LABEL_NAMES, *(n + "s" for n in FOLDER_LABEL_NAMES), "labelstr", "labelsts"}
+    parts = path.relative_to(root).parts[:-1]
+    for depth, part in enumerate(parts, start=1):
+        if part.lower() in names:
+            return root.joinpath(*parts[:depth])
+    return None
 
 
 def list_inputs(path: str | Path, out: str | Path | None = None) -> list[Path]:
@@ -203,6 +218,15 @@ def main(argv: list[str]) -> int:
     root = Path(args.input)
     # in a folder, 4D cine sequences lie beside the 3D frames that are segmented (ACDC's
     # patientNNN_4d.nii.gz): skipped, and said so; a 4D file given alone is refused
+    # a labels tree beside the images' (images/ and labels/, imagesTr/ and labelsTr/): left out, and said so
+    in_labels = {path: labels_folder(path, root) for path in inputs} if root.is_dir() else {}
+    label_folders = sorted({folder for folder in in_labels.values() if folder is not None})
+    if label_folders:
+        inputs = [path for path in inputs if in_labels[path] is None]
+        if not inputs:
+            shown = ", ".join(f"{f.relative_to(root)}/" for f in label_folders[:3])
+            raise UserError(f"{root}: --input: only files in labels folders ({shown}); expected scans (give a "
+                            "labels folder itself as --input to predict its files)")
     cines = [path for path in inputs if len(read_header(path, allow_4d=root.is_dir())) == 4]
     if cines:
         inputs = [path for path in inputs if path not in cines]
@@ -231,6 +255,12 @@ def main(argv: list[str]) -> int:
     names = class_names(config.num_classes)
     print(f"{args.checkpoint} ({config.method}, {which}, {config.num_classes} classes, patch "
           f"{config.patch_size[0]}x{config.patch_size[1]}) on {device}: {len(inputs)} volume(s) -> {out}", flush=True)
+    if label_folders:
+        count = sum(folder is not None for folder in in_labels.values())
+        shown = ", ".join(f"{f.relative_to(root)}/" for f in label_folders[:3])
+        shown += ", ..." if len(label_folders) > 3 else ""
+        print(f"skipped {count} file(s) in labels folders (by name; give one as --input to predict its files): {shown}",
+              flush=True)
     if cines:
         shown = ", ".join(str(path.relative_to(root)) for path in cines[:3]) + (", ..." if len(cines) > 3 else "")
         print(f"skipped {len(cines)} 4D volume(s) (cine sequences; their 3D frames are what is segmented): {shown}",

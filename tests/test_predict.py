@@ -424,3 +424,35 @@ def test_console_script_entry_point(tmp_path):
                         str(tmp_path / "missing.nii.gz"), "--out", str(tmp_path / "o")],
                        capture_output=True, text=True, timeout=120)
     assert_error(r.returncode, r.stderr, "missing.nii.gz", "no such file or folder")
+
+
+def test_a_labels_tree_beside_the_images_is_left_out_and_said_so(trained, raw_volume, tmp_path, capsys):
+    """images/ and labels/ mirrored (or nnU-Net's imagesTr/ and labelsTr/): the scans are predicted,
+    the labels skipped with one line naming their folders; a labels folder given itself is predicted."""
+    data = tmp_path / "data"
+    label = (raw_volume > raw_volume.mean()).astype(np.uint8)
+    for top, other in (("images", "labels"), ("imagesTr", "labelsTr")):
+        for case in ("a", "b"):
+            (data / top / case).mkdir(parents=True, exist_ok=True)
+            (data / other / case).mkdir(parents=True, exist_ok=True)
+            write_nifti(data / top / case / f"{case}.nii.gz", raw_volume)
+            write_nifti(data / other / case / f"{case}.nii.gz", label)
+    out = tmp_path / "out"
+    rc, stdout, err = call(["--checkpoint", trained, "--input", data, "--out", out, "--device", "cpu"], capsys)
+    assert rc == 0, err
+    assert "skipped 4 file(s) in labels folders (by name; give one as --input to predict its files): labels/, " \
+           "labelsTr/" in stdout and "4 volume(s)" in stdout
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.nii.gz")) == [
+        "images/a/a_pred.nii.gz", "images/b/b_pred.nii.gz", "imagesTr/a/a_pred.nii.gz", "imagesTr/b/b_pred.nii.gz"]
+    # the labels folder itself: its files are what was asked for
+    rc, stdout, err = call(["--checkpoint", trained, "--input", data / "labels", "--out", tmp_path / "out2",
+                            "--device", "cpu"], capsys)
+    assert rc == 0 and "skipped" not in stdout, err
+    assert len(list((tmp_path / "out2").rglob("*_pred.nii.gz"))) == 2
+    # a tree of labels folders only: one line, nothing written
+    only = tmp_path / "only"
+    (only / "masks").mkdir(parents=True)
+    write_nifti(only / "masks" / "a.nii.gz", label)
+    rc, _, err = call(["--checkpoint", trained, "--input", only, "--out", tmp_path / "out4", "--device", "cpu"], capsys)
+    assert_error(rc, err, str(only), "--input", "only files in labels folders (masks/)", "expected scans")
+    assert not (tmp_path / "out4").exists()
