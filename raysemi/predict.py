@@ -79,16 +79,19 @@ def is_label_beside_its_image(path: Path) -> bool:
                for suffix in LABEL_SUFFIXES[1:])
 
 
+#: subfolder names (any case) that say labels: `import --case-per-folder`'s label names, their
+#: plurals, and nnU-Net's labelsTr / labelsTs / labelsVal / labelsTest
+LABEL_FOLDERS = frozenset({"label", "labels", "seg", "segs", "segmentation", "segmentations", "mask", "masks", "gt",
+                           "ground_truth", "groundtruth", "labelstr", "labelsts", "labelsval", "labelstest"})
+
+
 def labels_folder(path: Path, root: Path) -> Path | None:
     """The subfolder of `root` that `path` lies in whose name says labels (`labels/`, `masks/`,
     nnU-Net's `labelsTr/`, ...: a tree of labels that mirrors the images' tree), or None. `root`
     itself may be one: given as --input, its files are predicted."""
-    from raysemi.data.importer import FOLDER_LABEL_NAMES
-
-    names = {*FOLDER_LABEL_NAMES, *(n + "s" for n in FOLDER_LABEL_NAMES), "labelstr", "labelsts"}
     parts = path.relative_to(root).parts[:-1]
     for depth, part in enumerate(parts, start=1):
-        if part.lower() in names:
+        if part.lower() in LABEL_FOLDERS:
             return root.joinpath(*parts[:depth])
     return None
 
@@ -225,6 +228,7 @@ def main(argv: list[str]) -> int:
         inputs = [path for path in inputs if in_labels[path] is None]
         if not inputs:
             shown = ", ".join(f"{f.relative_to(root)}/" for f in label_folders[:3])
+            shown += ", ..." if len(label_folders) > 3 else ""
             raise UserError(f"{root}: --input: only files in labels folders ({shown}); expected scans (give a "
                             "labels folder itself as --input to predict its files)")
     cines = [path for path in inputs if len(read_header(path, allow_4d=root.is_dir())) == 4]

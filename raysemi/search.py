@@ -150,16 +150,21 @@ def print_cpu_estimate(args, base: TrainConfig, methods: list[str], dataset, con
     sizes = dict(num_samples=args.num_samples, seeds=args.seeds, concurrency=concurrency, threads=args.cpus_per_trial)
     if not looks_long(base, methods, **sizes):
         return
+    import ray
+
     what = "one training step" if len(methods) == 1 else f"one training step of each of the {len(methods)} strategies"
-    print(f"timing {what} on this machine's CPU to estimate the search's time ...", flush=True)
+    print(f"timing {what} on a CPU where trials run, to estimate the search's time ...", flush=True)
     try:
-        steps = time_steps(base, methods, dataset, args.cpus_per_trial)
+        steps, node = time_steps(base, methods, dataset, args.cpus_per_trial)
     except Exception as err:  # noqa: BLE001 - the search itself may still work; say why, go on
-        print(f"warning: no time estimate: a training step could not be timed "
-              f"({str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__})", flush=True)
+        cause = getattr(err, "cause", None) or err  # a Ray task's error: the error raised in it
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+        print(f"warning: no time estimate: a training step could not be timed ({type(cause).__name__}: {first})",
+              flush=True)
         return
-    print(estimate_line(base, steps, grace=asha_grace(args, base), reduction_factor=args.reduction_factor, **sizes),
-          flush=True)
+    where = "this machine" if node == ray.util.get_node_ip_address() else f"node {node}"
+    print(estimate_line(base, steps, grace=asha_grace(args, base), reduction_factor=args.reduction_factor,
+                        where=where, **sizes), flush=True)
 
 
 def sortable_by_best(trials) -> bool:

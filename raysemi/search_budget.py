@@ -4,7 +4,7 @@ A search with the defaults (16 trials of 30,000 iterations at 256x256) is meant 
 `--gpus 0` it would run for weeks without saying so. The driver first makes a cheap, optimistic
 guess from the sizes; when that is over ten minutes it times one real training step of each
 searched strategy (in a Ray task, where trials run) and prints the estimate, as a warning with the
-quick start's sizes when it is over an hour.
+quick start's flags when it is over an hour.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import torch
 from raysemi.config import TrainConfig
 from raysemi.data import Dataset
 
-#: pixel-samples (patch pixels x batch) per second of the supervised UNet's step on one CPU thread:
-#: a few times what a 2-core EPYC VM does (104,000 at 256x256), so that a guess under MEASURE_S
-#: means a short search on any CPU
-FAST_CPU_PIXELS_PER_S = 3.0e5
+#: pixel-samples (patch pixels x batch) per second of the supervised UNet's step on one CPU thread,
+#: faster than a 2-core EPYC VM does (104,000 at 256x256, 165,000 at 64x64): a search guessed under
+#: MEASURE_S at this speed takes under LONG_S on any CPU down to a sixth of it (25,000)
+FAST_CPU_PIXELS_PER_S = 1.5e5
 #: step time relative to the supervised UNet's (the CPU benchmark's ms/step, README "CPU smoke")
 RELATIVE_COST = {"mean_teacher": 1.25, "uncertainty_aware_mean_teacher": 2.85, "pyramid_consistency": 1.15,
                  "adversarial": 1.75}
@@ -66,11 +66,12 @@ def quick_guess_s(base: TrainConfig, methods: list[str], num_samples: int, seeds
     return waves * seeds * base.max_iterations * pixels * cost / (FAST_CPU_PIXELS_PER_S * math.sqrt(threads))
 
 
-def seconds_per_step(base: TrainConfig, method: str, dataset: Dataset, threads: int) -> float:
+def seconds_per_step(base: TrainConfig, method: str, dataset: Dataset, threads: int, warm_up: bool = False) -> float:
     """Seconds of one training step of `method` on this process's CPU with `threads` threads (the
-    real step: sampling, losses, backward, optimiser, EMA). A first step over 2 s is the answer
-    (at 256x256 a step can take 20 s, and its one-time costs are small beside that); a shorter
-    one was the warm-up, and three more steps are timed."""
+    real step: sampling, losses, backward, optimiser, EMA). `warm_up`: one untimed step first, for
+    the first strategy timed in a fresh process (its one-time costs are up to 20% of a 2 s step).
+    Then a step over 2 s is the answer (at 256x256 one takes 20-45 s); a shorter one is taken as
+    the warm-up after all, and three more steps are timed."""
     from raysemi.loop import Trainer
 
     cfg = base.replace(method=method, device="cpu", compile="off", cuda_graphs="off",
@@ -80,29 +81,46 @@ def seconds_per_step(base: TrainConfig, method: str, dataset: Dataset, threads: 
     try:
         trainer = Trainer(cfg, dataset)
         trainer.start()
+        if warm_up:
+            trainer.train_until(1)
+        start = trainer.iteration
         t0 = time.perf_counter()
-        trainer.train_until(1)
+        trainer.train_until(start + 1)
         first = time.perf_counter() - t0
         if first > 2.0:
             return first
         t0 = time.perf_counter()
-        trainer.train_until(4)
+        trainer.train_until(start + 4)
         return (time.perf_counter() - t0) / 3
     finally:
         torch.set_num_threads(previous)
 
 
-def _step_seconds(base: TrainConfig, methods: list[str], dataset: Dataset, threads: int) -> dict[str, float]:
-    return {m: seconds_per_step(base, m, dataset, threads) for m in methods}
-
-
-def time_steps(base: TrainConfig, methods: list[str], dataset: Dataset, threads: int) -> dict[str, float]:
-    """`seconds_per_step` of each strategy, in one Ray task of `threads` CPUs, where trials run: on
-    a cluster, a node that has them; the task's process ends with it, and its memory with it."""
+def _step_seconds(base: TrainConfig, methods: list[str], dataset: Dataset,
+                  threads: int) -> tuple[dict[str, float], str]:
     import ray
 
-    task = ray.remote(max_calls=1)(_step_seconds).options(num_cpus=threads)
-    return ray.get(task.remote(base, methods, dataset, threads))
+    steps = {m: seconds_per_step(base, m, dataset, threads, warm_up=i == 0) for i, m in enumerate(methods)}
+    return steps, ray.util.get_node_ip_address()
+
+
+#: the timing gives up after this long (a cluster whose CPUs are all taken would never start it)
+TIMING_LIMIT_S = 600.0
+
+
+def time_steps(base: TrainConfig, methods: list[str], dataset: Dataset, threads: int,
+               limit_s: float = TIMING_LIMIT_S) -> tuple[dict[str, float], str]:
+    """`seconds_per_step` of each strategy, and the address of the node that timed them, in one Ray
+    task of `threads` CPUs, where trials run (on a cluster, a node that has them); the task's
+    process ends with it, and its memory with it. TimeoutError after `limit_s`."""
+    import ray
+
+    ref = ray.remote(max_calls=1)(_step_seconds).options(num_cpus=threads).remote(base, methods, dataset, threads)
+    done, _ = ray.wait([ref], timeout=limit_s)
+    if not done:
+        ray.cancel(ref, force=True)
+        raise TimeoutError(f"not done in {limit_s:g} s (are the cluster's CPUs taken by other work?)")
+    return ray.get(ref)
 
 
 def plural(n: float, word: str) -> str:
@@ -125,10 +143,10 @@ def looks_long(base: TrainConfig, methods: list[str], *, num_samples: int, seeds
 
 
 def estimate_line(base: TrainConfig, steps: dict[str, float], *, num_samples: int, seeds: int, concurrency: int,
-                  threads: int, grace: int, reduction_factor: float) -> str:
+                  threads: int, grace: int, reduction_factor: float, where: str = "this machine") -> str:
     """The line to print before a CPU search starts, from the strategies' timed steps (their mean:
-    TPE picks the strategies as it goes): the estimated wall time, as a warning with the way out
-    when it is over an hour."""
+    TPE picks the strategies as it goes) on `where`: the estimated wall time, as a warning with the
+    way out when it is over an hour."""
     step = sum(steps.values()) / len(steps)
     points = rungs(base.max_iterations, grace, reduction_factor, base.eval_interval)
     asha = wall_iterations(num_samples, concurrency, points, reduction_factor) * seeds * step
@@ -141,10 +159,10 @@ def estimate_line(base: TrainConfig, steps: dict[str, float], *, num_samples: in
         fast, slow = min(steps, key=steps.get), max(steps, key=steps.get)
         timed = (f"a training step at {h}x{w}, batch {base.batch_size}, took {steps[fast]:.2f} s ({fast}) to "
                  f"{steps[slow]:.2f} s ({slow}), {step:.2f} s on average over the {len(steps)} strategies,")
-    what = (f"{timed} on this machine's CPU ({plural(threads, 'thread')}); {plural(num_samples, 'trial')} x "
-            f"{plural(seeds, 'seed')} x {plural(base.max_iterations, 'iteration')}, {concurrency} at once, take at "
-            f"least about {format_long(asha)} if ASHA stops trials as designed, {format_long(full)} if it stops none "
-            "(validations not counted)")
+    what = (f"{timed} on {where}'s CPU ({plural(threads, 'thread')}); {plural(num_samples, 'trial')} x "
+            f"{plural(seeds, 'seed')} x {plural(base.max_iterations, 'iteration')}, {concurrency} at once, take "
+            f"about {format_long(asha)} if ASHA stops trials as designed (a floor), {format_long(full)} if it stops "
+            "none (validations not counted)")
     if asha < LONG_S:
         return f"estimate: {what}"
     return (f"warning: {what}. For a first look on CPUs use small sizes (the README's quick start: {QUICK_START}), "

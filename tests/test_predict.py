@@ -437,13 +437,15 @@ def test_a_labels_tree_beside_the_images_is_left_out_and_said_so(trained, raw_vo
             (data / other / case).mkdir(parents=True, exist_ok=True)
             write_nifti(data / top / case / f"{case}.nii.gz", raw_volume)
             write_nifti(data / other / case / f"{case}.nii.gz", label)
+    (data / "Labeled").mkdir()  # a name that only starts like one: scans
+    write_nifti(data / "Labeled" / "c.nii.gz", raw_volume)
     out = tmp_path / "out"
     rc, stdout, err = call(["--checkpoint", trained, "--input", data, "--out", out, "--device", "cpu"], capsys)
     assert rc == 0, err
     assert "skipped 4 file(s) in labels folders (by name; give one as --input to predict its files): labels/, " \
-           "labelsTr/" in stdout and "4 volume(s)" in stdout
+           "labelsTr/" in stdout and "5 volume(s)" in stdout
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.nii.gz")) == [
-        "images/a/a_pred.nii.gz", "images/b/b_pred.nii.gz", "imagesTr/a/a_pred.nii.gz", "imagesTr/b/b_pred.nii.gz"]
+        "Labeled/c_pred.nii.gz", "images/a/a_pred.nii.gz", "images/b/b_pred.nii.gz", "imagesTr/a/a_pred.nii.gz", "imagesTr/b/b_pred.nii.gz"]
     # the labels folder itself: its files are what was asked for
     rc, stdout, err = call(["--checkpoint", trained, "--input", data / "labels", "--out", tmp_path / "out2",
                             "--device", "cpu"], capsys)

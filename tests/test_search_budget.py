@@ -43,10 +43,10 @@ def test_only_searches_that_may_be_long_are_timed():
     assert looks_long(TrainConfig(), ["mean_teacher"], **sizes)  # the defaults: 30,000 iterations at 256x256
     quick = TrainConfig(patch_size=(64, 64), batch_size=8, labeled_bs=4, max_iterations=300)
     assert not looks_long(quick, ["mean_teacher", "supervised"], **{**sizes, "num_samples": 6})  # the quick start
-    # an hour of UA-MT on this machine's 2 cores (measured: 62 minutes): its cost and its threads count
+    # a UA-MT search measured at 62 minutes on this machine's 2 cores is timed: its cost and threads count
     uamt = TrainConfig(patch_size=(96, 96), batch_size=24, labeled_bs=12, max_iterations=1350)
     assert looks_long(uamt, ["uncertainty_aware_mean_teacher"], num_samples=2, seeds=1, concurrency=1, threads=2)
-    assert not looks_long(uamt.replace(max_iterations=300), ["supervised"], num_samples=2, seeds=1, concurrency=1,
+    assert not looks_long(uamt.replace(max_iterations=200), ["supervised"], num_samples=2, seeds=1, concurrency=1,
                           threads=2)
 
 
@@ -68,16 +68,32 @@ def test_a_step_is_timed_on_the_cpu_with_the_trials_threads(tiny_phantom, monkey
     assert 0 < step < 2 and seen == [2, 2]  # the warm-up step, then three steps, with the trial's threads
 
 
-def test_steps_are_timed_in_a_ray_task_for_each_strategy(tiny_phantom):
+def test_steps_are_timed_in_a_ray_task_for_each_strategy(tiny_phantom, capsys):
+    import argparse
+
     import ray
 
+    from raysemi.search import print_cpu_estimate
+
     data = load_dataset(str(tiny_phantom), 2, 4)
+    base = tiny_config(tiny_phantom, max_iterations=100)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        steps = time_steps(tiny_config(tiny_phantom, max_iterations=100), ["supervised", "mean_teacher"], data, 1)
+        steps, node = time_steps(base, ["supervised", "mean_teacher"], data, 1)
+        with pytest.raises(TimeoutError, match="not done in 0.001 s"):  # a cluster with no free CPU: no hang
+            time_steps(base, ["supervised"], data, 1, limit_s=0.001)
+        # a step that cannot run (mean teacher where every patient is labeled): one warning, the search goes on
+        args = argparse.Namespace(num_samples=4, seeds=1, cpus_per_trial=1, grace_period=None, reduction_factor=3)
+        print_cpu_estimate(args, base.replace(max_iterations=10_000_000, labeled_patients=8),
+                           ["mean_teacher"], load_dataset(str(tiny_phantom), 8, 4), 2)
     finally:
         ray.shutdown()
     assert list(steps) == ["supervised", "mean_teacher"] and all(0 < s < 2 for s in steps.values())
+    assert node == ray.util.get_node_ip_address()
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "timing one training step on a CPU where trials run, to estimate the search's time ..."
+    assert out[1].startswith("warning: no time estimate: a training step could not be timed (UserError: ") and \
+        "there are no unlabeled slices" in out[1] and len(out) == 2
 
 
 def test_the_estimate_line_gives_the_numbers_and_the_way_out():
@@ -85,8 +101,8 @@ def test_the_estimate_line_gives_the_numbers_and_the_way_out():
     base = TrainConfig()  # 256x256, batch 24, 30,000 iterations, evaluated every 200
     line = estimate_line(base, {"mean_teacher": 19.0}, **sizes)
     assert line.startswith("warning: one mean_teacher training step at 256x256, batch 24, took 19.00 s on this "
-                           "machine's CPU (1 thread); 16 trials x 2 seeds x 30,000 iterations, 2 at once, take at "
-                           "least about 47.6 days if ASHA stops trials as designed, 105.6 days if it stops none")
+                           "machine's CPU (1 thread); 16 trials x 2 seeds x 30,000 iterations, 2 at once, take "
+                           "about 47.6 days if ASHA stops trials as designed (a floor), 105.6 days if it stops none")
     assert f"(the README's quick start: {QUICK_START})" in line and "--mt-warmup 10" in QUICK_START
     assert "--resume" in line and "\n" not in line
     # several strategies: the range, and their mean for the estimate
@@ -95,10 +111,11 @@ def test_the_estimate_line_gives_the_numbers_and_the_way_out():
     assert ("took 20.00 s (supervised) to 50.00 s (uncertainty_aware_mean_teacher), 30.00 s on average over the 3 "
             "strategies, on this machine's CPU") in line
     short = TrainConfig(max_iterations=20, eval_interval=10)
-    line = estimate_line(short, {"supervised": 2.0}, **{**sizes, "num_samples": 1, "seeds": 1, "grace": 10})
-    assert line == ("estimate: one supervised training step at 256x256, batch 24, took 2.00 s on this machine's CPU "
-                    "(1 thread); 1 trial x 1 seed x 20 iterations, 2 at once, take at least about 1 minute if ASHA "
-                    "stops trials as designed, 1 minute if it stops none (validations not counted)")
+    line = estimate_line(short, {"supervised": 2.0}, **{**sizes, "num_samples": 1, "seeds": 1, "grace": 10},
+                         where="node 10.0.0.7")
+    assert line == ("estimate: one supervised training step at 256x256, batch 24, took 2.00 s on node 10.0.0.7's CPU "
+                    "(1 thread); 1 trial x 1 seed x 20 iterations, 2 at once, take about 1 minute if ASHA "
+                    "stops trials as designed (a floor), 1 minute if it stops none (validations not counted)")
 
 
 def test_ctrl_c_while_timing_leaves_no_search_behind(tiny_phantom, tmp_path):
@@ -126,7 +143,7 @@ def test_ctrl_c_while_timing_leaves_no_search_behind(tiny_phantom, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert any(x.startswith("timing one training step on this machine's CPU") for x in lines), "".join(lines)
+    assert any(x.startswith("timing one training step on a CPU where trials run") for x in lines), "".join(lines)
     assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err[-2000:]
     assert "estimate" not in out and "warning: one supervised" not in out  # stopped while timing
     assert not (tmp_path / "runs" / "long").exists()  # no search folder, so no search to resume by mistake
