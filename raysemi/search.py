@@ -28,7 +28,8 @@ def build_parser() -> ArgumentParser:
         "Search the hyperparameters of one strategy (or several, and the strategy itself) with Ray Tune: "
         "Optuna's TPE proposes configs, ASHA stops weak trials early on validation Dice. Without --data it "
         "runs on the built-in phantom. Ends with a leaderboard, best_config.yaml (accepted by "
-        "python -m raysemi.train --config), the best checkpoint and plots, in the search folder and in MLflow."))
+        "python -m raysemi.train --config), the best checkpoint and plots, in the search folder and in MLflow. "
+        "A new search on CPUs that may be long first times a training step and says how long it takes."))
     s = p.add_argument_group("search")
     s.add_argument("--method", default="mean_teacher",
                    help="a strategy, a comma-separated list (mt,ict,dan) or 'all' (then the strategy is searched too)")
