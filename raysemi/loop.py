@@ -329,6 +329,12 @@ class Trainer:
             return f"failed: {self.graph_failure}"
         return "on" if self.cuda_graphs else "off"
 
+    @property
+    def speed_path(self) -> dict[str, str]:
+        """How this session trains: device, autocast, CUDA graphs, compile (the runs' speed tags)."""
+        return {"device": str(self.device), "amp": "bf16" if self.amp else "off", "cuda_graphs": self.graph_status,
+                "compiled": self.compile_status}
+
     def train_until(self, stop: int) -> None:
         """Train up to iteration `stop` (capped at max_iterations), validating on the way."""
         cfg = self.config

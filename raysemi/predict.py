@@ -96,6 +96,11 @@ def labels_folder(path: Path, root: Path) -> Path | None:
     return None
 
 
+def first_few(paths: list[Path], root: Path, end: str = "") -> str:
+    """'a/, b/, c/, ...': the first three paths under `root`, for a line that names what was skipped."""
+    return ", ".join(f"{p.relative_to(root)}{end}" for p in paths[:3]) + (", ..." if len(paths) > 3 else "")
+
+
 def list_inputs(path: str | Path, out: str | Path | None = None) -> list[Path]:
     """The NIfTI files to predict: `path` itself, or the .nii/.nii.gz files of a folder and its
     subfolders (sorted; searched as `import` searches --images, by `walk_files`: hidden files, such as
@@ -219,18 +224,16 @@ def main(argv: list[str]) -> int:
     out = Path(args.out)
     inputs = list_inputs(args.input, out)
     root = Path(args.input)
-    # in a folder, 4D cine sequences lie beside the 3D frames that are segmented (ACDC's
-    # patientNNN_4d.nii.gz): skipped, and said so; a 4D file given alone is refused
     # a labels tree beside the images' (images/ and labels/, imagesTr/ and labelsTr/): left out, and said so
     in_labels = {path: labels_folder(path, root) for path in inputs} if root.is_dir() else {}
     label_folders = sorted({folder for folder in in_labels.values() if folder is not None})
     if label_folders:
         inputs = [path for path in inputs if in_labels[path] is None]
         if not inputs:
-            shown = ", ".join(f"{f.relative_to(root)}/" for f in label_folders[:3])
-            shown += ", ..." if len(label_folders) > 3 else ""
-            raise UserError(f"{root}: --input: only files in labels folders ({shown}); expected scans (give a "
-                            "labels folder itself as --input to predict its files)")
+            raise UserError(f"{root}: --input: only files in labels folders ({first_few(label_folders, root, '/')}); "
+                            "expected scans (give a labels folder itself as --input to predict its files)")
+    # in a folder, 4D cine sequences lie beside the 3D frames that are segmented (ACDC's
+    # patientNNN_4d.nii.gz): skipped, and said so; a 4D file given alone is refused
     cines = [path for path in inputs if len(read_header(path, allow_4d=root.is_dir())) == 4]
     if cines:
         inputs = [path for path in inputs if path not in cines]
@@ -261,14 +264,11 @@ def main(argv: list[str]) -> int:
           f"{config.patch_size[0]}x{config.patch_size[1]}) on {device}: {len(inputs)} volume(s) -> {out}", flush=True)
     if label_folders:
         count = sum(folder is not None for folder in in_labels.values())
-        shown = ", ".join(f"{f.relative_to(root)}/" for f in label_folders[:3])
-        shown += ", ..." if len(label_folders) > 3 else ""
-        print(f"skipped {count} file(s) in labels folders (by name; give one as --input to predict its files): {shown}",
-              flush=True)
+        print(f"skipped {count} file(s) in labels folders (by name; give one as --input to predict its files): "
+              f"{first_few(label_folders, root, '/')}", flush=True)
     if cines:
-        shown = ", ".join(str(path.relative_to(root)) for path in cines[:3]) + (", ..." if len(cines) > 3 else "")
-        print(f"skipped {len(cines)} 4D volume(s) (cine sequences; their 3D frames are what is segmented): {shown}",
-              flush=True)
+        print(f"skipped {len(cines)} 4D volume(s) (cine sequences; their 3D frames are what is segmented): "
+              f"{first_few(cines, root)}", flush=True)
     width = len(str(len(inputs)))
     in_folder = root.is_dir()  # then inputs are shown by their path in --input, else by name as before
     for i, (src, dst) in enumerate(zip(inputs, outputs), start=1):

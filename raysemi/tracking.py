@@ -330,8 +330,7 @@ class MLflowCallback(Callback):
 
     def on_train_start(self, trainer: Trainer) -> None:
         self.run.log_params(flat_params(trainer.config.saved_dict()))
-        paths = {"device": str(trainer.device), "amp": "bf16" if trainer.amp else "off",
-                 "cuda_graphs": trainer.graph_status, "compiled": trainer.compile_status}
+        paths = trainer.speed_path
         self.run.set_tags({"strategy": trainer.config.method, "model": trainer.model_name, **paths,
                            **path_history(self.run.tags or {}, paths, trainer.iteration)})
         if self.run_dir is not None:

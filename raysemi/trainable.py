@@ -146,7 +146,7 @@ def train_trial(config: dict[str, Any], *, base: dict[str, Any], dataset: Datase
 def speed_paths(trainers: list[Trainer]) -> dict[str, str]:
     """The trial's device, autocast, CUDA graphs and compile status (the trial run's tags, as a
     training run's): a seed's failure wins."""
-    return {"device": str(trainers[0].device), "amp": "bf16" if trainers[0].amp else "off",
+    return {**trainers[0].speed_path,
             "cuda_graphs": next((t.graph_status for t in trainers if t.graph_failure), trainers[0].graph_status),
             "compiled": next((t.compile_status for t in trainers if t.compile_failure), trainers[0].compile_status)}
 
