@@ -146,17 +146,22 @@ def print_cpu_estimate(args, base: TrainConfig, methods: list[str], dataset, con
     """How long a CPU search that may be long takes: its strategies' steps timed where trials run,
     then one line (a warning over an hour). Ctrl-C here leaves nothing behind; a step that cannot
     be timed costs the estimate only."""
-    from raysemi.search_budget import estimate_line, looks_long, time_steps
+    from raysemi.search_budget import enough_timed, estimate_line, looks_long, time_steps
 
     sizes = dict(num_samples=args.num_samples, seeds=args.seeds, concurrency=concurrency, threads=args.cpus_per_trial)
     if not looks_long(base, methods, **sizes):
         return
     import ray
 
-    what = "one training step" if len(methods) == 1 else f"one training step of each of the {len(methods)} strategies"
+    asha = dict(grace=asha_grace(args, base), reduction_factor=args.reduction_factor)
+    what = "one training step" if len(methods) == 1 else (
+        f"one training step of each of the {len(methods)} strategies (fewer once the first put the search over "
+        "10 hours)")
     print(f"timing {what} on a CPU where trials run, to estimate the search's time ...", flush=True)
+    enough = enough_timed(base, methods, num_samples=args.num_samples, seeds=args.seeds, concurrency=concurrency,
+                          **asha)
     try:
-        steps, node = time_steps(base, methods, dataset, args.cpus_per_trial)
+        steps, node = time_steps(base, methods, dataset, args.cpus_per_trial, enough)
     except Exception as err:  # noqa: BLE001 - the search itself may still work; say why, go on
         cause = getattr(err, "cause", None) or err  # a Ray task's error: the error raised in it
         first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
@@ -164,8 +169,7 @@ def print_cpu_estimate(args, base: TrainConfig, methods: list[str], dataset, con
               flush=True)
         return
     where = "this machine" if node == ray.util.get_node_ip_address() else f"node {node}"
-    print(estimate_line(base, steps, grace=asha_grace(args, base), reduction_factor=args.reduction_factor,
-                        where=where, **sizes), flush=True)
+    print(estimate_line(base, steps, where=where, methods=methods, **asha, **sizes), flush=True)
 
 
 def sortable_by_best(trials) -> bool:

@@ -4,13 +4,16 @@ A search with the defaults (16 trials of 30,000 iterations at 256x256) is meant 
 `--gpus 0` it would run for weeks without saying so. The driver first makes a cheap, optimistic
 guess from the sizes; when that is over ten minutes it times one real training step of each
 searched strategy (in a Ray task, where trials run) and prints the estimate, as a warning with the
-quick start's flags when it is over an hour.
+quick start's flags when it is over an hour. Once the strategies timed so far put the search far past
+that, the rest are scaled from them by their usual relative cost instead of timed.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import time
+from typing import Callable
 
 import torch
 
@@ -28,6 +31,9 @@ RELATIVE_COST = {"mean_teacher": 1.25, "uncertainty_aware_mean_teacher": 2.85, "
 MEASURE_S = 600.0
 #: an estimate at least this long is a warning
 LONG_S = 3600.0
+#: once the strategies timed so far put the estimate (the rest scaled by RELATIVE_COST) past this, the
+#: rest are not timed: `--method all` at 256x256 would spend minutes timing a search of weeks
+ENOUGH_S = 10 * LONG_S
 #: the README's quick start, the way out of a long CPU search
 QUICK_START = ("--patch-size 64 64 --batch-size 8 --labeled-bs 4 --labeled-patients 3 --max-iterations 300 "
                "--eval-interval 100 --mt-warmup 10 --rampup-interval 2")
@@ -66,6 +72,35 @@ def quick_guess_s(base: TrainConfig, methods: list[str], num_samples: int, seeds
     return waves * seeds * base.max_iterations * pixels * cost / (FAST_CPU_PIXELS_PER_S * math.sqrt(threads))
 
 
+def scaled_steps(steps: dict[str, float], methods: list[str]) -> dict[str, float]:
+    """A step time for each of `methods`: the timed ones as timed, the others from the timed ones
+    by RELATIVE_COST (the mean over the timed of step / its relative cost, times the other's)."""
+    unit = sum(s / RELATIVE_COST.get(m, 1.0) for m, s in steps.items()) / len(steps)
+    return {m: steps[m] if m in steps else unit * RELATIVE_COST.get(m, 1.0) for m in methods}
+
+
+def wall_seconds(base: TrainConfig, steps: dict[str, float], *, num_samples: int, seeds: int, concurrency: int,
+                 grace: int, reduction_factor: float) -> tuple[float, float]:
+    """(wall seconds if ASHA stops trials as designed, a floor; if it stops none), for steps of
+    their mean (TPE picks the strategies as it goes); validations not counted."""
+    step = sum(steps.values()) / len(steps)
+    points = rungs(base.max_iterations, grace, reduction_factor, base.eval_interval)
+    asha = wall_iterations(num_samples, concurrency, points, reduction_factor) * seeds * step
+    full = math.ceil(num_samples / concurrency) * base.max_iterations * seeds * step
+    return asha, full
+
+
+def far_past(steps: dict[str, float], *, base: TrainConfig, methods: list[str], **sizes) -> bool:
+    """Whether the strategies timed so far, the rest scaled from them, put the search past ENOUGH_S
+    even if ASHA stops trials as designed (then timing the rest cannot change what is said)."""
+    return wall_seconds(base, scaled_steps(steps, methods), **sizes)[0] >= ENOUGH_S
+
+
+def enough_timed(base: TrainConfig, methods: list[str], **sizes) -> Callable[[dict[str, float]], bool]:
+    """`far_past` for this search, to give `time_steps` (a partial: Ray pickles it by reference)."""
+    return functools.partial(far_past, base=base, methods=methods, **sizes)
+
+
 def seconds_per_step(base: TrainConfig, method: str, dataset: Dataset, threads: int, warm_up: bool = False) -> float:
     """Seconds of one training step of `method` on this process's CPU with `threads` threads (the
     real step: sampling, losses, backward, optimiser, EMA). `warm_up`: one untimed step first, for
@@ -96,11 +131,15 @@ def seconds_per_step(base: TrainConfig, method: str, dataset: Dataset, threads: 
         torch.set_num_threads(previous)
 
 
-def _step_seconds(base: TrainConfig, methods: list[str], dataset: Dataset,
-                  threads: int) -> tuple[dict[str, float], str]:
+def _step_seconds(base: TrainConfig, methods: list[str], dataset: Dataset, threads: int,
+                  enough: Callable[[dict[str, float]], bool] | None) -> tuple[dict[str, float], str]:
     import ray
 
-    steps = {m: seconds_per_step(base, m, dataset, threads, warm_up=i == 0) for i, m in enumerate(methods)}
+    steps: dict[str, float] = {}
+    for i, method in enumerate(methods):
+        steps[method] = seconds_per_step(base, method, dataset, threads, warm_up=i == 0)
+        if enough is not None and len(steps) < len(methods) and enough(steps):
+            break
     return steps, ray.util.get_node_ip_address()
 
 
@@ -109,13 +148,16 @@ TIMING_LIMIT_S = 600.0
 
 
 def time_steps(base: TrainConfig, methods: list[str], dataset: Dataset, threads: int,
+               enough: Callable[[dict[str, float]], bool] | None = None,
                limit_s: float = TIMING_LIMIT_S) -> tuple[dict[str, float], str]:
-    """`seconds_per_step` of each strategy, and the address of the node that timed them, in one Ray
-    task of `threads` CPUs, where trials run (on a cluster, a node that has them); the task's
-    process ends with it, and its memory with it. TimeoutError after `limit_s`."""
+    """`seconds_per_step` of each strategy in order, and the address of the node that timed them, in
+    one Ray task of `threads` CPUs, where trials run (on a cluster, a node that has them); the
+    task's process ends with it, and its memory with it. Stops before the rest once `enough` of the
+    steps so far is true (`enough_timed`). TimeoutError after `limit_s`."""
     import ray
 
-    ref = ray.remote(max_calls=1)(_step_seconds).options(num_cpus=threads).remote(base, methods, dataset, threads)
+    ref = ray.remote(max_calls=1)(_step_seconds).options(num_cpus=threads).remote(base, methods, dataset, threads,
+                                                                                  enough)
     done, _ = ray.wait([ref], timeout=limit_s)
     if not done:
         ray.cancel(ref, force=True)
@@ -143,23 +185,33 @@ def looks_long(base: TrainConfig, methods: list[str], *, num_samples: int, seeds
 
 
 def estimate_line(base: TrainConfig, steps: dict[str, float], *, num_samples: int, seeds: int, concurrency: int,
-                  threads: int, grace: int, reduction_factor: float, where: str = "this machine") -> str:
+                  threads: int, grace: int, reduction_factor: float, where: str = "this machine",
+                  methods: list[str] | None = None) -> str:
     """The line to print before a CPU search starts, from the strategies' timed steps (their mean:
     TPE picks the strategies as it goes) on `where`: the estimated wall time, as a warning with the
-    way out when it is over an hour."""
+    way out when it is over an hour. `methods`: all the searched strategies, where `time_steps`
+    stopped before timing them all (the rest are scaled from the timed ones)."""
+    untimed = [m for m in methods or [] if m not in steps]
+    timed_names = list(steps)
+    steps = scaled_steps(steps, methods) if untimed else steps
+    asha, full = wall_seconds(base, steps, num_samples=num_samples, seeds=seeds, concurrency=concurrency,
+                              grace=grace, reduction_factor=reduction_factor)
     step = sum(steps.values()) / len(steps)
-    points = rungs(base.max_iterations, grace, reduction_factor, base.eval_interval)
-    asha = wall_iterations(num_samples, concurrency, points, reduction_factor) * seeds * step
-    full = math.ceil(num_samples / concurrency) * base.max_iterations * seeds * step
     h, w = base.patch_size
     if len(steps) == 1:
         (method,) = steps
         timed = f"one {method} training step at {h}x{w}, batch {base.batch_size}, took {step:.2f} s"
     else:
         fast, slow = min(steps, key=steps.get), max(steps, key=steps.get)
-        timed = (f"a training step at {h}x{w}, batch {base.batch_size}, took {steps[fast]:.2f} s ({fast}) to "
-                 f"{steps[slow]:.2f} s ({slow}), {step:.2f} s on average over the {len(steps)} strategies,")
-    what = (f"{timed} on {where}'s CPU ({plural(threads, 'thread')}); {plural(num_samples, 'trial')} x "
+        timed = (f"a training step at {h}x{w}, batch {base.batch_size}, {'takes' if untimed else 'took'} "
+                 f"{steps[fast]:.2f} s ({fast}) to {steps[slow]:.2f} s ({slow}), {step:.2f} s on average over the "
+                 f"{len(steps)} strategies,")
+    threads_said = plural(threads, "thread")
+    if untimed:
+        threads_said += (f"; timed for {', '.join(timed_names)}, the other {len(untimed)} scaled from "
+                         f"{'it' if len(timed_names) == 1 else 'them'} by their usual relative cost, as the estimate "
+                         f"was already over {ENOUGH_S / 3600:g} hours")
+    what = (f"{timed} on {where}'s CPU ({threads_said}); {plural(num_samples, 'trial')} x "
             f"{plural(seeds, 'seed')} x {plural(base.max_iterations, 'iteration')}, {concurrency} at once, take "
             f"about {format_long(asha)} if ASHA stops trials as designed (a floor), {format_long(full)} if it stops "
             "none (validations not counted)")

@@ -12,8 +12,8 @@ import torch
 
 from raysemi.config import TrainConfig
 from raysemi.data import load_dataset
-from raysemi.search_budget import (QUICK_START, estimate_line, looks_long, rungs, seconds_per_step, time_steps,
-                                   wall_iterations)
+from raysemi.search_budget import (ENOUGH_S, QUICK_START, RELATIVE_COST, enough_timed, estimate_line, far_past,
+                                   looks_long, rungs, scaled_steps, seconds_per_step, time_steps, wall_iterations)
 from tests.conftest import tiny_config
 
 
@@ -80,6 +80,11 @@ def test_steps_are_timed_in_a_ray_task_for_each_strategy(tiny_phantom, capsys):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         steps, node = time_steps(base, ["supervised", "mean_teacher"], data, 1)
+        # a search of weeks: the first strategy's step says so, the second is not timed
+        weeks = base.replace(max_iterations=10_000_000)
+        enough = enough_timed(weeks, ["supervised", "mean_teacher"], num_samples=4, seeds=1, concurrency=2,
+                              grace=100, reduction_factor=3)
+        first_only, _ = time_steps(weeks, ["supervised", "mean_teacher"], data, 1, enough)
         with pytest.raises(TimeoutError, match="not done in 0.001 s"):  # a cluster with no free CPU: no hang
             time_steps(base, ["supervised"], data, 1, limit_s=0.001)
         # a step that cannot run (mean teacher where every patient is labeled): one warning, the search goes on
@@ -89,6 +94,7 @@ def test_steps_are_timed_in_a_ray_task_for_each_strategy(tiny_phantom, capsys):
     finally:
         ray.shutdown()
     assert list(steps) == ["supervised", "mean_teacher"] and all(0 < s < 2 for s in steps.values())
+    assert list(first_only) == ["supervised"] and 0 < first_only["supervised"] < 2
     assert node == ray.util.get_node_ip_address()
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "timing one training step on a CPU where trials run, to estimate the search's time ..."
@@ -116,6 +122,35 @@ def test_the_estimate_line_gives_the_numbers_and_the_way_out():
     assert line == ("estimate: one supervised training step at 256x256, batch 24, took 2.00 s on node 10.0.0.7's CPU "
                     "(1 thread); 1 trial x 1 seed x 20 iterations, 2 at once, take about 1 minute if ASHA "
                     "stops trials as designed (a floor), 1 minute if it stops none (validations not counted)")
+
+
+def test_strategies_are_timed_until_the_search_is_far_past_an_hour():
+    methods = ["supervised", "mean_teacher", "uncertainty_aware_mean_teacher"]
+    # the untimed are scaled from the timed by their usual cost relative to each other
+    assert scaled_steps({"supervised": 10.0}, methods) == pytest.approx(
+        {"supervised": 10.0, "mean_teacher": 10.0 * RELATIVE_COST["mean_teacher"],
+         "uncertainty_aware_mean_teacher": 10.0 * RELATIVE_COST["uncertainty_aware_mean_teacher"]})
+    assert scaled_steps({"supervised": 10.0, "mean_teacher": 10.0}, methods)["mean_teacher"] == 10.0  # timed: kept
+    sizes = dict(num_samples=16, seeds=1, concurrency=2, grace=7500, reduction_factor=3)
+    base = TrainConfig()  # 30,000 iterations: 10 s steps put it at days, 0.01 s ones under an hour
+    assert far_past({"supervised": 10.0}, base=base, methods=methods, **sizes)
+    assert not far_past({"supervised": 0.01}, base=base, methods=methods, **sizes)
+    assert enough_timed(base, methods, **sizes)({"supervised": 10.0})
+    # ENOUGH_S is the line between: a step that puts the floor just past it, and one just under
+    relative_mean = (1 + RELATIVE_COST["mean_teacher"] + RELATIVE_COST["uncertainty_aware_mean_teacher"]) / 3
+    floor_per_step = wall_iterations(16, 2, rungs(30000, 7500, 3, 200), 3) * relative_mean
+    assert far_past({"supervised": ENOUGH_S / floor_per_step * 1.01}, base=base, methods=methods, **sizes)
+    assert not far_past({"supervised": ENOUGH_S / floor_per_step * 0.99}, base=base, methods=methods, **sizes)
+    # the line says which were timed and that the rest were scaled, with the scaled range and mean
+    line = estimate_line(base, {"supervised": 10.0}, methods=methods, threads=2, **sizes)
+    mean = 10.0 * relative_mean
+    assert line.startswith(f"warning: a training step at 256x256, batch 24, takes 10.00 s (supervised) to 28.50 s "
+                           f"(uncertainty_aware_mean_teacher), {mean:.2f} s on average over the 3 strategies, on this "
+                           "machine's CPU (2 threads; timed for supervised, the other 2 scaled from it by their usual "
+                           "relative cost, as the estimate was already over 10 hours); 16 trials x 1 seed"), line
+    # all timed: no such words, the same figures as before
+    line = estimate_line(base, {m: 10.0 for m in methods}, methods=methods, threads=2, **sizes)
+    assert "took 10.00 s" in line and "scaled" not in line
 
 
 def test_ctrl_c_while_timing_leaves_no_search_behind(tiny_phantom, tmp_path):
