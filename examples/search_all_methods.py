@@ -31,8 +31,9 @@ if args.smoke_test:
             "--gpus", "0", "--name", args.name or "all-smoke"]
 else:
     if not gpus:
-        print(f"note: no GPU here: {args.num_samples} trials x 2 seeds x 10,000 iterations at 256x256 on the CPUs "
-              "take days; Ctrl-C stops it (resumable). For a look on a CPU: examples/quick_search.py", flush=True)
+        print("note: no GPU here: the search first times a training step on the CPUs and says how long it takes "
+              "(days at 256x256); Ctrl-C stops it (resumable). For a look on a CPU: examples/quick_search.py",
+              flush=True)
     argv = ["--method", "all", "--data", args.data, "--num-samples", str(args.num_samples), "--max-iterations",
             "10000", "--gpus", str(gpus), *(["--gpus-per-trial", "0.5"] if gpus else []), "--seeds", "2",
             *(["--name", args.name] if args.name else [])]
