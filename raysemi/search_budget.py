@@ -211,6 +211,8 @@ def estimate_line(base: TrainConfig, steps: dict[str, float], *, num_samples: in
         threads_said += (f"; timed for {', '.join(timed_names)}, the other {len(untimed)} scaled from "
                          f"{'it' if len(timed_names) == 1 else 'them'} by their usual relative cost, as the estimate "
                          f"was already over {ENOUGH_S / 3600:g} hours")
+    if base.compiles("cpu"):
+        threads_said += "; timed uncompiled: compile: on trials first spend a compile warm-up, then run at a speed not measured here"
     what = (f"{timed} on {where}'s CPU ({threads_said}); {plural(num_samples, 'trial')} x "
             f"{plural(seeds, 'seed')} x {plural(base.max_iterations, 'iteration')}, {concurrency} at once, take "
             f"about {format_long(asha)} if ASHA stops trials as designed (a floor), {format_long(full)} if it stops "

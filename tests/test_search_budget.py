@@ -150,7 +150,10 @@ def test_strategies_are_timed_until_the_search_is_far_past_an_hour():
                            "relative cost, as the estimate was already over 10 hours); 16 trials x 1 seed"), line
     # all timed: no such words, the same figures as before
     line = estimate_line(base, {m: 10.0 for m in methods}, methods=methods, threads=2, **sizes)
-    assert "took 10.00 s" in line and "scaled" not in line
+    assert "took 10.00 s" in line and "scaled" not in line and "uncompiled" not in line
+    # compile: on CPU trials: the step is timed uncompiled, which the line says
+    line = estimate_line(base.replace(compile="on"), {"supervised": 10.0}, threads=2, **sizes)
+    assert "(2 threads; timed uncompiled: compile: on trials first spend a compile warm-up" in line
 
 
 def test_ctrl_c_while_timing_leaves_no_search_behind(tiny_phantom, tmp_path):
