@@ -42,7 +42,8 @@ def build_parser() -> ArgumentParser:
     s.add_argument("--eval-interval", type=int, default=None, help="validate (and report to ASHA) every N iterations")
     s.add_argument("--seeds", type=int, default=1, help="train each sampled config with K seeds; score the mean")
     s.add_argument("--search-space", default=None, help="YAML of field -> distribution for one strategy, or a "
-                   "folder of <strategy>.yaml (default: the shipped search_spaces/)")
+                   "folder of <strategy>.yaml (its name or alias: mean_teacher.yaml or mt.yaml; a strategy without "
+                   "its file there keeps the shipped space; default: the shipped search_spaces/)")
     s.add_argument("--grace-period", type=int, default=None, help="ASHA: iterations before a trial can be stopped "
                    "(default: a quarter of --max-iterations, at least one evaluation)")
     s.add_argument("--reduction-factor", type=float, default=3, help="ASHA: keep the top 1/factor at each rung")
@@ -372,10 +373,12 @@ def main(argv: list[str]) -> int:
         if args.grace_period is not None and args.grace_period > base.max_iterations:
             raise UserError(f"--grace-period: {args.grace_period} is invalid; expected at most max_iterations "
                             f"({base.max_iterations}): ASHA may stop a trial only before it ends")
-    from raysemi.search_space import load_spaces
+    from raysemi.search_space import describe_sources, load_spaces
     from raysemi.tracking import check_tracking_uri, resolve_tracking_uri
 
     spaces = load_spaces(methods, args.search_space)
+    if args.search_space:
+        print(describe_sources(methods, args.search_space), flush=True)
     uri = resolve_tracking_uri(args.tracking_uri if saved is None or args.tracking_uri else saved["tracking_uri"])
     check_tracking_uri(uri)
     if saved is not None and saved.get("parent_run_id"):  # its runs must be where the search logs

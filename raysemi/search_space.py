@@ -102,22 +102,57 @@ def shipped_space_path(method: str) -> Path:
     return Path(str(resources.files("raysemi.search_spaces").joinpath(f"{method}.yaml")))
 
 
+def folder_spaces(folder: Path, methods: list[str]) -> dict[str, Path]:
+    """The strategies' files in a `--search-space` folder, named for a strategy or an alias
+    (`mean_teacher.yaml`, `mt.yaml`). A YAML file that names no strategy, two files for one, or a
+    folder with none for any searched strategy is refused: each would search the shipped spaces
+    while the user believes theirs is used. Other files (a README) are left alone."""
+    from raysemi.methods import resolve_method_name
+    from raysemi.methods.registry import describe_names
+
+    found: dict[str, Path] = {}
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in (".yaml", ".yml")):
+        try:
+            method = resolve_method_name(path.stem)
+        except KeyError:
+            raise UserError(f"--search-space: {path}: '{path.stem}' names no strategy; expected <strategy>.yaml, "
+                            f"<strategy> one of: {describe_names()}") from None
+        if method in found:
+            raise UserError(f"--search-space: {found[method]} and {path} are both {method}'s space; expected one "
+                            "file per strategy")
+        found[method] = path
+    if not any(m in found for m in methods):
+        have = ", ".join(p.name for p in found.values()) or "no .yaml files"
+        raise UserError(f"--search-space: {folder}: no space for {' or '.join(methods)} (found: {have}); expected "
+                        f"{methods[0]}.yaml (a strategy without its file there keeps the shipped space)")
+    return found
+
+
+def space_paths(methods: list[str], override: str | None = None) -> dict[str, Path]:
+    """Each strategy's space file: the shipped one, or `override` (a file for one strategy, or a
+    folder of `<strategy>.yaml`, see `folder_spaces`; a strategy without its file keeps the shipped)."""
+    if override and Path(override).is_dir():
+        found = folder_spaces(Path(override), methods)
+        return {m: found.get(m, shipped_space_path(m)) for m in methods}
+    if override:
+        if len(methods) > 1:
+            raise UserError(f"--search-space: {override} is one file but {len(methods)} strategies are searched; "
+                            "expected a folder of <strategy>.yaml files")
+        return {methods[0]: Path(override)}
+    return {m: shipped_space_path(m) for m in methods}
+
+
 def load_spaces(methods: list[str], override: str | None = None) -> dict[str, dict[str, Dist]]:
-    """Each strategy's space: the shipped file, or `override` (a file for one strategy, or a folder)."""
-    spaces = {}
-    for m in methods:
-        if override and Path(override).is_dir():
-            path = Path(override) / f"{m}.yaml"
-            path = path if path.is_file() else shipped_space_path(m)
-        elif override:
-            if len(methods) > 1:
-                raise UserError(f"--search-space: {override} is one file but {len(methods)} strategies are searched; "
-                                "expected a folder of <strategy>.yaml files")
-            path = Path(override)
-        else:
-            path = shipped_space_path(m)
-        spaces[m] = load_space(path)
-    return spaces
+    """Each strategy's space, from `space_paths`."""
+    return {m: load_space(path) for m, path in space_paths(methods, override).items()}
+
+
+def describe_sources(methods: list[str], override: str) -> str:
+    """'search spaces: mean_teacher from my/mt.yaml; supervised shipped': where each came from,
+    said when `--search-space` is given."""
+    paths = space_paths(methods, override)
+    parts = [f"{m} shipped" if path == shipped_space_path(m) else f"{m} from {path}" for m, path in paths.items()]
+    return f"search space{'s' if len(parts) > 1 else ''}: {'; '.join(parts)}"
 
 
 class DefineByRun:

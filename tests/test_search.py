@@ -75,6 +75,10 @@ def test_search_ends_by_saying_where_its_results_are(search_run):
     assert last[1].startswith("best: supervised val dice ")
     assert "ExperimentalWarning" not in search_run["warnings"]  # Optuna's, for TPE options we rely on
     assert "timing one training step" not in search_run["out"]  # a short CPU search starts at once
+    spaces = search_run["tmp"] / "spaces"
+    assert (f"search spaces: supervised from {spaces / 'supervised.yaml'}; entropy_minimization from "
+            f"{spaces / 'entropy_minimization.yaml'}; mean_teacher from {spaces / 'mean_teacher.yaml'}"
+            in search_run["out"].splitlines())
 
 
 @pytest.mark.slow
@@ -281,6 +285,44 @@ def test_bad_search_space_names_file_and_field(tmp_path, capsys, content, match)
     code = run_cli(search_main, ["--method", "mean_teacher", "--search-space", str(path), "--storage", str(tmp_path)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith(f"error: {path}: ") and match in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("files,method,match", [
+    ({"meanteacher.yaml": "base_lr: {type: choice, values: [0.01]}\n"}, "mt",
+     "{d}/meanteacher.yaml: 'meanteacher' names no strategy; expected <strategy>.yaml, <strategy> one of: supervised "
+     "(baseline), mean_teacher (mt)"),
+    ({"mt.yaml": "", "mean_teacher.yml": ""}, "mt",
+     "{d}/mean_teacher.yml and {d}/mt.yaml are both mean_teacher's space; expected one file per strategy"),
+    ({"supervised.yaml": "base_lr: {type: choice, values: [0.01]}\n", "notes.txt": "x"}, "mt",
+     "{d}: no space for mean_teacher (found: supervised.yaml); expected mean_teacher.yaml (a strategy without its "
+     "file there keeps the shipped space)"),
+    ({}, "mt,em", "{d}: no space for mean_teacher or entropy_minimization (found: no .yaml files); expected "
+                  "mean_teacher.yaml"),
+])
+def test_a_search_space_folder_the_search_would_not_use_is_refused(tmp_path, capsys, files, method, match):
+    folder = tmp_path / "spaces"
+    folder.mkdir()
+    for name, text in files.items():
+        (folder / name).write_text(text)
+    code = run_cli(search_main, ["--method", method, "--search-space", str(folder), "--storage", str(tmp_path / "runs")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"error: --search-space: {match.format(d=folder)}"), err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_search_space_folder_takes_aliases_and_says_where_each_space_came_from(tmp_path):
+    from raysemi.search_space import describe_sources, load_spaces, shipped_space_path
+
+    folder = tmp_path / "spaces"
+    folder.mkdir()
+    (folder / "mt.yaml").write_text("base_lr: {type: loguniform, low: 0.001, high: 0.002}\n")
+    (folder / "README.md").write_text("my spaces\n")  # not a space: left alone
+    spaces = load_spaces(["mean_teacher", "supervised"], str(folder))
+    assert list(spaces["mean_teacher"]) == ["base_lr"] and spaces["mean_teacher"]["base_lr"].high == 0.002
+    assert spaces["supervised"] == load_spaces(["supervised"])["supervised"]  # no file: the shipped space
+    assert describe_sources(["mean_teacher", "supervised"], str(folder)) == (
+        f"search spaces: mean_teacher from {folder / 'mt.yaml'}; supervised shipped")
+    assert shipped_space_path("supervised").is_file()
 
 
 def test_shipped_search_spaces_cover_every_strategy():
