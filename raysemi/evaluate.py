@@ -17,7 +17,8 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m raysemi.evaluate", description=(
         "Evaluate a raysemi checkpoint on the volumes of one split: prints the per-class table (mean +- std "
         "over volumes) and optionally writes a per-volume CSV. Inference is batched per volume on the device."))
-    p.add_argument("--checkpoint", required=True, help="a checkpoint written by raysemi.train (best.pt or last.pt)")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint written by raysemi.train (best.pt or last.pt) or a "
+                   "search's best_checkpoint.pt")
     p.add_argument("--data", default=None, help="dataset root (default: the one the checkpoint was trained on)")
     p.add_argument("--split", default="test", help="list to evaluate: val, test or train")
     p.add_argument("--eval-model", "--model", dest="model", choices=("student", "teacher"), default=None,
@@ -64,6 +65,20 @@ def write_csv(path: Path, summary) -> None:
     os.replace(tmp, path)
 
 
+def check_split(root: Path, split: str) -> None:
+    """An empty list is data without that split (`data import --test-fraction 0` writes an empty
+    test.list): say so, and which splits have volumes, instead of only that the file is empty."""
+    def cases(name: str) -> bool:
+        path = root / f"{name}.list"
+        return path.is_file() and bool(path.read_text().strip())
+
+    path = root / f"{split}.list"
+    if path.is_file() and not cases(split):
+        others = " or ".join(f"--split {s}" for s in ("val", "test", "train") if s != split and cases(s))
+        raise UserError(f"--split: {split}: {path} is empty, so the data has no {split} volumes; expected a split "
+                        f"that has some ({others or 'none has: check the data folder'})")
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.batch_size < 1:
@@ -76,6 +91,7 @@ def main(argv: list[str]) -> int:
     device = resolve_device(args.device)
     net, config = load_network(args.checkpoint, args.model, device)
     root = resolve_data_root(args.data or config.data)
+    check_split(Path(root), args.split)
     volumes = load_volumes(root, args.split, config.num_classes)
     amp = device.type == "cuda" and config.amp != "off"
     with ProgressBar(len(volumes), args.split, unit="vol") as bar:

@@ -32,7 +32,8 @@ def build_parser() -> ArgumentParser:
         "file in a folder and its subfolders) is min-max normalised per volume as the training data, predicted "
         f"slice by slice on the device, and written to --out as <name>{PRED_SUFFIX}, in the subfolder it had "
         "in --input (uint8 labels, same size, spacing, origin and direction as the input)."))
-    p.add_argument("--checkpoint", required=True, help="a checkpoint written by raysemi.train (best.pt or last.pt)")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint written by raysemi.train (best.pt or last.pt) or a "
+                   "search's best_checkpoint.pt")
     p.add_argument("--input", required=True, metavar="IMG.nii.gz|DIR",
                    help="a 3D NIfTI file, or a folder whose .nii/.nii.gz files, in it or in subfolders at any "
                         "depth (one folder per patient), are all predicted; hidden files and folders, other "

@@ -554,6 +554,19 @@ def test_evaluate_misspelled_split_names_the_lists_there(trained_run, tiny_phant
     assert not (tmp_path / "r.csv").exists()
 
 
+def test_evaluate_on_data_without_that_split_says_which_splits_have_volumes(trained_run, data_copy, tmp_path,
+                                                                          in_process, capsys):
+    # `data import --test-fraction 0` writes an empty test.list
+    from raysemi.evaluate import main
+
+    (data_copy / "test.list").write_text("\n")
+    rc, err = call(main, ["--checkpoint", trained_run / "best.pt", "--data", data_copy, "--device", "cpu",
+                          "--out", tmp_path / "r.csv"], capsys)
+    assert_one_line_error(rc, err, f"--split: test: {data_copy / 'test.list'} is empty, so the data has no test "
+                                   "volumes; expected a split that has some (--split val or --split train)")
+    assert not (tmp_path / "r.csv").exists()
+
+
 # ---- phantom CLI (in-process) ----------------------------------------------------------------------
 def test_phantom_overwrite_refuses_a_folder_that_is_not_a_phantom(tmp_path, in_process, capsys):
     from raysemi.data.__main__ import main
