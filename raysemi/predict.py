@@ -102,6 +102,28 @@ def first_few(paths: list[Path], root: Path, end: str = "") -> str:
     return ", ".join(f"{p.relative_to(root)}{end}" for p in paths[:3]) + (", ..." if len(paths) > 3 else "")
 
 
+#: a volume whose values are all integers in 0..LABEL_MAX_VALUE is taken for a label map (scans'
+#: intensities span hundreds of values, CT's go negative)
+LABEL_MAX_VALUE = 15
+
+
+def label_values(array) -> list[int] | None:
+    """The values of a volume that holds only a few non-negative integers, as a label map does
+    (given by mistake as a scan to predict), or None. np.unique runs only where the range is small."""
+    import numpy as np
+
+    low, high = array.min(), array.max()
+    if low < 0 or high > LABEL_MAX_VALUE:
+        return None
+    sample = array.ravel()[::101]  # a scan normalised to [0, 1] fails here, before the whole volume is sorted
+    if not np.array_equal(sample, np.round(sample)):
+        return None
+    values = np.unique(array)
+    if not np.array_equal(values, np.round(values)):
+        return None
+    return [int(v) for v in values]
+
+
 def list_inputs(path: str | Path, out: str | Path | None = None) -> list[Path]:
     """The NIfTI files to predict: `path` itself, or the .nii/.nii.gz files of a folder and its
     subfolders (sorted; searched as `import` searches --images, by `walk_files`: hidden files, such as
@@ -271,6 +293,7 @@ def main(argv: list[str]) -> int:
         print(f"skipped {len(cines)} 4D volume(s) (cine sequences; their 3D frames are what is segmented): "
               f"{first_few(cines, root)}", flush=True)
     width = len(str(len(inputs)))
+    like_labels: list[tuple[Path, list[int]]] = []
     in_folder = root.is_dir()  # then inputs are shown by their path in --input, else by name as before
     for i, (src, dst) in enumerate(zip(inputs, outputs), start=1):
         t0 = time.perf_counter()
@@ -287,6 +310,9 @@ def main(argv: list[str]) -> int:
             volume = minmax(array)
         except ValueError as err:
             raise UserError(f"{src}: image: {err}") from None
+        values = label_values(array)
+        if values is not None:
+            like_labels.append((src, values))
         pred = predict_volume(net, volume, config.patch_size, device, args.batch_size, amp)
         try:  # created only now, so a run refused on its first volume leaves no empty folder
             dst.parent.mkdir(parents=True, exist_ok=True)
@@ -298,7 +324,14 @@ def main(argv: list[str]) -> int:
         D, H, W = array.shape
         shown = src.relative_to(root) if in_folder else src.name
         print(f"[{i:>{width}}/{len(inputs)}] {shown}: {D} slices of {H}x{W} -> {dst.relative_to(out)} "
-              f"({share} of voxels; {time.perf_counter() - t0:.1f}s)", flush=True)
+              f"({share} of voxels; {time.perf_counter() - t0:.1f}s)"
+              f"{'; holds only the values ' + ', '.join(map(str, values)) + ': a label map?' if values else ''}",
+              flush=True)
+    if like_labels:
+        src, values = like_labels[0]
+        print(f"warning: {len(like_labels)} of {len(inputs)} inputs hold only a few integer values, as label maps do "
+              f"(e.g. {src.relative_to(root) if in_folder else src.name}: {', '.join(map(str, values))}); if they are "
+              "labels, their predictions mean nothing: give the scans as --input", flush=True)
     return 0
 
 

@@ -444,6 +444,7 @@ def test_a_labels_tree_beside_the_images_is_left_out_and_said_so(trained, raw_vo
     assert rc == 0, err
     assert "skipped 4 file(s) in labels folders (by name; give one as --input to predict its files): labels/, " \
            "labelsTr/" in stdout and "5 volume(s)" in stdout
+    assert "label map" not in stdout  # scans are not taken for labels
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.nii.gz")) == [
         "Labeled/c_pred.nii.gz", "images/a/a_pred.nii.gz", "images/b/b_pred.nii.gz", "imagesTr/a/a_pred.nii.gz", "imagesTr/b/b_pred.nii.gz"]
     # the labels folder itself: its files are what was asked for
@@ -451,6 +452,11 @@ def test_a_labels_tree_beside_the_images_is_left_out_and_said_so(trained, raw_vo
                             "--device", "cpu"], capsys)
     assert rc == 0 and "skipped" not in stdout, err
     assert len(list((tmp_path / "out2").rglob("*_pred.nii.gz"))) == 2
+    # ... and as they hold only label values, each line and a last warning say so
+    assert stdout.count("; holds only the values 0, 1: a label map?") == 2
+    assert stdout.strip().splitlines()[-1] == (
+        "warning: 2 of 2 inputs hold only a few integer values, as label maps do (e.g. a/a.nii.gz: 0, 1); if they "
+        "are labels, their predictions mean nothing: give the scans as --input")
     # a tree of labels folders only: one line, nothing written
     only = tmp_path / "only"
     (only / "masks").mkdir(parents=True)
