@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import math
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,17 @@ def format_leaderboard(rows: list[dict[str, Any]], limit: int = 20) -> str:
     return "\n".join(lines)
 
 
+def strategy_colors(methods) -> dict[str, tuple]:
+    """One colour per strategy, by its place among the registered ones: the same in every plot of
+    every search (mean teacher is always the same colour)."""
+    import matplotlib.pyplot as plt
+
+    from raysemi.methods import list_methods
+
+    order = list_methods()
+    return {m: plt.cm.tab10((order.index(m) if m in order else len(order) + i) % 10) for i, m in enumerate(methods)}
+
+
 def plot_curves(rows, path: Path) -> Path:
     import matplotlib
 
@@ -86,7 +98,7 @@ def plot_curves(rows, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     methods = sorted({r["method"] for r in rows})
-    colors = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
+    colors = strategy_colors(methods)
     fig, ax = plt.subplots(figsize=(8, 5))
     for r in rows:
         if r["curve"]:
@@ -110,13 +122,14 @@ def plot_best_per_strategy(rows, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     methods = sorted({r["method"] for r in rows})
+    colors = strategy_colors(methods)  # as in the curves' plot
     fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(methods)), 4.5))
     for i, m in enumerate(methods):
         vals = [r["best_val_dice"] for r in rows if r["method"] == m and r["status"] != "failed"
                 and not math.isnan(r["best_val_dice"])]
-        ax.scatter([i] * len(vals), vals, alpha=0.6)
+        ax.scatter([i] * len(vals), vals, alpha=0.6, color=colors[m])
         if vals:
-            ax.bar(i, max(vals), alpha=0.25)
+            ax.bar(i, max(vals), alpha=0.25, color=colors[m])
     ax.set_xticks(range(len(methods)), methods, rotation=20, ha="right", fontsize=8)
     ax.set(ylabel="best validation Dice", title="Best Dice per strategy (bars) and per trial (dots)")
     ax.grid(alpha=0.3, axis="y")
@@ -157,9 +170,16 @@ def param_importances(rows, spaces: dict[str, dict[str, Dist]]) -> dict[str, dic
                 dists = {k: dist(spaces[m][k]) for k in params}
             study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=r["best_val_dice"]))
         try:
-            out[m] = {k: float(v) for k, v in optuna.importance.get_param_importances(study).items()}
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                imp = optuna.importance.get_param_importances(study)
         except (RuntimeError, ValueError, ZeroDivisionError):  # e.g. all values equal
             continue
+        if any("quantiles select the same set of trials" in str(w.message) for w in caught):
+            continue  # PED-ANOVA with too few trials: equal importances, which tell nothing
+        for w in caught:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        out[m] = {k: float(v) for k, v in imp.items()}
     return out
 
 
@@ -218,4 +238,7 @@ def summarize(results, base: TrainConfig, methods: list[str], spaces: dict[str, 
     imp = plot_importances(param_importances(rows, spaces), plots / "param_importance.png")
     if imp is not None:
         artifacts.append(imp)
+    else:
+        print("parameter importance: not plotted, too few finished trials of a strategy to tell its parameters "
+              "apart")
     return summary

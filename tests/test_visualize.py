@@ -307,3 +307,62 @@ def test_each_seed_of_a_resumed_retrain_pictures_its_best_once(tiny_phantom, tmp
         assert best == _best_iteration(folder)
         assert (folder / "overlays" / f"best_iter_{best:06d}.png").is_file()
     assert set(drawn.values()) == {1} and "r/seed1/overlays/best_iter_000004.png" in drawn  # none twice
+
+
+def _search_rows(method_dices: dict[str, list[float]]) -> list[dict]:
+    from raysemi.search_space import load_spaces
+
+    spaces = load_spaces(list(method_dices))
+    rows, k = [], 0
+    for method, dices in method_dices.items():
+        for dice in dices:
+            k += 1
+            values = {name: d.low + (d.high - d.low) * ((k * 0.37) % 1) for name, d in spaces[method].items()}
+            rows.append({"method": method, "status": "completed", "best_val_dice": dice, "values": values,
+                         "curve": [(10, dice / 2), (20, dice)]})
+    return rows
+
+
+def test_search_plots_give_each_strategy_one_colour_in_both_plots(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from raysemi.search_report import plot_best_per_strategy, plot_curves, strategy_colors
+
+    # by the strategy's place among the registered ones: the same whatever else is searched
+    assert strategy_colors(["mean_teacher"])["mean_teacher"] == \
+        strategy_colors(["supervised", "mean_teacher", "adversarial"])["mean_teacher"]
+    assert len(set(strategy_colors(["supervised", "mean_teacher", "adversarial"]).values())) == 3
+    rows = _search_rows({"supervised": [0.5, 0.6], "mean_teacher": [0.7, 0.4]})
+    colours = strategy_colors(["mean_teacher", "supervised"])
+    figures = []
+    monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig))  # keep them to look at
+    plot_curves(rows, tmp_path / "curves.png")
+    plot_best_per_strategy(rows, tmp_path / "best.png")
+    curves, best = figures
+    rgb = matplotlib.colors.to_rgb
+    drawn = {line.get_label(): rgb(line.get_color()) for line in curves.axes[0].get_lines()
+             if not line.get_label().startswith("_")}
+    assert drawn == {m: rgb(c) for m, c in colours.items()}  # the legend's colours
+    ax = best.axes[0]
+    names = [t.get_text() for t in ax.get_xticklabels()]
+    bars = {names[round(p.get_x() + p.get_width() / 2)]: rgb(p.get_facecolor()) for p in ax.patches}
+    dots = {names[int(c.get_offsets()[0][0])]: rgb(c.get_facecolor()[0]) for c in ax.collections}
+    assert bars == dots == {m: rgb(c) for m, c in colours.items()}
+
+
+def test_parameter_importance_leaves_out_what_too_few_trials_cannot_tell(recwarn):
+    from raysemi.search_report import param_importances
+    from raysemi.search_space import load_spaces
+
+    spaces = load_spaces(["mean_teacher", "supervised"])
+    # every supervised trial at the same Dice (stopped early, say): Optuna would warn that its
+    # importances are all equal; they are left out instead, with no warning at the search's end
+    rows = _search_rows({"mean_teacher": [0.7, 0.4, 0.5, 0.2], "supervised": [0.0, 0.0, 0.0]})
+    out = param_importances(rows, spaces)
+    assert "supervised" not in out and set(out["mean_teacher"]) == set(spaces["mean_teacher"])
+    assert not [w for w in recwarn if "quantiles" in str(w.message)]
+    rows = _search_rows({"mean_teacher": [0.7, 0.4, 0.5, 0.2], "supervised": [0.1, 0.3, 0.0]})
+    assert set(param_importances(rows, spaces)["supervised"]) == {"base_lr"}
