@@ -61,6 +61,7 @@ class ProgressBar:
         self._mark = self._fraction_mark(self.done)
         self._width = 0  # characters of the bar currently on the terminal line
         self._dirty = False  # progress not yet shown (non-tty)
+        self._shown: tuple[int, str] | None = None  # (done, info) of the last plain line
         self.closed = False
 
     # -- numbers ---------------------------------------------------------------------------
@@ -123,8 +124,8 @@ class ProgressBar:
         if mark > self._mark or now - self._t_line >= self.every_s:
             self._mark = mark
             self._line()
-        else:
-            self._dirty = True
+        else:  # nothing new since the last line (the same count again): no second line at close
+            self._dirty = (self.done, self.info) != self._shown
 
     def advance(self, n: int = 1, info: str | None = None) -> None:
         self.update(self.done + n, info)
@@ -138,7 +139,7 @@ class ProgressBar:
 
     def _line(self) -> None:
         print(self.text(), file=self.stream, flush=True)
-        self._t_line, self._dirty = self.clock(), False
+        self._t_line, self._dirty, self._shown = self.clock(), False, (self.done, self.info)
 
     def _clear(self) -> None:
         if self._width:

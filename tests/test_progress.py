@@ -52,6 +52,24 @@ def test_non_tty_prints_on_time_when_progress_is_slow():
     assert len(out.getvalue().splitlines()) == 4  # every 30 s
 
 
+def test_non_tty_does_not_repeat_the_last_line_for_the_same_count():
+    # evaluate_volumes reports the same count again while it collects the metrics in order
+    out = io.StringIO()
+    bar = ProgressBar(6, "test volumes", stream=out, tty=False, clock=Clock(0.1))
+    for done in (1, 2, 3, 4, 5, 6, 6, 6):
+        bar.update(done, "6 segmented" if done >= 5 else None)
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 6 and lines[-1].startswith("test volumes 6/6 (100%)"), lines
+    # a count not yet shown is still shown at close
+    out = io.StringIO()
+    bar = ProgressBar(100, "x", stream=out, tty=False, clock=Clock(0.1))
+    bar.update(1)
+    bar.update(2)  # within the first 10%: not printed yet
+    bar.close()
+    assert [line.split(" (")[0] for line in out.getvalue().splitlines()] == ["x   2/100"]
+
+
 def test_tty_redraws_one_line_with_carriage_returns():
     text = run_bar(10_000, 0.001, tty=True, columns=100)
     assert text.count("\r") <= 10_000 * 0.001 / 0.1 + 2  # redrawn at most every refresh_s (0.1 s)
