@@ -17,7 +17,6 @@ name and renamed when complete.
 from __future__ import annotations
 
 import os
-import secrets
 import time
 from pathlib import Path
 
@@ -223,20 +222,11 @@ def write_labels(pred, reference, path: Path) -> None:
     """Write a (D, H, W) uint8 array as NIfTI with `reference`'s geometry, atomically."""
     import SimpleITK as sitk
 
+    from raysemi.data.convert import write_nifti
+
     image = sitk.GetImageFromArray(pred)
     image.CopyInformation(reference)
-    # a hidden name in the same folder (so the rename is atomic), created with the usual permissions
-    tmp = str(path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp.nii.gz")
-    try:
-        writer = sitk.ImageFileWriter()
-        writer.SetImageIO("NiftiImageIO")
-        writer.SetFileName(tmp)
-        writer.UseCompressionOn()
-        writer.Execute(image)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_nifti(image, path)
 
 
 def main(argv: list[str]) -> int:

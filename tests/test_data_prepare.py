@@ -915,3 +915,53 @@ def test_the_label_names_are_said_alike_in_help_and_readme(capsys):
     readme = " ".join((Path(__file__).parent.parent / "README.md").read_text().split())
     section = readme[readme.index("--case-per-folder`"):][:900]
     assert all(f"`{name}`" in section for name in FOLDER_LABEL_NAMES)
+
+
+# ---- export-nifti ----------------------------------------------------------------------------------
+def test_export_nifti_writes_each_volume_and_its_label_and_import_reads_them_back(tiny_phantom, tmp_path, capsys):
+    from raysemi.data import load_volumes
+
+    out = tmp_path / "scans"
+    rc, stdout, err = call(["export-nifti", "--data", tiny_phantom, "--split", "test", "--out", out], capsys)
+    assert rc == 0, err
+    volumes = load_volumes(tiny_phantom, "test", 4)
+    assert f"exported {len(volumes)} volumes of {tiny_phantom} (test) to {out} with their labels" in stdout
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        name for v in volumes for name in (f"{v.name}.nii.gz", f"{v.name}_gt.nii.gz"))
+    for v in volumes:
+        image = sitk.ReadImage(str(out / f"{v.name}.nii.gz"))
+        label = sitk.ReadImage(str(out / f"{v.name}_gt.nii.gz"))
+        assert np.array_equal(sitk.GetArrayFromImage(image), v.image)  # (D, H, W) back, values as stored
+        assert np.array_equal(sitk.GetArrayFromImage(label), v.label) and label.GetPixelID() == sitk.sitkUInt8
+        assert image.GetSpacing() == pytest.approx(tuple(reversed(v.spacing)))  # (x, y, z) in the file
+    # import reads the pairs back: the same volumes, as labeled cases
+    rc, _, err = call(["import", "--images", out, "--labels", out, "--out", tmp_path / "back"], capsys)
+    assert rc == 0, err
+    back = {v.name: v for s in ("train", "val", "test") for v in load_volumes(tmp_path / "back", s, 4)}
+    assert set(back) == {v.name for v in volumes}
+    for v in volumes:
+        assert np.array_equal(back[v.name].label, v.label) and back[v.name].spacing == pytest.approx(v.spacing)
+    # an --out with files is refused (nothing touched) unless --overwrite; --no-labels: images only
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    rc, _, err = call(["export-nifti", "--data", tiny_phantom, "--out", out], capsys)
+    assert_error(rc, err, f"{out}: --out: folder is not empty ({len(before)} entries: ", "pass --overwrite")
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    (out / "notes.txt").write_text(KEEP)
+    rc, _, err = call(["export-nifti", "--data", tiny_phantom, "--split", "val", "--out", out, "--no-labels",
+                       "--overwrite"], capsys)
+    assert rc == 0, err
+    val = [f"{v.name}.nii.gz" for v in load_volumes(tiny_phantom, "val", 4)]
+    assert sorted(p.name for p in out.iterdir()) == sorted([*before, "notes.txt", *val])
+    assert (out / "notes.txt").read_text() == KEEP
+
+
+def test_export_nifti_bad_input_is_one_line_and_writes_nothing(tiny_phantom, tmp_path, capsys):
+    out = tmp_path / "scans"
+    rc, _, err = call(["export-nifti", "--data", tiny_phantom, "--split", "tset", "--out", out], capsys)
+    assert_error(rc, err, "tset.list", "list file not found", "test, train, train_slices, val")
+    rc, _, err = call(["export-nifti", "--data", tmp_path / "nowhere", "--out", out], capsys)
+    assert_error(rc, err, "nowhere", "data folder not found")
+    (tmp_path / "afile").write_text(KEEP)
+    rc, _, err = call(["export-nifti", "--data", tiny_phantom, "--out", tmp_path / "afile"], capsys)
+    assert_error(rc, err, "afile: --out: exists and is not a folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"] and (tmp_path / "afile").read_text() == KEEP

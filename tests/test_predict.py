@@ -464,3 +464,24 @@ def test_a_labels_tree_beside_the_images_is_left_out_and_said_so(trained, raw_vo
     rc, _, err = call(["--checkpoint", trained, "--input", only, "--out", tmp_path / "out4", "--device", "cpu"], capsys)
     assert_error(rc, err, str(only), "--input", "only files in labels folders (masks/)", "expected scans")
     assert not (tmp_path / "out4").exists()
+
+
+def test_the_phantom_exported_to_nifti_is_predicted_image_by_image(trained, tiny_phantom, tmp_path, capsys):
+    """`raysemi.data export-nifti` writes <case>.nii.gz and <case>_gt.nii.gz: predict takes the
+    images, skips the labels beside them, and gives what predict_volume gives on the h5 volume."""
+    from raysemi.data import load_volumes
+    from raysemi.data.export import export_nifti
+
+    export_nifti(tiny_phantom, "test", tmp_path / "scans")
+    out = tmp_path / "out"
+    rc, stdout, err = call(["--checkpoint", trained, "--input", tmp_path / "scans", "--out", out, "--device", "cpu"],
+                           capsys)
+    assert rc == 0, err
+    volumes = load_volumes(tiny_phantom, "test", 4)
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{v.name}_pred.nii.gz" for v in volumes)
+    assert "label map" not in stdout  # the phantom's normalised images are not taken for labels
+    net, config = load_network(trained, None, torch.device("cpu"))
+    for v in volumes:
+        pred = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{v.name}_pred.nii.gz")))
+        expected = predict_volume(net, minmax(v.image), config.patch_size, torch.device("cpu"), 32, False)
+        assert np.array_equal(pred, expected)

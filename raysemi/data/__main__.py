@@ -4,6 +4,7 @@ user's own NIfTI volumes or PNG slices, all into the SSL4MIS layout that `--data
     python -m raysemi.data phantom --out data/phantom --patients 40 --seed 0 --size 128 128
     python -m raysemi.data prepare-acdc --raw ACDC/database --out data/ACDC
     python -m raysemi.data import --images scans/ --labels masks/ --out data/mine
+    python -m raysemi.data export-nifti --data phantom --split test --out scans/
 """
 
 from __future__ import annotations
@@ -112,6 +113,22 @@ def build_parser() -> ArgumentParser:
     im.add_argument("--num-classes", type=int, default=4,
                     help="classes, background included: labels must be 0..num_classes-1")
     im.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+
+    ex = sub.add_parser("export-nifti", help="the volumes of a split -> NIfTI (<case>.nii.gz, <case>_gt.nii.gz), "
+                        "e.g. to try raysemi.predict on the phantom", formatter_class=_Help, description=(
+                            "Write the volumes of one split of a dataset in the SSL4MIS layout as NIfTI: "
+                            "<case>.nii.gz (the normalised image, float32) and its label beside it as "
+                            "<case>_gt.nii.gz (uint8), with the stored spacing (1 mm where none is stored). "
+                            "raysemi.predict --input on that folder predicts the images and skips the labels; "
+                            "raysemi.data import reads the pairs back."))
+    ex.add_argument("--data", default="phantom", help="dataset root, or 'phantom' for the built-in phantom")
+    ex.add_argument("--split", default="test", help="list to export: val, test or train")
+    ex.add_argument("--out", required=True, help="output folder (new or empty unless --overwrite)")
+    ex.add_argument("--no-labels", dest="labels", action="store_false", help="write the images only (default: images and their labels)")
+    ex.add_argument("--num-classes", type=int, default=4, help="classes, background included (labels are checked "
+                    "against it)")
+    ex.add_argument("--overwrite", action="store_true", help="allow an --out that holds files; only these cases' "
+                    ".nii.gz files are replaced, nothing is deleted")
     return p
 
 
@@ -155,6 +172,19 @@ def main(argv: list[str]) -> int:
               f"{_n(n['val'], 'case')} ({_n(s.val_patients, 'patient')}), test {_n(n['test'], 'case')} "
               f"({_n(s.test_patients, 'patient')})")
         print(f"train with: --data {s.out} --labeled-patients N, N from 1 to {k} (all labeled: {k})")
+    elif args.command == "export-nifti":
+        from pathlib import Path
+
+        from raysemi.data import resolve_data_root
+        from raysemi.data.export import export_nifti
+
+        root = resolve_data_root(args.data)
+        written = export_nifti(root, args.split, Path(args.out), labels=args.labels, num_classes=args.num_classes,
+                               overwrite=args.overwrite)
+        images = len(written) // (2 if args.labels else 1)
+        print(f"exported {_n(images, 'volume')} of {root} ({args.split}) to {args.out}"
+              f"{' with their labels (<case>_gt.nii.gz)' if args.labels else ''}; try: python -m raysemi.predict "
+              f"--checkpoint CKPT --input {args.out} --out predictions/")
     return 0
 
 

@@ -99,6 +99,26 @@ def read_nifti(path: Path, what: str = "image") -> tuple[np.ndarray, tuple[float
     return array, spacing  # type: ignore[return-value]
 
 
+def write_nifti(image, path: Path) -> None:
+    """Write a SimpleITK image as compressed NIfTI at `path`, atomically: through a hidden name in
+    the same folder (which folder searches skip), renamed into place."""
+    import secrets
+
+    import SimpleITK as sitk
+
+    tmp = str(path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp.nii.gz")
+    try:
+        writer = sitk.ImageFileWriter()
+        writer.SetImageIO("NiftiImageIO")
+        writer.SetFileName(tmp)
+        writer.UseCompressionOn()
+        writer.Execute(image)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def read_png(path: Path, what: str = "image") -> np.ndarray:
     """A PNG as a 2D array: grayscale (L, I, I;16); for a label also palette indices (P); an RGB(A) or
     palette image only when its colours are grays (a gray picture saved in colour)."""
