@@ -182,16 +182,9 @@ def read_header(path: Path, allow_4d: bool = False) -> tuple[int, ...]:
 def check_out(out: Path, outputs: list[Path], inputs: list[Path], overwrite: bool) -> None:
     """Refuse an --out that is a file, or a folder with files in it (unless --overwrite), and
     outputs that would replace an input or each other."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: --out: exists and is not a folder; expected a folder (new, empty, or --overwrite)")
-    if out.is_dir() and not overwrite:
-        present = sorted(p.name for p in out.iterdir())
-        if present:
-            shown = ", ".join(present[:3]) + (", ..." if len(present) > 3 else "")
-            entries = f"{len(present)} entr{'y' if len(present) == 1 else 'ies'}"
-            raise UserError(f"{out}: --out: folder is not empty ({entries}: {shown}); choose another "
-                            f"--out, or pass --overwrite (only the *{PRED_SUFFIX} files of these inputs are "
-                            "replaced, nothing is deleted)")
+    from raysemi.data.convert import check_out_folder
+
+    check_out_folder(out, overwrite, f"the *{PRED_SUFFIX} files of these inputs")
     seen: dict[Path, Path] = {}
     resolved_inputs = {p.resolve(): p for p in inputs}
     for src, dst in zip(inputs, outputs):

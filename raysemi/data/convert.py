@@ -99,6 +99,20 @@ def read_nifti(path: Path, what: str = "image") -> tuple[np.ndarray, tuple[float
     return array, spacing  # type: ignore[return-value]
 
 
+def check_out_folder(out: Path, overwrite: bool, replaced: str) -> None:
+    """A NIfTI writer's --out: a folder, new or empty unless --overwrite (whose files, `replaced`
+    says which, are then replaced and nothing deleted); refused in one line otherwise."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: --out: exists and is not a folder; expected a folder (new, empty, or --overwrite)")
+    if out.is_dir() and not overwrite:
+        present = sorted(p.name for p in out.iterdir())
+        if present:
+            shown = ", ".join(present[:3]) + (", ..." if len(present) > 3 else "")
+            entries = f"{len(present)} entr{'y' if len(present) == 1 else 'ies'}"
+            raise UserError(f"{out}: --out: folder is not empty ({entries}: {shown}); choose another --out, or "
+                            f"pass --overwrite (only {replaced} are replaced, nothing is deleted)")
+
+
 def write_nifti(image, path: Path) -> None:
     """Write a SimpleITK image as compressed NIfTI at `path`, atomically: through a hidden name in
     the same folder (which folder searches skip), renamed into place."""

@@ -12,25 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-from raysemi.data.convert import write_nifti
+from raysemi.data.convert import check_out_folder, write_nifti
 from raysemi.data.layout import load_volumes
-from raysemi.errors import UserError
 from raysemi.progress import ProgressBar
 
 LABEL_SUFFIX = "_gt"
-
-
-def check_out(out: Path, names: list[str], overwrite: bool) -> None:
-    """--out is a folder that is new or empty, or (with --overwrite) whose files of these cases are
-    replaced and nothing else touched."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: --out: exists and is not a folder; expected a folder (new, empty, or --overwrite)")
-    if out.is_dir() and not overwrite:
-        present = sorted(p.name for p in out.iterdir())
-        if present:
-            shown = ", ".join(present[:3]) + (", ..." if len(present) > 3 else "")
-            raise UserError(f"{out}: --out: folder is not empty ({len(present)} entries: {shown}); choose another "
-                            f"--out, or pass --overwrite (only the {len(names)} cases' .nii.gz files are replaced)")
 
 
 def export_nifti(root: Path, split: str, out: Path, *, labels: bool = True, num_classes: int = 4,
@@ -39,7 +25,7 @@ def export_nifti(root: Path, split: str, out: Path, *, labels: bool = True, num_
     import SimpleITK as sitk
 
     volumes = load_volumes(root, split, num_classes)  # every volume read and checked before a file is written
-    check_out(out, [v.name for v in volumes], overwrite)
+    check_out_folder(out, overwrite, f"the .nii.gz files of these {len(volumes)} cases")
     out.mkdir(parents=True, exist_ok=True)
     written = []
     with ProgressBar(len(volumes), f"{split} volumes", unit="vol", stream=stream) as bar:
