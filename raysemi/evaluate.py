@@ -65,25 +65,12 @@ def write_csv(path: Path, summary) -> None:
     os.replace(tmp, path)
 
 
-def check_split(root: Path, split: str) -> None:
-    """An empty list is data without that split (`data import --test-fraction 0` writes an empty
-    test.list): say so, and which splits have volumes, instead of only that the file is empty."""
-    def cases(name: str) -> bool:
-        path = root / f"{name}.list"
-        return path.is_file() and bool(path.read_text().strip())
-
-    path = root / f"{split}.list"
-    if path.is_file() and not cases(split):
-        others = " or ".join(f"--split {s}" for s in ("val", "test", "train") if s != split and cases(s))
-        raise UserError(f"--split: {split}: {path} is empty, so the data has no {split} volumes; expected a split "
-                        f"that has some ({others or 'none has: check the data folder'})")
-
-
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.batch_size < 1:
         raise UserError(f"--batch-size: {args.batch_size} is invalid; expected an integer >= 1")
     from raysemi.data import load_volumes, resolve_data_root
+    from raysemi.data.layout import check_split
     from raysemi.inference import evaluate_volumes
     from raysemi.loop import resolve_device
     from raysemi.progress import ProgressBar

@@ -204,11 +204,6 @@ def check_out(out: Path, outputs: list[Path], inputs: list[Path], overwrite: boo
                 raise UserError(f"{folder}: --out: exists and is not a folder; expected a folder for the output "
                                 f"of {src}")
             folder = folder.parent
-    parent = out
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not os.access(parent if parent.exists() else Path.cwd(), os.W_OK):
-        raise UserError(f"{out}: --out: {parent} is not writable; expected a folder this user can write to")
 
 
 def write_labels(pred, reference, path: Path) -> None:

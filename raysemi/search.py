@@ -147,7 +147,7 @@ def print_cpu_estimate(args, base: TrainConfig, methods: list[str], dataset, con
     """How long a CPU search that may be long takes: its strategies' steps timed where trials run,
     then one line (a warning over an hour). Ctrl-C here leaves nothing behind; a step that cannot
     be timed costs the estimate only."""
-    from raysemi.search_budget import enough_timed, estimate_line, looks_long, time_steps
+    from raysemi.search_budget import ENOUGH_S, enough_timed, estimate_line, looks_long, time_steps
 
     sizes = dict(num_samples=args.num_samples, seeds=args.seeds, concurrency=concurrency, threads=args.cpus_per_trial)
     if not looks_long(base, methods, **sizes):
@@ -156,8 +156,8 @@ def print_cpu_estimate(args, base: TrainConfig, methods: list[str], dataset, con
 
     asha = dict(grace=asha_grace(args, base), reduction_factor=args.reduction_factor)
     what = "one training step" if len(methods) == 1 else (
-        f"one training step of each of the {len(methods)} strategies (fewer once the first put the search over "
-        "10 hours)")
+        f"one training step of each of the {len(methods)} strategies (fewer once those timed put the search over "
+        f"{ENOUGH_S / 3600:g} hours)")
     print(f"timing {what} on a CPU where trials run, to estimate the search's time ...", flush=True)
     enough = enough_timed(base, methods, num_samples=args.num_samples, seeds=args.seeds, concurrency=concurrency,
                           **asha)
@@ -373,12 +373,15 @@ def main(argv: list[str]) -> int:
         if args.grace_period is not None and args.grace_period > base.max_iterations:
             raise UserError(f"--grace-period: {args.grace_period} is invalid; expected at most max_iterations "
                             f"({base.max_iterations}): ASHA may stop a trial only before it ends")
-    from raysemi.search_space import describe_sources, load_spaces
+    from raysemi.search_space import continued_spaces, describe_sources, load_spaces
     from raysemi.tracking import check_tracking_uri, resolve_tracking_uri
 
-    spaces = load_spaces(methods, args.search_space)
-    if args.search_space:
-        print(describe_sources(methods, args.search_space), flush=True)
+    if saved is not None:  # the spaces it searched, whatever its files say now
+        spaces = continued_spaces(saved, methods)
+    else:
+        spaces = load_spaces(methods, args.search_space)
+        if args.search_space:
+            print(describe_sources(methods, args.search_space), flush=True)
     uri = resolve_tracking_uri(args.tracking_uri if saved is None or args.tracking_uri else saved["tracking_uri"])
     check_tracking_uri(uri)
     if saved is not None and saved.get("parent_run_id"):  # its runs must be where the search logs
@@ -418,7 +421,7 @@ def _search(args, methods, spaces, base: TrainConfig, dataset, uri: str, storage
 
     from raysemi.cluster import alive_nodes, check_nodes, describe, node_of_this_driver
     from raysemi.search_report import summarize
-    from raysemi.search_space import define_by_run
+    from raysemi.search_space import define_by_run, spaces_to_json
     from raysemi.trainable import BEST, METRIC, TIME_ATTR, train_trial
     from raysemi.tracking import MLflowRun, flat_params, make_tune_callback, write_trial_run_map
 
@@ -465,7 +468,7 @@ def _search(args, methods, spaces, base: TrainConfig, dataset, uri: str, storage
         state = {"parent_run_id": parent.run_id, "methods": methods, "tracking_uri": uri,
                  "num_samples": args.num_samples, "seeds": args.seeds, "experiment": args.experiment,
                  "search_space": str(Path(args.search_space).resolve()) if args.search_space else None,
-                 "finished": False}
+                 "spaces": spaces_to_json(spaces), "finished": False}
         state_path.write_text(json.dumps(state, indent=1))
         save_yaml(base, exp_dir / "base_config.yaml")
     parent.set_tags({"cluster": cluster_line, "driver_node_id": node_of_this_driver()})  # this (re)start's

@@ -25,7 +25,8 @@ from raysemi.data import Dataset
 #: MEASURE_S at this speed takes under LONG_S on any CPU down to a sixth of it (25,000)
 FAST_CPU_PIXELS_PER_S = 1.5e5
 #: step time relative to the supervised UNet's (the CPU benchmark's ms/step, README "CPU smoke")
-RELATIVE_COST = {"mean_teacher": 1.25, "uncertainty_aware_mean_teacher": 2.85, "pyramid_consistency": 1.15,
+RELATIVE_COST = {"supervised": 1.0, "mean_teacher": 1.25, "uncertainty_aware_mean_teacher": 2.85,
+                 "interpolation_consistency": 1.0, "entropy_minimization": 1.0, "pyramid_consistency": 1.15,
                  "adversarial": 1.75}
 #: a guess at least this long times real steps (cheap at the sizes where the guess is wrong)
 MEASURE_S = 600.0

@@ -168,15 +168,19 @@ def param_importances(rows, spaces: dict[str, dict[str, Dist]]) -> dict[str, dic
             else:
                 params = {k: v for k, v in r["values"].items() if k in spaces[m]}
                 dists = {k: dist(spaces[m][k]) for k in params}
-            study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=r["best_val_dice"]))
+            try:
+                trial = optuna.trial.create_trial(params=params, distributions=dists, value=r["best_val_dice"])
+            except ValueError:  # a value outside the space (a search continued after its files changed): left out
+                continue
+            study.add_trial(trial)
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 imp = optuna.importance.get_param_importances(study)
         except (RuntimeError, ValueError, ZeroDivisionError):  # e.g. all values equal
             continue
-        if any("quantiles select the same set of trials" in str(w.message) for w in caught):
-            continue  # PED-ANOVA with too few trials: equal importances, which tell nothing
+        if any("Parameter importances will be equal" in str(w.message) for w in caught):
+            continue  # too few (or tied) trials for PED-ANOVA: equal importances, which tell nothing
         for w in caught:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         out[m] = {k: float(v) for k, v in imp.items()}

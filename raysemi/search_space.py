@@ -5,7 +5,7 @@ strategy's own parameters are conditional on it."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -111,7 +111,8 @@ def folder_spaces(folder: Path, methods: list[str]) -> dict[str, Path]:
     from raysemi.methods.registry import describe_names
 
     found: dict[str, Path] = {}
-    for path in sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in (".yaml", ".yml")):
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in (".yaml", ".yml")
+                       and not p.name.startswith(".")):  # hidden: an editor's or macOS's ._mt.yaml
         try:
             method = resolve_method_name(path.stem)
         except KeyError:
@@ -128,23 +129,58 @@ def folder_spaces(folder: Path, methods: list[str]) -> dict[str, Path]:
     return found
 
 
-def space_paths(methods: list[str], override: str | None = None) -> dict[str, Path]:
+def space_paths(methods: list[str], override: str | None = None, exact_names: bool = False) -> dict[str, Path]:
     """Each strategy's space file: the shipped one, or `override` (a file for one strategy, or a
-    folder of `<strategy>.yaml`, see `folder_spaces`; a strategy without its file keeps the shipped)."""
+    folder of `<strategy>.yaml`, see `folder_spaces`; a strategy without its file keeps the shipped).
+    `exact_names`: the rule of searches started before aliases and refusals (a folder's
+    `<strategy>.yaml` only, nothing refused), for continuing one of them as it started."""
+    from raysemi.methods import resolve_method_name
+
     if override and Path(override).is_dir():
-        found = folder_spaces(Path(override), methods)
+        if exact_names:
+            found = {m: Path(override) / f"{m}.yaml" for m in methods if (Path(override) / f"{m}.yaml").is_file()}
+        else:
+            found = folder_spaces(Path(override), methods)
         return {m: found.get(m, shipped_space_path(m)) for m in methods}
     if override:
         if len(methods) > 1:
             raise UserError(f"--search-space: {override} is one file but {len(methods)} strategies are searched; "
                             "expected a folder of <strategy>.yaml files")
+        try:
+            named = resolve_method_name(Path(override).stem)
+        except KeyError:
+            named = None  # any other name (my_space.yaml) is the searched strategy's
+        if named not in (None, methods[0]) and not exact_names:
+            raise UserError(f"--search-space: {override} is named for {named} but {methods[0]} is searched; expected "
+                            f"{methods[0]}'s space (a file named for it, or any name that is no strategy's)")
         return {methods[0]: Path(override)}
     return {m: shipped_space_path(m) for m in methods}
 
 
-def load_spaces(methods: list[str], override: str | None = None) -> dict[str, dict[str, Dist]]:
+def load_spaces(methods: list[str], override: str | None = None,
+                exact_names: bool = False) -> dict[str, dict[str, Dist]]:
     """Each strategy's space, from `space_paths`."""
-    return {m: load_space(path) for m, path in space_paths(methods, override).items()}
+    return {m: load_space(path) for m, path in space_paths(methods, override, exact_names).items()}
+
+
+def spaces_to_json(spaces: dict[str, dict[str, Dist]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """The spaces as saved with a search at its start, so that a continued search reads the spaces
+    it searched, not files that may have changed since."""
+    return {m: {name: asdict(d) for name, d in space.items()} for m, space in spaces.items()}
+
+
+def spaces_from_json(data: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str, Dist]]:
+    return {m: {name: Dist(**{**d, "values": None if d.get("values") is None else tuple(d["values"])})
+                for name, d in space.items()} for m, space in data.items()}
+
+
+def continued_spaces(saved: dict[str, Any], methods: list[str]) -> dict[str, dict[str, Dist]]:
+    """The spaces of a search being continued: those it saved at its start, or (a search started by
+    an older version, which saved only the --search-space path) its files read by the rule it
+    started with."""
+    if saved.get("spaces"):
+        return spaces_from_json(saved["spaces"])
+    return load_spaces(methods, saved.get("search_space"), exact_names=True)
 
 
 def describe_sources(methods: list[str], override: str) -> str:

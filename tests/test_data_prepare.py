@@ -964,4 +964,33 @@ def test_export_nifti_bad_input_is_one_line_and_writes_nothing(tiny_phantom, tmp
     (tmp_path / "afile").write_text(KEEP)
     rc, _, err = call(["export-nifti", "--data", tiny_phantom, "--out", tmp_path / "afile"], capsys)
     assert_error(rc, err, "afile: --out: exists and is not a folder")
+    rc, _, err = call(["export-nifti", "--data", tiny_phantom, "--out", tmp_path / "afile" / "sub"], capsys)
+    assert_error(rc, err, f"afile{os.sep}sub: --out: {tmp_path / 'afile'} is a file; expected a folder path")
+    # data imported with --test-fraction 0 has an empty test.list: said so, with the splits that have volumes
+    data = Path(shutil.copytree(tiny_phantom, tmp_path / "data"))
+    (data / "test.list").write_text("")
+    rc, _, err = call(["export-nifti", "--data", data, "--out", out], capsys)
+    assert_error(rc, err, f"--split: test: {data / 'test.list'} is empty, so the data has no test volumes; expected "
+                          "a split that has some (--split val or --split train)")
+    shutil.rmtree(data)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"] and (tmp_path / "afile").read_text() == KEEP
+
+
+def test_export_nifti_that_cannot_write_leaves_no_folder_behind(tiny_phantom, tmp_path, capsys, monkeypatch):
+    # a full disk cannot be made here: the writer fails as it would, after the first files
+    import errno as errno_
+
+    from raysemi.data import export
+
+    real, calls = export.write_nifti, []
+
+    def failing(image, path):
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError(errno_.ENOSPC, "No space left on device")
+        real(image, path)
+
+    monkeypatch.setattr(export, "write_nifti", failing)
+    rc, _, err = call(["export-nifti", "--data", tiny_phantom, "--out", tmp_path / "new" / "scans"], capsys)
+    assert_error(rc, err, f"{calls[2]}: --out: cannot write (No space left on device); expected a folder with room")
+    assert not any(tmp_path.iterdir())  # the folders it made are gone, with the two files written

@@ -18,7 +18,7 @@ import warnings
 import pytest
 from mlflow.tracking import MlflowClient
 
-from raysemi.errors import run_cli
+from raysemi.errors import UserError, run_cli
 from raysemi.search import main as search_main
 from raysemi.train import main as train_main
 
@@ -317,12 +317,38 @@ def test_a_search_space_folder_takes_aliases_and_says_where_each_space_came_from
     folder.mkdir()
     (folder / "mt.yaml").write_text("base_lr: {type: loguniform, low: 0.001, high: 0.002}\n")
     (folder / "README.md").write_text("my spaces\n")  # not a space: left alone
+    (folder / "._mt.yaml").write_text("\x00\x05")  # hidden (macOS's resource fork): left alone too
     spaces = load_spaces(["mean_teacher", "supervised"], str(folder))
     assert list(spaces["mean_teacher"]) == ["base_lr"] and spaces["mean_teacher"]["base_lr"].high == 0.002
     assert spaces["supervised"] == load_spaces(["supervised"])["supervised"]  # no file: the shipped space
     assert describe_sources(["mean_teacher", "supervised"], str(folder)) == (
         f"search spaces: mean_teacher from {folder / 'mt.yaml'}; supervised shipped")
     assert shipped_space_path("supervised").is_file()
+    # one file named for another strategy than the one searched is refused; any other name is taken
+    (tmp_path / "supervised.yaml").write_text("base_lr: {type: choice, values: [0.01]}\n")
+    with pytest.raises(UserError, match=r"--search-space: .*supervised.yaml is named for supervised but "
+                                        r"mean_teacher is searched; expected mean_teacher's space"):
+        load_spaces(["mean_teacher"], str(tmp_path / "supervised.yaml"))
+    assert list(load_spaces(["supervised"], str(tmp_path / "supervised.yaml"))["supervised"]) == ["base_lr"]
+    (tmp_path / "mine.yaml").write_text("base_lr: {type: choice, values: [0.01]}\n")
+    assert list(load_spaces(["mean_teacher"], str(tmp_path / "mine.yaml"))["mean_teacher"]) == ["base_lr"]
+
+
+def test_a_continued_search_keeps_the_spaces_it_started_with(tmp_path):
+    from raysemi.search_space import continued_spaces, load_spaces, spaces_to_json
+
+    folder = tmp_path / "spaces"
+    folder.mkdir()
+    (folder / "mt.yaml").write_text("base_lr: {type: choice, values: [0.01, 0.02]}\n")
+    started = load_spaces(["mean_teacher", "supervised"], str(folder))
+    saved = json.loads(json.dumps({"search_space": str(folder), "spaces": spaces_to_json(started)}))
+    (folder / "mt.yaml").write_text("base_lr: {type: choice, values: [0.5]}\n")  # edited since
+    (folder / "typo.yaml").write_text("")  # would be refused as --search-space now
+    assert continued_spaces(saved, ["mean_teacher", "supervised"]) == started
+    # a search started by an older version saved only the folder: read by the rule it started with
+    # (a folder's <strategy>.yaml only, nothing refused), so mt.yaml was never its space
+    older = continued_spaces({"search_space": str(folder)}, ["mean_teacher", "supervised"])
+    assert older == load_spaces(["mean_teacher", "supervised"])
 
 
 def test_shipped_search_spaces_cover_every_strategy():
@@ -361,7 +387,8 @@ def test_a_search_stopped_before_tune_saved_a_trial_starts_its_trials_on_resume(
                           eval_batch_size=16, tracking_uri=uri), folder / "base_config.yaml")
     (folder / "raysemi_search.json").write_text(json.dumps({
         "parent_run_id": parent_id, "methods": ["mean_teacher"], "tracking_uri": uri, "num_samples": 1, "seeds": 1,
-        "experiment": "raysemi-search", "search_space": None, "finished": False}))
+        "experiment": "raysemi-search", "search_space": str(tmp_path / "gone"), "finished": False,
+        "spaces": {"mean_teacher": {"base_lr": {"type": "choice", "values": [0.0123]}}}}))
     code = run_cli(search_main, ["--name", "h", "--storage", str(tmp_path / "runs"), "--resume", "--num-cpus", "2",
                                  "--cpus-per-trial", "2", "--gpus", "0"])
     out = capsys.readouterr().out
@@ -371,6 +398,8 @@ def test_a_search_stopped_before_tune_saved_a_trial_starts_its_trials_on_resume(
     _, parents, kids = children(uri, "raysemi-search")
     assert [p.info.run_id for p in parents] == [parent_id] and parents[0].info.status == "FINISHED"
     assert len(kids) == 1 and kids[0].data.tags["mlflow.parentRunId"] == parent_id
+    # the saved space was searched (its --search-space folder is gone since: not read again)
+    assert kids[0].data.params["base_lr"] == "0.0123"
     assert json.loads((folder / "raysemi_search.json").read_text())["finished"] is True
 
 

@@ -81,7 +81,7 @@ def test_steps_are_timed_in_a_ray_task_for_each_strategy(tiny_phantom, capsys):
     try:
         steps, node = time_steps(base, ["supervised", "mean_teacher"], data, 1)
         # a search of weeks: the first strategy's step says so, the second is not timed
-        weeks = base.replace(max_iterations=10_000_000)
+        weeks = base.replace(max_iterations=10**9)
         enough = enough_timed(weeks, ["supervised", "mean_teacher"], num_samples=4, seeds=1, concurrency=2,
                               grace=100, reduction_factor=3)
         first_only, _ = time_steps(weeks, ["supervised", "mean_teacher"], data, 1, enough)
@@ -91,6 +91,8 @@ def test_steps_are_timed_in_a_ray_task_for_each_strategy(tiny_phantom, capsys):
         args = argparse.Namespace(num_samples=4, seeds=1, cpus_per_trial=1, grace_period=None, reduction_factor=3)
         print_cpu_estimate(args, base.replace(max_iterations=10_000_000, labeled_patients=8),
                            ["mean_teacher"], load_dataset(str(tiny_phantom), 8, 4), 2)
+        # two strategies in a search of years: the first is timed, the second scaled from it, and said so
+        print_cpu_estimate(args, weeks, ["supervised", "mean_teacher"], data, 2)
     finally:
         ray.shutdown()
     assert list(steps) == ["supervised", "mean_teacher"] and all(0 < s < 2 for s in steps.values())
@@ -99,7 +101,11 @@ def test_steps_are_timed_in_a_ray_task_for_each_strategy(tiny_phantom, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "timing one training step on a CPU where trials run, to estimate the search's time ..."
     assert out[1].startswith("warning: no time estimate: a training step could not be timed (UserError: ") and \
-        "there are no unlabeled slices" in out[1] and len(out) == 2
+        "there are no unlabeled slices" in out[1] and len(out) == 4
+    assert out[2] == ("timing one training step of each of the 2 strategies (fewer once those timed put the search "
+                      "over 10 hours) on a CPU where trials run, to estimate the search's time ...")
+    assert out[3].startswith("warning: a training step at 32x32") and \
+        "(1 thread; timed for supervised, the other 1 scaled from it by their usual relative cost" in out[3]
 
 
 def test_the_estimate_line_gives_the_numbers_and_the_way_out():
@@ -122,6 +128,12 @@ def test_the_estimate_line_gives_the_numbers_and_the_way_out():
     assert line == ("estimate: one supervised training step at 256x256, batch 24, took 2.00 s on node 10.0.0.7's CPU "
                     "(1 thread); 1 trial x 1 seed x 20 iterations, 2 at once, take about 1 minute if ASHA "
                     "stops trials as designed (a floor), 1 minute if it stops none (validations not counted)")
+
+
+def test_every_registered_strategy_has_a_relative_cost():
+    from raysemi.methods import list_methods
+
+    assert set(RELATIVE_COST) == set(list_methods()) and RELATIVE_COST["supervised"] == 1.0
 
 
 def test_strategies_are_timed_until_the_search_is_far_past_an_hour():

@@ -111,6 +111,13 @@ def check_out_folder(out: Path, overwrite: bool, replaced: str) -> None:
             entries = f"{len(present)} entr{'y' if len(present) == 1 else 'ies'}"
             raise UserError(f"{out}: --out: folder is not empty ({entries}: {shown}); choose another --out, or "
                             f"pass --overwrite (only {replaced} are replaced, nothing is deleted)")
+    parent = out  # the folder it will be made in: a folder this user can write to
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise UserError(f"{out}: --out: {parent} is a file; expected a folder path")
+    if not os.access(parent if parent.exists() else Path.cwd(), os.W_OK):
+        raise UserError(f"{out}: --out: {parent} is not writable; expected a folder this user can write to")
 
 
 def write_nifti(image, path: Path) -> None:

@@ -52,6 +52,21 @@ def read_list(root: str | Path, split: str) -> list[str]:
     return names
 
 
+def check_split(root: Path, split: str) -> None:
+    """An empty list is data without that split (`data import --test-fraction 0` writes an empty
+    test.list): for the CLIs that take a --split (evaluate, export-nifti), say so and which splits
+    have volumes, instead of only that the file is empty."""
+    def cases(name: str) -> bool:
+        path = root / f"{name}.list"
+        return path.is_file() and bool(path.read_text().strip())
+
+    path = root / f"{split}.list"
+    if path.is_file() and not cases(split):
+        others = " or ".join(f"--split {s}" for s in ("val", "test", "train") if s != split and cases(s))
+        raise UserError(f"--split: {split}: {path} is empty, so the data has no {split} volumes; expected a split "
+                        f"that has some ({others or 'none has: check the data folder'})")
+
+
 def shipped_list(split: str) -> list[str]:
     """The real ACDC split lists of the SSL4MIS benchmark, shipped with the package."""
     text = resources.files("raysemi.data").joinpath("lists", f"{split}.list").read_text()
