@@ -4,8 +4,8 @@ A search with the defaults (16 trials of 30,000 iterations at 256x256) is meant 
 `--gpus 0` it would run for weeks without saying so. The driver first makes a cheap, optimistic
 guess from the sizes; when that is over ten minutes it times one real training step of each
 searched strategy (in a Ray task, where trials run) and prints the estimate, as a warning with the
-quick start's flags when it is over an hour. Once the strategies timed so far put the search far past
-that, the rest are scaled from them by their usual relative cost instead of timed.
+quick start's flags when it is over an hour. Once the strategies timed so far put the search over
+ten hours (ENOUGH_S), the rest are scaled from them by their usual relative cost instead of timed.
 """
 
 from __future__ import annotations
@@ -93,7 +93,8 @@ def wall_seconds(base: TrainConfig, steps: dict[str, float], *, num_samples: int
 
 def far_past(steps: dict[str, float], *, base: TrainConfig, methods: list[str], **sizes) -> bool:
     """Whether the strategies timed so far, the rest scaled from them, put the search past ENOUGH_S
-    even if ASHA stops trials as designed (then timing the rest cannot change what is said)."""
+    even if ASHA stops trials as designed (timing the rest would only refine a figure that is
+    a warning either way)."""
     return wall_seconds(base, scaled_steps(steps, methods), **sizes)[0] >= ENOUGH_S
 
 
