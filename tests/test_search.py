@@ -379,7 +379,9 @@ def test_a_search_stopped_before_tune_saved_a_trial_starts_its_trials_on_resume(
 
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     client = MlflowClient(tracking_uri=uri)
-    parent_id = client.create_run(client.create_experiment("raysemi-search"), run_name="h").info.run_id
+    # its artifacts in the temp folder, as the search itself places them (not ./mlruns under the cwd)
+    experiment = client.create_experiment("raysemi-search", artifact_location=(tmp_path / "mlartifacts").as_uri())
+    parent_id = client.create_run(experiment, run_name="h").info.run_id
     folder = tmp_path / "runs" / "h"
     folder.mkdir(parents=True)
     save_yaml(TrainConfig(method="mean_teacher", data=str(tiny_phantom), labeled_patients=3, patch_size=(32, 32),
