@@ -35,3 +35,18 @@ def test_discriminator_scores_any_patch_size():
     d = Discriminator(num_classes=4, in_channels=1)
     for size in (32, 256):
         assert d(torch.rand(3, 4, size, size), torch.rand(3, 1, size, size)).shape == (3, 2)
+
+
+def test_feature_dropout_draws_one_fraction_for_the_batch():
+    """As the reference: one 0.7-0.9 fraction a call, each sample's own peak. Two identical
+    samples whose positions spread evenly from 0 to 1 keep the same positions (a draw per sample
+    would differ by more than the 1/1000 spacing, almost surely), all below the fraction."""
+    from raysemi.models.unet import feature_dropout
+
+    x = torch.linspace(0.0, 1.0, 1000).view(1, 1, 1, 1000).repeat(2, 3, 1, 1)
+    for seed in range(5):
+        torch.manual_seed(seed)
+        kept = feature_dropout(x)[:, 0] != 0
+        assert torch.equal(kept[0], kept[1])
+        share = kept[0].float().mean().item()
+        assert 0.69 < share < 0.91  # the positions below the drawn fraction of the peak (1.0)

@@ -361,6 +361,24 @@ def test_shipped_search_spaces_cover_every_strategy():
     assert {"ema_decay", "base_lr", "consistency_rampup"} <= set(spaces["mean_teacher"])
     assert {"uncertainty_threshold_start", "uncertainty_threshold_end"} <= set(spaces["uncertainty_aware_mean_teacher"])
     assert "ict_alpha" in spaces["interpolation_consistency"] and "dan_lr" in spaces["adversarial"]
+    assert "uncertainty_passes" in spaces["uncertainty_aware_mean_teacher"]  # T, searchable per METHODS.md
+
+
+def test_every_shipped_space_can_draw_the_reference_defaults():
+    """A search can land on the reference's own setting of every parameter it searches, so a
+    tuned result is never worse by construction than the default it is meant to beat."""
+    from raysemi.config import TrainConfig
+    from raysemi.methods import list_methods
+    from raysemi.search_space import load_spaces
+
+    default = TrainConfig()
+    for method, space in load_spaces(list_methods()).items():
+        for name, dist in space.items():
+            value = getattr(default, name)
+            inside = value in dist.values if dist.type == "choice" else dist.low <= value <= dist.high
+            assert inside, f"{method}: {name} = {value} (the default) cannot be drawn from {dist}"
+            if dist.type == "int" and dist.step:
+                assert (value - dist.low) % dist.step == 0, f"{method}: {name} = {value} is off the step of {dist}"
 
 
 def test_unreachable_tracking_server_fails_before_any_trial(tmp_path, capsys):

@@ -83,11 +83,12 @@ class UNet(nn.Module):
 
 
 def feature_dropout(x: Tensor) -> Tensor:
-    """URPC feature dropout: zero the positions whose channel-mean activation is below a random
-    fraction (0.7-0.9) of that sample's maximum."""
+    """URPC feature dropout: zero the positions whose channel-mean activation is below a fraction
+    of that sample's maximum, the fraction drawn from 0.7-0.9 once for the batch (as the
+    reference's one NumPy draw per call)."""
     attention = x.mean(dim=1, keepdim=True)
     peak = attention.flatten(1).max(dim=1).values.view(-1, 1, 1, 1)
-    threshold = peak * torch.empty_like(peak).uniform_(0.7, 0.9)
+    threshold = peak * peak.new_empty(()).uniform_(0.7, 0.9)
     return x * (attention < threshold).to(x.dtype)
 
 
