@@ -8,6 +8,7 @@ those arrive as callbacks.
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 import time
@@ -35,6 +36,11 @@ from raysemi.progress import ProgressBar
 from raysemi.schedules import ema_alpha, poly_lr
 
 
+#: why `compile: auto` gave up compiling in this process: the other trainers here (a trial's other
+#: seeds) then train uncompiled without paying for the same failed attempt again
+_compile_failed_here: str | None = None
+
+
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
@@ -57,6 +63,12 @@ class LoopResult:
     last_metrics: dict[str, float]
     seconds: float
     history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _reason(err: BaseException) -> str:
+    """A torch.compile error in one line: its type and first line."""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"{type(err).__name__}: {first}"[:300]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -140,6 +152,8 @@ class Trainer:
         self.compiled = config.compiles(self.device.type)
         self.compile_failure: str | None = None  # why `compile: auto` gave up compiling, if it did
         self._compile_tried = False
+        if self.compiled and config.compile == "auto" and _compile_failed_here is not None:
+            self.compiled, self.compile_failure = False, _compile_failed_here
         if self.compiled:
             for net in self.strategy.networks().values():  # in place: parameter names and checkpoints stay
                 net.compile()
@@ -178,12 +192,24 @@ class Trainer:
     def evaluate(self, volumes=None, which: str | None = None, distances: bool | None = None,
                  bar: ProgressBar | None = None) -> Summary:
         """Per-volume metrics of the student (or teacher) on the validation volumes (or others);
-        `bar` counts the volumes whose metrics are done."""
+        `bar` counts the volumes whose metrics are done. Evaluation compiles graphs of its own
+        (eval mode, other batch sizes): if that fails under `compile: auto`, the run goes on
+        uncompiled, as when the first step's compiling fails."""
         net = self.eval_network(which)
-        return evaluate_volumes(net, self.data.val if volumes is None else volumes, self.config.num_classes,
-                                self.config.patch_size, self.device, self.config.eval_batch_size,
-                                self.config.eval_hd95 if distances is None else distances, self.amp,
-                                self.channels_last, bar=bar)
+
+        def run() -> Summary:
+            return evaluate_volumes(net, self.data.val if volumes is None else volumes, self.config.num_classes,
+                                    self.config.patch_size, self.device, self.config.eval_batch_size,
+                                    self.config.eval_hd95 if distances is None else distances, self.amp,
+                                    self.channels_last, bar=bar)
+
+        if not (self.compiled and self.config.compile == "auto"):
+            return run()
+        try:
+            return run()
+        except torch._dynamo.exc.TorchDynamoException as err:
+            self._stop_compiling(_reason(err), "at validation")
+            return run()
 
     # -- state -----------------------------------------------------------------------------
     def checkpoint_payload(self, full: bool = True) -> dict[str, Any]:
@@ -214,7 +240,10 @@ class Trainer:
         """Resume from a full checkpoint written by `save`."""
         # onto the CPU first: load_state_dict moves tensors to the parameters' device, and the
         # sampler's generator state must stay a CPU ByteTensor
-        ckpt = checkpoint.load(path, map_location="cpu")
+        self.restore(checkpoint.load(path, map_location="cpu"), path)
+
+    def restore(self, ckpt: dict[str, Any], path: str | Path) -> None:
+        """Take the state of a full checkpoint payload (`path` names it in errors)."""
         nets = self.strategy.networks()
         for name, state in ckpt["networks"].items():
             if name not in nets:
@@ -308,7 +337,12 @@ class Trainer:
             self._graphed = GraphedStep(self, capture=self.device.type == "cuda")
         for group in self.optimizer.param_groups:
             group["lr"] = lr  # what a checkpoint records; the graph reads its own buffer
-        return self._graphed(self.sampler.draw(), inputs, it, lr)
+        out = self._graphed(self.sampler.draw(), inputs, it, lr)
+        if self._graphed.failure and self.compiled and self.config.compile == "auto":
+            # `auto` compiles only inside graphs: the compiled step without them measured slower than eager
+            self._stop_compiling("not used, as the CUDA graph capture failed (compiled without graphs is slower "
+                                 "than eager)", warn=False, recapture=False)
+        return out
 
     @property
     def graph_failure(self) -> str | None:
@@ -351,20 +385,39 @@ class Trainer:
     def _first_compiled_step(self, step: Callable, it: int, lr: float, inputs: dict):
         """The first step of a run that `compile: auto` compiled, where the compiling happens: if
         torch.compile cannot work on this machine (no C++ compiler, no triton, ...), one warning
-        says why and the run goes on uncompiled; `compile: on` lets the error stop the run."""
+        says why and the step runs again uncompiled, from the state before the attempt (the
+        failure may come after the optimiser step, in an after-step hook, and the sampler has
+        drawn its batch), so the run trains as an uncompiled one would. `compile: on` lets the
+        error stop the run."""
+        if _compile_failed_here is not None:  # another trainer here failed already
+            self._stop_compiling(_compile_failed_here, warn=False)
+            return step(it, lr, inputs)
+        before = copy.deepcopy(self.checkpoint_payload(full=True))  # copies: the step changes tensors in place
         try:
             return step(it, lr, inputs)
         except torch._dynamo.exc.TorchDynamoException as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-            self.compile_failure = f"{type(err).__name__}: {first}"[:300]
-            warnings.warn(f"compile: auto: torch.compile failed on this machine ({self.compile_failure}); "
-                          "training goes on uncompiled (--compile off skips the attempt)", stacklevel=2)
-            for net in self.strategy.networks().values():
-                net._compiled_call_impl = None
-            self.compiled = False
-            torch._dynamo.reset()
-            self._graphed = None  # capture again, uncompiled
+            self._stop_compiling(_reason(err), "on this machine")
+            self.restore(before, "the state before compiling")
             return step(it, lr, inputs)
+
+    def _stop_compiling(self, why: str, where: str = "", warn: bool = True, recapture: bool = True) -> None:
+        """`compile: auto` gives up: the networks run uncompiled from now on (recorded in the
+        `compiled` tag), and so do the trainers built later in this process."""
+        global _compile_failed_here
+        if self.device.type == "cuda":  # what the failed attempt queued (on a side stream) is done
+            torch.cuda.synchronize(self.device)
+        self.compile_failure = why
+        if warn:
+            warnings.warn(f"compile: auto: torch.compile failed {where} ({why}); training goes on uncompiled "
+                          "(--compile off skips the attempt)", stacklevel=3)
+        for net in self.strategy.networks().values():
+            net._compiled_call_impl = None
+        self.compiled = False
+        if recapture:
+            if _compile_failed_here is None:
+                torch._dynamo.reset()
+            _compile_failed_here = why
+            self._graphed = None  # capture again, uncompiled
 
     def _train_steps(self, stop: int, step: Callable) -> None:
         cfg = self.config

@@ -357,7 +357,10 @@ def read_state(folder: Path) -> dict[str, Any]:
 
 
 #: fields a seed folder may differ in from the retrain's config when it is resumed
-_PER_SEED = ("seed", "run_name", "output", "device", "tracking_uri")
+# what a seed may differ in from the others: where it runs and is written, and how fast it trains
+# (compile and CUDA graphs change the speed, not what is learned: `--compile off` must stay a way out
+# when compiling breaks halfway through a retrain)
+_PER_SEED = ("seed", "run_name", "output", "device", "tracking_uri", "compile", "cuda_graphs")
 
 
 def check_same_config(folder: Path, cfg: TrainConfig) -> None:

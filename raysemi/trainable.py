@@ -84,6 +84,18 @@ def seconds(trainers: list[Trainer]) -> dict[str, float]:
             "time_eval_s": sum(t.eval_seconds for t in trainers)}
 
 
+def trial_device(gpus_per_trial: float) -> str:
+    """'cuda' for a trial Ray gave GPU share to, 'cpu' for one without. A GPU trial on a node whose
+    torch sees no CUDA (a CPU build of torch there) fails with that reason: silently training on
+    the node's CPUs would take days and look like a slow GPU."""
+    if gpus_per_trial <= 0:
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise UserError(f"node {os.uname().nodename}: Ray gave this trial {gpus_per_trial:g} GPU, but torch {torch.__version__} "
+                        "there sees no CUDA device; expected a CUDA build of torch on every GPU node")
+    return "cuda"
+
+
 def train_trial(config: dict[str, Any], *, base: dict[str, Any], dataset: Dataset, seeds: int = 1,
                 gpus_per_trial: float = 0.0, cpus_per_trial: int = 1) -> None:
     """Tune entry point (wrapped by `tune.with_parameters` in the search driver)."""
@@ -94,15 +106,16 @@ def train_trial(config: dict[str, Any], *, base: dict[str, Any], dataset: Datase
     for name in ("ray.train", "ray.tune"):  # no "Checkpoint successfully created" line per report
         logging.getLogger(name).setLevel(logging.WARNING)
     torch.set_num_threads(max(1, int(cpus_per_trial)))
-    device = "cuda" if gpus_per_trial > 0 and torch.cuda.is_available() else "cpu"
+    reason = ""  # the node's own failure, or (after it) the sampled config's
     try:  # a sampled config no strategy can run (e.g. ema_decay 1.0) fails once, with its reason
+        device = trial_device(gpus_per_trial)
+        reason = "invalid config: "
         cfg = trial_config(config, base, device)
         keepers = [_KeepBest() for _ in range(seeds)]
         trainers = [Trainer(cfg.replace(seed=cfg.seed + k), dataset, [keepers[k]]) for k in range(seeds)]
     except UserError as err:
         tune.report({"method": config.get("method", ""), TIME_ATTR: 0, "diverged": 1, METRIC: 0.0, BEST: 0.0,
-                     "time_train_s": 0.0, "time_eval_s": 0.0,
-                     "failure_reason": f"invalid config: {err}"})
+                     "time_train_s": 0.0, "time_eval_s": 0.0, "failure_reason": f"{reason}{err}"})
         return
     ckpt = tune.get_checkpoint()
     if ckpt is not None:

@@ -207,9 +207,12 @@ def test_compile_auto_trains_uncompiled_where_torch_compile_fails(tiny_phantom, 
     import torch._dynamo
     import torch._inductor.config
 
+    import raysemi.loop
+
     monkeypatch.setattr(TrainConfig, "compiles", lambda self, device_type: self.compile != "off")  # as on CUDA
     monkeypatch.setattr(torch._inductor.config.cpp, "cxx", ("/nonexistent/c++",))
     monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)  # build, not load a cached build
+    monkeypatch.setattr(raysemi.loop, "_compile_failed_here", None)  # this process's earlier failures: none
     torch._dynamo.reset()
     trainer, logs = make(tiny_phantom, data, "mean_teacher", graphed=False, max_iterations=2, eval_interval=2)
     assert trainer.compiled and trainer.compile_status == "on"
@@ -222,6 +225,73 @@ def test_compile_auto_trains_uncompiled_where_torch_compile_fails(tiny_phantom, 
     strict, _ = make(tiny_phantom, data, "mean_teacher", graphed=False, max_iterations=2, compile="on")
     with pytest.raises(torch._dynamo.exc.TorchDynamoException, match="C\\+\\+ compiler"):
         strict.train_until(1)
+    torch._dynamo.reset()
+
+
+def _compile_fails_in(trainer: Trainer, failing: str, monkeypatch) -> None:
+    """Compile `trainer`'s networks with dynamo's eager backend (no C++ needed), except that
+    compiling `failing`'s graphs fails: 'discriminator' (DAN's, compiled in the after-step hook,
+    after the student's optimiser step) or 'eval' (any graph traced without grad: validation)."""
+    import raysemi.loop
+
+    monkeypatch.setattr(raysemi.loop, "_compile_failed_here", None)
+
+    def backend(gm, example_inputs):
+        if failing == "eval" and not torch.is_grad_enabled():
+            raise RuntimeError("cannot build this graph (test)")
+        return gm.forward
+
+    def broken(gm, example_inputs):
+        raise RuntimeError("cannot build this graph (test)")
+
+    for name, net in trainer.strategy.networks().items():
+        net.compile(backend=broken if name == failing else backend)
+
+
+def test_compile_auto_failure_after_the_optimiser_step_trains_as_an_uncompiled_run(tiny_phantom, data, monkeypatch):
+    """DAN compiles its discriminator in the after-step hook, after the student's optimiser step:
+    a failure there must not apply that step twice (nor skip a batch). The run goes on from the
+    state before the attempt and ends where an uncompiled run ends, to the bit."""
+    import torch._dynamo
+
+    monkeypatch.setattr(TrainConfig, "compiles", lambda self, device_type: self.compile != "off")  # as on CUDA
+    torch._dynamo.reset()
+    over = dict(max_iterations=3, eval_interval=1000, seed=5)
+    plain, _ = make(tiny_phantom, data, "adversarial", graphed=False, compile="off", **over)
+    plain.train_until(3)
+    trainer, _ = make(tiny_phantom, data, "adversarial", graphed=False, **over)
+    names = set(trainer.strategy.networks())
+    assert "discriminator" in names, names
+    _compile_fails_in(trainer, "discriminator", monkeypatch)
+    with pytest.warns(UserWarning, match=r"compile: auto: torch.compile failed on this machine \(BackendCompilerFailed"):
+        trainer.train_until(3)
+    assert trainer.compile_status.startswith("failed: BackendCompilerFailed") and trainer.iteration == 3
+    for name, net in trainer.strategy.networks().items():
+        for (key, a), b in zip(net.state_dict().items(), plain.strategy.networks()[name].state_dict().values()):
+            assert torch.equal(a, b), f"{name}.{key} differs from the uncompiled run's"
+    torch._dynamo.reset()
+
+
+def test_compile_auto_failure_at_validation_goes_on_uncompiled_and_later_trainers_skip_it(tiny_phantom, data,
+                                                                                        monkeypatch):
+    """Validation compiles graphs of its own (eval mode, no grad); a failure there must not stop a
+    `compile: auto` run. A trainer built later in the process (a trial's next seed) does not try
+    again: it trains uncompiled from the start, with the same reason in its status."""
+    import torch._dynamo
+
+    monkeypatch.setattr(TrainConfig, "compiles", lambda self, device_type: self.compile != "off")  # as on CUDA
+    torch._dynamo.reset()
+    trainer, logs = make(tiny_phantom, data, "supervised", graphed=True, max_iterations=4, eval_interval=2)
+    _compile_fails_in(trainer, "eval", monkeypatch)
+    with pytest.warns(UserWarning, match=r"compile: auto: torch.compile failed at validation \(BackendCompilerFailed"):
+        trainer.train_until(4)
+    assert trainer.iteration == 4 and [h["iteration"] for h in trainer.history] == [2.0, 4.0]
+    assert trainer.compile_status.startswith("failed: BackendCompilerFailed")
+    assert all(net._compiled_call_impl is None for net in trainer.strategy.networks().values())
+    later, _ = make(tiny_phantom, data, "supervised", graphed=True, max_iterations=2, eval_interval=2)
+    assert not later.compiled and later.compile_status == trainer.compile_status
+    later.train_until(2)
+    assert later.iteration == 2 and later.history
     torch._dynamo.reset()
 
 
@@ -329,6 +399,37 @@ def test_capture_failure_falls_back_to_eager(tiny_phantom, data):
         trainer.train_until(8)
     assert trainer.graph_failure and trainer.iteration == 8 and len(logs.logs) == 8
     assert all(math.isfinite(log["train/loss"]) for log in logs.logs)
+
+
+@cuda
+def test_a_failed_capture_under_compile_auto_goes_on_uncompiled(tiny_phantom, data, monkeypatch):
+    """`compile: auto` compiles only inside CUDA graphs (the compiled step without them measured
+    slower than eager): when capture fails, the networks run uncompiled from then on."""
+    import torch._dynamo
+
+    import raysemi.loop
+
+    monkeypatch.setattr(raysemi.loop, "_compile_failed_here", None)
+    monkeypatch.setattr(TrainConfig, "compiles", lambda self, device_type: self.compile != "off")  # a long run
+    torch._dynamo.reset()
+    trainer, logs = make(tiny_phantom, data, "entropy_minimization", graphed=True, device="cuda", cuda_graphs="on")
+    for net in trainer.strategy.networks().values():
+        net.compile(backend="eager")  # dynamo without inductor: quick, and what matters is the switch
+    losses = trainer.strategy.losses
+
+    def host_reading(batch, inputs):
+        out = losses(batch, inputs)
+        if out["loss"].item() > 1e9:  # a host sync: illegal while capturing
+            raise AssertionError
+        return out
+
+    trainer.strategy.losses = host_reading
+    with pytest.warns(RuntimeWarning, match="CUDA graph capture of the entropy_minimization step failed"):
+        trainer.train_until(8)
+    assert trainer.graph_failure and trainer.iteration == 8 and len(logs.logs) == 8
+    assert not trainer.compiled and trainer.compile_status.startswith("failed: not used, as the CUDA graph capture")
+    assert all(net._compiled_call_impl is None for net in trainer.strategy.networks().values())
+    torch._dynamo.reset()
 
 
 def test_graphed_path_without_momentum(tiny_phantom, data):

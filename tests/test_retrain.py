@@ -289,8 +289,9 @@ def test_resume_uses_the_retrains_store_and_refuses_changed_values(tiny_phantom,
     # other values than the finished seed's: refused before anything is trained
     code, _, err = train(["--resume", r, "--max-iterations", "3"], elsewhere)
     _one_line(code, err, "seed0", "max_iterations: 2 there, 3 now")
-    # from another folder, without --tracking-uri: the store the retrain was logged to
-    code, out, err = train(["--resume", r], elsewhere)
+    # from another folder, without --tracking-uri: the store the retrain was logged to; the speed
+    # switches may change (the way out when compiling breaks halfway through a retrain on a GPU)
+    code, out, err = train(["--resume", r, "--compile", "off", "--cuda-graphs", "off"], elsewhere)
     assert code == 0, err
     assert not (elsewhere / "mlflow.db").exists()
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")

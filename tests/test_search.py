@@ -209,6 +209,22 @@ def test_best_so_far_is_the_best_mean_over_seeds_the_leaderboard_ranks_by():
     assert math.isnan(best_so_far([SimpleNamespace(history=[])]))
 
 
+def test_a_gpu_trial_where_torch_sees_no_cuda_fails_with_the_reason_instead_of_training_on_cpus():
+    """Ray may give a trial GPU share on a node whose torch is a CPU build: the trial must fail
+    saying so, not train for days on that node's CPUs looking like a slow GPU."""
+    import torch
+
+    from raysemi.trainable import trial_device
+
+    assert trial_device(0) == "cpu"
+    if torch.cuda.is_available():
+        assert trial_device(0.25) == "cuda"
+    else:
+        with pytest.raises(UserError, match=r"node .+: Ray gave this trial 0.25 GPU, but torch .+ there sees no CUDA "
+                                            r"device; expected a CUDA build of torch on every GPU node"):
+            trial_device(0.25)
+
+
 def test_the_table_is_sorted_by_best_dice_only_when_every_ended_trial_has_it():
     from types import SimpleNamespace
 
