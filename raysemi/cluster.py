@@ -149,6 +149,16 @@ def describe(nodes: list[dict[str, Any]], address: str = "") -> str:
             f"({'; '.join(parts)})")
 
 
+def trials_on_gpus(gpus: float, gpus_per_trial: float) -> int:
+    """How many trials of `gpus_per_trial` GPUs fit on `gpus` GPUs. Ray places a fraction of a GPU
+    on one GPU, never split over two: at 0.4 a GPU holds 2 trials, so 2 GPUs hold 4, not 5."""
+    if gpus_per_trial >= 1:
+        return int(gpus / gpus_per_trial + 1e-9)
+    per_gpu = int(1 / gpus_per_trial + 1e-9)
+    whole = int(gpus + 1e-9)
+    return whole * per_gpu + int((gpus - whole) / gpus_per_trial + 1e-9)  # --gpus 0.5: part of one GPU
+
+
 def trial_slots(nodes: list[dict[str, Any]], cpus_per_trial: float, gpus_per_trial: float) -> int:
     """How many trials fit at once: a trial runs on one node, so per node, then summed."""
     total = 0
@@ -156,7 +166,7 @@ def trial_slots(nodes: list[dict[str, Any]], cpus_per_trial: float, gpus_per_tri
         r = n.get("Resources", {})
         slots = int(r.get("CPU", 0) / cpus_per_trial + 1e-9) if cpus_per_trial > 0 else sys.maxsize
         if gpus_per_trial > 0:
-            slots = min(slots, int(r.get("GPU", 0) / gpus_per_trial + 1e-9))
+            slots = min(slots, trials_on_gpus(r.get("GPU", 0), gpus_per_trial))
         total += slots
     return total
 

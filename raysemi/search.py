@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -124,10 +125,11 @@ def check_resources(args, cluster: dict[str, float], nodes: list[dict] | None = 
     cpus = float(cluster.get("CPU", 1))
     if args.cpus_per_trial < 1 or args.cpus_per_trial > cpus:
         raise UserError(f"--cpus-per-trial: {args.cpus_per_trial} is invalid; expected 1 to {cpus:g} (the cluster's CPUs)")
+    from raysemi.cluster import largest_node, trial_slots, trials_on_gpus
+
     by_cpu = int(cpus // args.cpus_per_trial)
-    concurrency = min(by_cpu, int(gpus // per + 1e-9)) if per > 0 else by_cpu
+    concurrency = min(by_cpu, trials_on_gpus(gpus, per)) if per > 0 else by_cpu
     if nodes:
-        from raysemi.cluster import largest_node, trial_slots
 
         slots = trial_slots(nodes, args.cpus_per_trial, per)
         if slots == 0:
@@ -304,6 +306,31 @@ def resume_command(args, name: str, storage: Path) -> str:
             + (f" --address {args.address}" if args.address else ""))
 
 
+def stopped_by_error(err: Exception, args, uri: str, parent, exp_dir: Path, name: str, storage: Path) -> int:
+    """The search stopped on an error of its driver (Tune's callbacks log every trial to MLflow,
+    so a tracking store that stops answering ends it): one line with the cause and the command
+    that continues it (Tune saved its state; finished trials are kept), exit 1. What would be
+    logged about it may fail the same way, and must not hide that line."""
+    import traceback
+
+    cause = err
+    while cause.__cause__ is not None or cause.__context__ is not None:
+        cause = cause.__cause__ or cause.__context__
+    lines = [line for line in str(cause).strip().splitlines() if line.strip()]
+    why = f"{type(cause).__name__}: {lines[-1].strip() if lines else ''}"[:500]
+    for record in (lambda: parent.set_tags({"status": "interrupted", "stopped_by": why}),
+                   lambda: write_trial_run_map(uri, parent.run_id, exp_dir / "mlflow_trial_runs.json")):
+        try:  # each on its own: one failing must not skip the other
+            record()
+        except Exception:  # noqa: BLE001 - the store is what failed, most likely
+            pass
+    if args.debug:
+        traceback.print_exception(err)
+    print(f"error: the search stopped: {why}; its finished trials and Tune's state are kept in {exp_dir}; "
+          f"once the cause is mended, continue with: {resume_command(args, name, storage)}", file=sys.stderr)
+    return 1
+
+
 def trial_dirname(trial) -> str:
     """Short trial folder names: <strategy>_<trial id>."""
     return f"{trial.config.get('method', 'trial')}_{trial.trial_id}"
@@ -477,7 +504,7 @@ def _search(args, methods, spaces, base: TrainConfig, dataset, uri: str, storage
 
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, base=base.to_dict(), dataset=dataset, seeds=args.seeds,
-                             gpus_per_trial=per_trial, cpus_per_trial=args.cpus_per_trial),
+                             cpus_per_trial=args.cpus_per_trial),
         {"cpu": args.cpus_per_trial, "gpu": per_trial})
     callback = make_tune_callback(uri, args.experiment, parent.run_id, exp_dir / "mlflow_trial_runs.json",
                                   base.saved_dict(), base.max_iterations)
@@ -516,6 +543,8 @@ def _search(args, methods, spaces, base: TrainConfig, dataset, uri: str, storage
         parent.set_tags({"status": "interrupted"})
         print(f"\ninterrupted; continue with: {resume_command(args, name, storage)}")
         return 130
+    except tune.TuneError as err:  # the driver's own failure, e.g. the MLflow store stopped answering
+        return stopped_by_error(err, args, uri, parent, exp_dir, name, storage)
     write_trial_run_map(uri, parent.run_id, exp_dir / "mlflow_trial_runs.json")
     done = finished_trials(exp_dir)
     if done < args.num_samples:  # Ctrl-C: Tune stopped gracefully

@@ -26,7 +26,7 @@ def trial_rows(results, max_iterations: int) -> list[dict[str, Any]]:
         best_dice, best_hd95, best_it, curve = float("nan"), float("nan"), 0, []
         if df is not None and METRIC in df:
             ok = df[df.get("diverged", 0) == 0] if "diverged" in df else df
-            curve = list(zip(df[TIME_ATTR].tolist(), df[METRIC].tolist()))
+            curve = list(zip(ok[TIME_ATTR].tolist(), ok[METRIC].tolist()))  # validations only
             if len(ok):
                 i = ok[METRIC].idxmax()
                 best_dice = float(ok.loc[i, METRIC])

@@ -499,10 +499,18 @@ def write_trial_run_map(uri: str, parent_run_id: str, path: Path) -> None:
     runs = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'",
                               max_results=50000)
     found = {r.data.tags["trial_id"]: r.info.run_id for r in runs if "trial_id" in r.data.tags}
-    known = json.loads(path.read_text()) if path.is_file() else {}
+    try:
+        known = json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError:  # caught half-written by Tune's sync of the folder: MLflow's children are the map
+        known = {}
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps({**known, **found}, indent=1))
     tmp.replace(path)
+
+
+#: parent run id -> (tracking URI, trial -> run map file) of the searches this driver runs: what a
+#: callback restored by Tune on --resume logs with, instead of what it was pickled with
+DRIVER_SEARCHES: dict[str, tuple[str, Path]] = {}
 
 
 def make_tune_callback(uri: str, experiment: str, parent_run_id: str, state_file: Path, base: dict[str, Any],
@@ -526,11 +534,16 @@ def make_tune_callback(uri: str, experiment: str, parent_run_id: str, state_file
 
     from ray.tune import Callback as TuneCallback
 
+    DRIVER_SEARCHES[parent_run_id] = (uri, Path(state_file))
+
     from raysemi.search_space import trial_values
     from raysemi.trainable import METRIC
 
     class MLflowTrialCallback(TuneCallback):
         def __init__(self) -> None:
+            # where it logs and keeps its map: a copy restored by Tune on --resume takes this
+            # driver's (see __setstate__)
+            self.uri, self.state_file = uri, state_file
             self.runs: dict[str, str] = json.loads(state_file.read_text()) if state_file.is_file() else {}
             self.logged_step: dict[str, int] = {}
             self.nodes: dict[str, list[str]] = {}  # trial id -> the nodes it reported from, one per move
@@ -543,27 +556,39 @@ def make_tune_callback(uri: str, experiment: str, parent_run_id: str, state_file
             if self._client is None:
                 from mlflow.tracking import MlflowClient
 
-                self._client = MlflowClient(tracking_uri=uri)
-                self.experiment_id = experiment_id(self._client, experiment, uri)
+                self._client = MlflowClient(tracking_uri=self.uri)
+                self.experiment_id = experiment_id(self._client, experiment, self.uri)
             return self._client
 
         def __getstate__(self):  # Tune pickles its callbacks with the experiment state
             return {**self.__dict__, "_client": None}
 
+        def __setstate__(self, state):
+            """Tune's `--resume` brings back the callback pickled at the search's first start. It
+            logs where this driver says (the store's URI and the search folder may have changed
+            since) and goes on from the trial -> run map as last written: Tune's own saved state
+            may lag it by the trials started just before a crash, which would get a second run."""
+            import raysemi.tracking as here  # this process's module (a copy by value would be stale)
+
+            self.__dict__.update(state)
+            self.uri, self.state_file = here.DRIVER_SEARCHES.get(parent_run_id, (self.uri, self.state_file))
+            if self.state_file.is_file():
+                self.runs = {**self.runs, **json.loads(self.state_file.read_text())}
+
         def _save(self) -> None:
-            tmp = state_file.with_suffix(".tmp")
+            tmp = self.state_file.with_suffix(".tmp")
             tmp.write_text(json.dumps(self.runs, indent=1))
-            tmp.replace(state_file)
+            tmp.replace(self.state_file)
 
         def _run(self, trial) -> MLflowRun:
             client = self.client
             if trial.trial_id in self.runs:
-                return MLflowRun.existing(client, uri, self.runs[trial.trial_id], self.experiment_id)
+                return MLflowRun.existing(client, self.uri, self.runs[trial.trial_id], self.experiment_id)
             method, values = trial_values(trial.config)
             run_id = client.create_run(self.experiment_id, run_name=f"{method}-{trial.trial_id}", tags={
                 "mlflow.parentRunId": parent_run_id, "strategy": method, "trial_id": trial.trial_id,
                 "status": "running"}).info.run_id
-            run = MLflowRun.existing(client, uri, run_id, self.experiment_id)
+            run = MLflowRun.existing(client, self.uri, run_id, self.experiment_id)
             self.runs[trial.trial_id] = run.run_id
             self.logged_step[trial.trial_id] = -1
             self._save()
@@ -614,6 +639,8 @@ def make_tune_callback(uri: str, experiment: str, parent_run_id: str, state_file
             self.logged_step[trial.trial_id] = step
             metrics = {k: v for k, v in result.items() if isinstance(k, str) and ("/" in k or k in ("lr", "it_per_s"))
                        and isinstance(v, (int, float)) and not isinstance(v, bool)}
+            if result.get("diverged"):  # no validation ran at this step: its val/ values are the last one's
+                metrics = {k: v for k, v in metrics.items() if not k.startswith("val/")}  # (val/dice: 0 for the searcher)
             run.log_metrics(metrics, step)
             self._tag_paths(trial.trial_id, run, result)
             if result.get("diverged"):

@@ -84,38 +84,41 @@ def seconds(trainers: list[Trainer]) -> dict[str, float]:
             "time_eval_s": sum(t.eval_seconds for t in trainers)}
 
 
-def trial_device(gpus_per_trial: float) -> str:
-    """'cuda' for a trial Ray gave GPU share to, 'cpu' for one without. A GPU trial on a node whose
-    torch sees no CUDA (a CPU build of torch there) fails with that reason: silently training on
-    the node's CPUs would take days and look like a slow GPU."""
-    if gpus_per_trial <= 0:
+def trial_device(gpu_ids: list) -> str:
+    """'cuda' for a trial Ray gave GPUs (or a share of one: `ray.get_gpu_ids()`), 'cpu' for one
+    without; the GPUs Ray gave, not the flags, decide (a resumed trial keeps the resources it was
+    started with). A GPU trial on a node whose torch sees no CUDA (a CPU build of torch there)
+    fails with that reason: silently training on the node's CPUs would take days and look like a
+    slow GPU. It fails as an error, not a result: Tune may retry it on another node, and the
+    searcher is not told the config scored badly."""
+    if not gpu_ids:
         return "cpu"
     if not torch.cuda.is_available():
-        raise UserError(f"node {os.uname().nodename}: Ray gave this trial {gpus_per_trial:g} GPU, but torch {torch.__version__} "
-                        "there sees no CUDA device; expected a CUDA build of torch on every GPU node")
+        raise UserError(f"node {os.uname().nodename}: Ray gave this trial GPU {', '.join(map(str, gpu_ids))}, but "
+                        f"torch {torch.__version__} there sees no CUDA device; expected a CUDA build of torch on "
+                        "every GPU node")
     return "cuda"
 
 
 def train_trial(config: dict[str, Any], *, base: dict[str, Any], dataset: Dataset, seeds: int = 1,
-                gpus_per_trial: float = 0.0, cpus_per_trial: int = 1) -> None:
+                cpus_per_trial: int = 1) -> None:
     """Tune entry point (wrapped by `tune.with_parameters` in the search driver)."""
     import logging
 
+    import ray
     from ray import tune
 
     for name in ("ray.train", "ray.tune"):  # no "Checkpoint successfully created" line per report
         logging.getLogger(name).setLevel(logging.WARNING)
     torch.set_num_threads(max(1, int(cpus_per_trial)))
-    reason = ""  # the node's own failure, or (after it) the sampled config's
+    device = trial_device(ray.get_gpu_ids())
     try:  # a sampled config no strategy can run (e.g. ema_decay 1.0) fails once, with its reason
-        device = trial_device(gpus_per_trial)
-        reason = "invalid config: "
         cfg = trial_config(config, base, device)
         keepers = [_KeepBest() for _ in range(seeds)]
         trainers = [Trainer(cfg.replace(seed=cfg.seed + k), dataset, [keepers[k]]) for k in range(seeds)]
     except UserError as err:
         tune.report({"method": config.get("method", ""), TIME_ATTR: 0, "diverged": 1, METRIC: 0.0, BEST: 0.0,
-                     "time_train_s": 0.0, "time_eval_s": 0.0, "failure_reason": f"{reason}{err}"})
+                     "time_train_s": 0.0, "time_eval_s": 0.0, "failure_reason": f"invalid config: {err}"})
         return
     ckpt = tune.get_checkpoint()
     if ckpt is not None:
@@ -149,11 +152,11 @@ def train_trial(config: dict[str, Any], *, base: dict[str, Any], dataset: Datase
     except TrainingDiverged as err:
         last = aggregate(trainers)
         best = best_so_far(trainers)  # every report has BEST: the progress table sorts by it
+        # METRIC 0: Tune hands this last result to the searcher as the config's score, and a config
+        # that diverges is a bad one (its last finite Dice would pull TPE towards the divergence)
         tune.report({**last, **base_metrics, TIME_ATTR: trainers[0].iteration, "diverged": 1, **seconds(trainers),
-                     **speed_paths(trainers),
-                     BEST: best if math.isfinite(best) else 0.0,
-                     "failure_reason": str(err), METRIC: 0.0 if not math.isfinite(last.get(METRIC, 0.0)) else
-                     last.get(METRIC, 0.0)})
+                     **speed_paths(trainers), BEST: best if math.isfinite(best) else 0.0,
+                     "failure_reason": str(err), METRIC: 0.0})
 
 
 def speed_paths(trainers: list[Trainer]) -> dict[str, str]:

@@ -414,6 +414,20 @@ def test_trials_are_fitted_per_node(cpus_per_trial, gpus_per_trial, slots):
     assert trial_slots([node("a", 2, 1), node("b", 1, 1)], cpus_per_trial, gpus_per_trial) == slots
 
 
+@pytest.mark.parametrize("per,slots", [(0.4, 4), (0.3, 6), (0.25, 8), (0.5, 4), (1, 2), (2, 1)])
+def test_a_fraction_of_a_gpu_is_packed_on_one_gpu_never_split_over_two(per, slots):
+    """As Ray places them: 2 GPUs at 0.4 a trial hold 4 trials (2 each), not 5."""
+    from argparse import Namespace
+
+    from raysemi.cluster import trial_slots
+    from raysemi.search import check_resources
+
+    assert trial_slots([node("c", 16, 2)], 1, per) == slots
+    args = Namespace(gpus=2, gpus_per_trial=per, cpus_per_trial=1)
+    assert check_resources(args, {"CPU": 16, "GPU": 2})[2] == slots  # the concurrency the search allows
+    assert check_resources(Namespace(gpus=0.5, gpus_per_trial=0.25, cpus_per_trial=1), {"CPU": 16, "GPU": 1})[2] == 2
+
+
 def test_a_trial_bigger_than_any_node_is_refused_though_the_totals_allow_it():
     from argparse import Namespace
 

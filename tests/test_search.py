@@ -111,6 +111,46 @@ def test_search_logs_parent_and_nested_trial_runs(search_run):
     assert {"plots/val_dice_per_trial.png", "plots/best_dice_per_strategy.png"} <= plots
 
 
+def test_the_callback_tune_restores_on_resume_logs_where_the_continuing_driver_says(tmp_path):
+    """`--resume` runs the callback Tune pickled at the search's first start, with that start's
+    store URI and search folder. It must log to the store and keep its trial -> run map where the
+    continuing driver says (the server's address or the folder may have changed), starting from
+    the map as last written (Tune's saved copy lags it: a trial started just before a crash would
+    get a second run)."""
+    import ray.cloudpickle as cloudpickle
+
+    from raysemi.config import TrainConfig
+    from raysemi.tracking import MLflowRun, make_tune_callback
+
+    base = TrainConfig(data="x", max_iterations=40).to_dict()
+    first_uri, uri = f"sqlite:///{tmp_path / 'gone' / 'mlflow.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = MLflowRun(uri, "search-exp", "search")  # the same store, reached another way now
+    saved = cloudpickle.dumps(make_tune_callback(first_uri, "search-exp", parent.run_id,
+                                                 tmp_path / "gone" / "runs.json", base, 40))  # as Tune saves it
+    earlier = MLflowRun(uri, "search-exp", "t0001", parent_run_id=parent.run_id)  # logged by the first driver
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (moved / "runs.json").write_text(json.dumps({"t0001": earlier.run_id}))
+
+    make_tune_callback(uri, "search-exp", parent.run_id, moved / "runs.json", base, 40)  # the continuing driver
+    restored = cloudpickle.loads(saved)
+    assert (restored.uri, restored.state_file) == (uri, moved / "runs.json")
+
+    class Trial:
+        config = {"method": "supervised"}
+
+        def __init__(self, trial_id):
+            self.trial_id = trial_id
+
+    restored.on_trial_result(0, [], Trial("t0001"), {"iteration": 30, "val/dice": 0.5})
+    restored.on_trial_start(0, [], Trial("t0002"))
+    client = MlflowClient(tracking_uri=uri)
+    assert [m.step for m in client.get_metric_history(earlier.run_id, "val/dice")] == [30]  # no second run
+    runs = json.loads((moved / "runs.json").read_text())
+    assert runs["t0001"] == earlier.run_id and client.get_run(runs["t0002"]).data.tags["trial_id"] == "t0002"
+    assert not (tmp_path / "gone").exists()
+
+
 def test_a_trial_resumed_on_another_speed_path_gets_its_history(tmp_path):
     """A trial retried or resumed where it runs differently (here compiling fails on the new node):
     its tag gives the latest session's path, `history/<tag>` each path with the iteration it began
@@ -159,6 +199,14 @@ def test_nan_trial_fails_with_its_reason_and_the_search_goes_on(search_run):
     for k in mt:
         assert k.data.tags["status"] == "failed" and k.info.status == "FAILED"
         assert "loss is nan" in k.data.tags["failure_reason"]
+        # its curve holds its validations only (at 10), not the last one's values again where the NaN
+        # (at 15) was seen (the log at 20)
+        assert [m.step for m in client.get_metric_history(k.info.run_id, "val/dice")] == [10]
+    # what Tune hands the searcher as a diverged config's score (its last result): 0, not the Dice
+    # it had before diverging, which would pull TPE towards the divergence
+    last = [json.loads(f.read_text().splitlines()[-1]) for f in search_run["dir"].glob("*/result.json")]
+    diverged = [r for r in last if r.get("diverged") and r["iteration"] == 20]
+    assert len(diverged) == len(mt) and all(r["val/dice"] == 0.0 for r in diverged)
     others = [k for k in kids if k.data.tags["strategy"] != "mean_teacher"]
     assert others and all(k.data.tags["status"] in ("completed", "stopped_early") for k in others)
     rows = list(csv.DictReader(open(search_run["dir"] / "leaderboard.csv")))
@@ -210,19 +258,19 @@ def test_best_so_far_is_the_best_mean_over_seeds_the_leaderboard_ranks_by():
 
 
 def test_a_gpu_trial_where_torch_sees_no_cuda_fails_with_the_reason_instead_of_training_on_cpus():
-    """Ray may give a trial GPU share on a node whose torch is a CPU build: the trial must fail
-    saying so, not train for days on that node's CPUs looking like a slow GPU."""
+    """The GPUs Ray gave the trial decide its device. Ray may give one on a node whose torch is a
+    CPU build: the trial must fail saying so, not train for days on that node's CPUs."""
     import torch
 
     from raysemi.trainable import trial_device
 
-    assert trial_device(0) == "cpu"
+    assert trial_device([]) == "cpu"
     if torch.cuda.is_available():
-        assert trial_device(0.25) == "cuda"
+        assert trial_device(["0"]) == "cuda"
     else:
-        with pytest.raises(UserError, match=r"node .+: Ray gave this trial 0.25 GPU, but torch .+ there sees no CUDA "
+        with pytest.raises(UserError, match=r"node .+: Ray gave this trial GPU 0, but torch .+ there sees no CUDA "
                                             r"device; expected a CUDA build of torch on every GPU node"):
-            trial_device(0.25)
+            trial_device(["0"])
 
 
 def test_the_table_is_sorted_by_best_dice_only_when_every_ended_trial_has_it():
@@ -403,6 +451,47 @@ def test_unreachable_tracking_server_fails_before_any_trial(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and "tracking_uri: 'http://127.0.0.1:9' does not answer" in err
     assert time.time() - t0 < 30 and not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_a_tracking_store_that_stops_answering_stops_the_search_in_one_line_and_resume_goes_on(
+        tiny_phantom, tmp_path, monkeypatch, capsys):
+    """The driver logs every trial to MLflow; when the store stops answering (stood in for by the
+    client's error: a server cannot be made to fail at a chosen moment), the search ends with one
+    line naming the cause and the command that continues it, and that command, once the store
+    answers again, finishes the search with every trial in its own run."""
+    from mlflow.exceptions import MlflowException
+
+    from raysemi.tracking import MLflowRun
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    answering = MLflowRun.log_metrics
+
+    def down(self, metrics, step):
+        raise MlflowException("API request to http://tracking:5000 failed: Connection refused (test)")
+
+    monkeypatch.setattr(MLflowRun, "log_metrics", down)
+    code = run_cli(search_main, ["--method", "supervised", "--data", str(tiny_phantom), *TINY, "--max-iterations", "20",
+                                 "--num-samples", "2", "--name", "down", "--storage", str(tmp_path / "runs"),
+                                 "--tracking-uri", uri])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 1 and len(errors) == 1, err[-3000:]
+    assert "error: the search stopped: MlflowException: API request to http://tracking:5000 failed: Connection " \
+           "refused (test); its finished trials and Tune's state are kept in" in errors[0]
+    assert errors[0].endswith(f"continue with: python -m raysemi.search --name down --storage {tmp_path / 'runs'} "
+                              "--resume")
+    _, (parent,), _ = children(uri, "raysemi-search")
+    assert parent.data.tags["status"] == "interrupted" and "Connection refused" in parent.data.tags["stopped_by"]
+
+    monkeypatch.setattr(MLflowRun, "log_metrics", answering)
+    code = run_cli(search_main, ["--name", "down", "--storage", str(tmp_path / "runs"), "--resume", "--num-cpus", "2",
+                                 "--cpus-per-trial", "2", "--gpus", "0"])
+    assert code == 0, capsys.readouterr().err[-3000:]
+    client, parents, kids = children(uri, "raysemi-search")
+    assert [p.info.run_id for p in parents] == [parent.info.run_id] and len(kids) == 2
+    for k in kids:
+        assert k.info.status == "FINISHED" and client.get_metric_history(k.info.run_id, "val/dice")
 
 
 @pytest.mark.slow
