@@ -317,7 +317,8 @@ def _search_rows(method_dices: dict[str, list[float]]) -> list[dict]:
     for method, dices in method_dices.items():
         for dice in dices:
             k += 1
-            values = {name: d.low + (d.high - d.low) * ((k * 0.37) % 1) for name, d in spaces[method].items()}
+            values = {name: d.values[k % len(d.values)] if d.type == "choice" else
+                      d.low + (d.high - d.low) * ((k * 0.37) % 1) for name, d in spaces[method].items()}
             rows.append({"method": method, "status": "completed", "best_val_dice": dice, "values": values,
                          "curve": [(10, dice / 2), (20, dice)]})
     return rows
