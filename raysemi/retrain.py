@@ -356,10 +356,9 @@ def read_state(folder: Path) -> dict[str, Any]:
     return state
 
 
-#: fields a seed folder may differ in from the retrain's config when it is resumed
-# what a seed may differ in from the others: where it runs and is written, and how fast it trains
-# (compile and CUDA graphs change the speed, not what is learned: `--compile off` must stay a way out
-# when compiling breaks halfway through a retrain)
+#: fields a seed folder may differ in from the retrain's config when it is resumed: where it runs
+#: and is written, and how fast it trains (compile and CUDA graphs change the speed, not what is
+#: learned: `--compile off` must stay a way out when compiling breaks halfway through a retrain)
 _PER_SEED = ("seed", "run_name", "output", "device", "tracking_uri", "compile", "cuda_graphs")
 
 

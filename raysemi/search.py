@@ -130,7 +130,6 @@ def check_resources(args, cluster: dict[str, float], nodes: list[dict] | None = 
     by_cpu = int(cpus // args.cpus_per_trial)
     concurrency = min(by_cpu, trials_on_gpus(gpus, per)) if per > 0 else by_cpu
     if nodes:
-
         slots = trial_slots(nodes, args.cpus_per_trial, per)
         if slots == 0:
             raise UserError(f"--cpus-per-trial {args.cpus_per_trial} --gpus-per-trial {per:g}: a trial runs on one "
