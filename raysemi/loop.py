@@ -36,9 +36,10 @@ from raysemi.progress import ProgressBar
 from raysemi.schedules import ema_alpha, poly_lr
 
 
-#: why `compile: auto` gave up compiling in this process: the other trainers here (a trial's other
-#: seeds) then train uncompiled without paying for the same failed attempt again
-_compile_failed_here: str | None = None
+#: strategy -> why `compile: auto` gave up compiling its networks in this process: the other
+#: trainers of that strategy here (a trial's other seeds, a retrain's later ones) then train
+#: uncompiled without paying for the same failed attempt again; other strategies still try
+_compile_failed_here: dict[str, str] = {}
 
 
 class TrainingDiverged(RuntimeError):
@@ -66,9 +67,13 @@ class LoopResult:
 
 
 def _reason(err: BaseException) -> str:
-    """A torch.compile error in one line: its type and first line."""
-    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    return f"{type(err).__name__}: {first}"[:300]
+    """A torch.compile error in one line: its type, and what the compiler itself raised (the
+    first line of `BackendCompilerFailed` only names the backend)."""
+    inner = getattr(err, "inner_exception", None)
+    cause = inner if inner is not None else err
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    what = f"{type(cause).__name__}: {lines[0] if lines else ''}" if inner is not None else (lines[0] if lines else "")
+    return f"{type(err).__name__}: {what}"[:300]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -152,8 +157,8 @@ class Trainer:
         self.compiled = config.compiles(self.device.type)
         self.compile_failure: str | None = None  # why `compile: auto` gave up compiling, if it did
         self._compile_tried = False
-        if self.compiled and config.compile == "auto" and _compile_failed_here is not None:
-            self.compiled, self.compile_failure = False, _compile_failed_here
+        if self.compiled and config.compile == "auto" and config.method in _compile_failed_here:
+            self.compiled, self.compile_failure = False, _compile_failed_here[config.method]
         if self.compiled:
             for net in self.strategy.networks().values():  # in place: parameter names and checkpoints stay
                 net.compile()
@@ -389,8 +394,8 @@ class Trainer:
         failure may come after the optimiser step, in an after-step hook, and the sampler has
         drawn its batch), so the run trains as an uncompiled one would. `compile: on` lets the
         error stop the run."""
-        if _compile_failed_here is not None:  # another trainer here failed already
-            self._stop_compiling(_compile_failed_here, warn=False)
+        if self.config.method in _compile_failed_here:  # another trainer of this strategy here failed already
+            self._stop_compiling(_compile_failed_here[self.config.method], warn=False)
             return step(it, lr, inputs)
         before = copy.deepcopy(self.checkpoint_payload(full=True))  # copies: the step changes tensors in place
         try:
@@ -402,8 +407,7 @@ class Trainer:
 
     def _stop_compiling(self, why: str, where: str = "", warn: bool = True, recapture: bool = True) -> None:
         """`compile: auto` gives up: the networks run uncompiled from now on (recorded in the
-        `compiled` tag), and so do the trainers built later in this process."""
-        global _compile_failed_here
+        `compiled` tag), and so do this strategy's other trainers in this process."""
         if self.device.type == "cuda":  # what the failed attempt queued (on a side stream) is done
             torch.cuda.synchronize(self.device)
         self.compile_failure = why
@@ -414,9 +418,9 @@ class Trainer:
             net._compiled_call_impl = None
         self.compiled = False
         if recapture:
-            if _compile_failed_here is None:
+            if not _compile_failed_here:
                 torch._dynamo.reset()
-            _compile_failed_here = why
+            _compile_failed_here.setdefault(self.config.method, why)
             self._graphed = None  # capture again, uncompiled
 
     def _train_steps(self, stop: int, step: Callable) -> None:
