@@ -305,28 +305,45 @@ def resume_command(args, name: str, storage: Path) -> str:
             + (f" --address {args.address}" if args.address else ""))
 
 
-def stopped_by_error(err: Exception, args, uri: str, parent, exp_dir: Path, name: str, storage: Path) -> int:
-    """The search stopped on an error of its driver (Tune's callbacks log every trial to MLflow,
-    so a tracking store that stops answering ends it): one line with the cause and the command
-    that continues it (Tune saved its state; finished trials are kept), exit 1. What would be
-    logged about it may fail the same way, and must not hide that line."""
+def store_failure(err: BaseException) -> BaseException | None:
+    """The MLflow or connection error (OSError: refused, reset, a full disk) behind a failure of
+    the search's driver, following the chain as Python prints it (Tune wraps a callback's error in
+    TuneError; Ray re-raises some unwrapped), or None: then it is a bug, to be shown whole."""
+    from mlflow.exceptions import MlflowException
+
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, (MlflowException, OSError)):
+            return err
+        err = err.__cause__ or (None if err.__suppress_context__ else err.__context__)
+    return None
+
+
+def stopped_by_error(err: BaseException, args, uri: str, parent, exp_dir: Path, name: str, storage: Path) -> int:
+    """The search stopped because its driver could not write to MLflow (Tune's callbacks log every
+    trial there) or to disk: one line with the cause and the command that continues it (Tune
+    saved its state; finished trials are kept), exit 1, then a best-effort record of it in the
+    parent run, which may fail (or retry for minutes) the same way. Any other error is a bug:
+    raised as it is, traceback and all."""
     import traceback
 
-    cause = err
-    while cause.__cause__ is not None or cause.__context__ is not None:
-        cause = cause.__cause__ or cause.__context__
-    lines = [line for line in str(cause).strip().splitlines() if line.strip()]
-    why = f"{type(cause).__name__}: {lines[-1].strip() if lines else ''}"[:500]
+    cause = store_failure(err)
+    if cause is None:
+        raise err
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    why = f"{type(cause).__name__}: {lines[0] if lines else ''}"[:500]
+    if args.debug:
+        traceback.print_exception(err)
+    print(f"error: the search stopped: {why}; its finished trials and Tune's state are kept in {exp_dir}; "
+          f"once the cause is mended, continue with: {resume_command(args, name, storage)}", file=sys.stderr,
+          flush=True)
     for record in (lambda: parent.set_tags({"status": "interrupted", "stopped_by": why}),
                    lambda: write_trial_run_map(uri, parent.run_id, exp_dir / "mlflow_trial_runs.json")):
         try:  # each on its own: one failing must not skip the other
             record()
         except Exception:  # noqa: BLE001 - the store is what failed, most likely
             pass
-    if args.debug:
-        traceback.print_exception(err)
-    print(f"error: the search stopped: {why}; its finished trials and Tune's state are kept in {exp_dir}; "
-          f"once the cause is mended, continue with: {resume_command(args, name, storage)}", file=sys.stderr)
     return 1
 
 
@@ -542,7 +559,7 @@ def _search(args, methods, spaces, base: TrainConfig, dataset, uri: str, storage
         parent.set_tags({"status": "interrupted"})
         print(f"\ninterrupted; continue with: {resume_command(args, name, storage)}")
         return 130
-    except tune.TuneError as err:  # the driver's own failure, e.g. the MLflow store stopped answering
+    except Exception as err:  # noqa: BLE001 - the driver's own failure, e.g. the MLflow store stopped answering
         return stopped_by_error(err, args, uri, parent, exp_dir, name, storage)
     write_trial_run_map(uri, parent.run_id, exp_dir / "mlflow_trial_runs.json")
     done = finished_trials(exp_dir)

@@ -488,6 +488,15 @@ class PicturesCallback(Callback):
             self._warn("learning curves", err)
 
 
+def read_trial_run_map(path: Path) -> dict[str, str]:
+    """A search's trial id -> MLflow run id map as written so far ({} if none, or if it was caught
+    half-written by Tune's sync of the search folder: the runs' `trial_id` tags rebuild it)."""
+    try:
+        return dict(json.loads(path.read_text())) if path.is_file() else {}
+    except (ValueError, TypeError):
+        return {}
+
+
 def write_trial_run_map(uri: str, parent_run_id: str, path: Path) -> None:
     """`path` <- the search's trial id -> MLflow run id map, read from the parent run's children.
     Written by the driver once Tune has ended: Tune syncs its own copy of the search folder over
@@ -499,10 +508,7 @@ def write_trial_run_map(uri: str, parent_run_id: str, path: Path) -> None:
     runs = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'",
                               max_results=50000)
     found = {r.data.tags["trial_id"]: r.info.run_id for r in runs if "trial_id" in r.data.tags}
-    try:
-        known = json.loads(path.read_text()) if path.is_file() else {}
-    except ValueError:  # caught half-written by Tune's sync of the folder: MLflow's children are the map
-        known = {}
+    known = read_trial_run_map(path)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps({**known, **found}, indent=1))
     tmp.replace(path)
@@ -544,7 +550,7 @@ def make_tune_callback(uri: str, experiment: str, parent_run_id: str, state_file
             # where it logs and keeps its map: a copy restored by Tune on --resume takes this
             # driver's (see __setstate__)
             self.uri, self.state_file = uri, state_file
-            self.runs: dict[str, str] = json.loads(state_file.read_text()) if state_file.is_file() else {}
+            self.runs: dict[str, str] = read_trial_run_map(state_file)
             self.logged_step: dict[str, int] = {}
             self.nodes: dict[str, list[str]] = {}  # trial id -> the nodes it reported from, one per move
             self.retries: dict[str, int] = {}
@@ -572,8 +578,7 @@ def make_tune_callback(uri: str, experiment: str, parent_run_id: str, state_file
 
             self.__dict__.update(state)
             self.uri, self.state_file = here.DRIVER_SEARCHES.get(parent_run_id, (self.uri, self.state_file))
-            if self.state_file.is_file():
-                self.runs = {**self.runs, **json.loads(self.state_file.read_text())}
+            self.runs = {**self.runs, **here.read_trial_run_map(self.state_file)}
 
         def _save(self) -> None:
             tmp = self.state_file.with_suffix(".tmp")

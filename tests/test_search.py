@@ -453,24 +453,74 @@ def test_unreachable_tracking_server_fails_before_any_trial(tmp_path, capsys):
     assert time.time() - t0 < 30 and not any(tmp_path.iterdir())
 
 
+def test_only_a_store_or_connection_error_stops_a_search_with_the_resume_line():
+    """Followed as Python prints the chain: the MLflow error (not the connection error under it,
+    which has lost the URL), and never a context the code suppressed; a bug is shown whole."""
+    from mlflow.exceptions import MlflowException
+    from ray.tune import TuneError
+
+    from raysemi.search import store_failure
+
+    def chained(make):
+        try:
+            make()
+        except Exception as err:  # noqa: BLE001
+            return err
+
+    def refused():
+        try:
+            raise ConnectionRefusedError(111, "Connection refused")
+        except OSError:
+            raise MlflowException("API request to http://tracking:5000/api/2.0/mlflow/runs/update failed")
+
+    def wrapped(inner):
+        def make():
+            try:
+                inner()
+            except Exception:
+                raise TuneError("Traceback (most recent call last): ...")
+        return make
+
+    def bug():
+        {}["val/dice"]
+
+    def suppressed():
+        try:
+            int("x")
+        except ValueError:
+            raise RuntimeError("the map file is locked") from None
+
+    found = store_failure(chained(wrapped(refused)))
+    assert isinstance(found, MlflowException) and "http://tracking:5000" in str(found)
+    assert isinstance(store_failure(chained(refused)), MlflowException)  # unwrapped, as Ray re-raises some
+    assert isinstance(store_failure(chained(wrapped(lambda: open("/nonexistent/dir/f", "w")))), FileNotFoundError)
+    assert store_failure(chained(wrapped(bug))) is None
+    assert store_failure(chained(wrapped(suppressed))) is None
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("failing", ["log_metrics", "update_run"])
 def test_a_tracking_store_that_stops_answering_stops_the_search_in_one_line_and_resume_goes_on(
-        tiny_phantom, tmp_path, monkeypatch, capsys):
+        tiny_phantom, tmp_path, monkeypatch, capsys, failing):
     """The driver logs every trial to MLflow; when the store stops answering (stood in for by the
     client's error: a server cannot be made to fail at a chosen moment), the search ends with one
     line naming the cause and the command that continues it, and that command, once the store
-    answers again, finishes the search with every trial in its own run."""
+    answers again, finishes the search with every trial in its own run. The failing call is a
+    trial's metrics (Tune wraps the error in TuneError) or the start of its run (Ray re-raises it
+    as it is)."""
     from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient as Client
 
     from raysemi.tracking import MLflowRun
 
     uri = f"sqlite:///{tmp_path / 'm.db'}"
-    answering = MLflowRun.log_metrics
+    owner = MLflowRun if failing == "log_metrics" else Client
+    answering = getattr(owner, failing)
 
-    def down(self, metrics, step):
+    def down(self, *args, **kwargs):
         raise MlflowException("API request to http://tracking:5000 failed: Connection refused (test)")
 
-    monkeypatch.setattr(MLflowRun, "log_metrics", down)
+    monkeypatch.setattr(owner, failing, down)
     code = run_cli(search_main, ["--method", "supervised", "--data", str(tiny_phantom), *TINY, "--max-iterations", "20",
                                  "--num-samples", "2", "--name", "down", "--storage", str(tmp_path / "runs"),
                                  "--tracking-uri", uri])
@@ -484,7 +534,9 @@ def test_a_tracking_store_that_stops_answering_stops_the_search_in_one_line_and_
     _, (parent,), _ = children(uri, "raysemi-search")
     assert parent.data.tags["status"] == "interrupted" and "Connection refused" in parent.data.tags["stopped_by"]
 
-    monkeypatch.setattr(MLflowRun, "log_metrics", answering)
+    if failing != "log_metrics":
+        return  # the resume is the same whichever call failed
+    monkeypatch.setattr(owner, failing, answering)
     code = run_cli(search_main, ["--name", "down", "--storage", str(tmp_path / "runs"), "--resume", "--num-cpus", "2",
                                  "--cpus-per-trial", "2", "--gpus", "0"])
     assert code == 0, capsys.readouterr().err[-3000:]
