@@ -347,6 +347,24 @@ def stopped_by_error(err: BaseException, args, uri: str, parent, exp_dir: Path, 
     return 1
 
 
+#: Optuna TPE's random trials before it proposes from results (TPESampler's n_startup_trials)
+TPE_STARTUP = 10
+
+
+def tpe_note(num_samples: int, concurrency: int) -> str:
+    """Said when TPE can propose few or none of the trials from finished ones: its first
+    TPE_STARTUP trials are random, and the trials that start together see no result of each
+    other. Such a search is (mostly) a random one, which is fine, but should be said."""
+    random_ones = min(num_samples, max(TPE_STARTUP, concurrency))
+    if num_samples - random_ones >= num_samples // 2:
+        return ""
+    why = (f"the first {concurrency} start together, before any result" if concurrency > TPE_STARTUP else
+           f"TPE's first {TPE_STARTUP} are")
+    return (f"{random_ones} of the {num_samples} trials are drawn at random ({why}), {num_samples - random_ones} "
+            f"proposed from finished ones; --num-samples {2 * max(TPE_STARTUP, concurrency)} or more lets TPE guide "
+            "most of them")
+
+
 def trial_dirname(trial) -> str:
     """Short trial folder names: <strategy>_<trial id>."""
     return f"{trial.config.get('method', 'trial')}_{trial.trial_id}"
@@ -478,6 +496,9 @@ def _search(args, methods, spaces, base: TrainConfig, dataset, uri: str, storage
     print(cluster_line, flush=True)
     print(f"using {gpus:g} GPUs, {per_trial:g} GPU and {args.cpus_per_trial} CPU per trial, "
           f"up to {concurrency} trials at once", flush=True)
+    note = tpe_note(args.num_samples, concurrency)
+    if note:
+        print(f"note: {note}", flush=True)
     if joined:  # trials may run, and resume, on any node: each must see --storage and import raysemi
         for line in check_nodes(storage, nodes):
             print(f"warning: {line}", flush=True)
@@ -532,7 +553,8 @@ def _search(args, methods, spaces, base: TrainConfig, dataset, uri: str, storage
             # `multivariate`, `group` and `constant_liar` are marked experimental (stable for years): no warning each run
             warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
             optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "A new study created in memory" line
-            sampler = optuna.samplers.TPESampler(seed=base.seed, multivariate=True, group=True, constant_liar=True)
+            sampler = optuna.samplers.TPESampler(seed=base.seed, n_startup_trials=TPE_STARTUP, multivariate=True,
+                                                 group=True, constant_liar=True)
             searcher = OptunaSearch(space=define_by_run(spaces), sampler=sampler, metric=METRIC, mode="max")
             grace = asha_grace(args, base)
             scheduler = ASHAScheduler(time_attr=TIME_ATTR, max_t=base.max_iterations, grace_period=grace,

@@ -75,6 +75,8 @@ def test_search_ends_by_saying_where_its_results_are(search_run):
     assert last[1].startswith("best: supervised val dice ")
     assert "ExperimentalWarning" not in search_run["warnings"]  # Optuna's, for TPE options we rely on
     assert "timing one training step" not in search_run["out"]  # a short CPU search starts at once
+    assert ("note: 7 of the 7 trials are drawn at random (TPE's first 10 are), 0 proposed from finished ones; "
+            "--num-samples 20 or more lets TPE guide most of them") in search_run["out"].splitlines()
     spaces = search_run["tmp"] / "spaces"
     assert (f"search spaces: supervised from {spaces / 'supervised.yaml'}; entropy_minimization from "
             f"{spaces / 'entropy_minimization.yaml'}; mean_teacher from {spaces / 'mean_teacher.yaml'}"
@@ -271,6 +273,17 @@ def test_a_gpu_trial_where_torch_sees_no_cuda_fails_with_the_reason_instead_of_t
         with pytest.raises(UserError, match=r"node .+: Ray gave this trial GPU 0, but torch .+ there sees no CUDA "
                                             r"device; expected a CUDA build of torch on every GPU node"):
             trial_device(["0"])
+
+
+def test_a_search_says_when_tpe_can_guide_few_of_its_trials():
+    """TPE's first 10 trials are random, and trials that start together see none of each other's
+    results: 16 trials 16 at once (4 GPUs at 0.25) are a random search, and the search says so."""
+    from raysemi.search import tpe_note
+
+    assert tpe_note(16, 16).startswith("16 of the 16 trials are drawn at random (the first 16 start together, before "
+                                       "any result), 0 proposed from finished ones; --num-samples 32 or more")
+    assert tpe_note(16, 4).startswith("10 of the 16 trials are drawn at random (TPE's first 10 are), 6 proposed")
+    assert tpe_note(32, 4) == tpe_note(32, 16) == tpe_note(20, 2) == ""  # half or more guided: nothing to say
 
 
 def test_the_table_is_sorted_by_best_dice_only_when_every_ended_trial_has_it():
