@@ -208,11 +208,11 @@ class Trainer:
                                     self.config.eval_hd95 if distances is None else distances, self.amp,
                                     self.channels_last, bar=bar)
 
-        if not (self.compiled and self.config.compile == "auto"):
-            return run()
         try:
             return run()
         except torch._dynamo.exc.TorchDynamoException as err:
+            if not (self.compiled and self.config.compile == "auto"):
+                raise
             self._stop_compiling(_reason(err), "at validation")
             return run()
 
