@@ -138,6 +138,10 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.output_dir = Path(output_dir) if output_dir else None
         self.device = device or resolve_device(config.device)
+        if self.device.type == "cuda" and self.device.index is not None:
+            # CUDA graph capture and compiled kernels use the current device's streams: make it
+            # this run's (a trial on cuda:2, `--device cuda:1`), as multi-GPU scripts do
+            torch.cuda.set_device(self.device)
         seed_everything(config.seed)
         cls = get_method(config.method)
         self.model_name, self.strategy = build_strategy(config)

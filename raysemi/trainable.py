@@ -90,14 +90,30 @@ def trial_device(gpu_ids: list) -> str:
     started with). A GPU trial on a node whose torch sees no CUDA (a CPU build of torch there)
     fails with that reason: silently training on the node's CPUs would take days and look like a
     slow GPU. It fails as an error, not a result: Tune may retry it on another node, and the
-    searcher is not told the config scored badly."""
+    searcher is not told the config scored badly.
+
+    Ray narrows CUDA_VISIBLE_DEVICES to the trial's GPUs, so its first GPU is torch's device 0:
+    plain 'cuda'. With RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES set (as some clusters do, to
+    let processes see every GPU) it does not, and plain 'cuda' would put every trial on the
+    node's first GPU; the trial then gets 'cuda:N', N being where its GPU sits among those torch
+    sees."""
     if not gpu_ids:
         return "cpu"
     if not torch.cuda.is_available():
         raise UserError(f"node {os.uname().nodename}: Ray gave this trial GPU {', '.join(map(str, gpu_ids))}, but "
                         f"torch {torch.__version__} there sees no CUDA device; expected a CUDA build of torch on "
                         "every GPU node")
-    return "cuda"
+    index = torch_index(str(gpu_ids[0]), os.environ.get("CUDA_VISIBLE_DEVICES"))
+    return "cuda" if index == 0 else f"cuda:{index}"
+
+
+def torch_index(gpu_id: str, visible: str | None) -> int:
+    """Torch's index of the GPU Ray calls `gpu_id`: its place in CUDA_VISIBLE_DEVICES when that is
+    set (Ray's ids are then that list's entries, numbers or UUIDs), else the id itself."""
+    if visible is not None:
+        ids = [v.strip() for v in visible.split(",")]
+        return ids.index(gpu_id) if gpu_id in ids else 0
+    return int(gpu_id) if gpu_id.isdigit() else 0
 
 
 def train_trial(config: dict[str, Any], *, base: dict[str, Any], dataset: Dataset, seeds: int = 1,

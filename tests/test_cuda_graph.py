@@ -333,6 +333,19 @@ def test_capture_replays_every_strategy(name, over, tiny_phantom, data):
 
 
 @cuda
+def test_capture_on_a_numbered_device(tiny_phantom, data):
+    """A trial Ray gives the node's third GPU (its GPUs all visible) trains on 'cuda:2', as does
+    `--device cuda:N`: the capture and the replays must run there (the last GPU of this machine)."""
+    device = f"cuda:{torch.cuda.device_count() - 1}"
+    trainer, logs = make(tiny_phantom, data, "mean_teacher", graphed=True, device=device, cuda_graphs="on")
+    trainer.train_until(8)
+    assert trainer.graph_failure is None and trainer._graphed.graph is not None
+    assert torch.cuda.current_device() == trainer.device.index
+    assert {p.device for p in trainer.strategy.parameters()} == {torch.device(device)}
+    assert all(math.isfinite(log["train/loss"]) for log in logs.logs) and len(logs.logs) == 8
+
+
+@cuda
 @pytest.mark.parametrize("name", ["supervised", "entropy_minimization", "interpolation_consistency",
                                   "pyramid_consistency", "adversarial"])
 def test_captured_step_equals_eager_step_on_cuda(name, tiny_phantom, data):

@@ -275,6 +275,29 @@ def test_a_gpu_trial_where_torch_sees_no_cuda_fails_with_the_reason_instead_of_t
             trial_device(["0"])
 
 
+@pytest.mark.parametrize("visible, gpu_ids, expected", [
+    ("3", ["3"], "cuda"),                        # Ray narrowed the devices to the trial's GPU
+    ("2,3", ["2", "3"], "cuda"),                  # a two-GPU trial trains on its first
+    (None, ["2"], "cuda:2"),                      # RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES
+    ("4,5,6,7", ["6"], "cuda:2"),                 # the same, on a node started with four of eight
+    ("GPU-aa,GPU-bb", ["GPU-bb"], "cuda:1"),      # ids as UUIDs
+])
+def test_a_gpu_trial_trains_on_the_gpu_ray_gave_it(monkeypatch, visible, gpu_ids, expected):
+    """Each packed or parallel trial must land on its own GPU, also where Ray leaves every GPU
+    visible; there plain 'cuda' would put all trials on the node's first GPU. (No GPU here: CUDA's
+    presence is faked; the mapping is what is tested.)"""
+    import torch
+
+    from raysemi.trainable import trial_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert trial_device(gpu_ids) == expected
+
+
 def test_a_search_says_when_tpe_can_guide_few_of_its_trials():
     """TPE's first 10 trials are random, and trials that start together see none of each other's
     results: 16 trials 16 at once (4 GPUs at 0.25) are a random search, and the search says so."""
