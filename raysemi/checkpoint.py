@@ -6,7 +6,6 @@ Files are plain `torch.save` dicts of tensors and primitives, loaded with `weigh
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,16 +19,16 @@ VERSION = 1
 
 
 def save(path: str | Path, payload: dict[str, Any]) -> Path:
-    """Write atomically (temp file, then rename) so a crash never leaves half a checkpoint."""
+    """Write atomically (temp file, then rename) so a crash never leaves half a checkpoint; the
+    file gets the usual permissions (mkstemp's 0600 would hide it from the team's other users)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         torch.save({"format": FORMAT, "version": VERSION, **payload}, tmp)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 

@@ -6,8 +6,7 @@
 from __future__ import annotations
 
 import csv
-import os
-import tempfile
+import io
 from pathlib import Path
 
 from raysemi.errors import ArgumentParser, UserError, run_cli
@@ -52,23 +51,26 @@ def load_network(path: str | Path, which: str | None, device):
 
 
 def write_csv(path: Path, summary) -> None:
+    from raysemi.files import write_text_atomic
     from raysemi.metrics import METRICS
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["case", "class"] + list(METRICS) + ["empty_pred"])
-        for case, rows in summary.per_case:
-            for name, m in zip(summary.class_names, rows):
-                w.writerow([case, name] + [f"{m[k]:.6g}" for k in METRICS] + [int(m["empty_pred"])])
-    os.replace(tmp, path)
+    f = io.StringIO()
+    w = csv.writer(f)
+    w.writerow(["case", "class"] + list(METRICS) + ["empty_pred"])
+    for case, rows in summary.per_case:
+        for name, m in zip(summary.class_names, rows):
+            w.writerow([case, name] + [f"{m[k]:.6g}" for k in METRICS] + [int(m["empty_pred"])])
+    write_text_atomic(path, f.getvalue())
 
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.batch_size < 1:
         raise UserError(f"--batch-size: {args.batch_size} is invalid; expected an integer >= 1")
+    if args.out:  # before the evaluation, not after it
+        from raysemi.files import check_out_file
+
+        check_out_file(args.out, "--out")
     from raysemi.data import load_volumes, resolve_data_root
     from raysemi.data.layout import check_split
     from raysemi.inference import evaluate_volumes

@@ -20,3 +20,20 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def check_out_file(path: str | Path, flag: str) -> None:
+    """Refuse, before any work, an output file path that cannot be written: a folder, or one
+    under a path that is a file."""
+    from raysemi.errors import UserError
+
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag}: {path} is a folder; expected a file path (e.g. {path / 'results.csv'})")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"{flag}: {path}: {parent} is a file; expected a folder there")
+            if not os.access(parent, os.W_OK):
+                raise UserError(f"{flag}: {path}: {parent} is not writable; expected a folder you can write to")
+            break

@@ -281,6 +281,10 @@ class Trainer:
         self.train_seconds = float(timing.get("train_seconds", 0.0))
         self.eval_seconds = float(timing.get("eval_seconds", 0.0))
 
+    def forget_best(self) -> None:
+        """Count the best checkpoint afresh (a run resumed into a folder without its best.pt)."""
+        self.best = {"dice": -math.inf, "iteration": -1, "metrics": {}}
+
     # -- training --------------------------------------------------------------------------
     def _validate(self) -> None:
         if self.device.type == "cuda":  # the queued training steps count as training, not validation

@@ -58,6 +58,9 @@ from raysemi.files import write_text_atomic
 from raysemi.metrics import METRICS, Summary
 
 STATE_FILE = "retrain.json"
+#: what a run folder holds that a later command reads as that run's: a `--resume` (last.pt), a
+#: multi-seed retrain's "finished" mark (results.json), the final report (best.pt)
+RUN_FILES = ("last.pt", "best.pt", "results.json")
 BASELINE_METHOD = "supervised"
 #: tags that must be equal for a supervised run to be this retrain's baseline
 MATCH_TAGS = ("data", "labeled_patients", "labeled_set", "test_split", "num_classes")
@@ -215,8 +218,14 @@ def find_baseline(client: Any, experiment: str, tags: dict[str, str], max_iterat
         order_by=["attributes.start_time DESC"], max_results=500)
     found = [r for r in runs if all(r.data.tags.get(k) == tags[k] for k in MATCH_TAGS)
              and "test/dice" in r.data.metrics]
-    same_budget = [r for r in found if r.data.params.get("max_iterations") == str(max_iterations)]
+    same_budget = [r for r in found if run_budget(r) == str(max_iterations)]
     return (same_budget or found or [None])[0]
+
+
+def run_budget(run: Any) -> str:
+    """A run's max_iterations: the param, or the value it was last resumed with (MLflow keeps a
+    param's first value; a resume with another budget sets the tag `resumed/max_iterations`)."""
+    return run.data.tags.get("resumed/max_iterations") or run.data.params.get("max_iterations", "?")
 
 
 def baseline_command(config: TrainConfig, seeds: int) -> str:
@@ -253,7 +262,7 @@ def compare_with_baseline(client: Any, config: TrainConfig, tags: dict[str, str]
     theirs = {k[len("test/"):]: v for k, v in run.data.metrics.items() if k.startswith("test/")}
     diff = {k: ours[k] - theirs[k] for k in metric_keys(class_names) if k in theirs}
     b_seeds = run.data.tags.get("seeds", "1")
-    b_iters = run.data.params.get("max_iterations", "?")
+    b_iters = run_budget(run)
     budget = "" if b_iters == str(config.max_iterations) else \
         f"; note: a different budget from this run's {config.max_iterations} iterations"
     header = (f"test split versus the supervised baseline (MLflow run {run.info.run_id}: {b_seeds} seed(s), "
@@ -359,7 +368,7 @@ def read_state(folder: Path) -> dict[str, Any]:
 #: fields a seed folder may differ in from the retrain's config when it is resumed: where it runs
 #: and is written, and how fast it trains (compile and CUDA graphs change the speed, not what is
 #: learned: `--compile off` must stay a way out when compiling breaks halfway through a retrain)
-_PER_SEED = ("seed", "run_name", "output", "device", "tracking_uri", "compile", "cuda_graphs")
+_PER_SEED = ("run_name", "output", "device", "tracking_uri", "compile", "cuda_graphs")
 
 
 def check_same_config(folder: Path, cfg: TrainConfig) -> None:
@@ -414,6 +423,12 @@ def _retrain_seeds(config, data, splits, out: Path, seeds: int, train_one: Train
 
     state_path = out / STATE_FILE
     state = read_state(out) if resuming and state_path.is_file() else {}
+    if state.get("base_seed", config.seed) != config.seed:  # seed k is base + k: another base relabels them
+        raise UserError(f"--resume: {state_path}: this retrain's seeds start at {state['base_seed']}, not "
+                        f"{config.seed}; expected --seed {state['base_seed']} (or none), or a new --output")
+    if int(state.get("seeds", seeds)) > seeds:
+        print(f"note: {out} was a {state['seeds']}-seed retrain; --seeds {seeds} reports seed0 .. seed{seeds - 1} "
+              f"and leaves {', '.join(f'seed{k}' for k in range(seeds, int(state['seeds'])))} out", flush=True)
     state.update({"seeds": seeds, "base_seed": config.seed, "tracking_uri": uri, "experiment": config.experiment})
     state.setdefault("seed_runs", {})
     parent: MLflowRun | None = None
@@ -427,6 +442,11 @@ def _retrain_seeds(config, data, splits, out: Path, seeds: int, train_one: Train
         config.yaml, its state file and (with MLflow) the parent run."""
         nonlocal parent
         if parent is None:
+            if not resuming:  # --overwrite: an earlier retrain's seeds must not be kept or resumed as this one's
+                for folder in out.glob("seed*"):
+                    if folder.name != "seed0" and folder.is_dir():  # seed0 has just started, in a folder of its own
+                        for file in (*RUN_FILES, "config.yaml"):
+                            (folder / file).unlink(missing_ok=True)
             save_yaml(base, out / "config.yaml")
             if uri is not None:
                 if state.get("parent_run_id"):

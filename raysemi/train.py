@@ -68,12 +68,40 @@ def default_output(config: TrainConfig) -> Path:
     return Path("runs") / f"{config.method}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def check_output(out: Path, overwrite: bool, resume: bool) -> None:
+def check_output(out: Path, overwrite: bool, resume: str | None, in_place: bool) -> None:
+    """Refuse an --output that holds another run, unless --overwrite, or a --resume that goes on
+    in that folder (its own last.pt, or the retrain folder)."""
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: --output: is a file; expected a folder (new, empty, or a run to --resume)")
-    if out.exists() and any(out.iterdir()) and not (overwrite or resume):
-        raise UserError(f"{out}: output folder exists and is not empty; choose another --output, or pass "
-                        "--overwrite (files there are replaced, none deleted) or --resume")
+    if not out.exists() or not any(out.iterdir()) or overwrite or in_place:
+        return
+    if resume:
+        raise UserError(f"{out}: output folder exists and is not empty, and --resume {resume} is another folder's "
+                        "checkpoint; expected a new or empty --output for the continued run (or --overwrite), "
+                        f"or no --output to go on in {Path(resume).parent}")
+    raise UserError(f"{out}: output folder exists and is not empty; choose another --output, or pass "
+                    "--overwrite (the run's files there are replaced, others kept) or --resume")
+
+
+def start_run_folder(out: Path, resume: str | None, trainer) -> None:
+    """Make `out` hold this run only, unless it goes on in its own folder: an earlier run's
+    checkpoints and results there (--overwrite) must not be resumed, kept as a finished seed or
+    reported as this run's. A run resumed from another folder brings that folder's best.pt, whose
+    score the trainer carries on (without one, the best is counted afresh)."""
+    import shutil
+
+    from raysemi.retrain import RUN_FILES, resumes_in_place
+
+    if resumes_in_place(resume, out):
+        return
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+    if resume:
+        best = Path(resume).parent / "best.pt"
+        if best.is_file():
+            shutil.copy2(best, out / "best.pt")
+        else:
+            trainer.forget_best()
 
 
 def resolve_config(args) -> tuple[TrainConfig, int, Path | None]:
@@ -178,6 +206,7 @@ def train_one(config: TrainConfig, data, splits: dict[str, list], out: Path, *, 
             raise UserError(f"--max-iterations: {config.max_iterations} is below the {trainer.iteration} iterations "
                             f"{resume} has trained; expected at least {trainer.iteration}")
     out.mkdir(parents=True, exist_ok=True)
+    start_run_folder(out, resume, trainer)
     config.output = str(out)
     trainer.output_dir = out
     save_yaml(config, out / "config.yaml")
@@ -262,7 +291,9 @@ def main(argv: list[str]) -> int:
     from raysemi.data import load_dataset
     from raysemi.retrain import retrain
 
-    check_output(out, args.overwrite, bool(args.resume))
+    from raysemi.retrain import resumes_in_place
+
+    check_output(out, args.overwrite, args.resume, resume_dir is not None or resumes_in_place(args.resume, out))
     data = load_dataset(config.data, config.labeled_patients, config.num_classes)
     splits = eval_splits(data, config.num_classes)
     return retrain(config, data, splits, out, seeds, train_one, uri=None if args.no_mlflow else uri,

@@ -567,6 +567,24 @@ def test_evaluate_on_data_without_that_split_says_which_splits_have_volumes(trai
     assert not (tmp_path / "r.csv").exists()
 
 
+@pytest.mark.parametrize("where, needles", [
+    ("adir", ["--out:", "adir is a folder; expected a file path"]),
+    ("afile/r.csv", ["--out:", "afile is a file; expected a folder there"]),
+])
+def test_evaluate_refuses_an_out_it_cannot_write_before_evaluating(where, needles, trained_run, tiny_phantom, tmp_path,
+                                                                    in_process, capsys):
+    """Found after a whole evaluation, this was a traceback that left a temp file beside --out."""
+    from raysemi.evaluate import main
+
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "afile").write_text(KEEP)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    rc, err = call(main, ["--checkpoint", trained_run / "best.pt", "--data", tiny_phantom, "--split", "val",
+                          "--device", "cpu", "--out", tmp_path / where], capsys)
+    assert_one_line_error(rc, err, *needles)
+    assert "val volumes" not in err and sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
 # ---- phantom CLI (in-process) ----------------------------------------------------------------------
 def test_phantom_overwrite_refuses_a_folder_that_is_not_a_phantom(tmp_path, in_process, capsys):
     from raysemi.data.__main__ import main

@@ -26,3 +26,27 @@ def test_a_failed_write_keeps_the_old_file_and_no_temp(tmp_path):
     with pytest.raises(TypeError):
         write_text_atomic(path, 42)  # type: ignore[arg-type]  (write() refuses a non-string)
     assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["results.txt"]
+
+
+def test_a_checkpoint_gets_the_usual_permissions_and_leaves_no_temp(tmp_path):
+    """best.pt is read by the team's other users (evaluate, predict, a retrain on the cluster)."""
+    from raysemi import checkpoint
+
+    path = checkpoint.save(tmp_path / "best.pt", {"networks": {}})
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+    assert [p.name for p in tmp_path.iterdir()] == ["best.pt"]
+
+
+def test_an_output_file_path_is_checked_before_the_work(tmp_path):
+    from raysemi.errors import UserError
+    from raysemi.files import check_out_file
+
+    (tmp_path / "afile").write_text("x")
+    check_out_file(tmp_path / "new" / "deeper" / "results.csv", "--out")  # folders are made when written
+    with pytest.raises(UserError, match=r"^--out: .+/adir is a folder; expected a file path"):
+        (tmp_path / "adir").mkdir()
+        check_out_file(tmp_path / "adir", "--out")
+    with pytest.raises(UserError, match=r"^--out: .+/afile/x\.csv: .+/afile is a file; expected a folder there$"):
+        check_out_file(tmp_path / "afile" / "x.csv", "--out")

@@ -300,6 +300,73 @@ def test_resume_uses_the_retrains_store_and_refuses_changed_values(tiny_phantom,
     assert parent.info.status == "FINISHED"
 
 
+def test_overwrite_then_resume_trains_every_seed_of_the_new_retrain(tiny_phantom, tmp_path, monkeypatch):
+    """An --overwrite retrain into an older one's folder, interrupted: its --resume must not keep the
+    older retrain's finished seeds as its own (nor refuse the seeds the interrupted run had not
+    reached), and it keeps its base seed."""
+    from raysemi.loop import Trainer
+
+    common = ["--data", tiny_phantom, *TINY, "--eval-interval", "1", "--method", "supervised", "--no-mlflow"]
+    assert train([*common, "--max-iterations", "2", "--seeds", "3", "--output", "r"], tmp_path)[0] == 0
+    original = interrupt_seed1(monkeypatch)
+    code, _, _ = train([*common, "--max-iterations", "3", "--seeds", "3", "--output", "r", "--overwrite"], tmp_path)
+    assert code == 130
+    assert not (tmp_path / "r" / "seed1" / "results.json").exists()
+    assert not (tmp_path / "r" / "seed2" / "results.json").exists() and not (tmp_path / "r" / "seed2" / "last.pt").exists()
+    monkeypatch.setattr(Trainer, "train_until", original)
+
+    code, out, err = train(["--resume", "r", "--no-mlflow"], tmp_path)
+    assert code == 0, err
+    assert "seed0 (seed 1337): finished earlier" in out and "seed1 (seed 1338): finished earlier" not in out
+    assert "=== seed1: seed 1338 (2 of 3), resumed from" in out and "=== seed2: seed 1339 (3 of 3) ===" in out
+    results = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert [s["iterations"] for s in results["per_seed"]] == [3, 3, 3]
+
+    # another --seed would relabel the seeds (seed k is base + k): refused
+    code, _, err = train(["--resume", "r", "--no-mlflow", "--seed", "42"], tmp_path)
+    _one_line(code, err, "retrain.json", "seeds start at 1337, not 42", "expected --seed 1337")
+    # fewer seeds: reported over those, saying which are left out
+    code, out, err = train(["--resume", "r", "--no-mlflow", "--seeds", "2"], tmp_path)
+    assert code == 0, err
+    assert "was a 3-seed retrain; --seeds 2 reports seed0 .. seed1 and leaves seed2 out" in out
+    assert json.loads((tmp_path / "r" / "results.json").read_text())["seeds"] == [1337, 1338]
+
+
+def test_a_run_resumed_into_another_folder(tiny_phantom, tmp_path):
+    """--resume of another folder's last.pt: refused into a folder holding a run (without
+    --overwrite), and into a new folder it brings its best.pt, which the final report evaluates."""
+    common = ["--data", tiny_phantom, *TINY, "--max-iterations", "2", "--eval-interval", "1", "--no-mlflow"]
+    assert train([*common, "--output", "a"], tmp_path)[0] == 0
+    assert train([*common, "--output", "d", "--seed", "7"], tmp_path)[0] == 0
+    d_files = {p.name: p.read_bytes() for p in (tmp_path / "d").iterdir() if p.is_file()}
+
+    code, _, err = train(["--resume", "a/last.pt", "--output", "d", "--no-mlflow"], tmp_path)
+    _one_line(code, err, "d: output folder exists and is not empty", "--resume a/last.pt is another folder's",
+              "expected a new or empty --output")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "d").iterdir() if p.is_file()} == d_files
+
+    a_best = json.loads((tmp_path / "a" / "results.json").read_text())
+    for out, extra in (("b", []), ("d", ["--overwrite"])):  # nothing left to train: the report is a's best
+        code, _, err = train(["--resume", "a/last.pt", "--output", out, "--no-mlflow", *extra], tmp_path)
+        assert code == 0, err
+        assert (tmp_path / out / "best.pt").read_bytes() == (tmp_path / "a" / "best.pt").read_bytes()
+        results = json.loads((tmp_path / out / "results.json").read_text())
+        assert results["best_iteration"] == a_best["best_iteration"] and results["seed"] == 1337
+        assert results["test"] == a_best["test"]
+
+
+def test_the_baseline_budget_is_the_one_it_was_last_resumed_with(tiny_phantom, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    common = ["--data", tiny_phantom, *TINY, "--eval-interval", "1", "--tracking-uri", uri]
+    assert train([*common, "--method", "supervised", "--max-iterations", "2", "--output", "s"], tmp_path)[0] == 0
+    code, _, err = train(["--resume", "s", "--max-iterations", "3", "--tracking-uri", uri], tmp_path)
+    assert code == 0, err
+    code, out, err = train([*common, "--method", "mean_teacher", "--max-iterations", "3", "--output", "m"], tmp_path)
+    assert code == 0, err
+    assert "1 seed(s), 3 iterations), ours - baseline:" in out and "different budget" not in out
+    assert json.loads((tmp_path / "m" / "results.json").read_text())["baseline"]["max_iterations"] == "3"
+
+
 def test_output_that_is_a_file_is_one_line(tiny_phantom, tmp_path):
     (tmp_path / "afile").write_text("mine")
     code, _, err = train(["--data", tiny_phantom, *TINY, "--no-mlflow", "--output", "afile"], tmp_path)
