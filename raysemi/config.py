@@ -23,6 +23,10 @@ from raysemi.errors import UserError
 
 #: YAML keys accepted as other names of a field (the reference's spelling).
 ALIASES = {"DAN_lr": "dan_lr", "T": "uncertainty_passes", "labeled_num": "labeled_patients"}
+#: names other training tools use, for the "did you mean" of an unknown key (not accepted as keys)
+COMMON_NAMES = {"learning_rate": ["base_lr"], "lr": ["base_lr"], "iterations": ["max_iterations"],
+                "max_iter": ["max_iterations"], "max_iters": ["max_iterations"], "epochs": ["max_iterations"],
+                "root_path": ["data"], "exp": ["run_name"], "model": ["method"], "classes": ["num_classes"]}
 
 #: `compile: auto` compiles CUDA runs of at least this many iterations: compiling costs 15-45 s a
 #: process (cold cache) and saves 1.5-13 ms a step on an H200 (benchmarks/notes/performance.md)
@@ -259,9 +263,10 @@ def from_dict(values: dict[str, Any], source: str = "config", base: TrainConfig 
     for key, value in values.items():
         name = ALIASES.get(key, key)
         if name not in FIELDS:
-            close = difflib.get_close_matches(str(key), list(FIELDS), n=1)
+            close = COMMON_NAMES.get(str(key).lower()) or difflib.get_close_matches(str(key), list(FIELDS), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise UserError(f"{source}: {key}: unknown config key{hint}; expected one of the TrainConfig fields")
+            raise UserError(f"{source}: {key}: unknown config key{hint}; expected one of the config fields, the "
+                            "long flags of `python -m raysemi.train --help` written with _ for -")
         kwargs[name] = _coerce(name, value, source)
     if "patch_size" in kwargs:
         kwargs["patch_size"] = tuple(kwargs["patch_size"])

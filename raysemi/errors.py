@@ -49,6 +49,9 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        # `--max-iteration 100` must be an error, not a search at the default 30,000 iterations
+        # that a prefix of another flag happened to start
+        kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
         self.add_argument("--debug", action="store_true",
                           help="show full tracebacks instead of one-line errors")

@@ -328,6 +328,8 @@ def stopped_by_error(err: BaseException, args, uri: str, parent, exp_dir: Path, 
     raised as it is, traceback and all."""
     import traceback
 
+    from raysemi.tracking import end_interrupted_search, write_trial_run_map
+
     cause = store_failure(err)
     if cause is None:
         raise err
@@ -338,7 +340,7 @@ def stopped_by_error(err: BaseException, args, uri: str, parent, exp_dir: Path, 
     print(f"error: the search stopped: {why}; its finished trials and Tune's state are kept in {exp_dir}; "
           f"once the cause is mended, continue with: {resume_command(args, name, storage)}", file=sys.stderr,
           flush=True)
-    for record in (lambda: parent.set_tags({"status": "interrupted", "stopped_by": why}),
+    for record in (lambda: end_interrupted_search(uri, parent.run_id, {"stopped_by": why}),
                    lambda: write_trial_run_map(uri, parent.run_id, exp_dir / "mlflow_trial_runs.json")):
         try:  # each on its own: one failing must not skip the other
             record()
@@ -484,7 +486,8 @@ def _search(args, methods, spaces, base: TrainConfig, dataset, uri: str, storage
     from raysemi.search_report import summarize
     from raysemi.search_space import define_by_run, spaces_to_json
     from raysemi.trainable import BEST, METRIC, TIME_ATTR, train_trial
-    from raysemi.tracking import MLflowRun, flat_params, make_tune_callback, write_trial_run_map
+    from raysemi.tracking import (MLflowRun, end_interrupted_search, flat_params, make_tune_callback,
+                                  write_trial_run_map)
 
     nodes = alive_nodes()
     gpus, per_trial, concurrency = check_resources(args, cluster, nodes)
@@ -578,7 +581,7 @@ def _search(args, methods, spaces, base: TrainConfig, dataset, uri: str, storage
         results = tuner.fit()
     except KeyboardInterrupt:
         write_trial_run_map(uri, parent.run_id, exp_dir / "mlflow_trial_runs.json")
-        parent.set_tags({"status": "interrupted"})
+        end_interrupted_search(uri, parent.run_id, {})
         print(f"\ninterrupted; continue with: {resume_command(args, name, storage)}")
         return 130
     except Exception as err:  # noqa: BLE001 - the driver's own failure, e.g. the MLflow store stopped answering
@@ -586,7 +589,7 @@ def _search(args, methods, spaces, base: TrainConfig, dataset, uri: str, storage
     write_trial_run_map(uri, parent.run_id, exp_dir / "mlflow_trial_runs.json")
     done = finished_trials(exp_dir)
     if done < args.num_samples:  # Ctrl-C: Tune stopped gracefully
-        parent.set_tags({"status": "interrupted"})
+        end_interrupted_search(uri, parent.run_id, {})
         print(f"\ninterrupted after {done} of {args.num_samples} trials; "
               f"continue with: {resume_command(args, name, storage)}")
         return 130

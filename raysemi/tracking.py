@@ -514,6 +514,25 @@ def write_trial_run_map(uri: str, parent_run_id: str, path: Path) -> None:
     tmp.replace(path)
 
 
+def end_interrupted_search(uri: str, parent_run_id: str, tags: dict[str, str]) -> None:
+    """After Ctrl-C or a stop on error: the search's parent run and the trial runs still RUNNING
+    end KILLED, tagged `status` = interrupted, so that MLflow does not show them running for ever
+    (Tune does not tell the callback of trials it stops on the way out); `--resume` sets them
+    RUNNING again."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    parent = client.get_run(parent_run_id)
+    running = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}' "
+                                 "AND attributes.status = 'RUNNING'", max_results=50000)
+    for run in running:
+        client.set_tag(run.info.run_id, "status", "interrupted")
+        client.set_terminated(run.info.run_id, "KILLED")
+    for key, value in {"status": "interrupted", **tags}.items():
+        client.set_tag(parent_run_id, key, value)
+    client.set_terminated(parent_run_id, "KILLED")
+
+
 #: parent run id -> (tracking URI, trial -> run map file) of the searches this driver runs: what a
 #: callback restored by Tune on --resume logs with, instead of what it was pickled with
 DRIVER_SEARCHES: dict[str, tuple[str, Path]] = {}

@@ -394,6 +394,22 @@ def test_argparse_errors(extra, needles, tiny_phantom, tmp_path, in_process, cap
     assert_untouched(out)
 
 
+@pytest.mark.parametrize("module, args", [
+    ("raysemi.train", ["--max-iteration", "100"]),
+    ("raysemi.search", ["--max-iteration", "100"]),
+    ("raysemi.search", ["--num-sample", "8"]),
+    ("raysemi.evaluate", ["--checkpoint", "x.pt", "--batch", "8"]),
+    ("raysemi.predict", ["--checkpoint", "x.pt", "--input", "in", "--out", "o", "--overwr"]),
+])
+def test_a_misspelled_flag_is_an_error_not_the_flag_it_starts(module, args, in_process, capsys):
+    """argparse takes a flag's prefix for the flag by default: `--max-iteration 100` ran a search
+    at the default 30,000 iterations per trial instead of refusing the typo."""
+    import importlib
+
+    rc, err = call(importlib.import_module(module).main, args, capsys)
+    assert_one_line_error(rc, err, f"unrecognized arguments: {args[-2] if args[-1].isdigit() else args[-1]}")
+
+
 # ---- training: YAML configs (in-process) -----------------------------------------------------------
 @pytest.mark.parametrize("text,needles", [
     ("batch_size: big\n", ["batch_size", "'big'", "integer"]),

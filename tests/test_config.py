@@ -50,6 +50,10 @@ def test_aliases_resolve():
 
 @pytest.mark.parametrize("values,match", [
     ({"batchsize": 3}, "batchsize: unknown config key.*batch_size"),
+    # names other tools use get the field they mean, and every key says where the valid ones are
+    ({"learning_rate": 0.01}, r"learning_rate: unknown config key \(did you mean 'base_lr'\?\); expected one of the "
+                              r"config fields, the long flags of `python -m raysemi.train --help` written with _ for -"),
+    ({"max_iter": 100}, r"max_iter: unknown config key \(did you mean 'max_iterations'\?\)"),
     ({"batch_size": "big"}, "batch_size: 'big' has the wrong type; expected an integer"),
     ({"base_lr": True}, "base_lr: true has the wrong type"),  # spelled as in the YAML file
     ({"max_iterations": None}, "max_iterations: null has the wrong type; expected an integer"),

@@ -569,6 +569,7 @@ def test_a_tracking_store_that_stops_answering_stops_the_search_in_one_line_and_
                               "--resume")
     _, (parent,), _ = children(uri, "raysemi-search")
     assert parent.data.tags["status"] == "interrupted" and "Connection refused" in parent.data.tags["stopped_by"]
+    assert parent.info.status == "KILLED"  # not RUNNING for ever (set_terminated is not the call that failed)
 
     if failing != "log_metrics":
         return  # the resume is the same whichever call failed
@@ -638,9 +639,13 @@ def test_interrupted_search_resumes_without_losing_or_duplicating_trials(tiny_ph
             proc.kill()
     assert proc.returncode == 130 and "--resume" in out
     before = json.loads(runs_file.read_text())
-    client, _, kids = children(uri, "raysemi-search")
+    client, parents, kids = children(uri, "raysemi-search")
     finished_before = {k.data.tags["trial_id"] for k in kids if k.data.tags["status"] == "completed"}
     assert finished_before
+    # MLflow does not show the interrupted search as running: its parent and unfinished trials ended KILLED
+    assert [(p.info.status, p.data.tags["status"]) for p in parents] == [("KILLED", "interrupted")]
+    unfinished = [k for k in kids if k.data.tags["trial_id"] not in finished_before]
+    assert unfinished and all((k.info.status, k.data.tags["status"]) == ("KILLED", "interrupted") for k in unfinished)
 
     # a store that does not hold the search's runs is refused in one line, before Ray starts
     other = f"sqlite:///{tmp_path / 'other.db'}"
@@ -667,6 +672,7 @@ def test_interrupted_search_resumes_without_losing_or_duplicating_trials(tiny_ph
     assert not (tmp_path / "nowhere-else.db").exists()  # the saved tracking URI is used
     client, parents, kids = children(uri, "raysemi-search")
     assert len(parents) == 1 and len(kids) == 3  # nothing logged twice as a new run
+    assert parents[0].info.status == "FINISHED" and all(k.info.status == "FINISHED" for k in kids)
     after = json.loads(runs_file.read_text())
     assert all(after[t] == run_id for t, run_id in before.items())
     # the map on disk holds every trial, those of the resumed session too (Tune's sync of its own
