@@ -112,7 +112,7 @@ def resolve_config(args) -> tuple[TrainConfig, int, Path | None]:
     if args.from_run and args.config:
         raise UserError("--from-run and --config: both give the config to train; expected one of them "
                         "(flags override either)")
-    seeds, resume_dir, config_file = args.seeds, None, args.config
+    seeds, resume_dir, config_file, base = args.seeds, None, args.config, None
     if args.resume and Path(args.resume).is_dir():
         from raysemi.retrain import STATE_FILE
 
@@ -130,12 +130,19 @@ def resolve_config(args) -> tuple[TrainConfig, int, Path | None]:
             raise UserError(f"--output: {args.output} differs from the retrain folder given to --resume "
                             f"({resume_dir}); expected the same folder, or no --output")
         if not (args.config or args.from_run):
-            config_file = str(resume_dir / "config.yaml")
+            from raysemi.config import read_yaml
+
+            # as for a single run: the machine's choices are made again (a retrain started on a GPU
+            # goes on on a CPU); seed folders may differ in them (retrain._PER_SEED)
+            path = resume_dir / "config.yaml"
+            saved = read_yaml(path)
+            if not isinstance(saved, dict):
+                raise UserError(f"{path}: not a raysemi config (a YAML mapping of config fields expected)")
+            base = ({**saved, "device": "auto", "compile": "auto"}, str(path))
     seeds = seeds or 1
     if seeds > 1 and args.resume and resume_dir is None:
         raise UserError(f"--resume: {args.resume}: with --seeds {seeds}, expected the retrain folder (the --output "
                         "folder holding seed0/, seed1/, ...), not a checkpoint")
-    base = None
     if args.resume and resume_dir is None and not (args.config or args.from_run):
         from raysemi import checkpoint
         from raysemi.retrain import NOT_FROM_RUN

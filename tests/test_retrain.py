@@ -290,7 +290,11 @@ def test_resume_uses_the_retrains_store_and_refuses_changed_values(tiny_phantom,
     code, _, err = train(["--resume", r, "--max-iterations", "3"], elsewhere)
     _one_line(code, err, "seed0", "max_iterations: 2 there, 3 now")
     # from another folder, without --tracking-uri: the store the retrain was logged to; the speed
-    # switches may change (the way out when compiling breaks halfway through a retrain on a GPU)
+    # switches may change (the way out when compiling breaks halfway through a retrain on a GPU);
+    # a retrain started on a GPU goes on on this machine's device, as a single run's resume does
+    for path in (tmp_path / "r" / "config.yaml", tmp_path / "r" / "seed1" / "config.yaml"):
+        path.write_text(path.read_text().replace("device: cpu", "device: cuda"))
+        assert "device: cuda" in path.read_text()
     code, out, err = train(["--resume", r, "--compile", "off", "--cuda-graphs", "off"], elsewhere)
     assert code == 0, err
     assert not (elsewhere / "mlflow.db").exists()
