@@ -173,11 +173,12 @@ def learning_curves_figure(train_logs: Sequence[tuple[int, dict[str, float]]], h
         best = int(np.argmax(y))
         ax_dice.plot([x[best]], [y[best]], marker="*", markersize=12, color="gold", markeredgecolor="black",
                      linestyle="none", label=f"best {y[best]:.4f} @ {x[best]}")
-    for ax in (ax_loss, ax_dice, ax_hd):
+    # where the curves are not once training has gone a while: Dice rises, losses and HD95 fall
+    for ax, corner in ((ax_loss, "upper right"), (ax_dice, "lower right"), (ax_hd, "upper right")):
         ax.set_xlabel("iteration", fontsize=9)
         ax.grid(alpha=0.3)
         if ax.get_lines():
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=7, loc=corner)
         else:
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="gray")
     if title:
