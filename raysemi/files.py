@@ -30,6 +30,15 @@ def check_out_file(path: str | Path, flag: str) -> None:
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{flag}: {path} is a folder; expected a file path (e.g. {path / 'results.csv'})")
+    check_out_parents(path, flag)
+
+
+def check_out_parents(path: str | Path, flag: str) -> None:
+    """Refuse, before any work, an output path (file or folder) whose nearest existing parent is a
+    file or cannot be written to: the folders above it are made when it is written."""
+    from raysemi.errors import UserError
+
+    path = Path(path)
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():

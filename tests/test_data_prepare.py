@@ -410,7 +410,23 @@ def _partly_labeled_patient(t: Path) -> None:
     write_nifti(img / "c1_frame02.nii.gz", np.zeros((2, 16, 16), np.int16))
 
 
+def _cut(path: Path, array: np.ndarray) -> None:
+    """`path` rewritten with `array`, then cut to 60% of its bytes: a half-downloaded scan (random
+    voxels, so that a .gz is cut in its data, not its header)."""
+    write_nifti(path, array)
+    path.write_bytes(path.read_bytes()[:int(path.stat().st_size * 0.6)])
+
+
+def _big(seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(-1000, 1000, (2, 64, 64)).astype(np.int16)
+
+
 IMPORT_BAD = {
+    # SimpleITK reads a cut-off file without a word, with zeros for the missing voxels
+    "truncated_gz": (lambda t: _cut(_nifti_pair(t)[0] / "c3.nii.gz", _big()),
+                     ["c3.nii.gz: the file is cut off or damaged (EOFError", "expected a whole image"]),
+    "truncated_nii": (lambda t: (_nifti_pair(t)[0] / "c3.nii.gz").unlink() or _cut(t / "img" / "c3.nii", _big()),
+                      ["c3.nii: the file is cut off: ", "bytes where its header needs 16736", "expected a whole image"]),
     "empty": (lambda t: (t / "img").mkdir() or (t / "lab").mkdir(), ["img: --images folder is empty"]),
     "not_an_image": (lambda t: (_nifti_pair(t)[0] / "notes.txt").write_text("x"),
                      ["notes.txt: not a NIfTI (.nii, .nii.gz) or PNG file"]),
@@ -457,6 +473,75 @@ def test_import_bad_input(case, tmp_path, capsys):
                        "--out", tmp_path / "out", "--num-classes", 3], capsys)
     assert_error(rc, err, *needles)
     assert_nothing_written(tmp_path, "img", "lab")
+
+
+def test_import_side_by_side_refuses_a_label_without_its_image(tmp_path, capsys):
+    """Labels beside their images: a label whose image name has a typo must not become an unlabeled
+    training image (it is refused, as it is with a separate --labels folder)."""
+    img, lab = _nifti_pair(tmp_path)
+    for p in lab.iterdir():
+        p.rename(img / p.name)
+    lab.rmdir()
+    (img / "c2_gt.nii.gz").rename(img / "c_2_gt.nii.gz")
+    rc, _, err = call(["import", "--images", img, "--labels", img, "--out", tmp_path / "out", "--num-classes", 3],
+                      capsys)
+    assert_error(rc, err, "c_2_gt.nii.gz: named as a label (…_gt), but no image 'c_2' lies in",
+                 "expected its image beside it")
+    assert_nothing_written(tmp_path, "img")
+
+
+def test_import_notes_what_may_split_a_patient_or_slice_across_the_acquisition(tmp_path, capsys):
+    """Two things the import cannot know but can suspect, said as notes: one patient's cases in a
+    folder of its own but not named <patient>_frameNN (they may land in different splits), and
+    volumes whose slice axis is the finely spaced one (KiTS19's layout: sliced across the scan)."""
+    rng = np.random.default_rng(3)
+    img = tmp_path / "img"
+    for p in range(4):
+        (img / f"patient{p}").mkdir(parents=True)
+        for phase in ("ED", "ES"):
+            image, label = volume(rng, 2)
+            spacing = (5.0, 0.8, 0.8) if p == 0 else SPACING_XYZ  # x, y, z: patient0's slices are 0.8 mm apart
+            write_nifti(img / f"patient{p}" / f"patient{p}_{phase}.nii.gz", image, spacing)
+            write_nifti(img / f"patient{p}" / f"patient{p}_{phase}_gt.nii.gz", label, spacing)
+    rc, out, err = call(["import", "--images", img, "--labels", img, "--out", tmp_path / "out"], capsys)
+    assert rc == 0, err
+    notes = [line for line in out.splitlines() if line.startswith("note: ")]
+    for p in range(4):
+        assert any(f"patient{p}: its 2 cases (patient{p}_ED, patient{p}_ES) count as 2 patients, so they may be in "
+                   f"different splits; if they are one patient's, name them <patient>_frameNN (e.g. "
+                   f"patient{p}_frame01" in n for n in notes), notes
+    across = [n for n in notes if "the slices taken (along the file's third axis)" in n]
+    assert len(across) == 1 and "patient0_ED.nii.gz and 1 more volumes" in across[0], notes
+
+
+def test_import_into_a_linked_folder_and_under_a_file(tmp_path, capsys):
+    """--out may be a link to a folder (elsewhere, even on another file system): the dataset is
+    written there, the link kept. An --out under a file is refused before any work."""
+    img, lab = _nifti_pair(tmp_path)
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    rc, _, err = call(["import", "--images", img, "--labels", lab, "--out", tmp_path / "link", "--num-classes", 3],
+                      capsys)
+    assert rc == 0, err
+    assert (tmp_path / "link").is_symlink() and read_list(tmp_path / "real", "train")
+    assert_nothing_written(tmp_path, "img", "lab", "real", "link")
+    (tmp_path / "afile").write_text(KEEP)
+    for command in (["import", "--images", img, "--labels", lab, "--num-classes", 3], ["phantom", "--patients", 3]):
+        rc, _, err = call([*command, "--out", tmp_path / "afile" / "sub" / "out"], capsys)
+        assert_error(rc, err, "--out:", "afile is a file; expected a folder there")
+    assert (tmp_path / "afile").read_text() == KEEP
+
+
+def test_minmax_computes_in_float64_as_the_reference():
+    """The reference's (x - min) / (max - min) runs in float64 (numpy on the int16 scans): float32
+    before the subtraction loses the detail of intensities far from zero."""
+    from raysemi.data.normalize import minmax
+
+    x = 1e5 + np.random.default_rng(0).random((4, 16, 16))
+    ref = ((x - x.min()) / (x.max() - x.min())).astype(np.float32)
+    out = minmax(x)
+    assert out.dtype == np.float32 and np.abs(out - ref).max() < 1e-6
+    assert minmax(np.full((2, 2), 7.0)).dtype == np.float32
 
 
 def test_import_options_and_output_folder(tmp_path, capsys):

@@ -23,8 +23,9 @@ from typing import TextIO
 import h5py
 import numpy as np
 
-from raysemi.progress import ProgressBar
 from raysemi.errors import UserError
+from raysemi.files import check_out_parents
+from raysemi.progress import ProgressBar
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 LIST_NAMES = ("train_slices", "train", "val", "test")
@@ -94,9 +95,40 @@ def read_nifti(path: Path, what: str = "image") -> tuple[np.ndarray, tuple[float
     if img.GetDimension() != 3:
         raise UserError(f"{path}: {img.GetDimension()}D image of size {img.GetSize()}; expected a 3D {what} "
                         "(a 4D cine series is not a frame; 2D slices go in as PNG)")
+    check_whole(path, what)
     array = sitk.GetArrayFromImage(img)  # (z, y, x)
     spacing = tuple(float(s) for s in reversed(img.GetSpacing()))
     return array, spacing  # type: ignore[return-value]
+
+
+def check_whole(path: Path, what: str = "image") -> None:
+    """Refuse a cut-off NIfTI file (a half-downloaded or half-copied scan): SimpleITK reads one
+    without a word, zeros in place of the missing voxels. A .gz must decompress to its end (gzip
+    checks its length and CRC there), and the data must be as long as the NIfTI-1 header says."""
+    import gzip
+    import struct
+
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            head = f.read(348)
+            size = len(head)
+            while chunk := f.read(1 << 22):
+                size += len(chunk)
+    except (OSError, EOFError) as err:  # gzip.BadGzipFile is an OSError
+        raise UserError(f"{path}: the file is cut off or damaged ({type(err).__name__}: {err}); expected a whole "
+                        f"{what} (copy or download it again)") from None
+    for order in "<>":  # a NIfTI-1 header, in either byte order (NIfTI-2 files are left to SimpleITK)
+        if len(head) == 348 and struct.unpack(order + "i", head[:4])[0] == 348:
+            dims = struct.unpack(order + "8h", head[40:56])
+            bitpix = struct.unpack(order + "h", head[72:74])[0]
+            offset = struct.unpack(order + "f", head[108:112])[0]
+            if 0 < dims[0] <= 7 and bitpix > 0:
+                need = int(offset) + int(np.prod([max(d, 1) for d in dims[1:1 + dims[0]]])) * bitpix // 8
+                if size < need:
+                    raise UserError(f"{path}: the file is cut off: {size} bytes where its header needs {need}; "
+                                    f"expected a whole {what} (copy or download it again)")
+            break
 
 
 def check_out_folder(out: Path, overwrite: bool, replaced: str) -> None:
@@ -280,8 +312,11 @@ def staged_output(out: Path, overwrite: bool) -> Iterator[Path]:
     the old dataset's files (`dataset_files`) go, the new ones come, and every other file stays. A
     failure part-way (an OSError, Ctrl-C) moves the old files back and leaves `out` as it was.
     """
-    out = Path(out)
+    # a link is followed: the temp folder must be made beside the real folder (one file system, for
+    # the final rename), and the link is not the folder to remove or replace
+    out = Path(os.path.realpath(out)) if Path(out).is_symlink() else Path(out)
     check_output(out, overwrite)
+    check_out_parents(out, "--out")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

@@ -123,6 +123,12 @@ def scan(images: Path, labels: Path | None, out: Path | None = None) -> tuple[st
                             "case with the same file names in each, pass --case-per-folder)")
         stems[s] = p
     if same_folder:  # images and labels side by side: X.nii.gz with X_gt.nii.gz
+        lone = [p for s, p in stems.items() if _label_base(s) is not None and _label_base(s) not in stems]
+        if lone:  # a typo in the image's or the label's name must not make the label an unlabeled image
+            raise UserError(f"{lone[0]}: named as a label (…{_stem(lone[0])[len(_label_base(_stem(lone[0]))):]}), "
+                            f"but no image {_label_base(_stem(lone[0]))!r} lies in {images}"
+                            f"{f' (and {len(lone) - 1} more)' if len(lone) > 1 else ''}; expected its image beside "
+                            "it (or, if it is an image, a name without _gt, _label or _seg at the end)")
         stems = {s: p for s, p in stems.items() if _label_base(s) not in stems}
 
     label_files: dict[str, Path] = {}
@@ -262,6 +268,21 @@ def scan_case_folders(images: Path, labels: Path | None, out: Path | None = None
     return sorted(cases.values(), key=lambda c: c.name)
 
 
+def one_patient_notes(cases: list[Case]) -> list[str]:
+    """A folder named like its cases (scans/patient0001/patient0001_ED.nii.gz and _ES) most likely
+    holds one patient's cases. Unless named `<patient>_frameNN` they count as patients of their own,
+    and may land in different splits: the same heart in train and in test."""
+    folders: dict[Path, set[str]] = {}
+    for c in cases:
+        folder = c.images[0].parent
+        if re.match(re.escape(folder.name) + r"[_\-. ]", c.name):
+            folders.setdefault(folder, set()).add(c.patient)
+    return [f"{folder}: its {len(p)} cases ({', '.join(sorted(p)[:3])}{', ...' if len(p) > 3 else ''}) count as "
+            f"{len(p)} patients, so they may be in different splits; if they are one patient's, name them "
+            f"<patient>_frameNN (e.g. {folder.name}_frame01, {folder.name}_frame02) and import again"
+            for folder, p in sorted(folders.items()) if len(p) > 1]
+
+
 def _split(patients: list[str], val_fraction: float, test_fraction: float, seed: int
            ) -> tuple[list[str], list[str], list[str]]:
     n = len(patients)
@@ -341,19 +362,28 @@ def import_folder(images: str | Path, out: str | Path, labels: str | Path | None
     lists = {"train": cases_of(train_lab) + cases_of(unlabeled), "val": cases_of(val), "test": cases_of(test)}
     train = set(lists["train"])
 
-    notes: list[str] = []
+    notes: list[str] = one_patient_notes(cases)
     depth: dict[str, int] = {}
+    across: list[Path] = []
     with Progress("import", len(cases), "cases", stream) as progress, staged_output(out, overwrite) as tmp:
         (tmp / "data" / "slices").mkdir(parents=True)
         for c in cases:
             image, label, spacing = _read_case(c, kind, num_classes)
             if image.max() == image.min():
                 notes.append(f"{c.images[0]}: constant image, stored as zeros")
+            if spacing is not None and 2 * spacing[0] <= max(spacing[1:]):
+                across.append(c.images[0])
             image = minmax(image)
             write_volume(tmp, c.name, image, label, spacing, c.name in train)
             depth[c.name] = image.shape[0]
             progress.step()
         lists["train_slices"] = [slice_name(name, z) for name in lists["train"] for z in range(depth[name])]
         write_lists(tmp, lists)
+    if across:
+        notes.append(f"{across[0]}{f' and {len(across) - 1} more volumes' if len(across) > 1 else ''}: the slices "
+                     "taken (along the file's third axis) are at most half as far apart as the voxels along "
+                     "another axis: most likely across the slices the scan was acquired in (KiTS19, for one, "
+                     "stores its slices along the first axis); if so, reorient the files so that the third axis "
+                     "runs across the slices, and import them again")
     return ImportSummary(out, kind, lists, train_lab, sum(len(by_patient[p]) for p in unlabeled), len(val),
                          len(test), notes)

@@ -16,12 +16,14 @@ def minmax(volume: np.ndarray) -> np.ndarray:
     A constant volume (max == min) becomes all zeros rather than NaN. Raises ValueError on an empty
     array or on NaN/inf values (callers turn it into a one-line error naming their file).
     """
-    x = np.asarray(volume, dtype=np.float32)
+    # in float64 as the reference (numpy's arithmetic on the int16 scans), cast at the end: float32
+    # before subtracting the minimum loses the detail of intensities with a large offset
+    x = np.asarray(volume, dtype=np.float64)
     if x.size == 0:
         raise ValueError("empty array; expected at least one voxel")
     if not np.isfinite(x).all():
         raise ValueError("contains NaN or inf; expected finite intensities")
     lo, hi = float(x.min()), float(x.max())
     if hi <= lo:
-        return np.zeros_like(x)
+        return np.zeros(x.shape, np.float32)
     return ((x - lo) / (hi - lo)).astype(np.float32)
