@@ -1040,6 +1040,26 @@ def test_export_nifti_writes_each_volume_and_its_label_and_import_reads_them_bac
     assert (out / "notes.txt").read_text() == KEEP
 
 
+def test_export_nifti_of_a_train_split_with_unlabeled_cases(tmp_path, capsys):
+    """An imported dataset's train split holds unlabeled cases (no `label` dataset): they export as
+    images alone, with or without --no-labels."""
+    img, lab = _nifti_pair(tmp_path, 6)
+    (lab / "c5_gt.nii.gz").unlink()
+    assert call(["import", "--images", img, "--labels", lab, "--out", tmp_path / "d", "--num-classes", 3], capsys)[0] == 0
+    train = read_list(tmp_path / "d", "train")
+    assert "c5" in train and len(train) >= 2
+    rc, stdout, err = call(["export-nifti", "--data", tmp_path / "d", "--split", "train", "--out", tmp_path / "x",
+                            "--num-classes", 3], capsys)
+    assert rc == 0, err
+    assert sorted(p.name for p in (tmp_path / "x").iterdir()) == sorted(
+        [f"{c}.nii.gz" for c in train] + [f"{c}_gt.nii.gz" for c in train if c != "c5"])
+    assert f"exported {len(train)} volumes" in stdout and f"with the labels of the {len(train) - 1} labeled ones" in stdout
+    rc, _, err = call(["export-nifti", "--data", tmp_path / "d", "--split", "train", "--out", tmp_path / "y",
+                       "--num-classes", 3, "--no-labels"], capsys)
+    assert rc == 0, err
+    assert sorted(p.name for p in (tmp_path / "y").iterdir()) == sorted(f"{c}.nii.gz" for c in train)
+
+
 def test_export_nifti_bad_input_is_one_line_and_writes_nothing(tiny_phantom, tmp_path, capsys):
     out = tmp_path / "scans"
     rc, _, err = call(["export-nifti", "--data", tiny_phantom, "--split", "tset", "--out", out], capsys)

@@ -181,9 +181,14 @@ def main(argv: list[str]) -> int:
         root = resolve_data_root(args.data)
         written = export_nifti(root, args.split, Path(args.out), labels=args.labels, num_classes=args.num_classes,
                                overwrite=args.overwrite)
-        images = len(written) // (2 if args.labels else 1)
+        from raysemi.data.export import LABEL_SUFFIX
+
+        labeled = sum(p.name.endswith(f"{LABEL_SUFFIX}.nii.gz") for p in written)
+        images = len(written) - labeled
+        with_labels = "" if not args.labels else " with their labels (<case>_gt.nii.gz)" if labeled == images else \
+            f" with the labels of the {labeled} labeled ones (<case>_gt.nii.gz; the others are unlabeled)"
         print(f"exported {_n(images, 'volume')} of {root} ({args.split}) to {args.out}"
-              f"{' with their labels (<case>_gt.nii.gz)' if args.labels else ''}; try: python -m raysemi.predict "
+              f"{with_labels}; try: python -m raysemi.predict "
               f"--checkpoint CKPT --input {args.out} --out predictions/")
     return 0
 

@@ -26,7 +26,9 @@ def export_nifti(root: Path, split: str, out: Path, *, labels: bool = True, num_
     import SimpleITK as sitk
 
     check_split(root, split)
-    volumes = load_volumes(root, split, num_classes)  # every volume read and checked before a file is written
+    # every volume read and checked before a file is written; the train split's unlabeled cases
+    # have no label to write
+    volumes = load_volumes(root, split, num_classes, need_labels=False)
     check_out_folder(out, overwrite, f"the .nii.gz files of these {len(volumes)} cases")
     made = out  # the first folder this run creates (removed again if it fails): nothing is left behind
     while not made.parent.exists() and made.parent != made.parent.parent:
@@ -39,7 +41,7 @@ def export_nifti(root: Path, split: str, out: Path, *, labels: bool = True, num_
             for vol in volumes:
                 spacing = tuple(reversed(vol.spacing)) if vol.spacing is not None else (1.0, 1.0, 1.0)  # (x, y, z)
                 pairs = [(vol.image.astype(np.float32), out / f"{vol.name}.nii.gz")]
-                if labels:
+                if labels and vol.label is not None:
                     pairs.append((vol.label.astype(np.uint8), out / f"{vol.name}{LABEL_SUFFIX}.nii.gz"))
                 for array, path in pairs:
                     image = sitk.GetImageFromArray(array)

@@ -160,7 +160,7 @@ class Volume:
 
     name: str
     image: np.ndarray
-    label: np.ndarray
+    label: np.ndarray  # None only from load_volumes(need_labels=False): an unlabeled case
     spacing: tuple[float, ...] | None = None
 
 
@@ -230,15 +230,21 @@ def _too_many_labeled(root: Path, names: list[str], labeled_patients: int, path:
                      f"(number {rank} in {root / 'train_slices.list'}) as labeled; {fix}")
 
 
-def load_volumes(root: str | Path, split: str, num_classes: int) -> list[Volume]:
-    """Read the volumes of `val`, `test` or `train` as (D, H, W) arrays with their labels."""
+def load_volumes(root: str | Path, split: str, num_classes: int, need_labels: bool = True) -> list[Volume]:
+    """Read the volumes of `val`, `test` or `train` as (D, H, W) arrays with their labels; with
+    `need_labels` False, a volume without one (an unlabeled training case) has label None."""
     root = Path(root)
     volumes = []
     for name in read_list(root, split):
         path = root / "data" / f"{name}.h5"
-        image, label, spacing = _read_h5(path, num_classes, True, f"{split}.list")
+        try:
+            image, label, spacing = _read_h5(path, num_classes, True, f"{split}.list")
+        except _MissingLabel:
+            if need_labels:
+                raise
+            image, label, spacing = _read_h5(path, num_classes, False, f"{split}.list")
         if image.ndim == 2:
-            image, label = image[None], label[None]
+            image, label = image[None], None if label is None else label[None]
         if image.ndim != 3:
             raise UserError(f"{path}: image: shape {image.shape}; expected a volume (D, H, W)")
         if spacing is not None and len(spacing) != 3:
