@@ -446,8 +446,8 @@ IMPORT_BAD = {
                       ["c1_gt.nii.gz: label spacing (z, y, x) (10, 1, 1.5) mm differs from image c1.nii.gz"]),
     "label_values": (lambda t: write_nifti(_nifti_pair(t)[1] / "c2_gt.nii.gz", np.full((2, 16, 16), 3, np.uint8)),
                      ["c2_gt.nii.gz: label: values [3] outside 0..2", "--num-classes 3"]),
-    "float_label": (lambda t: write_nifti(_nifti_pair(t)[1] / "c2_gt.nii.gz", np.full((2, 16, 16), 0.5, np.float32)),
-                    ["c2_gt.nii.gz: label: non-integer values"]),
+    "float_label": (lambda t: write_nifti(_nifti_pair(t)[1] / "c2_gt.nii.gz", np.full((2, 16, 16), 0.999, np.float32)),
+                    ["c2_gt.nii.gz: label: non-integer values (e.g. 0.999)", "resample labels with nearest neighbour"]),
     "corrupt_nifti": (lambda t: (_nifti_pair(t)[0] / "c3.nii.gz").write_bytes(b"\x1f\x8b garbage"),
                       ["c3.nii.gz: not a readable NIfTI file"]),
     "png_255_mask": (lambda t: write_png(_png_pair(t)[1] / "c0.png", np.full((16, 16), 255, np.uint8)),
@@ -473,6 +473,17 @@ def test_import_bad_input(case, tmp_path, capsys):
                        "--out", tmp_path / "out", "--num-classes", 3], capsys)
     assert_error(rc, err, *needles)
     assert_nothing_written(tmp_path, "img", "lab")
+
+
+def test_images_and_masks_under_one_images_folder_get_the_flags_that_read_them(tmp_path, capsys):
+    img, lab = _png_pair(tmp_path)
+    (tmp_path / "x").mkdir()
+    img.rename(tmp_path / "x" / "images")
+    lab.rename(tmp_path / "x" / "masks")
+    rc, _, err = call(["import", "--images", tmp_path / "x", "--out", tmp_path / "out"], capsys)
+    assert_error(rc, err, "image name 'c0' again", f"images and labels in two folders? pass --images "
+                 f"{tmp_path / 'x' / 'images'} --labels {tmp_path / 'x' / 'masks'})")
+    assert_nothing_written(tmp_path, "x")
 
 
 def test_import_side_by_side_refuses_a_label_without_its_image(tmp_path, capsys):

@@ -215,8 +215,11 @@ def check_label(label: np.ndarray, path: Path, num_classes: int, image_shape: tu
         raise UserError(f"{path}: label shape {label.shape} differs from image {image_path.name} shape "
                         f"{tuple(image_shape)}; expected the same shape")
     if label.dtype.kind == "f":
-        if not np.isfinite(label).all() or (label != np.round(label)).any():
-            raise UserError(f"{path}: label: non-integer values; expected integer classes 0..{num_classes - 1}")
+        off = label[~np.isfinite(label) | (label != np.round(label))]
+        if off.size:
+            raise UserError(f"{path}: label: non-integer values (e.g. {float(off[0]):g}); expected integer classes "
+                            f"0..{num_classes - 1} (a mask resampled with linear interpolation? resample labels "
+                            "with nearest neighbour)")
     elif label.dtype.kind not in "biu":
         raise UserError(f"{path}: label: voxel type {label.dtype}; expected integer classes 0..{num_classes - 1}")
     bad = np.unique(label[(label < 0) | (label >= num_classes)])

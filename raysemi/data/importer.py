@@ -42,6 +42,9 @@ from raysemi.data.normalize import minmax
 from raysemi.errors import UserError
 
 LABEL_SUFFIXES = ("", "_gt", "_label", "_seg")
+#: folder names that say "the labels are here", for the hint of an error
+LABEL_FOLDERS = {"masks", "mask", "labels", "label", "gt", "seg", "segs", "segmentation", "segmentations",
+                 "annotations", "ground_truth", "groundtruth"}
 _PNG_SLICE = re.compile(r"^(.+)_slice_(\d+)$")
 
 
@@ -118,9 +121,12 @@ def scan(images: Path, labels: Path | None, out: Path | None = None) -> tuple[st
         s = _stem(p)
         if s in stems:
             what = "file" if same_folder else "image"  # side by side, a label's name may be the one twice
+            a, b = sorted((stems[s].parent, p.parent), key=lambda f: f.name.lower() in LABEL_FOLDERS)
+            hint = (f"images and labels in two folders? pass --images {a} --labels {b}"
+                    if a.parent == b.parent and b.name.lower() in LABEL_FOLDERS else
+                    "for one folder per case with the same file names in each, pass --case-per-folder")
             raise UserError(f"{p}: {what} name {s!r} again (also {stems[s]}); expected one file per {what} name in "
-                            "--images and its subfolders (an image's name is its case name; for one folder per "
-                            "case with the same file names in each, pass --case-per-folder)")
+                            f"--images and its subfolders (an image's name is its case name; {hint})")
         stems[s] = p
     if same_folder:  # images and labels side by side: X.nii.gz with X_gt.nii.gz
         lone = [p for s, p in stems.items() if _label_base(s) is not None and _label_base(s) not in stems]
