@@ -778,6 +778,31 @@ def test_a_failed_swap_removes_the_folders_it_made(tmp_path, capsys, monkeypatch
     assert_nothing_written(tmp_path, "img", "lab", "out")
 
 
+def test_a_full_disk_while_writing_is_one_line_and_changes_nothing(tmp_path, capsys, monkeypatch):
+    """A disk that fills while the volumes are written (stood in for by h5py's error: a disk cannot
+    be filled at will here) ends in one line, the --out as it was and no temp folder left."""
+    import raysemi.data.importer
+
+    img, lab = _nifti_pair(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text(KEEP)
+    written = []
+
+    def full(tmp, name, *args, **kwargs):
+        if written:
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp / "data" / f"{name}.h5"))
+        written.append(name)
+
+    monkeypatch.setattr(raysemi.data.importer, "write_volume", full)
+    rc, _, err = call(["import", "--images", img, "--labels", lab, "--out", out, "--num-classes", 3,
+                       "--overwrite"], capsys)
+    assert_error(rc, err, ".h5: the dataset could not be written (No space left on device); nothing was changed in "
+                 f"{out}")
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert_nothing_written(tmp_path, "img", "lab", "out")
+
+
 CLASHES = {  # something of the user's where the import writes: refused before anything moves
     "folder_for_a_list": (lambda out: (out / "train.list").mkdir(),
                           ["train.list: is a folder where this command writes a file"]),

@@ -323,7 +323,12 @@ def staged_output(out: Path, overwrite: bool) -> Iterator[Path]:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError as err:  # a full disk, a lost mount: one line, and `out` as it was
+            what = err.strerror or (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise UserError(f"{err.filename or out}: the dataset could not be written ({what}); nothing was changed "
+                            f"in {out}; expected room and permission to write beside it") from None
         check_output(out, overwrite)  # something may have appeared there meanwhile
         if out.is_dir() and not any(out.iterdir()):
             out.rmdir()
