@@ -257,6 +257,12 @@ def test_prepare_acdc_output_folder_rules(tmp_path, capsys):
 
     rc, _, err = call(["prepare-acdc", "--raw", raw, "--out", out / "keep.txt", "--allow-missing"], capsys)
     assert_error(rc, err, "keep.txt: --out exists and is not a folder")
+    # --raw may also be the training/ folder itself: the same dataset
+    rc, _, err = call(["prepare-acdc", "--raw", raw / "database" / "training", "--out", tmp_path / "again",
+                       "--allow-missing"], capsys)
+    assert rc == 0, err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "again").glob("*.list")} == \
+        {p.name: p.read_bytes() for p in out.glob("*.list")}
 
 
 # ---- import ----------------------------------------------------------------------------------------

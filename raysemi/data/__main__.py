@@ -89,7 +89,7 @@ def build_parser() -> ArgumentParser:
 
     pa = sub.add_parser("prepare-acdc", help="raw ACDC NIfTI release -> SSL4MIS layout with the SSL4MIS split",
                         description=PREPARE_HELP, formatter_class=_Help)
-    pa.add_argument("--raw", required=True, help="the ACDC 'database' folder (holding training/patient001/...)")
+    pa.add_argument("--raw", required=True, help="the ACDC 'database' folder (holding training/patient001/...), the folder holding it, or its training/")
     pa.add_argument("--out", required=True, help=OUT_HELP)
     pa.add_argument("--allow-missing", action="store_true",
                     help="write only the patients of the split found under --raw instead of refusing")

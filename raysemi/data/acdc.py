@@ -42,14 +42,15 @@ class PrepareSummary:
 
 
 def find_training_folder(raw: Path) -> Path:
-    """`raw` is the ACDC 'database' folder (holding training/), or a folder holding database/."""
+    """`raw` is the ACDC 'database' folder (holding training/), a folder holding database/, or the
+    training/ folder itself (holding the patient folders)."""
     if not raw.exists():
         raise UserError(f"{raw}: --raw folder not found; expected the ACDC 'database' folder "
                         "(with training/patient001/...)")
     if not raw.is_dir():
         raise UserError(f"{raw}: --raw is not a folder; expected the ACDC 'database' folder "
                         "(with training/patient001/...)")
-    for candidate in (raw / "training", raw / "database" / "training"):
+    for candidate in (raw / "training", raw / "database" / "training", raw):
         if candidate.is_dir() and any(_PATIENT_DIR.match(p.name) for p in candidate.iterdir() if p.is_dir()):
             return candidate
     raise UserError(f"{raw}: not an ACDC database (no training/patientXXX folders); expected the 'database' "
