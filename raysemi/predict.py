@@ -176,6 +176,9 @@ def read_header(path: Path, allow_4d: bool = False) -> tuple[int, ...]:
                         "single-channel (scalar) volume")
     if min(size) < 1:
         raise UserError(f"{path}: size: {size}; expected a non-empty volume")
+    from raysemi.data.convert import check_whole
+
+    check_whole(path, "scan")  # a half-copied scan reads as one with zeros at its end
     return size
 
 

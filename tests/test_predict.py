@@ -288,6 +288,9 @@ def _four_d(path: Path, volume: np.ndarray) -> None:
 INPUT_CASES = [
     pytest.param("scan.nii.gz", lambda p, v: p.write_bytes(b"not a nifti at all"),
                  ["scan.nii.gz", "not a readable NIfTI file"], id="not_nifti_content"),
+    pytest.param("cut.nii.gz", lambda p, v: write_nifti(p, np.random.default_rng(0).random((4, 64, 64)))
+                 and p.write_bytes(p.read_bytes()[:p.stat().st_size // 2]),
+                 ["cut.nii.gz: the file is cut off or damaged", "expected a whole scan"], id="cut_off"),
     pytest.param("scan.png", lambda p, v: p.write_bytes(b"\x89PNG"), ["scan.png", "not a NIfTI file name"],
                  id="not_nifti_name"),
     pytest.param("slice.nii.gz", lambda p, v: sitk.WriteImage(sitk.GetImageFromArray(v[0]), str(p)),
