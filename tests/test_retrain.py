@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -397,6 +398,20 @@ def test_a_diverged_seed_is_left_out_and_the_retrain_fails(store, monkeypatch):
     assert "loss is nan" in results["failed_seeds"][0]["failure"]
     parent = runs_by_name(store["uri"])["diverged"]
     assert parent.info.status == "FAILED" and "1338" in parent.data.tags["failure_reason"]
+
+    # a resume does not train the diverged seed again (it would diverge the same way), unless its
+    # folder is deleted
+    monkeypatch.setattr(Trainer, "train_until", original)
+    log = (store["tmp"] / "diverged" / "seed1" / "train.log").read_text()
+    code, out, _ = train(["--resume", "diverged", "--tracking-uri", store["uri"]], store["tmp"])
+    assert code == 1 and "seed1 (seed 1338): failed earlier (training diverged: loss is nan at iteration 1 (test)), " \
+                         "kept as failed; to train it again, delete" in out
+    assert (store["tmp"] / "diverged" / "seed1" / "train.log").read_text() == log
+    shutil.rmtree(store["tmp"] / "diverged" / "seed1")
+    code, out, err = train(["--resume", "diverged", "--tracking-uri", store["uri"]], store["tmp"])
+    assert code == 0, err
+    assert json.loads((store["tmp"] / "diverged" / "results.json").read_text())["seeds"] == [1337, 1338]
+    assert runs_by_name(store["uri"])["diverged"].info.status == "FINISHED"
 
 
 # ---- aggregation by hand --------------------------------------------------------------------------
