@@ -477,12 +477,15 @@ def _retrain_seeds(config, data, splits, out: Path, seeds: int, train_one: Train
                       flush=True)
                 results.append(done)
                 continue
-            failed = state.get("failed", {}).get(str(k)) if resuming and folder.is_dir() else None
-            if failed:  # a diverged seed would diverge again, the same way: it stays failed
-                print(f"seed{k} (seed {cfg.seed}): failed earlier ({failed}), kept as failed; to train it again, "
-                      f"delete {folder} and resume", flush=True)
-                results.append(SeedResult(k, cfg.seed, folder, failure=failed))
+            failures = state.setdefault("failed", {})  # seed index -> why it failed
+            if resuming and folder.is_dir() and failures.get(str(k)):
+                # a diverged seed would diverge again, the same way: it stays failed
+                print(f"seed{k} (seed {cfg.seed}): failed earlier ({failures[str(k)]}), kept as failed; to train it "
+                      f"again, delete {folder} and resume", flush=True)
+                results.append(SeedResult(k, cfg.seed, folder, failure=failures[str(k)]))
                 continue
+            if failures.pop(str(k), None) is not None:  # its folder was deleted: trained again
+                save_state()
             last = folder / "last.pt"
             seed_resume = str(last) if resuming and last.is_file() else None
             resumed = f", resumed from {last}" if seed_resume else ""
@@ -503,9 +506,8 @@ def _retrain_seeds(config, data, splits, out: Path, seeds: int, train_one: Train
             res = train_one(cfg, data, splits, folder, resume=seed_resume, open_run=open_seed_run)
             res.index = k
             results.append(res)
-            failures = state.setdefault("failed", {})
-            if res.failure or failures.pop(str(k), None):
-                failures.update({str(k): res.failure} if res.failure else {})
+            if res.failure:
+                failures[str(k)] = res.failure
                 save_state()
     except BaseException as err:
         if parent is not None:

@@ -296,9 +296,7 @@ def main(argv: list[str]) -> int:
         check_tracking_uri(uri)
     # heavy imports after the cheap checks, so bad input answers at once
     from raysemi.data import load_dataset
-    from raysemi.retrain import retrain
-
-    from raysemi.retrain import resumes_in_place
+    from raysemi.retrain import resumes_in_place, retrain
 
     check_output(out, args.overwrite, args.resume, resume_dir is not None or resumes_in_place(args.resume, out))
     data = load_dataset(config.data, config.labeled_patients, config.num_classes)
