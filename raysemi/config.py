@@ -26,7 +26,7 @@ ALIASES = {"DAN_lr": "dan_lr", "T": "uncertainty_passes", "labeled_num": "labele
 #: names other training tools use, for the "did you mean" of an unknown key (not accepted as keys)
 COMMON_NAMES = {"learning_rate": ["base_lr"], "lr": ["base_lr"], "iterations": ["max_iterations"],
                 "max_iter": ["max_iterations"], "max_iters": ["max_iterations"], "epochs": ["max_iterations"],
-                "root_path": ["data"], "exp": ["run_name"], "model": ["method"], "classes": ["num_classes"]}
+                "root_path": ["data"], "exp": ["run_name"], "classes": ["num_classes"]}
 
 #: `compile: auto` compiles CUDA runs of at least this many iterations: compiling costs 15-45 s a
 #: process (cold cache) and saves 1.5-13 ms a step on an H200 (benchmarks/notes/performance.md)

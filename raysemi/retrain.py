@@ -42,6 +42,7 @@ import io
 import hashlib
 import json
 import os
+import re
 import tempfile
 import typing
 from collections.abc import Callable
@@ -413,8 +414,15 @@ def retrain(config: TrainConfig, data: Any, splits: dict[str, list], out: Path, 
 
 def resumes_in_place(resume: str | None, out: Path) -> bool:
     """Whether `--resume` continues the run in `out` (its own last.pt), so its MLflow run goes on;
-    a checkpoint from another folder starts a new run there."""
-    return resume is not None and Path(resume).resolve().parent == out.resolve()
+    a checkpoint from another folder starts a new run there. The same folder by another path (a
+    link, a bind mount, another letter case) is the same folder."""
+    if resume is None:
+        return False
+    folder = Path(resume).resolve().parent
+    try:
+        return folder == out.resolve() or (out.exists() and os.path.samefile(folder, out))
+    except OSError:
+        return False
 
 
 def _retrain_seeds(config, data, splits, out: Path, seeds: int, train_one: TrainOne, uri: str | None, resuming: bool,
@@ -443,8 +451,8 @@ def _retrain_seeds(config, data, splits, out: Path, seeds: int, train_one: Train
         nonlocal parent
         if parent is None:
             if not resuming:  # --overwrite: an earlier retrain's seeds must not be kept or resumed as this one's
-                for folder in out.glob("seed*"):
-                    if folder.name != "seed0" and folder.is_dir():  # seed0 has just started, in a folder of its own
+                for folder in out.glob("seed*"):  # seed<k> only: seed0.bak may be the user's copy
+                    if re.fullmatch(r"seed[1-9]\d*", folder.name) and folder.is_dir():  # seed0 has just started
                         for file in (*RUN_FILES, "config.yaml"):
                             (folder / file).unlink(missing_ok=True)
             save_yaml(base, out / "config.yaml")

@@ -580,8 +580,12 @@ def _search(args, methods, spaces, base: TrainConfig, dataset, uri: str, storage
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=1))
         results = tuner.fit()
     except KeyboardInterrupt:
-        write_trial_run_map(uri, parent.run_id, exp_dir / "mlflow_trial_runs.json")
-        end_interrupted_search(uri, parent.run_id, {})
+        try:
+            write_trial_run_map(uri, parent.run_id, exp_dir / "mlflow_trial_runs.json")
+            end_interrupted_search(uri, parent.run_id, {})
+        except Exception as err:  # noqa: BLE001 - the store may be down; the resume hint matters more
+            print(f"warning: the search's MLflow runs could not be marked interrupted ({type(err).__name__}); "
+                  "--resume sets them right", file=sys.stderr, flush=True)
         print(f"\ninterrupted; continue with: {resume_command(args, name, storage)}")
         return 130
     except Exception as err:  # noqa: BLE001 - the driver's own failure, e.g. the MLflow store stopped answering

@@ -85,23 +85,29 @@ def check_output(out: Path, overwrite: bool, resume: str | None, in_place: bool)
 
 def start_run_folder(out: Path, resume: str | None, trainer) -> None:
     """Make `out` hold this run only, unless it goes on in its own folder: an earlier run's
-    checkpoints and results there (--overwrite) must not be resumed, kept as a finished seed or
-    reported as this run's. A run resumed from another folder brings that folder's best.pt, whose
-    score the trainer carries on (without one, the best is counted afresh)."""
+    checkpoints, results and retrain state there (--overwrite) must not be resumed, kept as a
+    finished seed or reported as this run's. A run resumed from another folder brings that
+    folder's best.pt, whose score the trainer carries on (without one, the best is counted afresh,
+    so there must be iterations left to find it)."""
     import shutil
 
-    from raysemi.retrain import RUN_FILES, resumes_in_place
+    from raysemi.retrain import RUN_FILES, STATE_FILE, resumes_in_place
 
     if resumes_in_place(resume, out):
+        out.mkdir(parents=True, exist_ok=True)
         return
-    for name in RUN_FILES:
+    best = Path(resume).resolve().parent / "best.pt" if resume else None
+    if resume and not best.is_file() and trainer.iteration >= trainer.config.max_iterations:
+        raise UserError(f"--resume: {resume}: no best.pt beside it and no iteration left to train "
+                        f"({trainer.iteration} of --max-iterations {trainer.config.max_iterations}); expected its "
+                        "run folder's best.pt beside it, or a larger --max-iterations")
+    out.mkdir(parents=True, exist_ok=True)
+    for name in (*RUN_FILES, STATE_FILE):
         (out / name).unlink(missing_ok=True)
-    if resume:
-        best = Path(resume).parent / "best.pt"
-        if best.is_file():
-            shutil.copy2(best, out / "best.pt")
-        else:
-            trainer.forget_best()
+    if best is not None and best.is_file():
+        shutil.copy2(best, out / "best.pt")
+    elif resume:
+        trainer.forget_best()
 
 
 def resolve_config(args) -> tuple[TrainConfig, int, Path | None]:
@@ -212,8 +218,7 @@ def train_one(config: TrainConfig, data, splits: dict[str, list], out: Path, *, 
         if trainer.iteration > config.max_iterations:  # before config.yaml is rewritten with the smaller value
             raise UserError(f"--max-iterations: {config.max_iterations} is below the {trainer.iteration} iterations "
                             f"{resume} has trained; expected at least {trainer.iteration}")
-    out.mkdir(parents=True, exist_ok=True)
-    start_run_folder(out, resume, trainer)
+    start_run_folder(out, resume, trainer)  # makes `out`
     config.output = str(out)
     trainer.output_dir = out
     save_yaml(config, out / "config.yaml")

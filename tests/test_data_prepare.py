@@ -492,6 +492,31 @@ def test_images_and_masks_under_one_images_folder_get_the_flags_that_read_them(t
     assert_nothing_written(tmp_path, "x")
 
 
+def test_the_cut_off_check_passes_whole_files_that_simpleitk_reads(tmp_path):
+    """No false alarm on files SimpleITK reads whole: a plain .nii named .nii.gz, bytes after the
+    gzip stream, a bitpix that disagrees with the datatype (ITK reads by datatype); a gzip stream
+    cut short is still caught."""
+    import gzip
+
+    from raysemi.data.convert import check_whole
+
+    array = _big()
+    write_nifti(tmp_path / "v.nii", array)
+    raw = (tmp_path / "v.nii").read_bytes()
+    swapped = bytearray(raw)
+    swapped[72:74] = (8).to_bytes(2, "little")  # bitpix 8 for int16 data
+    files = {"plain_named_gz.nii.gz": raw, "trailing.nii.gz": gzip.compress(raw) + b"\0" * 64,
+             "bitpix.nii": bytes(swapped), "whole.nii.gz": gzip.compress(raw)}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    for name in [*files, "v.nii"]:
+        assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / name))), array), name
+        check_whole(tmp_path / name)  # no error
+    (tmp_path / "cut.nii.gz").write_bytes(gzip.compress(raw)[:-100])
+    with pytest.raises(UserError, match="cut.nii.gz: the file is cut off or damaged"):
+        check_whole(tmp_path / "cut.nii.gz")
+
+
 def test_import_side_by_side_refuses_a_label_without_its_image(tmp_path, capsys):
     """Labels beside their images: a label whose image name has a typo must not become an unlabeled
     training image (it is refused, as it is with a separate --labels folder)."""

@@ -313,6 +313,8 @@ def test_overwrite_then_resume_trains_every_seed_of_the_new_retrain(tiny_phantom
 
     common = ["--data", tiny_phantom, *TINY, "--eval-interval", "1", "--method", "supervised", "--no-mlflow"]
     assert train([*common, "--max-iterations", "2", "--seeds", "3", "--output", "r"], tmp_path)[0] == 0
+    shutil.copytree(tmp_path / "r" / "seed1", tmp_path / "r" / "seed1.bak")  # the user's copy, kept whole
+    backup = {p.name: p.read_bytes() for p in (tmp_path / "r" / "seed1.bak").iterdir() if p.is_file()}
     original = interrupt_seed1(monkeypatch)
     code, _, _ = train([*common, "--max-iterations", "3", "--seeds", "3", "--output", "r", "--overwrite"], tmp_path)
     assert code == 130
@@ -326,6 +328,7 @@ def test_overwrite_then_resume_trains_every_seed_of_the_new_retrain(tiny_phantom
     assert "=== seed1: seed 1338 (2 of 3), resumed from" in out and "=== seed2: seed 1339 (3 of 3) ===" in out
     results = json.loads((tmp_path / "r" / "results.json").read_text())
     assert [s["iterations"] for s in results["per_seed"]] == [3, 3, 3]
+    assert {p.name: p.read_bytes() for p in (tmp_path / "r" / "seed1.bak").iterdir() if p.is_file()} == backup
 
     # another --seed would relabel the seeds (seed k is base + k): refused
     code, _, err = train(["--resume", "r", "--no-mlflow", "--seed", "42"], tmp_path)
@@ -335,6 +338,13 @@ def test_overwrite_then_resume_trains_every_seed_of_the_new_retrain(tiny_phantom
     assert code == 0, err
     assert "was a 3-seed retrain; --seeds 2 reports seed0 .. seed1 and leaves seed2 out" in out
     assert json.loads((tmp_path / "r" / "results.json").read_text())["seeds"] == [1337, 1338]
+
+    # a single run written over the retrain: its --resume is that run's, not the retrain's
+    assert train([*common, "--max-iterations", "2", "--output", "r", "--overwrite"], tmp_path)[0] == 0
+    assert not (tmp_path / "r" / "retrain.json").exists()
+    code, out, err = train(["--resume", "r", "--no-mlflow", "--max-iterations", "3"], tmp_path)
+    assert code == 0, err
+    assert "=== seed" not in out and json.loads((tmp_path / "r" / "results.json").read_text())["iterations"] == 3
 
 
 def test_a_run_resumed_into_another_folder(tiny_phantom, tmp_path):
@@ -349,6 +359,21 @@ def test_a_run_resumed_into_another_folder(tiny_phantom, tmp_path):
     _one_line(code, err, "d: output folder exists and is not empty", "--resume a/last.pt is another folder's",
               "expected a new or empty --output")
     assert {p.name: p.read_bytes() for p in (tmp_path / "d").iterdir() if p.is_file()} == d_files
+
+    # the run's folder by another path (here a link) is the run's folder: resumed in place, nothing cleared
+    (tmp_path / "alink").symlink_to(tmp_path / "a")
+    a_files = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir() if p.name in ("best.pt", "results.json")}
+    code, _, err = train(["--resume", "alink/last.pt", "--output", "a", "--no-mlflow"], tmp_path)
+    assert code == 0, err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir() if p.name in ("best.pt",)} == \
+        {"best.pt": a_files["best.pt"]}
+
+    # a lone last.pt, with no best.pt beside it and nothing left to train: refused, nothing made
+    (tmp_path / "lone").mkdir()
+    shutil.copy2(tmp_path / "a" / "last.pt", tmp_path / "lone" / "last.pt")
+    code, _, err = train(["--resume", "lone/last.pt", "--output", "run2", "--no-mlflow"], tmp_path)
+    _one_line(code, err, "lone/last.pt: no best.pt beside it and no iteration left to train (2 of --max-iterations 2)")
+    assert not (tmp_path / "run2").exists()
 
     a_best = json.loads((tmp_path / "a" / "results.json").read_text())
     for out, extra in (("b", []), ("d", ["--overwrite"])):  # nothing left to train: the report is a's best

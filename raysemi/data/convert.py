@@ -103,32 +103,56 @@ def read_nifti(path: Path, what: str = "image") -> tuple[np.ndarray, tuple[float
 
 def check_whole(path: Path, what: str = "image") -> None:
     """Refuse a cut-off NIfTI file (a half-downloaded or half-copied scan): SimpleITK reads one
-    without a word, zeros in place of the missing voxels. A .gz must decompress to its end (gzip
-    checks its length and CRC there), and the data must be as long as the NIfTI-1 header says."""
-    import gzip
-    import struct
+    without a word, zeros in place of the missing voxels. A gzip stream must reach its end (what
+    follows it is ignored, as SimpleITK does), and the data must be as long as the NIfTI-1 header
+    says (its datatype's size: ITK reads by datatype, not bitpix)."""
+    import zlib
 
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
     try:
-        with opener(path, "rb") as f:
-            head = f.read(348)
-            size = len(head)
-            while chunk := f.read(1 << 22):
-                size += len(chunk)
-    except (OSError, EOFError) as err:  # gzip.BadGzipFile is an OSError
+        with open(path, "rb") as f:
+            if f.read(2) == b"\x1f\x8b":  # by content: SimpleITK reads a plain .nii named .nii.gz too
+                f.seek(0)
+                stream, head, size = zlib.decompressobj(wbits=31), b"", 0
+                while not stream.eof and (chunk := f.read(1 << 20)):
+                    data = stream.decompress(chunk)
+                    head, size = (head + data[:348 - len(head)]) if len(head) < 348 else head, size + len(data)
+                if not stream.eof:
+                    raise EOFError("the compressed stream ends before its end mark")
+            else:
+                f.seek(0)
+                head, size = f.read(348), os.fstat(f.fileno()).st_size
+    except (OSError, EOFError, zlib.error) as err:
         raise UserError(f"{path}: the file is cut off or damaged ({type(err).__name__}: {err}); expected a whole "
                         f"{what} (copy or download it again)") from None
-    for order in "<>":  # a NIfTI-1 header, in either byte order (NIfTI-2 files are left to SimpleITK)
-        if len(head) == 348 and struct.unpack(order + "i", head[:4])[0] == 348:
-            dims = struct.unpack(order + "8h", head[40:56])
-            bitpix = struct.unpack(order + "h", head[72:74])[0]
-            offset = struct.unpack(order + "f", head[108:112])[0]
-            if 0 < dims[0] <= 7 and bitpix > 0:
-                need = int(offset) + int(np.prod([max(d, 1) for d in dims[1:1 + dims[0]]])) * bitpix // 8
-                if size < need:
-                    raise UserError(f"{path}: the file is cut off: {size} bytes where its header needs {need}; "
-                                    f"expected a whole {what} (copy or download it again)")
-            break
+    need = _nifti1_length(head)
+    if need is not None and size < need:
+        raise UserError(f"{path}: the file is cut off: {size} bytes where its header needs {need}; expected a "
+                        f"whole {what} (copy or download it again)")
+
+
+#: NIfTI-1 datatype code -> bytes per voxel (the codes ITK reads)
+_NIFTI_BYTES = {2: 1, 4: 2, 8: 4, 16: 4, 32: 8, 64: 8, 128: 3, 256: 1, 512: 2, 768: 4, 1024: 8, 1280: 8,
+                1536: 16, 1792: 16, 2048: 32, 2304: 4}
+
+
+def _nifti1_length(head: bytes) -> int | None:
+    """The bytes a NIfTI-1 file needs (vox_offset + voxels x datatype size), from its 348-byte
+    header in either byte order; None for anything else (NIfTI-2, an odd header: SimpleITK's)."""
+    import math
+    import struct
+
+    if len(head) < 348:
+        return None
+    for order in "<>":
+        if struct.unpack(order + "i", head[:4])[0] != 348:
+            continue
+        dims = struct.unpack(order + "8h", head[40:56])
+        datatype = struct.unpack(order + "h", head[70:72])[0]
+        offset = struct.unpack(order + "f", head[108:112])[0]
+        if not 0 < dims[0] <= 7 or datatype not in _NIFTI_BYTES or not math.isfinite(offset) or offset < 0:
+            return None
+        return int(offset) + int(np.prod([max(d, 1) for d in dims[1:1 + dims[0]]])) * _NIFTI_BYTES[datatype]
+    return None
 
 
 def check_out_folder(out: Path, overwrite: bool, replaced: str) -> None:
