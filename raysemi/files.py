@@ -13,7 +13,7 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "x", newline="") as f:
+        with open(tmp, "w", newline="") as f:  # a leftover of a crashed process with this pid: replaced
             f.write(text)
         os.replace(tmp, path)
     except BaseException:

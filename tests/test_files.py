@@ -50,3 +50,11 @@ def test_an_output_file_path_is_checked_before_the_work(tmp_path):
         check_out_file(tmp_path / "adir", "--out")
     with pytest.raises(UserError, match=r"^--out: .+/afile/x\.csv: .+/afile is a file; expected a folder there$"):
         check_out_file(tmp_path / "afile" / "x.csv", "--out")
+
+
+def test_a_leftover_temp_of_a_crashed_process_with_this_pid_does_not_block_a_write(tmp_path):
+    """In containers pids repeat: a temp file a killed process left must not fail a later write."""
+    path = tmp_path / "results.json"
+    (tmp_path / f".results.json.{os.getpid()}.tmp").write_text("half of an old write")
+    write_text_atomic(path, "whole")
+    assert path.read_text() == "whole" and [p.name for p in tmp_path.iterdir()] == ["results.json"]
