@@ -33,6 +33,15 @@ def check_out_file(path: str | Path, flag: str) -> None:
     check_out_parents(path, flag)
 
 
+def out_folder(out: str | Path, flag: str = "--out") -> Path:
+    """A dataset writer's --out folder: a link followed (the temp folder it writes first must lie
+    beside the real folder, on its file system, and the link is not the folder to replace), and
+    the folders above it checked (`check_out_parents`)."""
+    out = Path(os.path.realpath(out)) if Path(out).is_symlink() else Path(out)
+    check_out_parents(out, flag)
+    return out
+
+
 def check_out_parents(path: str | Path, flag: str) -> None:
     """Refuse, before any work, an output path (file or folder) whose nearest existing parent is a
     file or cannot be written to: the folders above it are made when it is written."""

@@ -24,7 +24,7 @@ import h5py
 import numpy as np
 
 from raysemi.errors import UserError
-from raysemi.files import check_out_parents
+from raysemi.files import out_folder
 from raysemi.progress import ProgressBar
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -115,7 +115,8 @@ def check_whole(path: Path, what: str = "image") -> None:
                 stream, head, size = zlib.decompressobj(wbits=31), b"", 0
                 while not stream.eof and (chunk := f.read(1 << 20)):
                     data = stream.decompress(chunk)
-                    head, size = (head + data[:348 - len(head)]) if len(head) < 348 else head, size + len(data)
+                    head += data[:348 - len(head)]  # the header: the first 348 bytes
+                    size += len(data)
                 if not stream.eof:
                     raise EOFError("the compressed stream ends before its end mark")
             else:
@@ -339,11 +340,8 @@ def staged_output(out: Path, overwrite: bool) -> Iterator[Path]:
     the old dataset's files (`dataset_files`) go, the new ones come, and every other file stays. A
     failure part-way (an OSError, Ctrl-C) moves the old files back and leaves `out` as it was.
     """
-    # a link is followed: the temp folder must be made beside the real folder (one file system, for
-    # the final rename), and the link is not the folder to remove or replace
-    out = Path(os.path.realpath(out)) if Path(out).is_symlink() else Path(out)
+    out = out_folder(out)
     check_output(out, overwrite)
-    check_out_parents(out, "--out")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

@@ -129,10 +129,11 @@ def scan(images: Path, labels: Path | None, out: Path | None = None) -> tuple[st
                             f"--images and its subfolders (an image's name is its case name; {hint})")
         stems[s] = p
     if same_folder:  # images and labels side by side: X.nii.gz with X_gt.nii.gz
-        lone = [p for s, p in stems.items() if _label_base(s) is not None and _label_base(s) not in stems]
+        lone = [s for s in stems if _label_base(s) is not None and _label_base(s) not in stems]
         if lone:  # a typo in the image's or the label's name must not make the label an unlabeled image
-            raise UserError(f"{lone[0]}: named as a label (…{_stem(lone[0])[len(_label_base(_stem(lone[0]))):]}), "
-                            f"but no image {_label_base(_stem(lone[0]))!r} lies in {images}"
+            base = _label_base(lone[0])
+            raise UserError(f"{stems[lone[0]]}: named as a label (…{lone[0][len(base):]}), "
+                            f"but no image {base!r} lies in {images}"
                             f"{f' (and {len(lone) - 1} more)' if len(lone) > 1 else ''}; expected its image beside "
                             "it (or, if it is an image, a name without _gt, _label or _seg at the end)")
         stems = {s: p for s, p in stems.items() if _label_base(s) not in stems}

@@ -22,7 +22,7 @@ import numpy as np
 from scipy import ndimage
 
 from raysemi.errors import UserError
-from raysemi.files import check_out_parents
+from raysemi.files import out_folder
 
 #: bump when the generator changes, so cached sets are regenerated
 VERSION = 1
@@ -168,7 +168,7 @@ def write_phantom(out: str | Path, patients: int = 40, seed: int = 0, size: tupl
     Patients are split 70/10/20 into train/val/test like ACDC's 70/10/20 of 100. `workers`
     processes write patients in parallel; the files do not depend on it.
     """
-    out = Path(os.path.realpath(out)) if Path(out).is_symlink() else Path(out)  # see `convert.staged_output`
+    out = out_folder(out)
     if patients < 3:
         raise UserError(f"phantom: patients: {patients} is invalid; expected at least 3 (train, val and test)")
     if len(size) != 2 or min(size) < 32:
@@ -183,7 +183,6 @@ def write_phantom(out: str | Path, patients: int = 40, seed: int = 0, size: tupl
 
         if not dataset_files(out):  # (a dataset left half-swapped by a killed --overwrite still counts)
             raise UserError(f"{out}: not a phantom/ACDC folder; refusing to overwrite other content")
-    check_out_parents(out, "--out")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
