@@ -137,7 +137,7 @@ if want mps; then
       packed4 _mps
       echo "mps exit: $?"
       # CUDA falls back to no MPS when a client cannot connect: the control log counts who did
-      echo "mps: $(grep -c 'New client' "$CUDA_MPS_LOG_DIRECTORY/control.log" 2>/dev/null) client connections in control.log"
+      echo "mps: $(grep -ci 'new client' "$CUDA_MPS_LOG_DIRECTORY/control.log" 2>/dev/null) client connections in control.log"
       mps_quit; trap - EXIT INT TERM
       cp "$CUDA_MPS_LOG_DIRECTORY/control.log" "$OUT/mps_control.log" 2>/dev/null
     else
@@ -171,8 +171,10 @@ if want search; then
   RATE=(); PACKED_JSON="$OUT/throughput_${DEVICE}_packed4${COMPILE_FLAG:+_compile}.json"
   R=$([ -f "$PACKED_JSON" ] && python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['packed']['total_steady_it_per_s'])" "$PACKED_JSON" 2>/dev/null)
   [ -n "$R" ] && RATE=(--packed-rate "$R")
-  timeout $(left 5) python3 benchmarks/search_wall.py --device $DEVICE --data "$WORK/data" --size $PATCH \
-    --batch-size $BS --scale ${SCALE:-0.1} "${SEARCH[@]}" "${COMPILE_FLAG[@]}" "${RATE[@]}" --out "$OUT/search_wall_${DEVICE}.json"
+  # search_wall stops the search itself 40 s before the stage's end, so what the trials reported comes back
+  LIMIT=$(left 5); timeout $LIMIT python3 benchmarks/search_wall.py --device $DEVICE --data "$WORK/data" --size $PATCH \
+    --batch-size $BS --scale ${SCALE:-0.1} "${SEARCH[@]}" "${COMPILE_FLAG[@]}" "${RATE[@]}" \
+    --time-limit $((LIMIT > 60 ? LIMIT - 40 : 20)) --out "$OUT/search_wall_${DEVICE}.json"
   echo "search exit: $?"
 fi
 kill $SMI 2>/dev/null

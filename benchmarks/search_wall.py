@@ -21,13 +21,20 @@ validations; at full scale only the steps grow, by 1/S. Two projections:
   plus the full-scale iterations at R. This is the GPU-bound projection; it errs long, since a
   trial's start and validations mostly overlap its neighbours' training.
 `--from-json FILE` recomputes the projections of a saved result (e.g. with another --packed-rate).
+
+The search's own output goes to `--log` (default: the JSON's name with `.log`), with a progress line
+here every `--progress` seconds. `--time-limit S` stops the search (as Ctrl-C would) after S seconds
+and still writes what the trials reported by then, marked `"finished": false`, without projections,
+and exits 1: a device call that runs out of time keeps how far the search got.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -43,7 +50,7 @@ from throughput import bench_config  # noqa: E402
 from raysemi.config import save_yaml  # noqa: E402
 
 
-def run_search(args, tmp: Path) -> dict:
+def run_search(args, tmp: Path, log: Path) -> dict:
     iterations = max(1, round(args.iterations * args.scale))
     grace = max(1, round(args.grace_period * args.scale))
     interval = max(1, round(args.eval_interval * args.scale))
@@ -58,19 +65,24 @@ def run_search(args, tmp: Path) -> dict:
            "--gpus", str(gpus), "--cpus-per-trial", str(args.cpus_per_trial), "--storage", str(tmp / "runs"),
            "--name", "wall", "--experiment", "search-wall", "--tracking-uri", f"sqlite:///{tmp}/mlflow.db"]
     cmd += ["--gpus-per-trial", str(args.gpus_per_trial)] if gpus else ["--num-cpus", str(args.num_cpus)]
+    runs = tmp / "runs" / "wall"
     t0 = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        finished = watch(proc, runs, t0, args.time_limit, args.progress)
     wall = time.time() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"search failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    trials = [trial_times(result) for result in sorted((tmp / "runs" / "wall").glob("*/result.json"))]
-    trials = account([t for t in trials if t is not None], args.scale)
+    if finished and proc.returncode != 0:
+        tail = log.read_text(errors="replace")[-3000:]
+        raise SystemExit(f"search failed (exit {proc.returncode}); its output is in {log}; its end:\n{tail}")
+    trials = account(reported(runs), args.scale)
+    if finished and not trials:
+        raise SystemExit(f"the search ended without a trial report; its output is in {log}")
     # the driver's own start (Ray, MLflow, data into the object store), until the first trial starts
     # (Ray's report timestamps are whole seconds: up to 1 s short)
-    startup = min(t["start_unix"] for t in trials) - t0
+    startup = min(t["start_unix"] for t in trials) - t0 if trials else None
     done = sum(t["iterations"] for t in trials)
-    return {"command": " ".join(cmd[1:]), "wall_s": wall, "startup_s": startup, "trials": trials,
-            "iterations_total": done, "completed": sum(t["iterations"] == iterations for t in trials),
+    return {"command": " ".join(cmd[1:]), "finished": finished, "wall_s": wall, "startup_s": startup,
+            "trials": trials, "iterations_total": done, "completed": sum(t["iterations"] == iterations for t in trials),
             "stopped_early": sum(t["iterations"] < iterations for t in trials), "trial_iterations": iterations,
             "grace_period": grace, "eval_interval": interval, "search_it_per_s": done / wall,
             "trial_seconds_measured": sum(t["seconds"] for t in trials),
@@ -78,10 +90,47 @@ def run_search(args, tmp: Path) -> dict:
             "eval_seconds": sum(t["eval_s"] for t in trials)}
 
 
+def watch(proc: subprocess.Popen, runs: Path, t0: float, limit: float | None, every: float) -> bool:
+    """Wait for the search, printing how far its trials got every `every` seconds; past `limit`
+    seconds, stop it as Ctrl-C does (its trials end, MLflow marks them KILLED) and, if it has not
+    ended a minute later, kill its process group. True if the search ended by itself."""
+    shown = t0
+    while proc.poll() is None:
+        time.sleep(0.5)
+        now = time.time()
+        if limit is not None and now - t0 > limit:
+            print(f"[search_wall] {now - t0:.0f} s: past --time-limit {limit:g} s; stopping the search", flush=True)
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            return False
+        if now - shown >= every:
+            shown = now
+            trials = reported(runs)
+            print(f"[search_wall] {now - t0:.0f} s: {len(trials)} trials reported, "
+                  f"{sum(t['iterations'] for t in trials):,} iterations", flush=True)
+    return True
+
+
+def reported(runs: Path) -> list[dict]:
+    """The accounts of the trials that have reported so far."""
+    trials = [trial_times(result) for result in sorted(runs.glob("*/result.json"))]
+    return [t for t in trials if t is not None]
+
+
 def trial_times(result: Path) -> dict | None:
     """One trial's seconds from its reports: in all, in training steps (capture and compile
-    included), in validations, and the steady rate of its steps after the first report."""
-    reports = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
+    included), in validations, and the steady rate of its steps after the first report. A line
+    still being written (the search running) is left out."""
+    reports = []
+    for line in result.read_text().splitlines():
+        try:
+            reports.append(json.loads(line))
+        except ValueError:
+            continue
     if not reports:
         return None
     first, last = reports[0], reports[-1]
@@ -131,6 +180,9 @@ def read_result(path: str, p: argparse.ArgumentParser) -> dict:
     missing = [k for k in need if k not in report] + [
         f"trials[].{k}" for k in ("iterations", "seconds", "train_s", "steady_it_per_s")
         if any(k not in t for t in report.get("trials", []))]
+    if report.get("finished") is False:
+        p.error(f"--from-json: {path}: finished: false; expected a search that finished "
+                "(this one stopped at its --time-limit, so its trials' accounts are partial)")
     if missing:
         p.error(f"--from-json: {path}: {missing[0]}: missing; expected a result of this script "
                 "(one written before the trials reported their seconds cannot be projected)")
@@ -167,9 +219,16 @@ def main() -> int:
     p.add_argument("--from-json", default=None, metavar="FILE",
                    help="recompute the projections of a saved result instead of running a search")
     p.add_argument("--out", default="benchmarks/results/search_wall.json")
+    p.add_argument("--log", default=None, metavar="FILE",
+                   help="where the search's own output goes (default: --out with the suffix .log)")
+    p.add_argument("--time-limit", type=float, default=None, metavar="S",
+                   help="stop the search after S seconds and write what its trials reported (exit 1)")
+    p.add_argument("--progress", type=float, default=30, metavar="S", help="seconds between progress lines")
     args = p.parse_args()
     if not 0 < args.scale <= 1:
         p.error(f"--scale: {args.scale} is invalid; expected a fraction in (0, 1]")
+    if args.time_limit is not None and args.time_limit <= 0:
+        p.error(f"--time-limit: {args.time_limit:g} is invalid; expected seconds > 0")
     if args.from_json:
         report = read_result(args.from_json, p)
         saved = report["args"]
@@ -181,13 +240,18 @@ def main() -> int:
                  else f"{saved['cpus_per_trial']} CPU per trial")
         factor = saved["reduction_factor"]
     else:
+        log = Path(args.log or Path(args.out).with_suffix(".log"))
+        log.parent.mkdir(parents=True, exist_ok=True)
+        print(f"the search's output: {log}", flush=True)
         with tempfile.TemporaryDirectory() as tmp:
-            r = run_search(args, Path(tmp))
+            r = run_search(args, Path(tmp), log)
         device = torch.cuda.get_device_name() if args.device == "cuda" and torch.cuda.is_available() else "cpu"
         per_device = 1 / args.gpus_per_trial if args.device == "cuda" else args.num_cpus / args.cpus_per_trial
         report = {"date": time.strftime("%Y-%m-%d"), "machine": {"platform": platform.platform(), "device": device},
-                  "args": vars(args), "benchmark_command": " ".join([Path(sys.executable).name] + sys.argv), **r,
-                  **projections(r, args.scale, per_device, args.packed_rate)}
+                  "args": vars(args), "benchmark_command": " ".join([Path(sys.executable).name] + sys.argv), **r}
+        if not r["finished"]:
+            return write_unfinished(report, args, device)
+        report.update(projections(r, args.scale, per_device, args.packed_rate))
         saved_trials, factor = args.trials, args.reduction_factor
         share = f"{args.gpus_per_trial:g} GPU per trial" if args.device == "cuda" else f"{args.cpus_per_trial} CPU per trial"
     r = report
@@ -199,11 +263,26 @@ def main() -> int:
     print(f"{r['wall_s']:>9.0f}{r['startup_s']:>12.0f}{r['iterations_total']:>12}{r['completed']:>11}"
           f"{r['stopped_early']:>9}{r['search_it_per_s']:>9.1f}{r['projected_full_wall_s'] / 60:>23.1f} min"
           + (f"{packed / 60:>16.1f} min" if packed else f"{'(no --packed-rate)':>20}"))
-    out = Path(args.out)
+    write(report, args.out)
+    return 0
+
+
+def write_unfinished(r: dict, args: argparse.Namespace, device: str) -> int:
+    """A search stopped at --time-limit: what its trials reported by then, no projection (the
+    trials still running would count as stopped early)."""
+    start = f"its first trial started after {r['startup_s']:.0f} s" if r["startup_s"] is not None else "no trial reported"
+    print(f"the search of {args.trials} trials on {device} did not finish within --time-limit {args.time_limit:g} s; "
+          f"{start}; {len(r['trials'])} trials reported, {r['completed']} of them completed, "
+          f"{r['iterations_total']:,} iterations; no projection")
+    write(r, args.out)
+    return 1
+
+
+def write(report: dict, path: str) -> None:
+    out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     print(f"written: {out}")
-    return 0
 
 
 if __name__ == "__main__":

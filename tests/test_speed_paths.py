@@ -4,6 +4,7 @@ and a bf16 + channels_last step gives the fp32 losses within bf16 tolerance."""
 import copy
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -436,3 +437,29 @@ def test_gpu_check_stages_are_checked_and_mps_is_looked_for(tmp_path):
     assert "mps: the MPS daemon did not start; stage skipped" in failing.stdout
     assert (fake.parent / "calls").read_text().split() == ["-d"]  # asked to start, nothing timed
     assert not list((tmp_path / "out").glob("*mps*.json"))
+
+
+def test_search_wall_time_limit_stops_the_search_and_keeps_what_trials_reported(tiny_phantom, tmp_path):
+    """A device call has a hard end: past --time-limit the search is stopped as Ctrl-C stops it,
+    and the trials' reports so far are written (finished: false, no projection), not lost."""
+    script = BENCHMARKS / "search_wall.py"
+    out, log = tmp_path / "w.json", tmp_path / "search.log"
+    proc = run_benchmark(script, "--device", "cpu", "--data", str(tiny_phantom), "--labeled-patients", "2",
+                         "--size", "32", "--batch-size", "4", "--trials", "2", "--iterations", "100000",
+                         "--grace-period", "50000", "--eval-interval", "5", "--cpus-per-trial", "1",
+                         "--num-cpus", "2", "--time-limit", "50", "--progress", "5", "--log", str(log),
+                         "--out", str(out))
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "past --time-limit 50 s; stopping the search" in proc.stdout
+    assert "did not finish within --time-limit 50 s" in proc.stdout and "no projection" in proc.stdout
+    assert re.search(r"\[search_wall\] \d+ s: \d+ trials reported", proc.stdout)  # progress while it ran
+    r = json.loads(out.read_text())
+    assert r["finished"] is False and "projected_full_wall_s" not in r and 50 <= r["wall_s"] < 50 + 70
+    assert r["trials"], "no trial reported within 50 s"
+    assert r["completed"] == 0 and r["iterations_total"] == sum(t["iterations"] for t in r["trials"]) > 0
+    assert all(t["iterations"] % 5 == 0 and t["reports"] == t["iterations"] // 5 for t in r["trials"])
+    assert "Interrupted" in log.read_text() or "interrupted" in log.read_text()  # the search's own output
+    # a partial result cannot be projected
+    proc = run_benchmark(script, "--from-json", str(out), "--packed-rate", "10", "--out", str(tmp_path / "p.json"),
+                         timeout=120)
+    assert proc.returncode == 2 and "finished: false; expected a search that finished" in proc.stderr
