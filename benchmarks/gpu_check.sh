@@ -27,9 +27,11 @@
 # The fourth device session ran (benchmarks/notes/performance.md, "The fourth session"):
 #   STAGES="compile trajectory" METHODS=uamt,mt,ict,em,dv,dan,supervised SET="uncertainty_copies=8 uncertainty_with_target=true" COMPILE=1 RESERVE=80 DEADLINE=565 bash benchmarks/gpu_check.sh
 #   STAGES=tests DEADLINE=170 bash benchmarks/gpu_check.sh
-# What is still open, one call each (performance.md, "The next device session"):
-#   STAGES="packed mps" COMPILE=1 DEADLINE=420 bash benchmarks/gpu_check.sh
-#   STAGES="packed search" COMPILE=1 SCALE=0.05 DEADLINE=585 bash benchmarks/gpu_check.sh   # on an H100
+# The fifth (on an H100; performance.md, "The fifth session"):
+#   STAGES="tests compile packed mps" METHODS=mt COMPILE=1 RESERVE=270 DEADLINE=565 bash benchmarks/gpu_check.sh
+#   STAGES=search SCALE=0.02 COMPILE=0 DEADLINE=310 bash benchmarks/gpu_check.sh   # ran out of time
+# What is still open (performance.md, "The next device session"), a whole call on an H100:
+#   STAGES=search SCALE=0.05 DEADLINE=585 bash benchmarks/gpu_check.sh
 # inductor's cache is kept in .inductor-cache/ (git-ignored, kept between calls on the same
 # machine), so a later call does not compile the same networks again.
 # Results go to $OUT (JSON, logs). On the lent GPU machine, from the repo root:
