@@ -87,8 +87,8 @@ def start_run_folder(out: Path, resume: str | None, trainer) -> None:
     """Make `out` hold this run only, unless it goes on in its own folder: an earlier run's
     checkpoints, results and retrain state there (--overwrite) must not be resumed, kept as a
     finished seed or reported as this run's. A run resumed from another folder brings that
-    folder's best.pt, whose score the trainer carries on (without one, the best is counted afresh,
-    so there must be iterations left to find it)."""
+    folder's best.pt, whose score the trainer carries on (without one, or with another run's
+    there, the best is counted afresh, so there must be iterations left to find it)."""
     import shutil
 
     from raysemi.retrain import RUN_FILES, STATE_FILE, resumes_in_place
@@ -96,18 +96,38 @@ def start_run_folder(out: Path, resume: str | None, trainer) -> None:
     if resumes_in_place(resume, out):
         out.mkdir(parents=True, exist_ok=True)
         return
-    best = Path(resume).resolve().parent / "best.pt" if resume else None
-    if resume and not best.is_file() and trainer.iteration >= trainer.config.max_iterations:
-        raise UserError(f"--resume: {resume}: no best.pt beside it and no iteration left to train "
+    best, beside = None, "no best.pt beside it"
+    if resume and (Path(resume).resolve().parent / "best.pt").is_file():
+        best = Path(resume).resolve().parent / "best.pt"
+        other = best_of_another_run(best, trainer)
+        if other:
+            best, beside = None, f"the best.pt beside it is another run's ({other})"
+    if resume and best is None and trainer.iteration >= trainer.config.max_iterations:
+        raise UserError(f"--resume: {resume}: {beside} and no iteration left to train "
                         f"({trainer.iteration} of --max-iterations {trainer.config.max_iterations}); expected its "
                         "run folder's best.pt beside it, or a larger --max-iterations")
+    if resume and beside != "no best.pt beside it":
+        print(f"note: --resume: {resume}: {beside}; left out, the best checkpoint is counted afresh")
     out.mkdir(parents=True, exist_ok=True)
     for name in (*RUN_FILES, STATE_FILE):
         (out / name).unlink(missing_ok=True)
-    if best is not None and best.is_file():
+    if best is not None:
         shutil.copy2(best, out / "best.pt")
     elif resume:
         trainer.forget_best()
+
+
+def best_of_another_run(best: Path, trainer) -> str | None:
+    """Why `best` is not the best checkpoint of the run the trainer resumed, or None if it is: a
+    run's best.pt was written at the iteration, with the Dice, that its last.pt keeps as its best
+    (a last.pt copied beside another run's best.pt would otherwise report that run's model)."""
+    ckpt = checkpoint.load(best)
+    saved = (int(ckpt.get("iteration", -1)), float(ckpt.get("best", {}).get("dice", float("nan"))))
+    if saved == (int(trainer.best["iteration"]), float(trainer.best["dice"])):
+        return None
+    ours = (f"its run's best was at iteration {trainer.best['iteration']}" if trainer.best["iteration"] >= 0
+            else "its run had not validated yet")
+    return f"written at iteration {saved[0]} with Dice {saved[1]:.4f}; {ours}"
 
 
 def resolve_config(args) -> tuple[TrainConfig, int, Path | None]:
