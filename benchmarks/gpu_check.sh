@@ -139,7 +139,7 @@ if want mps; then
       packed4 _mps
       echo "mps exit: $?"
       # CUDA falls back to no MPS when a client cannot connect: the control log counts who did
-      echo "mps: $(grep -ci 'new client' "$CUDA_MPS_LOG_DIRECTORY/control.log" 2>/dev/null) client connections in control.log"
+      echo "mps: $(grep -io 'new client [0-9]*' "$CUDA_MPS_LOG_DIRECTORY/control.log" 2>/dev/null | sort -u | wc -l) client processes in control.log"
       mps_quit; trap - EXIT INT TERM
       cp "$CUDA_MPS_LOG_DIRECTORY/control.log" "$OUT/mps_control.log" 2>/dev/null
     else
@@ -173,10 +173,11 @@ if want search; then
   RATE=(); PACKED_JSON="$OUT/throughput_${DEVICE}_packed4${COMPILE_FLAG:+_compile}.json"
   R=$([ -f "$PACKED_JSON" ] && python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['packed']['total_steady_it_per_s'])" "$PACKED_JSON" 2>/dev/null)
   [ -n "$R" ] && RATE=(--packed-rate "$R")
-  # search_wall stops the search itself 40 s before the stage's end, so what the trials reported comes back
+  # search_wall stops the search itself 45 s before the stage's end (20 s for its trials to end, then
+  # it kills the rest), so what the trials reported comes back; on timeout's SIGTERM it does the same
   LIMIT=$(left 5); timeout $LIMIT python3 benchmarks/search_wall.py --device $DEVICE --data "$WORK/data" --size $PATCH \
     --batch-size $BS --scale ${SCALE:-0.1} "${SEARCH[@]}" "${COMPILE_FLAG[@]}" "${RATE[@]}" \
-    --time-limit $((LIMIT > 60 ? LIMIT - 40 : 20)) --out "$OUT/search_wall_${DEVICE}.json"
+    --time-limit $((LIMIT > 90 ? LIMIT - 45 : LIMIT / 2)) --stop-grace 20 --out "$OUT/search_wall_${DEVICE}.json"
   echo "search exit: $?"
 fi
 kill $SMI 2>/dev/null

@@ -23,9 +23,11 @@ validations; at full scale only the steps grow, by 1/S. Two projections:
 `--from-json FILE` recomputes the projections of a saved result (e.g. with another --packed-rate).
 
 The search's own output goes to `--log` (default: the JSON's name with `.log`), with a progress line
-here every `--progress` seconds. `--time-limit S` stops the search (as Ctrl-C would) after S seconds
+here every `--progress` seconds. `--time-limit S` stops the search (as Ctrl-C would) S seconds after
+this script started, gives its trials `--stop-grace` seconds to end, then kills what is left of it,
 and still writes what the trials reported by then, marked `"finished": false`, without projections,
-and exits 1: a device call that runs out of time keeps how far the search got.
+and exits 1: a device call that runs out of time keeps how far the search got. Ctrl-C or SIGTERM
+(`timeout`) here do the same, exiting 130.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ from throughput import bench_config  # noqa: E402
 
 from raysemi.config import save_yaml  # noqa: E402
 
+STARTED = time.time()  # --time-limit counts from here, the imports included
+
 
 def run_search(args, tmp: Path, log: Path) -> dict:
     iterations = max(1, round(args.iterations * args.scale))
@@ -69,8 +73,10 @@ def run_search(args, tmp: Path, log: Path) -> dict:
     t0 = time.time()
     with open(log, "w") as sink:
         proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
-        finished = watch(proc, runs, t0, args.time_limit, args.progress)
+        deadline = STARTED + args.time_limit if args.time_limit is not None else None
+        stopped = watch(proc, runs, t0, deadline, args.stop_grace, args.progress)
     wall = time.time() - t0
+    finished = stopped is None
     if finished and proc.returncode != 0:
         tail = log.read_text(errors="replace")[-3000:]
         raise SystemExit(f"search failed (exit {proc.returncode}); its output is in {log}; its end:\n{tail}")
@@ -81,38 +87,73 @@ def run_search(args, tmp: Path, log: Path) -> dict:
     # (Ray's report timestamps are whole seconds: up to 1 s short)
     startup = min(t["start_unix"] for t in trials) - t0 if trials else None
     done = sum(t["iterations"] for t in trials)
-    return {"command": " ".join(cmd[1:]), "finished": finished, "wall_s": wall, "startup_s": startup,
-            "trials": trials, "iterations_total": done, "completed": sum(t["iterations"] == iterations for t in trials),
-            "stopped_early": sum(t["iterations"] < iterations for t in trials), "trial_iterations": iterations,
+    return {"command": " ".join(cmd[1:]), "finished": finished, "stopped_by": stopped, "wall_s": wall,
+            "startup_s": startup, "trials": trials, "iterations_total": done,
+            "completed": sum(t["iterations"] == iterations for t in trials),
+            # unfinished, a trial short of the iterations may still have been running
+            "stopped_early": sum(t["iterations"] < iterations for t in trials) if finished else None,
+            "trial_iterations": iterations,
             "grace_period": grace, "eval_interval": interval, "search_it_per_s": done / wall,
             "trial_seconds_measured": sum(t["seconds"] for t in trials),
             "trial_seconds_projected": sum(t["projected_seconds"] for t in trials),
             "eval_seconds": sum(t["eval_s"] for t in trials)}
 
 
-def watch(proc: subprocess.Popen, runs: Path, t0: float, limit: float | None, every: float) -> bool:
-    """Wait for the search, printing how far its trials got every `every` seconds; past `limit`
-    seconds, stop it as Ctrl-C does (its trials end, MLflow marks them KILLED) and, if it has not
-    ended a minute later, kill its process group. True if the search ended by itself."""
+class Terminated(Exception):
+    """SIGTERM reached this script (`timeout`, a job scheduler)."""
+
+
+def _terminated(signum, frame):
+    raise Terminated
+
+
+def watch(proc: subprocess.Popen, runs: Path, t0: float, deadline: float | None, grace: float,
+          every: float) -> str | None:
+    """Wait for the search (in its own process session), printing how far its trials got every
+    `every` seconds. Past `deadline`, or on Ctrl-C or SIGTERM here, stop it (`stop`). None if the
+    search ended by itself, else what stopped it."""
+    previous = signal.signal(signal.SIGTERM, _terminated)
     shown = t0
-    while proc.poll() is None:
-        time.sleep(0.5)
-        now = time.time()
-        if limit is not None and now - t0 > limit:
-            print(f"[search_wall] {now - t0:.0f} s: past --time-limit {limit:g} s; stopping the search", flush=True)
+    try:
+        while proc.poll() is None:
+            time.sleep(0.5)
+            now = time.time()
+            if deadline is not None and now > deadline and proc.poll() is None:
+                print(f"[search_wall] {now - t0:.0f} s: past --time-limit; stopping the search", flush=True)
+                stop(proc, grace)
+                return "time limit"
+            if now - shown >= every:
+                shown = now
+                trials = reported(runs)
+                print(f"[search_wall] {now - t0:.0f} s: {len(trials)} trials reported, "
+                      f"{sum(t['iterations'] for t in trials):,} iterations", flush=True)
+    except (KeyboardInterrupt, Terminated) as err:
+        why = "Ctrl-C" if isinstance(err, KeyboardInterrupt) else "SIGTERM"
+        print(f"[search_wall] {why}: stopping the search", flush=True)
+        stop(proc, grace)
+        return why
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    stop(proc, 0)  # it ended: what it left running (Ray's processes in its group) goes too
+    return None
+
+
+def stop(proc: subprocess.Popen, grace: float) -> None:
+    """Stop the search as Ctrl-C does (its trials end, MLflow marks them KILLED), wait up to `grace`
+    seconds for it, then kill whatever is left of its process group (the driver, Ray's workers)."""
+    try:
+        if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
             try:
-                proc.wait(timeout=60)
+                proc.wait(timeout=grace)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-            return False
-        if now - shown >= every:
-            shown = now
-            trials = reported(runs)
-            print(f"[search_wall] {now - t0:.0f} s: {len(trials)} trials reported, "
-                  f"{sum(t['iterations'] for t in trials):,} iterations", flush=True)
-    return True
+                pass
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        proc.wait()
 
 
 def reported(runs: Path) -> list[dict]:
@@ -222,13 +263,18 @@ def main() -> int:
     p.add_argument("--log", default=None, metavar="FILE",
                    help="where the search's own output goes (default: --out with the suffix .log)")
     p.add_argument("--time-limit", type=float, default=None, metavar="S",
-                   help="stop the search after S seconds and write what its trials reported (exit 1)")
+                   help="stop the search S seconds after this script started and write what its trials "
+                        "reported (exit 1)")
+    p.add_argument("--stop-grace", type=float, default=30, metavar="S",
+                   help="seconds a stopped search has to end its trials before it is killed")
     p.add_argument("--progress", type=float, default=30, metavar="S", help="seconds between progress lines")
     args = p.parse_args()
     if not 0 < args.scale <= 1:
         p.error(f"--scale: {args.scale} is invalid; expected a fraction in (0, 1]")
     if args.time_limit is not None and args.time_limit <= 0:
         p.error(f"--time-limit: {args.time_limit:g} is invalid; expected seconds > 0")
+    if args.stop_grace < 0:
+        p.error(f"--stop-grace: {args.stop_grace:g} is invalid; expected seconds >= 0")
     if args.from_json:
         report = read_result(args.from_json, p)
         saved = report["args"]
@@ -268,14 +314,16 @@ def main() -> int:
 
 
 def write_unfinished(r: dict, args: argparse.Namespace, device: str) -> int:
-    """A search stopped at --time-limit: what its trials reported by then, no projection (the
-    trials still running would count as stopped early)."""
+    """A search stopped (--time-limit, Ctrl-C, SIGTERM): what its trials reported by then, no
+    projection (the trials still running would count as stopped early)."""
     start = f"its first trial started after {r['startup_s']:.0f} s" if r["startup_s"] is not None else "no trial reported"
-    print(f"the search of {args.trials} trials on {device} did not finish within --time-limit {args.time_limit:g} s; "
-          f"{start}; {len(r['trials'])} trials reported, {r['completed']} of them completed, "
+    why = (f"did not finish within --time-limit {args.time_limit:g} s" if r["stopped_by"] == "time limit"
+           else f"was stopped by {r['stopped_by']}")
+    print(f"the search of {args.trials} trials on {device} {why} ({r['wall_s']:.0f} s); {start}; "
+          f"{len(r['trials'])} trials reported, {r['completed']} of them completed, "
           f"{r['iterations_total']:,} iterations; no projection")
     write(r, args.out)
-    return 1
+    return 1 if r["stopped_by"] == "time limit" else 130
 
 
 def write(report: dict, path: str) -> None:

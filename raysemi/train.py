@@ -96,17 +96,17 @@ def start_run_folder(out: Path, resume: str | None, trainer) -> None:
     if resumes_in_place(resume, out):
         out.mkdir(parents=True, exist_ok=True)
         return
-    best, beside = None, "no best.pt beside it"
+    best, beside, other = None, "no best.pt beside it", None
     if resume and (Path(resume).resolve().parent / "best.pt").is_file():
         best = Path(resume).resolve().parent / "best.pt"
         other = best_of_another_run(best, trainer)
         if other:
-            best, beside = None, f"the best.pt beside it is another run's ({other})"
+            best, beside = None, f"the best.pt beside it is not its run's ({other})"
     if resume and best is None and trainer.iteration >= trainer.config.max_iterations:
         raise UserError(f"--resume: {resume}: {beside} and no iteration left to train "
                         f"({trainer.iteration} of --max-iterations {trainer.config.max_iterations}); expected its "
                         "run folder's best.pt beside it, or a larger --max-iterations")
-    if resume and beside != "no best.pt beside it":
+    if other:
         print(f"note: --resume: {resume}: {beside}; left out, the best checkpoint is counted afresh")
     out.mkdir(parents=True, exist_ok=True)
     for name in (*RUN_FILES, STATE_FILE):
@@ -121,12 +121,15 @@ def best_of_another_run(best: Path, trainer) -> str | None:
     """Why `best` is not the best checkpoint of the run the trainer resumed, or None if it is: a
     run's best.pt was written at the iteration, with the Dice, that its last.pt keeps as its best
     (a last.pt copied beside another run's best.pt would otherwise report that run's model)."""
-    ckpt = checkpoint.load(best)
+    try:
+        ckpt = checkpoint.load(best)
+    except UserError:
+        return "not a raysemi checkpoint that loads"
     saved = (int(ckpt.get("iteration", -1)), float(ckpt.get("best", {}).get("dice", float("nan"))))
     if saved == (int(trainer.best["iteration"]), float(trainer.best["dice"])):
         return None
     ours = (f"its run's best was at iteration {trainer.best['iteration']}" if trainer.best["iteration"] >= 0
-            else "its run had not validated yet")
+            else "its run had no best yet")
     return f"written at iteration {saved[0]} with Dice {saved[1]:.4f}; {ours}"
 
 

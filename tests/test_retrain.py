@@ -377,15 +377,21 @@ def test_a_run_resumed_into_another_folder(tiny_phantom, tmp_path):
     # ... and beside another run's best.pt (d's, seed 7): not that run's model in the report
     shutil.copy2(tmp_path / "d" / "best.pt", tmp_path / "lone" / "best.pt")
     code, _, err = train(["--resume", "lone/last.pt", "--output", "run2", "--no-mlflow"], tmp_path)
-    _one_line(code, err, "lone/last.pt: the best.pt beside it is another run's (written at iteration",
+    _one_line(code, err, "lone/last.pt: the best.pt beside it is not its run's (written at iteration",
               "its run's best was at iteration", "and no iteration left to train (2 of --max-iterations 2)")
     assert not (tmp_path / "run2").exists()
     code, out, err = train(["--resume", "lone/last.pt", "--output", "run2", "--no-mlflow", "--max-iterations", "3"],
                            tmp_path)
     assert code == 0, err
-    assert "the best.pt beside it is another run's" in out and "the best checkpoint is counted afresh" in out
+    assert "the best.pt beside it is not its run's" in out and "the best checkpoint is counted afresh" in out
     assert (tmp_path / "run2" / "best.pt").read_bytes() != (tmp_path / "d" / "best.pt").read_bytes()
     assert json.loads((tmp_path / "run2" / "results.json").read_text())["best_iteration"] == 3
+    # a best.pt beside it that is not a checkpoint at all: left out the same way, not a stop
+    (tmp_path / "lone" / "best.pt").write_bytes(b"not a checkpoint")
+    code, out, err = train(["--resume", "lone/last.pt", "--output", "run3", "--no-mlflow", "--max-iterations", "3"],
+                           tmp_path)
+    assert code == 0, err
+    assert "the best.pt beside it is not its run's (not a raysemi checkpoint that loads)" in out
 
     a_best = json.loads((tmp_path / "a" / "results.json").read_text())
     for out, extra in (("b", []), ("d", ["--overwrite"])):  # nothing left to train: the report is a's best

@@ -6,8 +6,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -447,19 +449,54 @@ def test_search_wall_time_limit_stops_the_search_and_keeps_what_trials_reported(
     proc = run_benchmark(script, "--device", "cpu", "--data", str(tiny_phantom), "--labeled-patients", "2",
                          "--size", "32", "--batch-size", "4", "--trials", "2", "--iterations", "100000",
                          "--grace-period", "50000", "--eval-interval", "5", "--cpus-per-trial", "1",
-                         "--num-cpus", "2", "--time-limit", "50", "--progress", "5", "--log", str(log),
-                         "--out", str(out))
+                         "--num-cpus", "2", "--time-limit", "60", "--stop-grace", "30", "--progress", "5",
+                         "--log", str(log), "--out", str(out))
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "past --time-limit 50 s; stopping the search" in proc.stdout
-    assert "did not finish within --time-limit 50 s" in proc.stdout and "no projection" in proc.stdout
+    assert "past --time-limit; stopping the search" in proc.stdout
+    assert "did not finish within --time-limit 60 s" in proc.stdout and "no projection" in proc.stdout
     assert re.search(r"\[search_wall\] \d+ s: \d+ trials reported", proc.stdout)  # progress while it ran
     r = json.loads(out.read_text())
-    assert r["finished"] is False and "projected_full_wall_s" not in r and 50 <= r["wall_s"] < 50 + 70
-    assert r["trials"], "no trial reported within 50 s"
+    assert r["finished"] is False and r["stopped_by"] == "time limit" and "projected_full_wall_s" not in r
+    assert r["wall_s"] < 60 + 30 + 5 and r["stopped_early"] is None
+    assert r["trials"], "no trial reported within 60 s"
     assert r["completed"] == 0 and r["iterations_total"] == sum(t["iterations"] for t in r["trials"]) > 0
     assert all(t["iterations"] % 5 == 0 and t["reports"] == t["iterations"] // 5 for t in r["trials"])
     assert "Interrupted" in log.read_text() or "interrupted" in log.read_text()  # the search's own output
+    assert not searches_running()
     # a partial result cannot be projected
     proc = run_benchmark(script, "--from-json", str(out), "--packed-rate", "10", "--out", str(tmp_path / "p.json"),
                          timeout=120)
     assert proc.returncode == 2 and "finished: false; expected a search that finished" in proc.stderr
+
+
+def searches_running() -> list[str]:
+    """Command lines of search_wall's searches still running (its experiment is 'search-wall')."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"raysemi.search" in args and b"search-wall" in args:
+            found.append(" ".join(a.decode(errors="replace") for a in args))
+    return found
+
+
+def test_search_wall_on_sigterm_stops_its_search_and_writes_what_it_has(tiny_phantom, tmp_path):
+    """`timeout` sends SIGTERM: the search, in its own process session, must not outlive the
+    script, and the result so far is written."""
+    out = tmp_path / "w.json"
+    proc = subprocess.Popen([sys.executable, str(BENCHMARKS / "search_wall.py"), "--device", "cpu", "--data",
+                             str(tiny_phantom), "--labeled-patients", "2", "--size", "32", "--batch-size", "4",
+                             "--trials", "2", "--iterations", "100000", "--cpus-per-trial", "1", "--num-cpus", "2",
+                             "--stop-grace", "10", "--out", str(out)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().startswith("the search's output: ")  # the search is being started
+    time.sleep(3)
+    assert searches_running()
+    proc.send_signal(signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stdout
+    assert "SIGTERM: stopping the search" in stdout and "was stopped by SIGTERM" in stdout
+    r = json.loads(out.read_text())
+    assert r["finished"] is False and r["stopped_by"] == "SIGTERM"
+    assert not searches_running()
