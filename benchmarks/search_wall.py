@@ -319,7 +319,7 @@ def write_unfinished(r: dict, args: argparse.Namespace, device: str) -> int:
     start = f"its first trial started after {r['startup_s']:.0f} s" if r["startup_s"] is not None else "no trial reported"
     why = (f"did not finish within --time-limit {args.time_limit:g} s" if r["stopped_by"] == "time limit"
            else f"was stopped by {r['stopped_by']}")
-    print(f"the search of {args.trials} trials on {device} {why} ({r['wall_s']:.0f} s); {start}; "
+    print(f"the search of {args.trials} trials on {device} {why}; it ran {r['wall_s']:.0f} s with its stop; {start}; "
           f"{len(r['trials'])} trials reported, {r['completed']} of them completed, "
           f"{r['iterations_total']:,} iterations; no projection")
     write(r, args.out)
