@@ -222,8 +222,8 @@ def read_result(path: str, p: argparse.ArgumentParser) -> dict:
         f"trials[].{k}" for k in ("iterations", "seconds", "train_s", "steady_it_per_s")
         if any(k not in t for t in report.get("trials", []))]
     if report.get("finished") is False:
-        p.error(f"--from-json: {path}: finished: false; expected a search that finished "
-                "(this one stopped at its --time-limit, so its trials' accounts are partial)")
+        p.error(f"--from-json: {path}: finished: false; expected a search that finished (this one was stopped "
+                f"by {report.get('stopped_by') or 'its --time-limit'}, so its trials' accounts are partial)")
     if missing:
         p.error(f"--from-json: {path}: {missing[0]}: missing; expected a result of this script "
                 "(one written before the trials reported their seconds cannot be projected)")
@@ -289,7 +289,8 @@ def main() -> int:
         log = Path(args.log or Path(args.out).with_suffix(".log"))
         log.parent.mkdir(parents=True, exist_ok=True)
         print(f"the search's output: {log}", flush=True)
-        with tempfile.TemporaryDirectory() as tmp:
+        # a stopped search's killed workers may still be going away while the folder is removed
+        with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:
             r = run_search(args, Path(tmp), log)
         device = torch.cuda.get_device_name() if args.device == "cuda" and torch.cuda.is_available() else "cpu"
         per_device = 1 / args.gpus_per_trial if args.device == "cuda" else args.num_cpus / args.cpus_per_trial
