@@ -96,12 +96,11 @@ def start_run_folder(out: Path, resume: str | None, trainer) -> None:
     if resumes_in_place(resume, out):
         out.mkdir(parents=True, exist_ok=True)
         return
-    best, beside, other = None, "no best.pt beside it", None
-    if resume and (Path(resume).resolve().parent / "best.pt").is_file():
-        best = Path(resume).resolve().parent / "best.pt"
-        other = best_of_another_run(best, trainer)
-        if other:
-            best, beside = None, f"the best.pt beside it is not its run's ({other})"
+    found = Path(resume).resolve().parent / "best.pt" if resume else None
+    found = found if found is not None and found.is_file() else None
+    other = best_of_another_run(found, trainer) if found is not None else None
+    best = None if other else found
+    beside = f"the best.pt beside it is not its run's ({other})" if other else "no best.pt beside it"
     if resume and best is None and trainer.iteration >= trainer.config.max_iterations:
         raise UserError(f"--resume: {resume}: {beside} and no iteration left to train "
                         f"({trainer.iteration} of --max-iterations {trainer.config.max_iterations}); expected its "
