@@ -56,6 +56,9 @@ def build_parser() -> ArgumentParser:
     r.add_argument("--gpus-per-trial", type=float, default=None, help="GPUs per trial; fractions share a GPU (default: 1)")
     r.add_argument("--cpus-per-trial", type=int, default=1, help="CPUs per trial")
     r.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)")
+    r.add_argument("--no-reuse-actors", action="store_true", help="start every trial in a new Ray worker process "
+                   "(default: a worker whose trial ended takes the next trial, which skips the process start, the "
+                   "imports, the data fetch, the CUDA context and, under compile, the compiling; results are the same)")
     r.add_argument("--address", default=None, help="join a running Ray cluster ('auto' or HOST:PORT; default: "
                    "$RAY_ADDRESS, else a local Ray)")
     t = p.add_argument_group("tracking and storage")
@@ -219,8 +222,8 @@ def progress_reporter(**kwargs):
 #: what a search saves at its start and keeps when continued, whatever the flags then say
 SAVED = ("method", "data", "labeled_patients", "num_samples", "max_iterations", "eval_interval", "seeds",
          "search_space", "seed", "config", "experiment")
-#: kept too when Tune restores its own state (its scheduler and failure settings are part of it)
-RESTORED = ("grace_period", "reduction_factor", "max_failures")
+#: kept too when Tune restores its own state (its scheduler, failure and actor-reuse settings are part of it)
+RESTORED = ("grace_period", "reduction_factor", "max_failures", "no_reuse_actors")
 
 
 def given_flags(parser: ArgumentParser, argv: list[str]) -> list[str]:
@@ -573,6 +576,7 @@ def _search(args, methods, spaces, base: TrainConfig, dataset, uri: str, storage
                 trainable,
                 tune_config=tune.TuneConfig(metric=METRIC, mode="max", search_alg=searcher, scheduler=scheduler,
                                             num_samples=args.num_samples, max_concurrent_trials=concurrency,
+                                            reuse_actors=not args.no_reuse_actors,
                                             trial_dirname_creator=trial_dirname, trial_name_creator=trial_dirname),
                 run_config=tune.RunConfig(
                     name=name, storage_path=str(storage), callbacks=[callback], progress_reporter=reporter,

@@ -4,6 +4,8 @@
 With `seeds > 1` the trial trains one model per seed in lockstep and reports the mean validation
 Dice (the reference's gains are within seed noise, so a config is scored on several seeds).
 The dataset arrives through Ray's object store (`tune.with_parameters`), read once per search.
+A worker process whose trial ended takes the next one (Tune's `reuse_actors`): it keeps its
+imports, CUDA context and compiled code, and the trial frees everything else when it ends.
 A loss that turns NaN ends the trial with `diverged = 1` and its reason (retrying from a
 checkpoint would diverge again); any other error is left to Tune's FailureConfig to retry.
 """
@@ -11,11 +13,12 @@ checkpoint would diverge again); any other error is left to Tune's FailureConfig
 from __future__ import annotations
 
 import copy
+import gc
 import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -118,16 +121,49 @@ def torch_index(gpu_id: str, visible: str | None) -> int:
 
 def train_trial(config: dict[str, Any], *, base: dict[str, Any], dataset: Dataset, seeds: int = 1,
                 cpus_per_trial: int = 1) -> None:
-    """Tune entry point (wrapped by `tune.with_parameters` in the search driver)."""
+    """Tune entry point (wrapped by `tune.with_parameters` in the search driver).
+
+    The search reuses a worker process for the next trial (Tune's `reuse_actors`), so a trial
+    leaves nothing behind: its networks, optimisers and CUDA graphs are freed when it ends, and
+    their GPU memory goes back to the card (another trial's process may share it)."""
     import logging
 
     import ray
-    from ray import tune
 
     for name in ("ray.train", "ray.tune"):  # no "Checkpoint successfully created" line per report
         logging.getLogger(name).setLevel(logging.WARNING)
     torch.set_num_threads(max(1, int(cpus_per_trial)))
+    # how long Tune waits for a stopped trial to end before giving its worker to the next one
+    # (else that trial errors): 2 s by default, and freeing a trial's memory may take longer
+    os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "30")
     device = trial_device(ray.get_gpu_ids())
+    run_then_release(lambda: _run_trial(config, base, dataset, seeds, device), device)
+
+
+def run_then_release(run: Callable[[], None], device: str) -> None:
+    """Runs a trial, then frees what its objects held (cycles among its modules, graphs and
+    callbacks included) and hands its cached GPU memory back to the card, also when Tune stops
+    it: a stopped trial's thread ends by SystemExit, whose traceback would keep its networks
+    alive while the worker waits for the next trial."""
+    stopped = False
+    try:
+        run()
+    except SystemExit:
+        stopped = True
+    gc.collect()
+    if device.startswith("cuda") and torch.cuda.is_initialized():
+        if hasattr(torch._C, "_cuda_clearCublasWorkspaces"):  # one per stream the trial's matmuls ran on
+            torch._C._cuda_clearCublasWorkspaces()
+        torch.cuda.empty_cache()
+    if stopped:
+        raise SystemExit(0)
+
+
+def _run_trial(config: dict[str, Any], base: dict[str, Any], dataset: Dataset, seeds: int, device: str) -> None:
+    """One trial: build its trainers (or resume them from Tune's checkpoint), train, report at
+    every evaluation."""
+    from ray import tune
+
     try:  # a sampled config no strategy can run (e.g. ema_decay 1.0) fails once, with its reason
         cfg = trial_config(config, base, device)
         keepers = [_KeepBest() for _ in range(seeds)]

@@ -333,6 +333,32 @@ def test_capture_replays_every_strategy(name, over, tiny_phantom, data):
 
 
 @cuda
+@pytest.mark.parametrize("name", ["mean_teacher", "adversarial"])
+def test_an_ended_trial_hands_its_gpu_memory_back(name, tiny_phantom, data):
+    """A search's worker takes the next trial (Tune's reuse_actors) and may share its GPU with
+    other trials' processes: when a trial ends, its networks, optimisers, captured graph and the
+    allocator's cache of them leave the card, and trial after trial the worker holds no more.
+    (The first trial may leave what a process keeps once, such as cuBLAS's workspace.)"""
+    from raysemi.trainable import run_then_release
+
+    held, after = [], []
+
+    def run():
+        trainer, _ = make(tiny_phantom, data, name, graphed=True, device="cuda", cuda_graphs="on", max_iterations=8,
+                          eval_interval=4)
+        trainer.train_until(8)  # capture, replays and two validations
+        assert trainer.graph_failure is None and trainer._graphed.graph is not None
+        torch.cuda.synchronize()
+        held.append(torch.cuda.memory_reserved())
+
+    for _ in range(3):
+        run_then_release(run, "cuda")
+        after.append((torch.cuda.memory_allocated(), torch.cuda.memory_reserved()))
+    assert after[2] == after[1], after  # nothing piles up trial after trial
+    assert all(reserved < trial for (_, reserved), trial in zip(after, held)), (after, held)
+
+
+@cuda
 def test_capture_on_a_numbered_device(tiny_phantom, data):
     """A trial Ray gives the node's third GPU (its GPUs all visible) trains on 'cuda:2', as does
     `--device cuda:N`: the capture and the replays must run there (the last GPU of this machine)."""

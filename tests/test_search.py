@@ -225,6 +225,42 @@ def test_asha_stops_the_trial_that_cannot_learn(search_run):
     assert any(r["status"] == "stopped_early" and int(r["iterations"]) < 40 for r in rows)
 
 
+def trial_reports(search_dir) -> list[list[dict]]:
+    """Each trial's reports (Tune's result.json), trials in the order they started."""
+    trials = [[json.loads(line) for line in f.read_text().splitlines()] for f in search_dir.glob("*/result.json")]
+    return sorted(trials, key=lambda rows: rows[0]["timestamp"] - rows[0]["time_total_s"])
+
+
+@pytest.mark.slow
+def test_a_worker_whose_trial_ended_takes_the_next_one(search_run):
+    """Tune's reuse_actors: the next trial skips the process start, the imports and the data
+    fetch; a trial ASHA stopped and one that diverged hand their worker on too."""
+    trials = trial_reports(search_run["dir"])
+    pids = [rows[0]["pid"] for rows in trials]
+    assert len(trials) == 7 and len(set(pids)) == 1, pids  # one trial at a time (--cpus-per-trial 2 of 2)
+    ended_early = [k for k, rows in enumerate(trials[:-1]) if rows[-1]["iteration"] < 40]
+    assert ended_early, "the search should stop or lose a trial before its last iteration"
+
+
+@pytest.mark.slow
+def test_a_reused_worker_trains_a_trial_as_a_fresh_process_does(search_run, tiny_phantom, tmp_path):
+    """The same search with a new process per trial: the same configs, and the same losses and
+    validation metrics at every report, so nothing of an earlier trial leaks into the next."""
+    code = run_cli(search_main, ["--method", "supervised,em,mt", "--data", str(tiny_phantom), *TINY,
+                                 "--num-samples", "4", "--search-space", str(search_run["tmp"] / "spaces"),
+                                 "--grace-period", "30", "--reduction-factor", "2", "--seed", "3", "--name", "fresh",
+                                 "--storage", str(tmp_path / "runs"), "--tracking-uri",
+                                 f"sqlite:///{tmp_path / 'm.db'}", "--max-failures", "0", "--no-reuse-actors"])
+    assert code == 0
+    fresh = trial_reports(tmp_path / "runs" / "fresh")
+    assert len({rows[0]["pid"] for rows in fresh}) == 4  # each trial in its own worker
+    reused = trial_reports(search_run["dir"])[:4]
+    keys = ("iteration", "train/loss", "val/dice", "val/hd95", "diverged")
+    for a, b in zip(reused, fresh):
+        assert (a[0]["method"], a[0]["params"]) == (b[0]["method"], b[0]["params"])
+        assert [[r.get(k) for k in keys] for r in a] == [[r.get(k) for k in keys] for r in b]
+
+
 @pytest.mark.slow
 def test_leaderboard_ranks_by_best_validation_dice_and_best_config_retrains(search_run, tiny_phantom):
     rows = [r for r in csv.DictReader(open(search_run["dir"] / "leaderboard.csv")) if r["rank"]]
@@ -243,6 +279,48 @@ def test_leaderboard_ranks_by_best_validation_dice_and_best_config_retrains(sear
 
     net, cfg = load_network(search_run["dir"] / "best_checkpoint.pt", None, "cpu")
     assert cfg.method == "supervised"
+
+
+@pytest.mark.parametrize("ending", ["returns", "is stopped"])
+def test_an_ended_trial_leaves_nothing_alive_in_its_worker(tiny_phantom, ending):
+    """A reused worker waits for its next trial with nothing of the last one held: its networks
+    (with their GPU memory) are freed when it returns and when Tune stops it. Tune stops a trial by
+    raising SystemExit in its thread at a report, as `run` does here; automatic collection is off,
+    as nothing makes it run between two trials."""
+    import gc
+    import weakref
+
+    from raysemi.data import load_dataset
+    from raysemi.loop import Trainer
+    from raysemi.trainable import _KeepBest, run_then_release
+    from tests.conftest import tiny_config
+
+    held = []
+
+    def run():
+        keeper = _KeepBest()
+        trainer = Trainer(tiny_config(tiny_phantom, method="mean_teacher", max_iterations=4),
+                          load_dataset(str(tiny_phantom), 2, 4), [keeper])
+        trainer.start()
+        trainer.train_until(4)
+        assert keeper.payload is not None  # the trial's best networks, copied, are held too
+        held.extend([weakref.ref(trainer), weakref.ref(trainer.strategy), weakref.ref(keeper)])
+        if ending == "is stopped":
+            sys.exit(0)
+
+    gc.collect()
+    gc.disable()
+    try:
+        if ending == "is stopped":
+            with pytest.raises(SystemExit) as stop:
+                run_then_release(run, "cpu")
+            assert stop.value.code == 0  # Tune's own way of ending the thread, passed on
+        else:
+            run_then_release(run, "cpu")
+        # checked while the stop is still held, as Ray's thread runner holds it
+        assert held and all(ref() is None for ref in held)
+    finally:
+        gc.enable()
 
 
 def test_best_so_far_is_the_best_mean_over_seeds_the_leaderboard_ranks_by():
@@ -659,16 +737,17 @@ def test_interrupted_search_resumes_without_losing_or_duplicating_trials(tiny_ph
     assert "Traceback" not in wrong.stderr and "Ray cluster" not in wrong.stdout
 
     # as a user would type it: the name (the search's own settings were saved with it), here with
-    # two settings it cannot change any more (a config field, ASHA's factor restored with Tune's
-    # state), which it says it ignores, and not the saved ones it was not given (--num-samples)
+    # settings it cannot change any more (a config field; ASHA's factor and the actor reuse,
+    # restored with Tune's state), which it says it ignores, and not the saved ones it was not given (--num-samples)
     again = subprocess.run([sys.executable, "-m", "raysemi.search", "--name", "r", "--storage", str(tmp_path / "runs"),
-                            "--resume", "--base-lr", "0.5", "--reduction-factor", "2"], capture_output=True,
+                            "--resume", "--base-lr", "0.5", "--reduction-factor", "2", "--no-reuse-actors"],
+                           capture_output=True,
                            text=True, cwd=tmp_path, timeout=400,
                            env={**os.environ, "MLFLOW_TRACKING_URI": "sqlite:///nowhere-else.db"})
     assert again.returncode == 0, again.stdout[-3000:]
     assert "continuing search 'r'" in again.stdout and "resuming search r" in again.stdout
-    assert "warning: --base-lr, --reduction-factor: ignored; a continued search keeps the settings it started " \
-           "with" in again.stdout
+    assert "warning: --base-lr, --reduction-factor, --no-reuse-actors: ignored; a continued search keeps the " \
+           "settings it started with" in again.stdout
     assert not (tmp_path / "nowhere-else.db").exists()  # the saved tracking URI is used
     client, parents, kids = children(uri, "raysemi-search")
     assert len(parents) == 1 and len(kids) == 3  # nothing logged twice as a new run
