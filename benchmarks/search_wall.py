@@ -37,6 +37,7 @@ import json
 import os
 import platform
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -69,6 +70,7 @@ def run_search(args, tmp: Path, log: Path) -> dict:
            "--gpus", str(gpus), "--cpus-per-trial", str(args.cpus_per_trial), "--storage", str(tmp / "runs"),
            "--name", "wall", "--experiment", "search-wall", "--tracking-uri", f"sqlite:///{tmp}/mlflow.db"]
     cmd += ["--gpus-per-trial", str(args.gpus_per_trial)] if gpus else ["--num-cpus", str(args.num_cpus)]
+    cmd += ["--no-reuse-actors"] if args.no_reuse_actors else []
     runs = tmp / "runs" / "wall"
     t0 = time.time()
     with open(log, "w") as sink:
@@ -89,6 +91,7 @@ def run_search(args, tmp: Path, log: Path) -> dict:
     done = sum(t["iterations"] for t in trials)
     return {"command": " ".join(cmd[1:]), "finished": finished, "stopped_by": stopped, "wall_s": wall,
             "startup_s": startup, "trials": trials, "iterations_total": done,
+            "reuse_actors": not args.no_reuse_actors, **workers(trials),
             "completed": sum(t["iterations"] == iterations for t in trials),
             # unfinished, a trial short of the iterations may still have been running
             "stopped_early": sum(t["iterations"] < iterations for t in trials) if finished else None,
@@ -179,9 +182,41 @@ def trial_times(result: Path) -> dict | None:
     d_train = last.get("time_train_s", 0.0) - first.get("time_train_s", 0.0)
     seconds = last["time_total_s"]
     return {"trial": result.parent.name, "iterations": last["iteration"], "reports": len(reports),
-            "start_unix": last["timestamp"] - seconds, "seconds": seconds, "train_s": last.get("time_train_s", 0.0),
+            "pid": first.get("pid"), "start_unix": last["timestamp"] - seconds, "end_unix": last["timestamp"],
+            "seconds": seconds, "train_s": last.get("time_train_s", 0.0),
             "eval_s": last.get("time_eval_s", 0.0),
             "steady_it_per_s": d_it / d_train if d_it > 0 and d_train > 0 else None}
+
+
+def slot_gaps(trials: list[dict]) -> list[float]:
+    """For each trial that started after another had ended: the seconds from the last end before
+    its start to its start, i.e. how long a freed slot took to start its next trial (Tune's
+    scheduling plus, without actor reuse, a new worker's process start, imports and data fetch;
+    outside every trial's own seconds). Report times are whole seconds (an end is up to 1 s
+    early, a start up to 1 s early too): an end up to 1 s after a start counts as before it, and
+    the gap is at least 0, so each gap is +-1 s."""
+    gaps = []
+    for t in trials:
+        before = [o["end_unix"] for o in trials if o is not t and o["end_unix"] <= t["start_unix"] + 1]
+        if before:
+            gaps.append(max(0.0, t["start_unix"] - max(before)))
+    return gaps
+
+
+def workers(trials: list[dict]) -> dict:
+    """What the trials' worker processes cost: how many there were, how long a freed slot took to
+    start its next trial (`slot_gaps`), and the seconds outside the steady steps (start, capture,
+    compile, validations) of a worker's first trial against those of its later ones (with actor
+    reuse: no process start, compiled code already in memory). Needs the trials' accounts."""
+    seen: set = set()
+    first, later = [], []
+    for t in sorted(trials, key=lambda t: t["start_unix"]):
+        (later if t["pid"] in seen else first).append(t["seconds"] - t["steps_s"])
+        seen.add(t["pid"])
+    gaps = slot_gaps(trials)
+    return {"workers": len(seen), "slot_gaps_s": gaps, "slot_gap_median_s": statistics.median(gaps) if gaps else None,
+            "outside_steps_first_in_worker_s": statistics.mean(first) if first else None,
+            "outside_steps_later_in_worker_s": statistics.mean(later) if later else None}
 
 
 def account(trials: list[dict], scale: float) -> list[dict]:
@@ -254,6 +289,8 @@ def main() -> int:
     p.add_argument("--cpus-per-trial", type=int, default=2)
     p.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray for CPU trials")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--no-reuse-actors", action="store_true",
+                   help="start every trial in a new worker process (the search's own flag), to measure what reuse saves")
     p.add_argument("--packed-rate", type=float, default=None, metavar="R",
                    help="summed it/s of packed trials with the device full (throughput.py --packed N), "
                         "for the GPU-bound projection")
@@ -280,6 +317,8 @@ def main() -> int:
         saved = report["args"]
         per_device = 1 / saved["gpus_per_trial"] if saved["device"] == "cuda" else saved["num_cpus"] / saved["cpus_per_trial"]
         report.update(projections(report, saved["scale"], per_device, args.packed_rate))
+        if report["trials"] and all("pid" in t for t in report["trials"]):  # results before the pids have none
+            report.update(workers(report["trials"]))
         report["projection_command"] = " ".join([Path(sys.executable).name] + sys.argv)
         saved_trials, device = saved["trials"], report["machine"]["device"]
         share = (f"{saved['gpus_per_trial']:g} GPU per trial" if saved["device"] == "cuda"
@@ -310,6 +349,14 @@ def main() -> int:
     print(f"{r['wall_s']:>9.0f}{r['startup_s']:>12.0f}{r['iterations_total']:>12}{r['completed']:>11}"
           f"{r['stopped_early']:>9}{r['search_it_per_s']:>9.1f}{r['projected_full_wall_s'] / 60:>23.1f} min"
           + (f"{packed / 60:>16.1f} min" if packed else f"{'(no --packed-rate)':>20}"))
+    if "workers" in r:
+        reuse = {True: "on", False: "off"}.get(r.get("reuse_actors"), "not recorded")
+        later = r["outside_steps_later_in_worker_s"]
+        print(f"{r['workers']} worker processes for {len(r['trials'])} trials (actor reuse {reuse}); outside its "
+              f"steady steps a worker's first trial spent {r['outside_steps_first_in_worker_s']:.1f} s"
+              + (f", a later one {later:.1f} s" if later is not None else "") + " (means)"
+              + (f"; a freed slot started its next trial after {statistics.mean(r['slot_gaps_s']):.1f} s (mean of "
+                 f"{len(r['slot_gaps_s'])}; whole-second report times)" if r["slot_gaps_s"] else ""))
     write(report, args.out)
     return 0
 

@@ -308,14 +308,22 @@ def test_search_wall_benchmark_smoke_scales_the_trials_and_projects(tiny_phantom
     script = BENCHMARKS / "search_wall.py"
     out = tmp_path / "w.json"
     proc = run_benchmark(script, "--device", "cpu", "--data", str(tiny_phantom),
-                         "--labeled-patients", "2", "--size", "32", "--batch-size", "4", "--trials", "2",
+                         "--labeled-patients", "2", "--size", "32", "--batch-size", "4", "--trials", "3",
                          "--iterations", "40", "--grace-period", "20", "--eval-interval", "20", "--scale", "0.5",
                          "--cpus-per-trial", "1", "--num-cpus", "2", "--out", str(out))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     r = json.loads(out.read_text())
     # --scale 0.5: 20-iteration trials, grace period and evaluation interval 10
     assert (r["trial_iterations"], r["grace_period"], r["eval_interval"]) == (20, 10, 10)
-    assert len(r["trials"]) == 2 and r["completed"] + r["stopped_early"] == 2
+    assert len(r["trials"]) == 3 and r["completed"] + r["stopped_early"] == 3
+    # two at a time: the third trial started in the worker of one that had ended (actor reuse)
+    first, second, third = sorted(r["trials"], key=lambda t: t["start_unix"])
+    assert r["reuse_actors"] is True and r["workers"] == 2 and third["pid"] in (first["pid"], second["pid"])
+    assert len(r["slot_gaps_s"]) == 1 and 0 <= r["slot_gaps_s"][0] == r["slot_gap_median_s"] < 30
+    assert r["outside_steps_later_in_worker_s"] == pytest.approx(third["seconds"] - third["steps_s"])
+    assert r["outside_steps_first_in_worker_s"] == pytest.approx(
+        (first["seconds"] - first["steps_s"] + second["seconds"] - second["steps_s"]) / 2)
+    assert "2 worker processes for 3 trials (actor reuse on)" in proc.stdout
     assert r["iterations_total"] == sum(t["iterations"] for t in r["trials"]) and r["completed"] >= 1
     assert 0 < r["startup_s"] < r["wall_s"]
     # each trial reported its seconds of training steps and of validations; only the steps (at the
