@@ -30,8 +30,11 @@
 # The fifth (on an H100; performance.md, "The fifth session"):
 #   STAGES="tests compile packed mps" METHODS=mt COMPILE=1 RESERVE=270 DEADLINE=565 bash benchmarks/gpu_check.sh
 #   STAGES=search SCALE=0.02 COMPILE=0 DEADLINE=310 bash benchmarks/gpu_check.sh   # ran out of time
-# What is still open (performance.md, "The next device session"), a whole call on an H100:
-#   STAGES=search SCALE=0.05 DEADLINE=585 bash benchmarks/gpu_check.sh
+# What is still open (performance.md, "The next device session"), a whole call on an H100, with
+# the search's worker reuse (sixth session) compiling only in each worker's first trial, then the
+# CUDA tests (two added since the fifth):
+#   STAGES=search SCALE=0.05 COMPILE=1 DEADLINE=585 bash benchmarks/gpu_check.sh
+#   STAGES=tests DEADLINE=170 bash benchmarks/gpu_check.sh
 # inductor's cache is kept in .inductor-cache/ (git-ignored, kept between calls on the same
 # machine), so a later call does not compile the same networks again.
 # Results go to $OUT (JSON, logs). On the lent GPU machine, from the repo root:
