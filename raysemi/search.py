@@ -483,10 +483,10 @@ def _search(args, methods, spaces, base: TrainConfig, dataset, uri: str, storage
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
     from raysemi.cluster import alive_nodes, check_nodes, describe, node_of_this_driver
     from raysemi.search_report import summarize
+    from raysemi.searcher import AshaAwareOptunaSearch
     from raysemi.search_space import define_by_run, spaces_to_json
     from raysemi.trainable import BEST, METRIC, TIME_ATTR, train_trial
     from raysemi.tracking import (MLflowRun, end_interrupted_search, flat_params, make_tune_callback,
@@ -561,7 +561,8 @@ def _search(args, methods, spaces, base: TrainConfig, dataset, uri: str, storage
             optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "A new study created in memory" line
             sampler = optuna.samplers.TPESampler(seed=base.seed, n_startup_trials=TPE_STARTUP, multivariate=True,
                                                  group=True, constant_liar=True)
-            searcher = OptunaSearch(space=define_by_run(spaces), sampler=sampler, metric=METRIC, mode="max")
+            searcher = AshaAwareOptunaSearch(space=define_by_run(spaces), sampler=sampler, metric=METRIC, mode="max",
+                                             max_iterations=base.max_iterations, time_attr=TIME_ATTR)
             grace = asha_grace(args, base)
             scheduler = ASHAScheduler(time_attr=TIME_ATTR, max_t=base.max_iterations, grace_period=grace,
                                       reduction_factor=args.reduction_factor)

@@ -225,6 +225,36 @@ def test_asha_stops_the_trial_that_cannot_learn(search_run):
     assert any(r["status"] == "stopped_early" and int(r["iterations"]) < 40 for r in rows)
 
 
+@pytest.mark.slow
+def test_tpe_is_told_which_trials_asha_stopped(search_run):
+    """A trial ASHA stopped reaches Optuna as PRUNED (TPE then ranks it below every completed
+    trial, by how far it got), not as COMPLETE with the Dice of its lower budget; a completed trial
+    as COMPLETE with its last Dice; a diverged one as COMPLETE with 0. Read from the searcher's
+    state as Tune saved it in the search folder."""
+    import optuna
+
+    from raysemi.searcher import AshaAwareOptunaSearch
+
+    searcher = AshaAwareOptunaSearch(max_iterations=40, time_attr="iteration")
+    searcher.restore_from_dir(str(search_run["dir"]))
+    trials = {t.number: t for t in searcher._ot_study.trials}
+    rows = {r["trial_id"]: r for r in csv.DictReader(open(search_run["dir"] / "leaderboard.csv"))}
+    assert set(searcher._ot_trials) == set(rows)
+    states = {}
+    for trial_id, row in rows.items():
+        told = trials[searcher._ot_trials[trial_id].number]
+        states[row["status"]] = states.get(row["status"], set()) | {told.state}
+        last = json.loads((search_run["dir"] / f"{row['method']}_{trial_id}" / "result.json").read_text()
+                          .splitlines()[-1])
+        if row["status"] == "stopped_early":  # its reports went in as it ran; Optuna keeps the last as its value
+            assert told.value == told.intermediate_values[max(told.intermediate_values)] == last["val/dice"]
+        else:
+            assert told.value == last["val/dice"] == (0.0 if row["status"] == "failed" else told.value)
+    assert states == {"stopped_early": {optuna.trial.TrialState.PRUNED},
+                      "completed": {optuna.trial.TrialState.COMPLETE},
+                      "failed": {optuna.trial.TrialState.COMPLETE}}
+
+
 def trial_reports(search_dir) -> list[list[dict]]:
     """Each trial's reports (Tune's result.json), trials in the order they started."""
     trials = [[json.loads(line) for line in f.read_text().splitlines()] for f in search_dir.glob("*/result.json")]
