@@ -182,7 +182,8 @@ def trial_times(result: Path) -> dict | None:
     d_train = last.get("time_train_s", 0.0) - first.get("time_train_s", 0.0)
     seconds = last["time_total_s"]
     return {"trial": result.parent.name, "iterations": last["iteration"], "reports": len(reports),
-            "pid": first.get("pid"), "start_unix": last["timestamp"] - seconds, "end_unix": last["timestamp"],
+            "pid": first.get("pid"), "worker": f"{first.get('hostname')}:{first.get('pid')}",
+            "start_unix": last["timestamp"] - seconds, "end_unix": last["timestamp"],
             "seconds": seconds, "train_s": last.get("time_train_s", 0.0),
             "eval_s": last.get("time_eval_s", 0.0),
             "steady_it_per_s": d_it / d_train if d_it > 0 and d_train > 0 else None}
@@ -211,8 +212,9 @@ def workers(trials: list[dict]) -> dict:
     seen: set = set()
     first, later = [], []
     for t in sorted(trials, key=lambda t: t["start_unix"]):
-        (later if t["pid"] in seen else first).append(t["seconds"] - t["steps_s"])
-        seen.add(t["pid"])
+        worker = t.get("worker", t["pid"])  # host:pid (pids repeat across nodes); a pid in older results
+        (later if worker in seen else first).append(t["seconds"] - t["steps_s"])
+        seen.add(worker)
     gaps = slot_gaps(trials)
     return {"workers": len(seen), "slot_gaps_s": gaps, "slot_gap_median_s": statistics.median(gaps) if gaps else None,
             "outside_steps_first_in_worker_s": statistics.mean(first) if first else None,
@@ -290,7 +292,8 @@ def main() -> int:
     p.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray for CPU trials")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--no-reuse-actors", action="store_true",
-                   help="start every trial in a new worker process (the search's own flag), to measure what reuse saves")
+                   help="start every trial in a new worker process (the search's own flag), to measure what "
+                   "reuse saves")
     p.add_argument("--packed-rate", type=float, default=None, metavar="R",
                    help="summed it/s of packed trials with the device full (throughput.py --packed N), "
                         "for the GPU-bound projection")

@@ -58,7 +58,7 @@ def build_parser() -> ArgumentParser:
     r.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)")
     r.add_argument("--no-reuse-actors", action="store_true", help="start every trial in a new Ray worker process "
                    "(default: a worker whose trial ended takes the next trial, which skips the process start, the "
-                   "imports, the data fetch, the CUDA context and, under compile, the compiling; results are the same)")
+                   "imports, the CUDA context and, under compile, the compiling; results are the same)")
     r.add_argument("--address", default=None, help="join a running Ray cluster ('auto' or HOST:PORT; default: "
                    "$RAY_ADDRESS, else a local Ray)")
     t = p.add_argument_group("tracking and storage")

@@ -124,7 +124,8 @@ def train_trial(config: dict[str, Any], *, base: dict[str, Any], dataset: Datase
     """Tune entry point (wrapped by `tune.with_parameters` in the search driver).
 
     The search reuses a worker process for the next trial (Tune's `reuse_actors`), so a trial
-    leaves nothing behind: its networks, optimisers and CUDA graphs are freed when it ends, and
+    leaves nothing behind: its networks, optimisers and CUDA graphs are freed when it ends (one
+    ASHA stopped waits at its last report until its worker is handed the next trial or ended), and
     their GPU memory goes back to the card (another trial's process may share it)."""
     import logging
 
@@ -145,18 +146,18 @@ def run_then_release(run: Callable[[], None], device: str) -> None:
     callbacks included) and hands its cached GPU memory back to the card, also when Tune stops
     it: a stopped trial's thread ends by SystemExit, whose traceback would keep its networks
     alive while the worker waits for the next trial."""
-    stopped = False
+    stopped = None
     try:
         run()
-    except SystemExit:
-        stopped = True
+    except SystemExit as stop:
+        stopped = (stop.code,)  # Tune's is 0; another's code is kept
     gc.collect()
     if device.startswith("cuda") and torch.cuda.is_initialized():
         if hasattr(torch._C, "_cuda_clearCublasWorkspaces"):  # one per stream the trial's matmuls ran on
             torch._C._cuda_clearCublasWorkspaces()
         torch.cuda.empty_cache()
-    if stopped:
-        raise SystemExit(0)
+    if stopped is not None:
+        raise SystemExit(stopped[0])
 
 
 def _run_trial(config: dict[str, Any], base: dict[str, Any], dataset: Dataset, seeds: int, device: str) -> None:

@@ -226,11 +226,12 @@ def test_asha_stops_the_trial_that_cannot_learn(search_run):
 
 
 @pytest.mark.slow
-def test_tpe_is_told_which_trials_asha_stopped(search_run):
-    """A trial ASHA stopped reaches Optuna as PRUNED (TPE then ranks it below every completed
-    trial, by how far it got), not as COMPLETE with the Dice of its lower budget; a completed trial
-    as COMPLETE with its last Dice; a diverged one as COMPLETE with 0. Read from the searcher's
-    state as Tune saved it in the search folder."""
+def test_tpe_is_told_which_trials_asha_stopped_and_which_diverged(search_run):
+    """Optuna's TPE ranks COMPLETE trials above PRUNED ones, PRUNED ones by how far they got, and
+    one without intermediate values last. A trial ASHA stopped must reach it as PRUNED with its Dice
+    at every report (not as COMPLETE with the Dice of its lower budget); a completed trial as
+    COMPLETE with its last Dice; a diverged one as PRUNED with nothing (as COMPLETE with Dice 0 it
+    would outrank every stopped trial). Read from the searcher's state as Tune saved it."""
     import optuna
 
     from raysemi.searcher import AshaAwareOptunaSearch
@@ -239,20 +240,21 @@ def test_tpe_is_told_which_trials_asha_stopped(search_run):
     searcher.restore_from_dir(str(search_run["dir"]))
     trials = {t.number: t for t in searcher._ot_study.trials}
     rows = {r["trial_id"]: r for r in csv.DictReader(open(search_run["dir"] / "leaderboard.csv"))}
-    assert set(searcher._ot_trials) == set(rows)
+    assert set(searcher._ot_trials) == set(rows) and not searcher.held  # every trial ended and was told
     states = {}
     for trial_id, row in rows.items():
         told = trials[searcher._ot_trials[trial_id].number]
         states[row["status"]] = states.get(row["status"], set()) | {told.state}
-        last = json.loads((search_run["dir"] / f"{row['method']}_{trial_id}" / "result.json").read_text()
-                          .splitlines()[-1])
-        if row["status"] == "stopped_early":  # its reports went in as it ran; Optuna keeps the last as its value
-            assert told.value == told.intermediate_values[max(told.intermediate_values)] == last["val/dice"]
-        else:
-            assert told.value == last["val/dice"] == (0.0 if row["status"] == "failed" else told.value)
+        reports = [json.loads(line) for line in
+                   (search_run["dir"] / f"{row['method']}_{trial_id}" / "result.json").read_text().splitlines()]
+        if row["status"] == "failed":  # diverged: nothing, so it ranks last
+            assert told.intermediate_values == {}
+        else:  # every report, the one ASHA stopped it at too
+            assert list(told.intermediate_values.values()) == [r["val/dice"] for r in reports]
+            assert told.value == reports[-1]["val/dice"]
     assert states == {"stopped_early": {optuna.trial.TrialState.PRUNED},
                       "completed": {optuna.trial.TrialState.COMPLETE},
-                      "failed": {optuna.trial.TrialState.COMPLETE}}
+                      "failed": {optuna.trial.TrialState.PRUNED}}
 
 
 def trial_reports(search_dir) -> list[list[dict]]:
@@ -311,12 +313,13 @@ def test_leaderboard_ranks_by_best_validation_dice_and_best_config_retrains(sear
     assert cfg.method == "supervised"
 
 
-@pytest.mark.parametrize("ending", ["returns", "is stopped"])
-def test_an_ended_trial_leaves_nothing_alive_in_its_worker(tiny_phantom, ending):
+@pytest.mark.parametrize("ending, code", [("returns", None), ("is stopped", 0), ("exits", 3)])
+def test_an_ended_trial_leaves_nothing_alive_in_its_worker(tiny_phantom, ending, code):
     """A reused worker waits for its next trial with nothing of the last one held: its networks
     (with their GPU memory) are freed when it returns and when Tune stops it. Tune stops a trial by
-    raising SystemExit in its thread at a report, as `run` does here; automatic collection is off,
-    as nothing makes it run between two trials."""
+    raising SystemExit(0) in its thread at a report, as `run` does here; another exit's code is
+    passed on (Tune fails that trial). Automatic collection is off, as nothing makes it run
+    between two trials."""
     import gc
     import weakref
 
@@ -335,16 +338,16 @@ def test_an_ended_trial_leaves_nothing_alive_in_its_worker(tiny_phantom, ending)
         trainer.train_until(4)
         assert keeper.payload is not None  # the trial's best networks, copied, are held too
         held.extend([weakref.ref(trainer), weakref.ref(trainer.strategy), weakref.ref(keeper)])
-        if ending == "is stopped":
-            sys.exit(0)
+        if code is not None:
+            sys.exit(code)
 
     gc.collect()
     gc.disable()
     try:
-        if ending == "is stopped":
+        if code is not None:
             with pytest.raises(SystemExit) as stop:
                 run_then_release(run, "cpu")
-            assert stop.value.code == 0  # Tune's own way of ending the thread, passed on
+            assert stop.value.code == code  # passed on: Tune's own way of ending the thread, or another's
         else:
             run_then_release(run, "cpu")
         # checked while the stop is still held, as Ray's thread runner holds it
