@@ -205,8 +205,8 @@ def _run_trial(config: dict[str, Any], base: dict[str, Any], dataset: Dataset, s
     except TrainingDiverged as err:
         last = aggregate(trainers)
         best = best_so_far(trainers)  # every report has BEST: the progress table sorts by it
-        # METRIC 0: Tune hands this last result to the searcher as the config's score, and a config
-        # that diverges is a bad one (its last finite Dice would pull TPE towards the divergence)
+        # METRIC 0: a config that diverges is a bad one, for ASHA's rungs too (its last finite Dice
+        # would rank it well); the searcher tells Optuna it as pruned with no result, last of all
         tune.report({**last, **base_metrics, TIME_ATTR: trainers[0].iteration, "diverged": 1, **seconds(trainers),
                      **speed_paths(trainers), BEST: best if math.isfinite(best) else 0.0,
                      "failure_reason": str(err), METRIC: 0.0})
