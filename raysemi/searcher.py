@@ -37,7 +37,11 @@ class AshaAwareOptunaSearch(OptunaSearch):
         self.held: dict[str, list[dict]] = {}  # trial id -> its results so far (saved with the searcher's state)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        self.held.setdefault(trial_id, []).append(result)
+        self.held.setdefault(trial_id, []).append(self.kept(result))
+
+    def kept(self, result: dict) -> dict:
+        """What Optuna is given of a result: its metric at its report's number."""
+        return {self.metric: result[self.metric], TRAINING_ITERATION: result[TRAINING_ITERATION]}
 
     def ending(self, result: dict | None, error: bool) -> str:
         """How a trial ended, from its last result: 'failed', 'diverged', 'stopped' or 'completed'."""
@@ -55,7 +59,7 @@ class AshaAwareOptunaSearch(OptunaSearch):
         if how in ("stopped", "completed"):
             # the last result comes only here (Tune decides the trial's end on it)
             if result and (not held or held[-1][TRAINING_ITERATION] != result[TRAINING_ITERATION]):
-                held.append(result)
+                held.append(self.kept(result))
             for r in held:
                 super().on_trial_result(trial_id, r)  # its intermediate values
         # `OptunaSearch` tells a trial that ended with a value as COMPLETE, with none and an error as
