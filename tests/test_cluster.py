@@ -241,9 +241,15 @@ def mlflow_runs(uri: str):
 
 
 SAMPLES = 3
-# 8 reports of ~0.6 s each on 2 cores: the window in which the test can catch a trial mid-way on the
-# worker (reports 2 to 7) is ~3.6 s wide; with 4 reports it was ~1 s, and a loaded CI machine missed it once
-ITERATIONS = 80
+# 12 reports of ~0.6 s each on 2 cores: the window in which the test can catch a trial mid-way on the
+# worker (reports 2 to 7) is ~3.6 s wide (with 4 reports it was ~1 s, and a loaded CI machine missed
+# it once), and the caught trial has at least 5 reports left when it is retried on the head, so the
+# search is still running when the test sees the retry report and presses Ctrl-C (with 8 reports,
+# one could be left, and once the head's worker took the next trial without a new process, the
+# search finished first)
+ITERATIONS = 120
+#: the caught trial's last checkpoint is at most this report
+CAUGHT_BY = 6
 
 
 def search_args(*extra: str) -> list[str]:
@@ -291,7 +297,7 @@ def test_search_spreads_over_two_nodes_survives_losing_one_and_resumes(cluster, 
                 continue
             if folder.startswith("supervised_"):
                 done = [int(c.name.rsplit("_", 1)[1]) for c in (storage / "c" / folder).glob("checkpoint_*")]
-                if done and 1 <= max(done) <= ITERATIONS // 10 - 2:  # reported twice, with evaluations left
+                if done and 1 <= max(done) <= CAUGHT_BY:  # reported twice, with evaluations left
                     seen["trial_id"] = folder.split("_", 1)[1]
                     return True
         return False
