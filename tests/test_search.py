@@ -265,8 +265,8 @@ def trial_reports(search_dir) -> list[list[dict]]:
 
 @pytest.mark.slow
 def test_a_worker_whose_trial_ended_takes_the_next_one(search_run):
-    """Tune's reuse_actors: the next trial skips the process start, the imports and the data
-    fetch; a trial ASHA stopped and one that diverged hand their worker on too."""
+    """Tune's reuse_actors: the next trial skips the process start and the imports; a trial ASHA
+    stopped and one that diverged hand their worker on too."""
     trials = trial_reports(search_run["dir"])
     pids = [rows[0]["pid"] for rows in trials]
     assert len(trials) == 7 and len(set(pids)) == 1, pids  # one trial at a time (--cpus-per-trial 2 of 2)
