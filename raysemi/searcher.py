@@ -34,7 +34,7 @@ class AshaAwareOptunaSearch(OptunaSearch):
     def __init__(self, *args: Any, max_iterations: int, time_attr: str, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.max_iterations, self.time_attr = max_iterations, time_attr
-        self.held: dict[str, list[dict]] = {}  # trial id -> its results so far (saved with the searcher's state)
+        self.held: dict[str, list[dict]] = {}  # trial id -> its reports so far, as `kept` (saved with the searcher)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         self.held.setdefault(trial_id, []).append(self.kept(result))
