@@ -146,18 +146,18 @@ def run_then_release(run: Callable[[], None], device: str) -> None:
     callbacks included) and hands its cached GPU memory back to the card, also when Tune stops
     it: a stopped trial's thread ends by SystemExit, whose traceback would keep its networks
     alive while the worker waits for the next trial."""
-    stopped = None
+    stop: SystemExit | None = None
     try:
         run()
-    except SystemExit as stop:
-        stopped = (stop.code,)  # Tune's is 0; another's code is kept
+    except SystemExit as err:
+        stop = SystemExit(err.code)  # a fresh one, without the trial's frames; Tune's code is 0, another's is kept
     gc.collect()
     if device.startswith("cuda") and torch.cuda.is_initialized():
         if hasattr(torch._C, "_cuda_clearCublasWorkspaces"):  # one per stream the trial's matmuls ran on
             torch._C._cuda_clearCublasWorkspaces()
         torch.cuda.empty_cache()
-    if stopped is not None:
-        raise SystemExit(stopped[0])
+    if stop is not None:
+        raise stop
 
 
 def _run_trial(config: dict[str, Any], base: dict[str, Any], dataset: Dataset, seeds: int, device: str) -> None:

@@ -206,7 +206,7 @@ def test_nan_trial_fails_with_its_reason_and_the_search_goes_on(search_run):
         assert [m.step for m in client.get_metric_history(k.info.run_id, "val/dice")] == [10]
     # what Tune hands the searcher as a diverged config's score (its last result): 0, not the Dice
     # it had before diverging, which would pull TPE towards the divergence
-    last = [json.loads(f.read_text().splitlines()[-1]) for f in search_run["dir"].glob("*/result.json")]
+    last = [reports_in(f)[-1] for f in search_run["dir"].glob("*/result.json")]
     diverged = [r for r in last if r.get("diverged") and r["iteration"] == 20]
     assert len(diverged) == len(mt) and all(r["val/dice"] == 0.0 for r in diverged)
     others = [k for k in kids if k.data.tags["strategy"] != "mean_teacher"]
@@ -245,8 +245,7 @@ def test_tpe_is_told_which_trials_asha_stopped_and_which_diverged(search_run):
     for trial_id, row in rows.items():
         told = trials[searcher._ot_trials[trial_id].number]
         states[row["status"]] = states.get(row["status"], set()) | {told.state}
-        reports = [json.loads(line) for line in
-                   (search_run["dir"] / f"{row['method']}_{trial_id}" / "result.json").read_text().splitlines()]
+        reports = reports_in(search_run["dir"] / f"{row['method']}_{trial_id}" / "result.json")
         if row["status"] == "failed":  # diverged: nothing, so it ranks last
             assert told.intermediate_values == {}
         else:  # every report, the one ASHA stopped it at too
@@ -257,9 +256,14 @@ def test_tpe_is_told_which_trials_asha_stopped_and_which_diverged(search_run):
                       "failed": {optuna.trial.TrialState.PRUNED}}
 
 
+def reports_in(result_json) -> list[dict]:
+    """One trial's reports, from Tune's result.json in its folder."""
+    return [json.loads(line) for line in result_json.read_text().splitlines()]
+
+
 def trial_reports(search_dir) -> list[list[dict]]:
-    """Each trial's reports (Tune's result.json), trials in the order they started."""
-    trials = [[json.loads(line) for line in f.read_text().splitlines()] for f in search_dir.glob("*/result.json")]
+    """Each trial's reports, trials in the order they started."""
+    trials = [reports_in(f) for f in search_dir.glob("*/result.json")]
     return sorted(trials, key=lambda rows: rows[0]["timestamp"] - rows[0]["time_total_s"])
 
 
