@@ -21,6 +21,8 @@ validations; at full scale only the steps grow, by 1/S. Two projections:
   plus the full-scale iterations at R. This is the GPU-bound projection; it errs long, since a
   trial's start and validations mostly overlap its neighbours' training.
 `--from-json FILE` recomputes the projections of a saved result (e.g. with another --packed-rate).
+`--to-scale T` projects to scale T instead of the full scale (1): a small-scale run projected to
+the scale of a larger one that was measured checks the projections themselves.
 
 The search's own output goes to `--log` (default: the JSON's name with `.log`), with a progress line
 here every `--progress` seconds. `--time-limit S` stops the search (as Ctrl-C would) S seconds after
@@ -82,7 +84,7 @@ def run_search(args, tmp: Path, log: Path) -> dict:
     if finished and proc.returncode != 0:
         tail = log.read_text(errors="replace")[-3000:]
         raise SystemExit(f"search failed (exit {proc.returncode}); its output is in {log}; its end:\n{tail}")
-    trials = account(reported(runs), args.scale)
+    trials = account(reported(runs), args.scale, args.to_scale)
     if finished and not trials:
         raise SystemExit(f"the search ended without a trial report; its output is in {log}")
     # the driver's own start (Ray, MLflow, data into the object store), until the first trial starts
@@ -221,24 +223,25 @@ def workers(trials: list[dict]) -> dict:
             "outside_steps_later_in_worker_s": statistics.mean(later) if later else None}
 
 
-def account(trials: list[dict], scale: float) -> list[dict]:
+def account(trials: list[dict], scale: float, to_scale: float = 1.0) -> list[dict]:
     """Each trial's steps alone (`steps_s`: its iterations at its steady rate; the rest of its
-    training seconds is capture and compile) and its projected seconds at full scale, where only
-    the steps take 1/scale as long. A trial with one report has no steady rate of its own: it
-    takes the median of the others'."""
+    training seconds is capture and compile) and its projected seconds at scale `to_scale` (the
+    full scale: 1), where only the steps take to_scale/scale as long. A trial with one report has
+    no steady rate of its own: it takes the median of the others'."""
     rates = sorted(t["steady_it_per_s"] for t in trials if t["steady_it_per_s"])
     median = rates[len(rates) // 2] if rates else None
     for t in trials:
         rate = t["steady_it_per_s"] or median
         t["steps_s"] = min(t["iterations"] / rate, t["train_s"]) if rate else t["train_s"]
-        t["projected_seconds"] = t["seconds"] - t["steps_s"] + t["steps_s"] / scale
+        t["projected_seconds"] = t["seconds"] - t["steps_s"] + t["steps_s"] * to_scale / scale
     return trials
 
 
-def projections(r: dict, scale: float, per_device: float, packed_rate: float | None) -> dict:
-    """The full-scale wall-time projections of a scaled search (see the module's docstring)."""
+def projections(r: dict, scale: float, per_device: float, packed_rate: float | None, to_scale: float = 1.0) -> dict:
+    """The wall-time projections of a scaled search to scale `to_scale` (see the module's
+    docstring); the keys say "full" for that scale, which is 1 unless --to-scale says otherwise."""
     steps = sum(t["steps_s"] for t in r["trials"])
-    out = {"full_scale_iterations": r["iterations_total"] / scale,
+    out = {"to_scale": to_scale, "full_scale_iterations": r["iterations_total"] * to_scale / scale,
            "outside_steps_s": r["trial_seconds_measured"] - steps, "trials_per_device": per_device,
            "projected_full_wall_s": r["startup_s"] + (r["wall_s"] - r["startup_s"]) * r["trial_seconds_projected"]
            / r["trial_seconds_measured"], "packed_rate": packed_rate, "projected_full_wall_packed_s": None}
@@ -248,7 +251,7 @@ def projections(r: dict, scale: float, per_device: float, packed_rate: float | N
     return out
 
 
-def read_result(path: str, p: argparse.ArgumentParser) -> dict:
+def read_result(path: str, p: argparse.ArgumentParser, to_scale: float = 1.0) -> dict:
     """A result this script wrote; a missing file or one without the trials' accounts is a usage error."""
     try:
         report = json.loads(Path(path).read_text())
@@ -264,7 +267,7 @@ def read_result(path: str, p: argparse.ArgumentParser) -> dict:
     if missing:
         p.error(f"--from-json: {path}: {missing[0]}: missing; expected a result of this script "
                 "(one written before the trials reported their seconds cannot be projected)")
-    report["trials"] = account(report["trials"], report["args"]["scale"])
+    report["trials"] = account(report["trials"], report["args"]["scale"], to_scale)
     report["trial_seconds_projected"] = sum(t["projected_seconds"] for t in report["trials"])
     return report
 
@@ -299,6 +302,9 @@ def main() -> int:
                         "for the GPU-bound projection")
     p.add_argument("--from-json", default=None, metavar="FILE",
                    help="recompute the projections of a saved result instead of running a search")
+    p.add_argument("--to-scale", type=float, default=1.0, metavar="T",
+                   help="project to this scale instead of the full one (1), e.g. the scale of a larger run to "
+                        "check the projections against")
     p.add_argument("--out", default="benchmarks/results/search_wall.json")
     p.add_argument("--log", default=None, metavar="FILE",
                    help="where the search's own output goes (default: --out with the suffix .log)")
@@ -311,15 +317,17 @@ def main() -> int:
     args = p.parse_args()
     if not 0 < args.scale <= 1:
         p.error(f"--scale: {args.scale} is invalid; expected a fraction in (0, 1]")
+    if not 0 < args.to_scale <= 1:
+        p.error(f"--to-scale: {args.to_scale} is invalid; expected a fraction in (0, 1]")
     if args.time_limit is not None and args.time_limit <= 0:
         p.error(f"--time-limit: {args.time_limit:g} is invalid; expected seconds > 0")
     if args.stop_grace < 0:
         p.error(f"--stop-grace: {args.stop_grace:g} is invalid; expected seconds >= 0")
     if args.from_json:
-        report = read_result(args.from_json, p)
+        report = read_result(args.from_json, p, args.to_scale)
         saved = report["args"]
         per_device = 1 / saved["gpus_per_trial"] if saved["device"] == "cuda" else saved["num_cpus"] / saved["cpus_per_trial"]
-        report.update(projections(report, saved["scale"], per_device, args.packed_rate))
+        report.update(projections(report, saved["scale"], per_device, args.packed_rate, args.to_scale))
         if report["trials"] and all("pid" in t for t in report["trials"]):  # results before the pids have none
             report.update(workers(report["trials"]))
         report["projection_command"] = " ".join([Path(sys.executable).name] + sys.argv)
@@ -340,7 +348,7 @@ def main() -> int:
                   "args": vars(args), "benchmark_command": " ".join([Path(sys.executable).name] + sys.argv), **r}
         if not r["finished"]:
             return write_unfinished(report, args, device)
-        report.update(projections(r, args.scale, per_device, args.packed_rate))
+        report.update(projections(r, args.scale, per_device, args.packed_rate, args.to_scale))
         saved_trials, factor = args.trials, args.reduction_factor
         share = f"{args.gpus_per_trial:g} GPU per trial" if args.device == "cuda" else f"{args.cpus_per_trial} CPU per trial"
     r = report
@@ -348,7 +356,8 @@ def main() -> int:
           f"factor {factor:g}, {share}) on {device}:")
     packed = r["projected_full_wall_packed_s"]
     print(f"{'wall s':>9}{'start-up s':>12}{'iterations':>12}{'completed':>11}{'stopped':>9}{'it/s':>9}"
-          f"{'projected full-scale wall':>27}{'at the packed rate':>20}")
+          f"{'projected full-scale wall' if args.to_scale == 1 else f'projected wall, scale {args.to_scale:g}':>27}"
+          f"{'at the packed rate':>20}")
     print(f"{r['wall_s']:>9.0f}{r['startup_s']:>12.0f}{r['iterations_total']:>12}{r['completed']:>11}"
           f"{r['stopped_early']:>9}{r['search_it_per_s']:>9.1f}{r['projected_full_wall_s'] / 60:>23.1f} min"
           + (f"{packed / 60:>16.1f} min" if packed else f"{'(no --packed-rate)':>20}"))

@@ -355,6 +355,22 @@ def test_search_wall_benchmark_smoke_scales_the_trials_and_projects(tiny_phantom
         r["startup_s"] + (r["trial_seconds_measured"] - steps) / 2 + r["iterations_total"] / 0.5 / 10)
     assert r2["projected_full_wall_s"] == pytest.approx(r["projected_full_wall_s"])
     assert "at the packed rate" in proc.stdout
+    # --to-scale: the same projections to the scale of a larger run (0.75 here), which a measured
+    # run at that scale checks: the steps take 0.75 / 0.5 as long, the rest the same
+    to = tmp_path / "w3.json"
+    scaled = run_benchmark(script, "--from-json", str(out), "--packed-rate", "10", "--to-scale", "0.75",
+                           "--out", str(to), timeout=120)
+    assert scaled.returncode == 0, scaled.stderr[-2000:]
+    r3 = json.loads(to.read_text())
+    assert r3["to_scale"] == 0.75 and r2["to_scale"] == 1.0 and "projected wall, scale 0.75" in scaled.stdout
+    assert r3["full_scale_iterations"] == pytest.approx(r["iterations_total"] * 1.5)
+    for t3, t in zip(r3["trials"], r["trials"]):
+        assert t3["projected_seconds"] == pytest.approx(t["seconds"] + 0.5 * t["steps_s"])
+    assert r3["projected_full_wall_packed_s"] == pytest.approx(
+        r["startup_s"] + (r["trial_seconds_measured"] - steps) / 2 + r["iterations_total"] * 1.5 / 10)
+    assert r["projected_full_wall_s"] > r3["projected_full_wall_s"] > r["wall_s"]
+    refused = run_benchmark(script, "--from-json", str(out), "--to-scale", "0", timeout=120)
+    assert refused.returncode == 2 and "--to-scale: 0.0 is invalid" in refused.stderr
     for bad, message in ((tmp_path / "missing.json", "cannot be read as JSON"), (again.with_name("t.json"), "missing")):
         if bad.name == "t.json":
             bad.write_text(json.dumps({"rows": []}))  # another benchmark's result
