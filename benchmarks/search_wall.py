@@ -20,6 +20,11 @@ validations; at full scale only the steps grow, by 1/S. Two projections:
   (start, CUDA graph capture, compile, validations, checkpoints) divided by the trials per device,
   plus the full-scale iterations at R. This is the GPU-bound projection; it errs long, since a
   trial's start and validations mostly overlap its neighbours' training.
+The GPU-bound projection is also given with the iterations ASHA runs when it stops trials as
+designed (all reach the first rung, 1/factor of them the next, ...): a floor. A scaled search runs
+more: early trials pass rungs against few rivals, and at a small scale the first rung may come
+before the trials have learned enough to be told apart (a 1/50-scale search on the CPU ran a fifth
+more iterations than a 1/10-scale one, README "Checking the search's projection").
 `--from-json FILE` recomputes the projections of a saved result (e.g. with another --packed-rate).
 `--to-scale T` projects to scale T instead of the full scale (1): a small-scale run projected to
 the scale of a larger one that was measured checks the projections themselves.
@@ -53,6 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import bench_config  # noqa: E402
 
 from raysemi.config import save_yaml  # noqa: E402
+from raysemi.search_budget import rungs  # noqa: E402
 
 STARTED = time.time()  # --time-limit counts from here, the imports included
 
@@ -237,17 +243,35 @@ def account(trials: list[dict], scale: float, to_scale: float = 1.0) -> list[dic
     return trials
 
 
-def projections(r: dict, scale: float, per_device: float, packed_rate: float | None, to_scale: float = 1.0) -> dict:
-    """The wall-time projections of a scaled search to scale `to_scale` (see the module's
-    docstring); the keys say "full" for that scale, which is 1 unless --to-scale says otherwise."""
+def designed_iterations(trials: int, iterations: int, grace: int, factor: float, eval_interval: int) -> float:
+    """The iterations of a search whose ASHA stops trials as designed: every trial reaches the
+    first rung, 1/factor of them the next, and so on to the end (at least one trial at each)."""
+    total, previous = 0.0, 0
+    for k, point in enumerate(rungs(iterations, grace, factor, eval_interval)):
+        total += max(1.0, trials / factor ** k) * (point - previous)
+        previous = point
+    return total
+
+
+def projections(r: dict, scale: float, per_device: float, packed_rate: float | None, to_scale: float = 1.0,
+                trials: int = 0, factor: float = 3.0) -> dict:
+    """The wall-time projections of a scaled search of `trials` trials to scale `to_scale` (see
+    the module's docstring); the keys say "full" for that scale, which is 1 unless --to-scale says
+    otherwise."""
     steps = sum(t["steps_s"] for t in r["trials"])
-    out = {"to_scale": to_scale, "full_scale_iterations": r["iterations_total"] * to_scale / scale,
+    at = to_scale / scale  # the target scale's iterations per iteration run here
+    designed = designed_iterations(trials, round(r["trial_iterations"] * at), round(r["grace_period"] * at), factor,
+                                   round(r["eval_interval"] * at))
+    out = {"to_scale": to_scale, "full_scale_iterations": r["iterations_total"] * at,
+           "designed_iterations": designed, "projected_full_wall_packed_designed_s": None,
            "outside_steps_s": r["trial_seconds_measured"] - steps, "trials_per_device": per_device,
            "projected_full_wall_s": r["startup_s"] + (r["wall_s"] - r["startup_s"]) * r["trial_seconds_projected"]
            / r["trial_seconds_measured"], "packed_rate": packed_rate, "projected_full_wall_packed_s": None}
     if packed_rate:
         out["projected_full_wall_packed_s"] = (r["startup_s"] + out["outside_steps_s"] / per_device
                                                + out["full_scale_iterations"] / packed_rate)
+        out["projected_full_wall_packed_designed_s"] = (r["startup_s"] + out["outside_steps_s"] / per_device
+                                                        + designed / packed_rate)
     return out
 
 
@@ -327,7 +351,8 @@ def main() -> int:
         report = read_result(args.from_json, p, args.to_scale)
         saved = report["args"]
         per_device = 1 / saved["gpus_per_trial"] if saved["device"] == "cuda" else saved["num_cpus"] / saved["cpus_per_trial"]
-        report.update(projections(report, saved["scale"], per_device, args.packed_rate, args.to_scale))
+        report.update(projections(report, saved["scale"], per_device, args.packed_rate, args.to_scale,
+                                  saved["trials"], saved["reduction_factor"]))
         if report["trials"] and all("pid" in t for t in report["trials"]):  # results before the pids have none
             report.update(workers(report["trials"]))
         report["projection_command"] = " ".join([Path(sys.executable).name] + sys.argv)
@@ -348,7 +373,8 @@ def main() -> int:
                   "args": vars(args), "benchmark_command": " ".join([Path(sys.executable).name] + sys.argv), **r}
         if not r["finished"]:
             return write_unfinished(report, args, device)
-        report.update(projections(r, args.scale, per_device, args.packed_rate, args.to_scale))
+        report.update(projections(r, args.scale, per_device, args.packed_rate, args.to_scale, args.trials,
+                                  args.reduction_factor))
         saved_trials, factor = args.trials, args.reduction_factor
         share = f"{args.gpus_per_trial:g} GPU per trial" if args.device == "cuda" else f"{args.cpus_per_trial} CPU per trial"
     r = report
@@ -361,6 +387,10 @@ def main() -> int:
     print(f"{r['wall_s']:>9.0f}{r['startup_s']:>12.0f}{r['iterations_total']:>12}{r['completed']:>11}"
           f"{r['stopped_early']:>9}{r['search_it_per_s']:>9.1f}{r['projected_full_wall_s'] / 60:>23.1f} min"
           + (f"{packed / 60:>16.1f} min" if packed else f"{'(no --packed-rate)':>20}"))
+    if packed:
+        print(f"at the packed rate with ASHA stopping trials as designed, a floor: "
+              f"{r['projected_full_wall_packed_designed_s'] / 60:.1f} min ({r['designed_iterations']:,.0f} "
+              f"iterations against the {r['full_scale_iterations']:,.0f} this search's count projects)")
     if "workers" in r:
         reuse = {True: "on", False: "off"}.get(r.get("reuse_actors"), "not recorded")
         later = r["outside_steps_later_in_worker_s"]

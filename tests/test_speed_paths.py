@@ -355,6 +355,12 @@ def test_search_wall_benchmark_smoke_scales_the_trials_and_projects(tiny_phantom
         r["startup_s"] + (r["trial_seconds_measured"] - steps) / 2 + r["iterations_total"] / 0.5 / 10)
     assert r2["projected_full_wall_s"] == pytest.approx(r["projected_full_wall_s"])
     assert "at the packed rate" in proc.stdout
+    # and with ASHA stopping trials as designed (a floor): all 3 trials to the rung at 20 of 40
+    # full-scale iterations, then one (3 / factor 3) to the end: 3 * 20 + 1 * 20
+    assert r["projected_full_wall_packed_designed_s"] is None and r2["designed_iterations"] == pytest.approx(80)
+    assert r2["projected_full_wall_packed_designed_s"] == pytest.approx(
+        r["startup_s"] + (r["trial_seconds_measured"] - steps) / 2 + 80 / 10)
+    assert "as designed, a floor" in proc.stdout
     # --to-scale: the same projections to the scale of a larger run (0.75 here), which a measured
     # run at that scale checks: the steps take 0.75 / 0.5 as long, the rest the same
     to = tmp_path / "w3.json"
@@ -364,6 +370,7 @@ def test_search_wall_benchmark_smoke_scales_the_trials_and_projects(tiny_phantom
     r3 = json.loads(to.read_text())
     assert r3["to_scale"] == 0.75 and r2["to_scale"] == 1.0 and "projected wall, scale 0.75" in scaled.stdout
     assert r3["full_scale_iterations"] == pytest.approx(r["iterations_total"] * 1.5)
+    assert r3["designed_iterations"] == pytest.approx(60)  # rung at 15 of 30: 3 * 15 + 1 * 15
     for t3, t in zip(r3["trials"], r["trials"]):
         assert t3["projected_seconds"] == pytest.approx(t["seconds"] + 0.5 * t["steps_s"])
     assert r3["projected_full_wall_packed_s"] == pytest.approx(
@@ -491,6 +498,22 @@ def test_search_wall_time_limit_stops_the_search_and_keeps_what_trials_reported(
     proc = run_benchmark(script, "--from-json", str(out), "--packed-rate", "10", "--out", str(tmp_path / "p.json"),
                          timeout=120)
     assert proc.returncode == 2 and "finished: false; expected a search that finished" in proc.stderr
+
+
+def test_search_wall_designed_iterations_follow_ashas_rungs():
+    """The floor of the search projection: issue 7's search (32 trials of 10,000 iterations, grace
+    2,500, factor 3, reports every 500) stops 2/3 of its trials at 2,500 and 2/3 of the rest at
+    7,500 when ASHA stops them as designed."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from search_wall import designed_iterations
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    assert designed_iterations(32, 10_000, 2_500, 3, 500) == pytest.approx(32 * 2500 + 32 / 3 * 5000 + 32 / 9 * 2500)
+    # rungs fall on reports: grace 2,400 with reports every 500 stops trials at 2,500 and 7,500 too
+    assert designed_iterations(32, 10_000, 2_400, 3, 500) == pytest.approx(32 * 2500 + 32 / 3 * 5000 + 32 / 9 * 2500)
+    # few trials: at least one runs on to the end
+    assert designed_iterations(2, 100, 10, 3, 10) == pytest.approx(2 * 10 + 1 * 20 + 1 * 70)
 
 
 def searches_running() -> list[str]:
