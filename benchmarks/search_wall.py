@@ -12,9 +12,9 @@ keeps the same shape (same rungs, as many validations per trial) and projects th
 time from the trials' own accounts: each trial reports its seconds of training steps and of
 validations; at full scale only the steps grow, by 1/S. Two projections:
 - from the trials' own rates: the driver's start plus the rest of the wall time times the trials'
-  projected seconds over their measured seconds. At a small S this errs short: a packed trial
-  trains faster while its neighbours validate, which they do far more often, relative to
-  training, than at full scale;
+  projected seconds over their measured seconds. On a GPU at a small S this errs short: a packed
+  trial trains faster while its neighbours validate, which they do far more often, relative to
+  training, than at full scale (on the CPU check below it erred long, by the iteration count);
 - with `--packed-rate R` (the summed it/s of the packed trials with the GPU full, from
   `throughput.py --packed N`): the driver's start, plus each trial's time outside its steady steps
   (start, CUDA graph capture, compile, validations, checkpoints) divided by the trials per device,
@@ -22,12 +22,12 @@ validations; at full scale only the steps grow, by 1/S. Two projections:
   trial's start and validations mostly overlap its neighbours' training.
 The GPU-bound projection is also given with the iterations ASHA runs when it stops trials as
 designed (all reach the first rung, 1/factor of them the next, ...): a floor. A scaled search runs
-more: early trials pass rungs against few rivals, and at a small scale the first rung may come
-before the trials have learned enough to be told apart (a 1/50-scale search on the CPU ran a fifth
-more iterations than a 1/10-scale one, README "Checking the search's projection").
+more (early trials pass rungs against few rivals; on the CPU a 1/50-scale search ran a fifth more
+iterations than a 1/10-scale one, README "Checking the search's projection"), and the floor takes
+the device as full to the end, where fewer trials are left than fit on it.
 `--from-json FILE` recomputes the projections of a saved result (e.g. with another --packed-rate).
-`--to-scale T` projects to scale T instead of the full scale (1): a small-scale run projected to
-the scale of a larger one that was measured checks the projections themselves.
+`--to-scale T` projects to scale T (from the run's own scale up to 1) instead of the full scale: a
+small-scale run projected to the scale of a larger one that was measured checks the projections.
 
 The search's own output goes to `--log` (default: the JSON's name with `.log`), with a progress line
 here every `--progress` seconds. `--time-limit S` stops the search (as Ctrl-C would) S seconds after
@@ -253,15 +253,15 @@ def designed_iterations(trials: int, iterations: int, grace: int, factor: float,
     return total
 
 
-def projections(r: dict, scale: float, per_device: float, packed_rate: float | None, to_scale: float = 1.0,
-                trials: int = 0, factor: float = 3.0) -> dict:
-    """The wall-time projections of a scaled search of `trials` trials to scale `to_scale` (see
-    the module's docstring); the keys say "full" for that scale, which is 1 unless --to-scale says
-    otherwise."""
+def projections(r: dict, settings: dict, per_device: float, packed_rate: float | None, to_scale: float) -> dict:
+    """The wall-time projections of a scaled search run with `settings` (this script's arguments)
+    to scale `to_scale` (see the module's docstring); the keys say "full" for that scale, which is
+    1 unless --to-scale says otherwise."""
     steps = sum(t["steps_s"] for t in r["trials"])
-    at = to_scale / scale  # the target scale's iterations per iteration run here
-    designed = designed_iterations(trials, round(r["trial_iterations"] * at), round(r["grace_period"] * at), factor,
-                                   round(r["eval_interval"] * at))
+    at = to_scale / settings["scale"]  # the target scale's iterations per iteration run here
+    # the designed stops at the target scale, its trials and rungs rounded as run_search rounds them
+    designed = designed_iterations(settings["trials"], *(max(1, round(settings[k] * to_scale)) for k in (
+        "iterations", "grace_period")), settings["reduction_factor"], max(1, round(settings["eval_interval"] * to_scale)))
     out = {"to_scale": to_scale, "full_scale_iterations": r["iterations_total"] * at,
            "designed_iterations": designed, "projected_full_wall_packed_designed_s": None,
            "outside_steps_s": r["trial_seconds_measured"] - steps, "trials_per_device": per_device,
@@ -343,6 +343,8 @@ def main() -> int:
         p.error(f"--scale: {args.scale} is invalid; expected a fraction in (0, 1]")
     if not 0 < args.to_scale <= 1:
         p.error(f"--to-scale: {args.to_scale} is invalid; expected a fraction in (0, 1]")
+    if not args.from_json and args.to_scale < args.scale:
+        p.error(f"--to-scale: {args.to_scale:g} is invalid; expected a fraction from --scale ({args.scale:g}) up to 1")
     if args.time_limit is not None and args.time_limit <= 0:
         p.error(f"--time-limit: {args.time_limit:g} is invalid; expected seconds > 0")
     if args.stop_grace < 0:
@@ -351,8 +353,10 @@ def main() -> int:
         report = read_result(args.from_json, p, args.to_scale)
         saved = report["args"]
         per_device = 1 / saved["gpus_per_trial"] if saved["device"] == "cuda" else saved["num_cpus"] / saved["cpus_per_trial"]
-        report.update(projections(report, saved["scale"], per_device, args.packed_rate, args.to_scale,
-                                  saved["trials"], saved["reduction_factor"]))
+        if args.to_scale < saved["scale"]:
+            p.error(f"--to-scale: {args.to_scale:g} is invalid; expected the scale of {args.from_json} "
+                    f"({saved['scale']:g}) up to 1")
+        report.update(projections(report, saved, per_device, args.packed_rate, args.to_scale))
         if report["trials"] and all("pid" in t for t in report["trials"]):  # results before the pids have none
             report.update(workers(report["trials"]))
         report["projection_command"] = " ".join([Path(sys.executable).name] + sys.argv)
@@ -373,8 +377,7 @@ def main() -> int:
                   "args": vars(args), "benchmark_command": " ".join([Path(sys.executable).name] + sys.argv), **r}
         if not r["finished"]:
             return write_unfinished(report, args, device)
-        report.update(projections(r, args.scale, per_device, args.packed_rate, args.to_scale, args.trials,
-                                  args.reduction_factor))
+        report.update(projections(r, vars(args), per_device, args.packed_rate, args.to_scale))
         saved_trials, factor = args.trials, args.reduction_factor
         share = f"{args.gpus_per_trial:g} GPU per trial" if args.device == "cuda" else f"{args.cpus_per_trial} CPU per trial"
     r = report

@@ -310,7 +310,7 @@ def test_search_wall_benchmark_smoke_scales_the_trials_and_projects(tiny_phantom
     proc = run_benchmark(script, "--device", "cpu", "--data", str(tiny_phantom),
                          "--labeled-patients", "2", "--size", "32", "--batch-size", "4", "--trials", "3",
                          "--iterations", "40", "--grace-period", "20", "--eval-interval", "20", "--scale", "0.5",
-                         "--cpus-per-trial", "1", "--num-cpus", "2", "--out", str(out))
+                         "--to-scale", "0.75", "--cpus-per-trial", "1", "--num-cpus", "2", "--out", str(out))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     r = json.loads(out.read_text())
     # --scale 0.5: 20-iteration trials, grace period and evaluation interval 10
@@ -326,21 +326,25 @@ def test_search_wall_benchmark_smoke_scales_the_trials_and_projects(tiny_phantom
     assert "2 worker processes for 3 trials (actor reuse on)" in proc.stdout
     assert r["iterations_total"] == sum(t["iterations"] for t in r["trials"]) and r["completed"] >= 1
     assert 0 < r["startup_s"] < r["wall_s"]
-    # each trial reported its seconds of training steps and of validations; only the steps (at the
-    # trial's steady rate) take twice as long at full scale, the rest (start, validations) the same
+    # each trial reported its seconds of training steps and of validations; projected to scale 0.75
+    # (--to-scale) only the steps (at the trial's steady rate) take 1.5 times as long, the rest
+    # (start, validations) the same
     completed = next(t for t in r["trials"] if t["iterations"] == 20)
     assert completed["reports"] == 2 and completed["steady_it_per_s"] > 0
     assert 0 < completed["train_s"] < completed["seconds"] and 0 < completed["eval_s"] < completed["seconds"]
     # its steps alone: its iterations at its steady rate (capped by its training seconds)
     steps = completed["steps_s"]
     assert steps == pytest.approx(min(20 / completed["steady_it_per_s"], completed["train_s"]))
-    assert completed["projected_seconds"] == pytest.approx(completed["seconds"] + steps)
+    assert completed["projected_seconds"] == pytest.approx(completed["seconds"] + 0.5 * steps)
     assert r["trial_seconds_projected"] == pytest.approx(sum(t["projected_seconds"] for t in r["trials"]))
     ratio = r["trial_seconds_projected"] / r["trial_seconds_measured"]
-    assert 1 < ratio < 2  # not everything doubles
+    assert 1 < ratio < 1.5  # not everything takes 1.5 times as long
+    assert r["to_scale"] == 0.75 and r["full_scale_iterations"] == pytest.approx(r["iterations_total"] * 1.5)
+    assert r["designed_iterations"] == pytest.approx(60)  # rung at 15 of 30: 3 * 15 + 1 * 15
+    assert "projected wall, scale 0.75" in proc.stdout
     assert r["projected_full_wall_s"] == pytest.approx(r["startup_s"] + (r["wall_s"] - r["startup_s"]) * ratio)
     assert r["projected_full_wall_packed_s"] is None and "(no --packed-rate)" in proc.stdout
-    # the GPU-bound projection, recomputed from the saved result with a packed rate
+    # the GPU-bound projection to the full scale, recomputed from the saved result with a packed rate
     again = tmp_path / "w2.json"
     proc = run_benchmark(script, "--from-json", str(out), "--packed-rate", "10",
                          "--out", str(again), timeout=120)
@@ -353,7 +357,8 @@ def test_search_wall_benchmark_smoke_scales_the_trials_and_projects(tiny_phantom
     assert r2["full_scale_iterations"] == pytest.approx(r["iterations_total"] / 0.5)
     assert r2["projected_full_wall_packed_s"] == pytest.approx(
         r["startup_s"] + (r["trial_seconds_measured"] - steps) / 2 + r["iterations_total"] / 0.5 / 10)
-    assert r2["projected_full_wall_s"] == pytest.approx(r["projected_full_wall_s"])
+    full_ratio = sum(t["seconds"] + t["steps_s"] for t in r["trials"]) / r["trial_seconds_measured"]
+    assert r2["projected_full_wall_s"] == pytest.approx(r["startup_s"] + (r["wall_s"] - r["startup_s"]) * full_ratio)
     assert "at the packed rate" in proc.stdout
     # and with ASHA stopping trials as designed (a floor): all 3 trials to the rung at 20 of 40
     # full-scale iterations, then one (3 / factor 3) to the end: 3 * 20 + 1 * 20
@@ -361,8 +366,7 @@ def test_search_wall_benchmark_smoke_scales_the_trials_and_projects(tiny_phantom
     assert r2["projected_full_wall_packed_designed_s"] == pytest.approx(
         r["startup_s"] + (r["trial_seconds_measured"] - steps) / 2 + 80 / 10)
     assert "as designed, a floor" in proc.stdout
-    # --to-scale: the same projections to the scale of a larger run (0.75 here), which a measured
-    # run at that scale checks: the steps take 0.75 / 0.5 as long, the rest the same
+    # --to-scale from the saved result: the live run's projections to 0.75 again, with a packed rate
     to = tmp_path / "w3.json"
     scaled = run_benchmark(script, "--from-json", str(out), "--packed-rate", "10", "--to-scale", "0.75",
                            "--out", str(to), timeout=120)
@@ -370,14 +374,21 @@ def test_search_wall_benchmark_smoke_scales_the_trials_and_projects(tiny_phantom
     r3 = json.loads(to.read_text())
     assert r3["to_scale"] == 0.75 and r2["to_scale"] == 1.0 and "projected wall, scale 0.75" in scaled.stdout
     assert r3["full_scale_iterations"] == pytest.approx(r["iterations_total"] * 1.5)
-    assert r3["designed_iterations"] == pytest.approx(60)  # rung at 15 of 30: 3 * 15 + 1 * 15
+    assert r3["designed_iterations"] == pytest.approx(60)
     for t3, t in zip(r3["trials"], r["trials"]):
-        assert t3["projected_seconds"] == pytest.approx(t["seconds"] + 0.5 * t["steps_s"])
+        assert t3["projected_seconds"] == pytest.approx(t["projected_seconds"])
+    assert r3["projected_full_wall_s"] == pytest.approx(r["projected_full_wall_s"])
     assert r3["projected_full_wall_packed_s"] == pytest.approx(
         r["startup_s"] + (r["trial_seconds_measured"] - steps) / 2 + r["iterations_total"] * 1.5 / 10)
-    assert r["projected_full_wall_s"] > r3["projected_full_wall_s"] > r["wall_s"]
-    refused = run_benchmark(script, "--from-json", str(out), "--to-scale", "0", timeout=120)
-    assert refused.returncode == 2 and "--to-scale: 0.0 is invalid" in refused.stderr
+    assert r3["projected_full_wall_packed_designed_s"] == pytest.approx(
+        r["startup_s"] + (r["trial_seconds_measured"] - steps) / 2 + 60 / 10)
+    assert r2["projected_full_wall_s"] > r3["projected_full_wall_s"] > r["wall_s"]
+    # a scale outside (0, 1], or below the run's own (nothing to project down to), is refused
+    for scale_args, message in ((("--from-json", str(out), "--to-scale", "0"), "--to-scale: 0.0 is invalid"),
+                                (("--from-json", str(out), "--to-scale", "0.25"), "expected the scale of"),
+                                (("--scale", "0.5", "--to-scale", "0.25"), "expected a fraction from --scale (0.5)")):
+        refused = run_benchmark(script, *scale_args, "--out", str(tmp_path / "r.json"), timeout=120)
+        assert refused.returncode == 2 and message in refused.stderr, refused.stderr[-1000:]
     for bad, message in ((tmp_path / "missing.json", "cannot be read as JSON"), (again.with_name("t.json"), "missing")):
         if bad.name == "t.json":
             bad.write_text(json.dumps({"rows": []}))  # another benchmark's result
