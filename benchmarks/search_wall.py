@@ -58,7 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import bench_config  # noqa: E402
 
 from raysemi.config import save_yaml  # noqa: E402
-from raysemi.search_budget import rungs  # noqa: E402
+from raysemi.search_budget import rungs, wall_iterations  # noqa: E402
 
 STARTED = time.time()  # --time-limit counts from here, the imports included
 
@@ -245,12 +245,9 @@ def account(trials: list[dict], scale: float, to_scale: float = 1.0) -> list[dic
 
 def designed_iterations(trials: int, iterations: int, grace: int, factor: float, eval_interval: int) -> float:
     """The iterations of a search whose ASHA stops trials as designed: every trial reaches the
-    first rung, 1/factor of them the next, and so on to the end (at least one trial at each)."""
-    total, previous = 0.0, 0
-    for k, point in enumerate(rungs(iterations, grace, factor, eval_interval)):
-        total += max(1.0, trials / factor ** k) * (point - previous)
-        previous = point
-    return total
+    first rung, 1/factor of them the next, and so on to the end (at least one trial at each);
+    the CPU budget warning's count with one slot, which runs every trial's iterations in a row."""
+    return wall_iterations(trials, 1, rungs(iterations, grace, factor, eval_interval), factor)
 
 
 def projections(r: dict, settings: dict, per_device: float, packed_rate: float | None, to_scale: float) -> dict:
@@ -260,8 +257,9 @@ def projections(r: dict, settings: dict, per_device: float, packed_rate: float |
     steps = sum(t["steps_s"] for t in r["trials"])
     at = to_scale / settings["scale"]  # the target scale's iterations per iteration run here
     # the designed stops at the target scale, its trials and rungs rounded as run_search rounds them
-    designed = designed_iterations(settings["trials"], *(max(1, round(settings[k] * to_scale)) for k in (
-        "iterations", "grace_period")), settings["reduction_factor"], max(1, round(settings["eval_interval"] * to_scale)))
+    iterations, grace, interval = (max(1, round(settings[k] * to_scale))
+                                   for k in ("iterations", "grace_period", "eval_interval"))
+    designed = designed_iterations(settings["trials"], iterations, grace, settings["reduction_factor"], interval)
     out = {"to_scale": to_scale, "full_scale_iterations": r["iterations_total"] * at,
            "designed_iterations": designed, "projected_full_wall_packed_designed_s": None,
            "outside_steps_s": r["trial_seconds_measured"] - steps, "trials_per_device": per_device,

@@ -42,10 +42,23 @@ SCRIPTS = ROOT / "examples" / "cluster"
 MARKER = "RAYSEMI_TEST_CLUSTER"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n: int, taken: set[int] = frozenset()) -> list[int]:
+    """n distinct free ports, none of them in `taken`: the sockets stay bound until all are
+    chosen (one port bound and closed at a time may come back twice: Ray then refused two of its
+    components on the same port)."""
+    sockets: list[socket.socket] = []
+    try:
+        ports: list[int] = []
+        while len(ports) < n:
+            s = socket.socket()
+            sockets.append(s)
+            s.bind(("127.0.0.1", 0))
+            if s.getsockname()[1] not in taken:
+                ports.append(s.getsockname()[1])
+        return ports
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def wait_for(predicate, timeout: float, what: str, procs=(), every: float = 0.25) -> None:
@@ -166,16 +179,19 @@ class Cluster:
         for name in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH"):
             self.env.pop(name, None)
         self.env.pop("MLFLOW_TRACKING_URI", None)
-        self.ray_port, self.mlflow_port = free_port(), free_port()
+        self.ray_port, self.mlflow_port = free_ports(2)
+        self.ports = {self.ray_port, self.mlflow_port}  # every port handed out, the nodes' included
         self.address = f"127.0.0.1:{self.ray_port}"
         self.uri = f"http://127.0.0.1:{self.mlflow_port}"
 
     def node_args(self) -> list[str]:
         """One CPU per node; every port `ray start` would take a fixed default for is chosen here,
-        since two nodes share this machine (and other Ray users may be on it)."""
+        since two nodes share this machine (and other Ray users may be on it); all distinct."""
+        listen, grpc, metrics, runtime_env = free_ports(4, self.ports)
+        self.ports |= {listen, grpc, metrics, runtime_env}
         return ["--num-cpus", "1", "--num-gpus", "0", "--object-store-memory", str(100 * 2**20), "--block",
-                "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
-                "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port())]
+                "--dashboard-agent-listen-port", str(listen), "--dashboard-agent-grpc-port", str(grpc),
+                "--metrics-export-port", str(metrics), "--runtime-env-agent-port", str(runtime_env)]
 
     def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Proc:
         proc = Proc(name, args, {**self.env, **(env or {})}, self.tmp / f"{name}.log")
