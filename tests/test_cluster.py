@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Collection
 from pathlib import Path
 
 import pytest
@@ -42,7 +43,7 @@ SCRIPTS = ROOT / "examples" / "cluster"
 MARKER = "RAYSEMI_TEST_CLUSTER"
 
 
-def free_ports(n: int, taken: set[int] = frozenset()) -> list[int]:
+def free_ports(n: int, taken: Collection[int] = ()) -> list[int]:
     """n distinct free ports, none of them in `taken`: the sockets stay bound until all are
     chosen (one port bound and closed at a time may come back twice: Ray then refused two of its
     components on the same port)."""
@@ -53,8 +54,9 @@ def free_ports(n: int, taken: set[int] = frozenset()) -> list[int]:
             s = socket.socket()
             sockets.append(s)
             s.bind(("127.0.0.1", 0))
-            if s.getsockname()[1] not in taken:
-                ports.append(s.getsockname()[1])
+            port = s.getsockname()[1]
+            if port not in taken:
+                ports.append(port)
         return ports
     finally:
         for s in sockets:
