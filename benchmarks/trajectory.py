@@ -53,6 +53,24 @@ def run(method: str, data, args, seed: int, reference: bool) -> tuple[list[float
     return [h["val/dice"] for h in result.history], {k: getattr(cfg, k) for k in args.overrides}
 
 
+def compare(ours: list[list[float]], reference: list[list[float]]) -> list[dict]:
+    """At each validation point, our pipeline's mean Dice minus the reference feed's, and the seed
+    noise it is judged against: twice the standard error of that difference (each pipeline's
+    sample std over its seeds, Welch's form). `within` is whether the difference lies inside it;
+    None with fewer than 2 seeds in either, where there is no spread to judge by. With 3 seeds a
+    rough test: it flags a shift of several seed spreads, not a small bias."""
+    points = []
+    for i in range(len(ours[0])):
+        a, b = [c[i] for c in ours], [c[i] for c in reference]
+        delta = statistics.mean(a) - statistics.mean(b)
+        if len(a) < 2 or len(b) < 2:
+            points.append({"delta": delta, "noise": None, "within": None})
+            continue
+        noise = 2 * (statistics.variance(a) / len(a) + statistics.variance(b) / len(b)) ** 0.5
+        points.append({"delta": delta, "noise": noise, "within": abs(delta) <= noise})
+    return points
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default="mean_teacher")
@@ -72,15 +90,20 @@ def main() -> int:
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="a config value for our path (repeatable), e.g. --set uncertainty_copies=8; the reference "
                         "feed keeps the reference's own")
-    p.add_argument("--out", default="benchmarks/results/trajectory.json")
+    p.add_argument("--out", help="the JSON written (default benchmarks/results/trajectory.json; with --from-json, "
+                                 "none unless given)")
+    p.add_argument("--from-json", metavar="FILE", help="print a saved run's table and comparison again, training "
+                                                       "nothing")
     args = p.parse_args()
+    if args.from_json:
+        return reprint(Path(args.from_json), args.out)
     args.overrides = parse_sets(args.set, p)
     data = load_dataset(args.data, args.labeled_patients, 4)
-    rows = []
+    rows, comparisons = [], []
     methods = [resolve_method_name(x) for x in args.methods.split(",")]
     width = max(24, *(len(m) + 2 for m in methods))  # uncertainty_aware_mean_teacher is 30 long
     its = [args.iterations // args.points * (i + 1) for i in range(args.points)]
-    print(f"{'strategy':<{width}}{'pipeline':<11}" + "  ".join(f"{'it ' + str(i):>12}" for i in its), flush=True)
+    print(header(its, width), flush=True)
     for m in methods:
         for pipeline in args.pipelines.split(","):
             runs = [run(m, data, args, 1337 + s, pipeline == "reference") for s in range(args.seeds)]
@@ -89,14 +112,73 @@ def main() -> int:
             std = [statistics.pstdev(c[i] for c in curves) for i in range(len(curves[0]))]
             rows.append({"method": m, "pipeline": pipeline, "curves": curves, "mean": mean, "std": std,
                          "set": runs[0][1]})
-            print(f"{m:<{width}}{pipeline:<11}" + "  ".join(f"{a:.3f}+-{b:.3f}" for a, b in zip(mean, std)), flush=True)
-    out = Path(args.out)
+            print(row_line(rows[-1], width), flush=True)
+        comparisons += compare_rows(rows, m, width)
+    out = Path(args.out or "benchmarks/results/trajectory.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"command": " ".join(["python"] + sys.argv), "args": vars(args), "iterations": its,
-                               "rows": rows, "cuda_graphs": args.cuda_graphs, "compile": args.compile, "date": time.strftime("%Y-%m-%d"),
+                               "rows": rows, "comparisons": comparisons, "cuda_graphs": args.cuda_graphs,
+                               "compile": args.compile, "date": time.strftime("%Y-%m-%d"),
                                "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"},
                               indent=1))
-    print(f"validation Dice at iterations {its}; written: {out}")
+    print(summary(its, args.seeds, comparisons) + f"; written: {out}")
+    return 0
+
+
+def header(its: list[int], width: int) -> str:
+    return f"{'strategy':<{width}}{'pipeline':<11}" + "  ".join(f"{'it ' + str(i):>12}" for i in its)
+
+
+def row_line(row: dict, width: int) -> str:
+    return f"{row['method']:<{width}}{row['pipeline']:<11}" + "  ".join(
+        f"{a:.3f}+-{b:.3f}" for a, b in zip(row["mean"], row["std"]))
+
+
+def compare_rows(rows: list[dict], method: str, width: int) -> list[dict]:
+    """Print and return the comparison of `method`'s two pipelines (none if one was not trained):
+    under each point, the difference of the means and its seed noise, '!' where outside it."""
+    both = {row["pipeline"]: row["curves"] for row in rows if row["method"] == method}
+    if not {"ours", "reference"} <= set(both):
+        return []
+    points = compare(both["ours"], both["reference"])
+    cells = [(f"{q['delta']:+.3f}" + (f"/{q['noise']:.3f}" if q["noise"] is not None else ""),
+              "!" if q["within"] is False else "") for q in points]
+    print(f"{'':<{width}}{'ours-ref':<11}" + "".join(f"{text:>12}{mark:<2}" for text, mark in cells).rstrip(),
+          flush=True)
+    return [{"method": method, "points": points}]
+
+
+def summary(its: list[int], seeds: int, comparisons: list[dict]) -> str:
+    line = f"validation Dice at iterations {its}, mean+-std over {seeds} seed(s)"
+    judged = [q for c in comparisons for q in c["points"] if q["within"] is not None]
+    if judged:
+        line += (f"; ours-ref: the difference of the means/its seed noise (twice its standard error), '!' outside: "
+                 f"{sum(q['within'] for q in judged)} of {len(judged)} points within")
+    return line
+
+
+def reprint(path: Path, out: str | None) -> int:
+    """--from-json: a saved run's table and comparison again (written to --out, if given, with the
+    comparison added: runs saved before it was computed have none)."""
+    try:
+        saved = json.loads(path.read_text())
+        rows, its = saved["rows"], saved["iterations"]
+    except (OSError, ValueError, KeyError) as err:
+        print(f"error: --from-json {path}: {type(err).__name__}: {err}; expected a JSON written by "
+              "benchmarks/trajectory.py", file=sys.stderr)
+        return 2
+    methods = list(dict.fromkeys(row["method"] for row in rows))
+    width = max(24, *(len(m) + 2 for m in methods))
+    print(header(its, width))
+    comparisons = []
+    for m in methods:
+        for row in rows:
+            if row["method"] == m:
+                print(row_line(row, width))
+        comparisons += compare_rows(rows, m, width)
+    if out:
+        Path(out).write_text(json.dumps({**saved, "comparisons": comparisons}, indent=1))
+    print(summary(its, len(rows[0]["curves"]) if rows else 0, comparisons) + (f"; written: {out}" if out else ""))
     return 0
 
 

@@ -437,7 +437,7 @@ def test_trajectory_benchmark_smoke(tiny_phantom, tmp_path):
     out = tmp_path / "traj.json"
     proc = run_benchmark(script, "--methods", "mt", "--data", str(tiny_phantom), "--labeled-patients", "2",
                          "--size", "32", "--batch-size", "4", "--device", "cpu", "--iterations", "8", "--points", "2",
-                         "--seeds", "1", "--reference-workers", "1", "--set", "ema_decay=0.95", "--out", str(out))
+                         "--seeds", "2", "--reference-workers", "1", "--set", "ema_decay=0.95", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = json.loads(out.read_text())
     assert r["iterations"] == [4, 8] and r["compile"] is False
@@ -447,8 +447,45 @@ def test_trajectory_benchmark_smoke(tiny_phantom, tmp_path):
     assert [(row["method"], row["pipeline"]) for row in r["rows"]] == [("mean_teacher", "ours"),
                                                                          ("mean_teacher", "reference")]
     for row in r["rows"]:
-        assert len(row["curves"]) == 1 and len(row["curves"][0]) == 2
-        assert all(0 <= d <= 1 for d in row["curves"][0])
+        assert len(row["curves"]) == 2 and all(len(c) == 2 for c in row["curves"])
+        assert all(0 <= d <= 1 for c in row["curves"] for d in c)
+    # the two pipelines compared point by point: the difference of the means against twice its
+    # standard error over the seeds, worked out here from the curves
+    ours, ref = (np.array(row["curves"]) for row in r["rows"])
+    delta = ours.mean(0) - ref.mean(0)
+    noise = 2 * np.sqrt(ours.var(0, ddof=1) / 2 + ref.var(0, ddof=1) / 2)
+    [comparison] = r["comparisons"]
+    assert comparison["method"] == "mean_teacher"
+    assert [q["delta"] for q in comparison["points"]] == pytest.approx(delta.tolist(), abs=1e-12)
+    assert [q["noise"] for q in comparison["points"]] == pytest.approx(noise.tolist(), abs=1e-12)
+    assert [q["within"] for q in comparison["points"]] == (np.abs(delta) <= noise).tolist()
+    assert proc.stdout.splitlines()[3].split()[0] == "ours-ref" and "points within" in proc.stdout
+    # --from-json prints the same table again and writes the comparison, training nothing
+    again = run_benchmark(script, "--from-json", str(out), "--out", str(tmp_path / "again.json"))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.splitlines()[:4] == proc.stdout.splitlines()[:4]
+    assert json.loads((tmp_path / "again.json").read_text())["comparisons"] == r["comparisons"]
+    bad = run_benchmark(script, "--from-json", str(tmp_path / "missing.json"))
+    assert bad.returncode == 2 and "--from-json" in bad.stderr and "missing.json" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_trajectory_comparison_flags_a_shift_beyond_seed_noise():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from trajectory import compare
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    ours = [[0.50, 0.80], [0.52, 0.82], [0.48, 0.78]]
+    same = compare(ours, [[0.51, 0.80], [0.49, 0.79], [0.50, 0.81]])
+    assert [q["within"] for q in same] == [True, True]
+    assert same[0]["delta"] == pytest.approx(0.0) and same[1]["noise"] == pytest.approx(2 * np.sqrt(0.0004 / 3 + 0.0001 / 3))
+    shifted = compare(ours, [[0.50, 0.70], [0.52, 0.72], [0.48, 0.68]])  # a tenth lower at the end
+    assert [q["within"] for q in shifted] == [True, False] and shifted[1]["delta"] == pytest.approx(0.1)
+    lower = compare([[0.50, 0.70], [0.52, 0.72], [0.48, 0.68]], ours)  # ours a tenth lower
+    assert [q["within"] for q in lower] == [True, False] and lower[1]["delta"] == pytest.approx(-0.1)
+    lone = compare([[0.5, 0.8]], [[0.4, 0.7]])  # one seed: no spread to judge by
+    assert [q["within"] for q in lone] == [None, None] and lone[1]["delta"] == pytest.approx(0.1)
 
 
 def test_gpu_check_stages_are_checked_and_mps_is_looked_for(tmp_path):
