@@ -94,9 +94,11 @@ def main() -> int:
                                  "none unless given)")
     p.add_argument("--from-json", metavar="FILE", help="print a saved run's table and comparison again, training "
                                                        "nothing")
+    p.add_argument("--reference-from", metavar="FILE",
+                   help="with --from-json: compare with the reference rows of this saved run (same settings)")
     args = p.parse_args()
     if args.from_json:
-        return reprint(Path(args.from_json), args.out)
+        return reprint(Path(args.from_json), args.out, args.reference_from)
     args.overrides = parse_sets(args.set, p)
     data = load_dataset(args.data, args.labeled_patients, 4)
     rows, comparisons = [], []
@@ -157,15 +159,41 @@ def summary(its: list[int], seeds: int, comparisons: list[dict]) -> str:
     return line
 
 
-def reprint(path: Path, out: str | None) -> int:
-    """--from-json: a saved run's table and comparison again (written to --out, if given, with the
-    comparison added: runs saved before it was computed have none)."""
+#: the settings two saved runs must share for one's reference rows to be compared with the other's
+#: (not the data's path: a device session writes the phantom to a temporary folder)
+SAME_RUN = ("labeled_patients", "size", "batch_size", "iterations", "points", "seeds")
+
+
+def load_saved(path: Path, flag: str) -> dict:
+    """A JSON written by this script; ValueError with one line naming the file if it is not one."""
     try:
         saved = json.loads(path.read_text())
+        saved["rows"], saved["iterations"], saved["args"]  # noqa: B018 - what a saved run must have
+        return saved
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{flag} {path}: {type(err).__name__}: {err}; expected a JSON written by "
+                         "benchmarks/trajectory.py") from None
+
+
+def reprint(path: Path, out: str | None, reference_from: str | None = None) -> int:
+    """--from-json: a saved run's table and comparison again (written to --out, if given, with the
+    comparison added: runs saved before it was computed have none). `reference_from`: the
+    reference feed's rows come from that saved run instead (one that trained only our path, e.g.
+    compiled, is compared with the reference trained in another run with the same settings)."""
+    try:
+        saved = load_saved(path, "--from-json")
         rows, its = saved["rows"], saved["iterations"]
-    except (OSError, ValueError, KeyError) as err:
-        print(f"error: --from-json {path}: {type(err).__name__}: {err}; expected a JSON written by "
-              "benchmarks/trajectory.py", file=sys.stderr)
+        if reference_from:
+            other = load_saved(Path(reference_from), "--reference-from")
+            differ = [f"{k} {saved['args'].get(k)!r} against {other['args'].get(k)!r}" for k in SAME_RUN
+                      if saved["args"].get(k) != other["args"].get(k)]
+            if differ:
+                raise ValueError(f"--reference-from {reference_from}: {', '.join(differ)}; expected a run with the "
+                                 f"same settings as {path}")
+            rows = [r for r in rows if r["pipeline"] != "reference"] + [
+                {**r, "from": reference_from} for r in other["rows"] if r["pipeline"] == "reference"]
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     methods = list(dict.fromkeys(row["method"] for row in rows))
     width = max(24, *(len(m) + 2 for m in methods))
@@ -177,7 +205,7 @@ def reprint(path: Path, out: str | None) -> int:
                 print(row_line(row, width))
         comparisons += compare_rows(rows, m, width)
     if out:
-        Path(out).write_text(json.dumps({**saved, "comparisons": comparisons}, indent=1))
+        Path(out).write_text(json.dumps({**saved, "rows": rows, "comparisons": comparisons}, indent=1))
     print(summary(its, len(rows[0]["curves"]) if rows else 0, comparisons) + (f"; written: {out}" if out else ""))
     return 0
 

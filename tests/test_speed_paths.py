@@ -468,6 +468,29 @@ def test_trajectory_benchmark_smoke(tiny_phantom, tmp_path):
     bad = run_benchmark(script, "--from-json", str(tmp_path / "missing.json"))
     assert bad.returncode == 2 and "--from-json" in bad.stderr and "missing.json" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
+    # --reference-from: a run of our path alone compared with another run's reference rows
+    ours_only = tmp_path / "ours.json"
+    ours_only.write_text(json.dumps({**r, "rows": r["rows"][:1], "comparisons": []}))
+    paired = run_benchmark(script, "--from-json", str(ours_only), "--reference-from", str(out),
+                           "--out", str(tmp_path / "paired.json"))
+    assert paired.returncode == 0, paired.stderr[-2000:]
+    assert json.loads((tmp_path / "paired.json").read_text())["comparisons"] == r["comparisons"]
+    # a run that has reference rows of its own compares with the other run's instead
+    shifted = tmp_path / "shifted.json"
+    shifted.write_text(json.dumps({**r, "rows": [r["rows"][0], {**r["rows"][1], "curves": [
+        [d - 0.5 for d in c] for c in r["rows"][1]["curves"]]}]}))
+    replaced = run_benchmark(script, "--from-json", str(out), "--reference-from", str(shifted),
+                             "--out", str(tmp_path / "replaced.json"))
+    assert replaced.returncode == 0, replaced.stderr[-2000:]
+    [points] = [c["points"] for c in json.loads((tmp_path / "replaced.json").read_text())["comparisons"]]
+    assert [q["delta"] for q in points] == pytest.approx((delta + 0.5).tolist())
+    assert [line.split()[1] for line in replaced.stdout.splitlines()[1:3]] == ["ours", "reference"]
+    assert replaced.stdout.splitlines()[3].split()[0] == "ours-ref"  # its own reference row is not shown
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**r, "args": {**r["args"], "iterations": 16}}))
+    refused = run_benchmark(script, "--from-json", str(ours_only), "--reference-from", str(other))
+    assert refused.returncode == 2 and "iterations 8 against 16" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
 
 
 def test_trajectory_comparison_flags_a_shift_beyond_seed_noise():
