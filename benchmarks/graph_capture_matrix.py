@@ -12,20 +12,31 @@ import warnings
 
 import torch
 
+import cli
 from raysemi.config import TrainConfig
 from raysemi.data import load_dataset
 from raysemi.loop import Trainer
-from raysemi.methods import list_methods, resolve_method_name
+from raysemi.errors import UserError
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="phantom")
-    p.add_argument("--methods", default="all")
-    p.add_argument("--size", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=8)
-    args = p.parse_args()
-    methods = list_methods() if args.methods == "all" else [resolve_method_name(m) for m in args.methods.split(",")]
+def build_parser() -> argparse.ArgumentParser:
+    p = cli.parser(__doc__)
+    p.add_argument("--data", default="phantom", help="dataset root in the SSL4MIS layout, or 'phantom'")
+    p.add_argument("--methods", default="all", help="comma-separated strategies (aliases ok), or 'all'")
+    p.add_argument("--size", type=int, default=64, help="patch size (square, a multiple of 16)")
+    p.add_argument("--batch-size", type=int, default=8, help="slices per batch (half labeled)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
+    args = p.parse_args(argv)
+    cli.at_least(args, batch_size=2)
+    cli.patch_size(args.size)
+    methods = cli.methods(args.methods)
+    if not torch.cuda.is_available():
+        raise UserError(f"this machine: no CUDA device (torch {torch.__version__}); expected one: the matrix is of "
+                        "CUDA-graph captures")
     data = load_dataset(args.data, 7, 4)
     for method in methods:
         for amp, cl in (("bf16", "on"), ("bf16", "off"), ("off", "off"), ("off", "on")):
@@ -52,4 +63,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    cli.run(main)

@@ -55,6 +55,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import cli  # noqa: E402
 from throughput import bench_config  # noqa: E402
 
 from raysemi.config import save_yaml  # noqa: E402
@@ -294,28 +295,30 @@ def read_result(path: str, p: argparse.ArgumentParser, to_scale: float = 1.0) ->
     return report
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = cli.parser(__doc__)
     p.add_argument("--data", default="phantom", help="dataset root in the SSL4MIS layout, or 'phantom'")
-    p.add_argument("--labeled-patients", type=int, default=7)
-    p.add_argument("--size", type=int, default=256, help="patch size (square)")
+    p.add_argument("--labeled-patients", type=int, default=7, help="patients whose labels are used")
+    p.add_argument("--size", type=int, default=256, help="patch size (square, a multiple of 16)")
     p.add_argument("--batch-size", type=int, default=24, help="slices per batch (half labeled)")
-    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
-    p.add_argument("--amp", default="auto", choices=("auto", "bf16", "off"))
-    p.add_argument("--cuda-graphs", default="auto", choices=("auto", "on", "off"))
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="where the trials train")
+    p.add_argument("--amp", default="auto", choices=("auto", "bf16", "off"),
+                   help="bf16 autocast ('auto': on for CUDA, off for CPU)")
+    p.add_argument("--cuda-graphs", default="auto", choices=("auto", "on", "off"),
+                   help="capture each iteration as a CUDA graph ('auto': on for CUDA)")
     p.add_argument("--compile", action="store_true",
                    help="compile: on in every trial (without it: off, at every scale; a plain raysemi.search "
                         "compiles CUDA trials of 10,000 iterations or more, compile: auto)")
-    p.add_argument("--trials", type=int, default=32)
+    p.add_argument("--trials", type=int, default=32, help="trials of the search (its --num-samples)")
     p.add_argument("--iterations", type=int, default=10000, help="iterations per trial at full scale")
     p.add_argument("--grace-period", type=int, default=2500, help="ASHA's grace period at full scale")
     p.add_argument("--eval-interval", type=int, default=500, help="evaluation (and report) interval at full scale")
-    p.add_argument("--reduction-factor", type=float, default=3)
+    p.add_argument("--reduction-factor", type=float, default=3, help="ASHA's reduction factor")
     p.add_argument("--scale", type=float, default=1.0, help="fraction of the full-scale iterations to run")
-    p.add_argument("--gpus-per-trial", type=float, default=0.25)
-    p.add_argument("--cpus-per-trial", type=int, default=2)
+    p.add_argument("--gpus-per-trial", type=float, default=0.25, help="GPU share of a CUDA trial (0.25: 4 per GPU)")
+    p.add_argument("--cpus-per-trial", type=int, default=2, help="CPUs each trial reserves")
     p.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray for CPU trials")
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--seed", type=int, default=1, help="the search's seed (TPE's and the trials')")
     p.add_argument("--no-reuse-actors", action="store_true",
                    help="start every trial in a new worker process (the search's own flag), to measure what "
                    "reuse saves")
@@ -327,7 +330,7 @@ def main() -> int:
     p.add_argument("--to-scale", type=float, default=1.0, metavar="T",
                    help="project to this scale instead of the full one (1), e.g. the scale of a larger run to "
                         "check the projections against")
-    p.add_argument("--out", default="benchmarks/results/search_wall.json")
+    p.add_argument("--out", default="benchmarks/results/search_wall.json", help="the JSON written")
     p.add_argument("--log", default=None, metavar="FILE",
                    help="where the search's own output goes (default: --out with the suffix .log)")
     p.add_argument("--time-limit", type=float, default=None, metavar="S",
@@ -336,7 +339,16 @@ def main() -> int:
     p.add_argument("--stop-grace", type=float, default=30, metavar="S",
                    help="seconds a stopped search has to end its trials before it is killed")
     p.add_argument("--progress", type=float, default=30, metavar="S", help="seconds between progress lines")
-    args = p.parse_args()
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
+    args = p.parse_args(argv)
+    cli.at_least(args, labeled_patients=1, batch_size=2, trials=1, iterations=1, grace_period=1, eval_interval=1,
+                 cpus_per_trial=1, num_cpus=1)
+    cli.above(args, reduction_factor=1, gpus_per_trial=0, packed_rate=0, progress=0)
+    cli.patch_size(args.size)
     if not 0 < args.scale <= 1:
         p.error(f"--scale: {args.scale} is invalid; expected a fraction in (0, 1]")
     if not 0 < args.to_scale <= 1:
@@ -425,4 +437,4 @@ def write(report: dict, path: str) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    cli.run(main)

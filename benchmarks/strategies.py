@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
+import cli
 from raysemi.config import TrainConfig
 from raysemi.data import load_dataset
 from raysemi.loop import Trainer
-from raysemi.methods import list_methods
 
 
 def run(method: str, seed: int, args) -> dict:
@@ -41,20 +41,28 @@ def run(method: str, seed: int, args) -> dict:
             "best_iteration": result.best_iteration, "seconds": time.perf_counter() - t0}
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", default="all", help="comma-separated strategies, or 'all'")
-    p.add_argument("--data", default="phantom", help="dataset root or 'phantom'")
-    p.add_argument("--labeled-patients", type=int, default=3)
-    p.add_argument("--iterations", type=int, default=400)
-    p.add_argument("--eval-interval", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--patch-size", type=int, nargs=2, default=(64, 64))
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", default="benchmarks/results/strategies.json")
-    args = p.parse_args()
-    methods = list_methods() if args.methods == "all" else args.methods.split(",")
+def build_parser() -> argparse.ArgumentParser:
+    p = cli.parser(__doc__)
+    p.add_argument("--methods", default="all", help="comma-separated strategies (aliases ok), or 'all'")
+    p.add_argument("--data", default="phantom", help="dataset root in the SSL4MIS layout, or 'phantom'")
+    p.add_argument("--labeled-patients", type=int, default=3, help="patients whose labels are used")
+    p.add_argument("--iterations", type=int, default=400, help="iterations each run trains")
+    p.add_argument("--eval-interval", type=int, default=100, help="iterations between validations")
+    p.add_argument("--batch-size", type=int, default=8, help="slices per batch (half labeled)")
+    p.add_argument("--patch-size", type=int, nargs=2, default=(64, 64), help="patch height and width (multiples of 16)")
+    p.add_argument("--seeds", type=int, default=3, help="runs per strategy (seeds 0, 1, ...)")
+    p.add_argument("--device", default="auto", help="'auto' (CUDA if there is one), 'cuda', 'cuda:N' or 'cpu'")
+    p.add_argument("--out", default="benchmarks/results/strategies.json", help="the JSON written")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
+    args = p.parse_args(argv)
+    cli.at_least(args, labeled_patients=1, iterations=1, eval_interval=1, batch_size=2, seeds=1)
+    for side in args.patch_size:
+        cli.patch_size(side, "--patch-size")
+    methods = cli.methods(args.methods)
     rows = []
     for method in methods:
         for seed in range(args.seeds):
@@ -87,4 +95,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    cli.run(main)

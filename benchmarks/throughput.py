@@ -49,12 +49,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import cli  # noqa: E402
 from raysemi.config import ALIASES, FIELDS, TrainConfig, add_config_arguments, save_yaml  # noqa: E402
 from raysemi.data import load_dataset  # noqa: E402
 from raysemi.errors import UserError  # noqa: E402
 from raysemi.inference import evaluate_volumes  # noqa: E402
 from raysemi.loop import Trainer  # noqa: E402
-from raysemi.methods import get_method, list_methods, resolve_method_name  # noqa: E402
+from raysemi.methods import get_method  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -262,15 +263,16 @@ def measure_packed(method: str, args) -> dict:
             "command": " ".join(cmd[1:])}
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = cli.parser(__doc__)
     p.add_argument("--methods", default="all", help="comma-separated strategies (aliases ok), or 'all'")
     p.add_argument("--data", default="phantom", help="dataset root in the SSL4MIS layout, or 'phantom'")
-    p.add_argument("--labeled-patients", type=int, default=7)
-    p.add_argument("--size", type=int, default=256, help="patch size (square)")
+    p.add_argument("--labeled-patients", type=int, default=7, help="patients whose labels are used")
+    p.add_argument("--size", type=int, default=256, help="patch size (square, a multiple of 16)")
     p.add_argument("--batch-size", type=int, default=24, help="slices per batch (half labeled)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--amp", default="auto", choices=("auto", "bf16", "off"))
+    p.add_argument("--device", default="auto", help="'auto' (CUDA if there is one), 'cuda', 'cuda:N' or 'cpu'")
+    p.add_argument("--amp", default="auto", choices=("auto", "bf16", "off"),
+                   help="bf16 autocast ('auto': on for CUDA, off for CPU)")
     p.add_argument("--warmup", type=int, default=20, help="steps before timing")
     p.add_argument("--iterations", type=int, default=100, help="iterations per measured run")
     p.add_argument("--repeats", type=int, default=3, help="measured runs (mean and median reported)")
@@ -291,19 +293,28 @@ def main() -> int:
                    help="run N concurrent trials of the first strategy through the search (instead of the table)")
     p.add_argument("--packed-iterations", type=int, default=600, help="iterations per packed trial")
     p.add_argument("--packed-eval-interval", type=int, default=100, help="report interval of packed trials")
-    p.add_argument("--packed-cpus-per-trial", type=int, default=2)
+    p.add_argument("--packed-cpus-per-trial", type=int, default=2, help="CPUs each packed trial reserves")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="a config value for every row (repeatable), e.g. --set uncertainty_copies=8")
     p.add_argument("--compare-set", action="append", default=[], metavar="FIELD=VALUE",
                    help="time each strategy again with these config values (repeatable), e.g. "
                         "--compare-set uncertainty_copies=8: an A/B of one setting in the same process")
-    p.add_argument("--out", default="benchmarks/results/throughput.json")
-    args = p.parse_args()
+    p.add_argument("--out", default="benchmarks/results/throughput.json", help="the JSON written")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
+    args = p.parse_args(argv)
+    cli.at_least(args, labeled_patients=1, batch_size=2, warmup=0, iterations=1, repeats=1, reference_iterations=1,
+                 reference_workers=0, profile=0, packed=0, packed_iterations=1, packed_eval_interval=1,
+                 packed_cpus_per_trial=1)
+    cli.patch_size(args.size)
+    methods = cli.methods(args.methods)
     args.overrides = parse_sets(args.set, p)
     args.compare_overrides = parse_sets(args.compare_set, p, "--compare-set")
     if args.compile and args.compare_compile:
         p.error("--compile and --compare-compile: choose one (--compare-compile times both)")
-    methods = list_methods() if args.methods == "all" else [resolve_method_name(m) for m in args.methods.split(",")]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     machine = {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -377,4 +388,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    cli.run(main)

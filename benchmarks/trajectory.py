@@ -19,10 +19,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import cli  # noqa: E402
 from raysemi.config import TrainConfig  # noqa: E402
 from raysemi.data import load_dataset  # noqa: E402
 from raysemi.loop import Trainer  # noqa: E402
-from raysemi.methods import get_method, resolve_method_name  # noqa: E402
+from raysemi.errors import UserError  # noqa: E402
+from raysemi.methods import get_method  # noqa: E402
 from reference_pipeline import ReferenceFeed  # noqa: E402
 from throughput import parse_sets  # noqa: E402
 
@@ -71,18 +73,18 @@ def compare(ours: list[list[float]], reference: list[list[float]]) -> list[dict]
     return points
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", default="mean_teacher")
-    p.add_argument("--data", default="phantom")
-    p.add_argument("--labeled-patients", type=int, default=7)
-    p.add_argument("--size", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=24)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--iterations", type=int, default=400)
-    p.add_argument("--points", type=int, default=4, help="validations along the way")
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--reference-workers", type=int, default=4)
+def build_parser() -> argparse.ArgumentParser:
+    p = cli.parser(__doc__)
+    p.add_argument("--methods", default="mean_teacher", help="comma-separated strategies (aliases ok), or 'all'")
+    p.add_argument("--data", default="phantom", help="dataset root in the SSL4MIS layout, or 'phantom'")
+    p.add_argument("--labeled-patients", type=int, default=7, help="patients whose labels are used")
+    p.add_argument("--size", type=int, default=256, help="patch size (square, a multiple of 16)")
+    p.add_argument("--batch-size", type=int, default=24, help="slices per batch (half labeled)")
+    p.add_argument("--device", default="auto", help="'auto' (CUDA if there is one), 'cuda', 'cuda:N' or 'cpu'")
+    p.add_argument("--iterations", type=int, default=400, help="iterations each run trains")
+    p.add_argument("--points", type=int, default=4, help="validations along the way, evenly spaced")
+    p.add_argument("--seeds", type=int, default=3, help="runs per strategy and pipeline (seeds 1337, 1338, ...)")
+    p.add_argument("--reference-workers", type=int, default=4, help="DataLoader workers of the reference feed")
     p.add_argument("--pipelines", default="ours,reference",
                    help="which to train: 'ours', 'reference' or both (comma-separated)")
     p.add_argument("--cuda-graphs", default="auto", choices=("auto", "on", "off"), help="our path's cuda_graphs")
@@ -96,18 +98,35 @@ def main() -> int:
                                                        "nothing")
     p.add_argument("--reference-from", metavar="FILE",
                    help="with --from-json: compare with the reference rows of this saved run (same settings)")
-    args = p.parse_args()
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
+    args = p.parse_args(argv)
     if args.from_json:
         return reprint(Path(args.from_json), args.out, args.reference_from)
+    if args.reference_from:
+        raise UserError(f"--reference-from {args.reference_from}: given without --from-json; expected it with "
+                        "--from-json FILE (a run training both pipelines compares them itself)")
+    cli.at_least(args, labeled_patients=1, batch_size=2, iterations=1, points=1, seeds=1, reference_workers=0)
+    cli.patch_size(args.size)
+    if args.points > args.iterations:
+        raise UserError(f"--points: {args.points} is invalid; expected at most --iterations ({args.iterations}): "
+                        "one validation per --iterations/--points iterations")
+    pipelines = [x.strip() for x in args.pipelines.split(",") if x.strip()]
+    if not pipelines or not set(pipelines) <= {"ours", "reference"}:
+        raise UserError(f"--pipelines: {args.pipelines!r} is invalid; expected 'ours', 'reference' or both, "
+                        "comma-separated")
+    methods = cli.methods(args.methods)
     args.overrides = parse_sets(args.set, p)
     data = load_dataset(args.data, args.labeled_patients, 4)
     rows, comparisons = [], []
-    methods = [resolve_method_name(x) for x in args.methods.split(",")]
     width = max(24, *(len(m) + 2 for m in methods))  # uncertainty_aware_mean_teacher is 30 long
     its = [args.iterations // args.points * (i + 1) for i in range(args.points)]
     print(header(its, width), flush=True)
     for m in methods:
-        for pipeline in args.pipelines.split(","):
+        for pipeline in pipelines:
             runs = [run(m, data, args, 1337 + s, pipeline == "reference") for s in range(args.seeds)]
             curves = [curve for curve, _ in runs]
             mean = [statistics.mean(c[i] for c in curves) for i in range(len(curves[0]))]
@@ -193,8 +212,7 @@ def reprint(path: Path, out: str | None, reference_from: str | None = None) -> i
             rows = [r for r in rows if r["pipeline"] != "reference"] + [
                 {**r, "from": reference_from} for r in other["rows"] if r["pipeline"] == "reference"]
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        raise UserError(str(err)) from None
     methods = list(dict.fromkeys(row["method"] for row in rows))
     width = max(24, *(len(m) + 2 for m in methods))
     print(header(its, width))
@@ -211,4 +229,4 @@ def reprint(path: Path, out: str | None, reference_from: str | None = None) -> i
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    cli.run(main)

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+import cli
 from raysemi.data import load_volumes, resolve_data_root
 from raysemi.metrics import _union_box, case_metrics
 
@@ -71,19 +72,26 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(runs)
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = cli.parser(__doc__)
     p.add_argument("--data", required=True, help="dataset root in the SSL4MIS layout (its val split is used)")
-    p.add_argument("--split", default="val")
-    p.add_argument("--num-classes", type=int, default=4)
+    p.add_argument("--split", default="val", help="the split whose volumes are scored (its <split>.list)")
+    p.add_argument("--num-classes", type=int, default=4, help="classes, background included")
     p.add_argument("--speckles", default="0,0.0005,0.01", help="fractions of voxels given a random label")
     p.add_argument("--threads", default="2", help="comma-separated thread counts for the threaded variant")
     p.add_argument("--repeats", type=int, default=3, help="runs per variant (median reported)")
     p.add_argument("--skip-medpy", action="store_true", help="leave out whole-volume medpy (the slowest)")
-    p.add_argument("--out", default="benchmarks/results/validation_metrics.json")
-    args = p.parse_args()
+    p.add_argument("--out", default="benchmarks/results/validation_metrics.json", help="the JSON written")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
+    args = p.parse_args(argv)
+    cli.at_least(args, num_classes=2, repeats=1)
+    threads = cli.numbers(args.threads, "--threads", int, "integers >= 1", lambda n: n >= 1)
+    speckles = cli.numbers(args.speckles, "--speckles", float, "fractions in [0, 1)", lambda f: 0 <= f < 1)
     volumes = load_volumes(resolve_data_root(args.data), args.split, args.num_classes)
-    threads = [int(t) for t in args.threads.split(",")]
     nc = args.num_classes
     report = {"command": " ".join([Path(sys.executable).name] + sys.argv), "date": time.strftime("%Y-%m-%d"),
               "machine": {"platform": platform.platform(), "processor": platform.processor()},
@@ -92,7 +100,7 @@ def main() -> int:
     head += "".join(f"{f'x{n} s':>9}" for n in threads) + (f"{'vs medpy':>10}" if not args.skip_medpy else "")
     print(f"{len(volumes)} {args.split} volumes of {args.data}, {nc - 1} classes; median of {args.repeats} runs")
     print(head)
-    for speckle in (float(s) for s in args.speckles.split(",")):
+    for speckle in speckles:
         preds = predictions(volumes, speckle, nc)
         pairs = list(zip(preds, volumes))
         row = {"speckle": speckle}
@@ -121,4 +129,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    cli.run(main)

@@ -649,3 +649,92 @@ def test_help_states_each_default_once(module):
         assert not re.search(r"\(default:[^()]*\) \(default:", flat), module  # no flag says its default twice
     assert "(default: test)" in " ".join(helps[0].split()) if module == "raysemi.evaluate" else True
     assert "--fault-nan-at" not in helps[0] and "config: testing" not in helps[0]  # the test suite's fault switch stays out of sight
+
+
+# ---- benchmark scripts (in-process) ----------------------------------------------------------------
+BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+BENCHMARK_SCRIPTS = ("throughput", "trajectory", "search_wall", "strategies", "validation_metrics",
+                     "graph_capture_matrix")
+
+
+def benchmark_main(script: str):
+    """The script's `main`, imported as `python benchmarks/<script>.py` would run it (its folder on the path)."""
+    import importlib
+
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    return importlib.import_module(script).main
+
+
+@pytest.mark.parametrize("script,args,needles", [
+    case("throughput_unknown_method", "throughput", ["--methods", "mt,foo"], ["--methods", "'foo'", "known:"]),
+    case("throughput_empty_methods", "throughput", ["--methods", ","], ["--methods", "','", "empty"]),
+    case("throughput_no_iterations", "throughput", ["--iterations", "0"], ["--iterations", "0", ">= 1"]),
+    case("throughput_no_repeats", "throughput", ["--repeats", "0"], ["--repeats", "0", ">= 1"]),
+    case("throughput_negative_packed", "throughput", ["--packed", "-1"], ["--packed", "-1", ">= 0"]),
+    case("throughput_size", "throughput", ["--size", "40"], ["--size", "40", "multiple of 16"]),
+    case("throughput_batch", "throughput", ["--batch-size", "1"], ["--batch-size", "1", ">= 2"]),
+    case("throughput_missing_data", "throughput", ["--data", "{tmp}/nowhere"], ["nowhere", "data folder not found"]),
+    case("throughput_bad_set", "throughput", ["--set", "speed=11"], ["--set", "'speed=11'", "config field"]),
+    case("throughput_not_a_number", "throughput", ["--warmup", "some"], ["--warmup", "'some'"]),
+    case("trajectory_no_points", "trajectory", ["--points", "0"], ["--points", "0", ">= 1"]),
+    case("trajectory_no_seeds", "trajectory", ["--seeds", "0"], ["--seeds", "0", ">= 1"]),
+    case("trajectory_points_over_iterations", "trajectory", ["--iterations", "3", "--points", "4"],
+         ["--points", "4", "--iterations (3)"]),
+    case("trajectory_pipeline", "trajectory", ["--pipelines", "ours,refx"], ["--pipelines", "'ours,refx'", "'reference'"]),
+    case("trajectory_reference_alone", "trajectory", ["--reference-from", "r.json"], ["--reference-from", "--from-json"]),
+    case("trajectory_missing_json", "trajectory", ["--from-json", "{tmp}/gone.json"], ["--from-json", "gone.json"]),
+    case("trajectory_unknown_method", "trajectory", ["--methods", "meanteacher"], ["--methods", "'meanteacher'"]),
+    case("search_wall_no_trials", "search_wall", ["--trials", "0"], ["--trials", "0", ">= 1"]),
+    case("search_wall_factor", "search_wall", ["--reduction-factor", "1"], ["--reduction-factor", "1", "> 1"]),
+    case("search_wall_gpu_share", "search_wall", ["--gpus-per-trial", "0"], ["--gpus-per-trial", "0", "> 0"]),
+    case("search_wall_rate", "search_wall", ["--packed-rate", "-3"], ["--packed-rate", "-3", "> 0"]),
+    case("search_wall_size", "search_wall", ["--size", "20"], ["--size", "20", "multiple of 16"]),
+    case("search_wall_scale", "search_wall", ["--scale", "2"], ["--scale", "2", "(0, 1]"]),
+    case("search_wall_missing_json", "search_wall", ["--from-json", "{tmp}/gone.json"], ["--from-json", "gone.json"]),
+    case("strategies_unknown_method", "strategies", ["--methods", "foo"], ["--methods", "'foo'"]),
+    case("strategies_patch", "strategies", ["--patch-size", "64", "40"], ["--patch-size", "40", "multiple of 16"]),
+    case("strategies_no_seeds", "strategies", ["--seeds", "0"], ["--seeds", "0", ">= 1"]),
+    case("validation_metrics_no_data", "validation_metrics", [], ["--data", "required"]),
+    case("validation_metrics_threads", "validation_metrics", ["--data", "phantom", "--threads", "2,0"],
+         ["--threads", "'0'", ">= 1"]),
+    case("validation_metrics_speckles", "validation_metrics", ["--data", "phantom", "--speckles", "0,2"],
+         ["--speckles", "'2'", "[0, 1)"]),
+    case("validation_metrics_missing_data", "validation_metrics", ["--data", "{tmp}/nowhere"],
+         ["nowhere", "data folder not found"]),
+    case("graph_capture_matrix_method", "graph_capture_matrix", ["--methods", "foo"], ["--methods", "'foo'"]),
+])
+def test_benchmark_bad_values(script, args, needles, tmp_path, in_process, capsys):
+    """The benchmarks are CLIs too: a bad flag or value is one line naming it, exit 2, nothing written."""
+    out = tmp_path / "result.json"
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    rc, err = call(benchmark_main(script), [*args, "--out", out] if script != "graph_capture_matrix" else args, capsys)
+    assert_one_line_error(rc, err, *needles)
+    assert not out.exists()
+
+
+def test_benchmark_without_cuda_says_so(in_process, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the matrix would run")
+    rc, err = call(benchmark_main("graph_capture_matrix"), [], capsys)
+    assert_one_line_error(rc, err, "no CUDA device", "CUDA-graph captures")
+
+
+def test_benchmark_debug_shows_the_traceback(tmp_path, in_process, capsys):
+    rc, err = call(benchmark_main("trajectory"), ["--seeds", "0", "--debug", "--out", tmp_path / "r.json"], capsys)
+    assert rc == 2 and "Traceback" in err and err.strip().splitlines()[-1].startswith("error: --seeds: 0")
+
+
+@pytest.mark.parametrize("script", BENCHMARK_SCRIPTS)
+def test_benchmark_help_explains_every_flag(script, capsys):
+    """`--help` runs and shows the script's docstring (its example commands); every flag says what it
+    is for, and its default once."""
+    with pytest.raises(SystemExit) as exit_:
+        benchmark_main(script)(["--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert " ".join(sys.modules[script].__doc__.split()[:12]) in text
+    parser = sys.modules[script].build_parser()
+    undocumented = [a.option_strings[0] for a in parser._actions if not (a.help or "").strip()]
+    assert not undocumented, f"{script}: no help for {undocumented}"
+    assert "(default: None)" not in text and not re.search(r"\(default:[^()]*\) \(default:", text)
