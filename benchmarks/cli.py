@@ -7,15 +7,11 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-from raysemi.errors import ArgumentParser, DefaultsHelpFormatter, UserError, run_cli
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultsHelpFormatter):
-    """The script's docstring as written (its example commands), each flag's default after its help."""
+from raysemi.errors import ArgumentParser, ScriptHelpFormatter, UserError, run_cli
 
 
 def parser(description: str | None) -> ArgumentParser:
-    return ArgumentParser(description=description, formatter_class=HelpFormatter)
+    return ArgumentParser(description=description, formatter_class=ScriptHelpFormatter)
 
 
 def flag(dest: str) -> str:

@@ -5,25 +5,26 @@ conditional on it), using every GPU of this machine (or the CPUs when there is n
     python examples/search_all_methods.py --smoke-test
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 
-from raysemi.errors import run_cli
+from raysemi.errors import ArgumentParser, ScriptHelpFormatter, run_cli
 from raysemi.search import main as search
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _smoke import SMOKE_TRAIN, smoke_data  # noqa: E402
 
-p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-p.add_argument("--data", default="phantom")
-p.add_argument("--num-samples", type=int, default=32)
+# one-line errors and --debug, like the CLIs it calls (which get --debug passed on)
+p = ArgumentParser(description=__doc__, formatter_class=ScriptHelpFormatter)
+p.add_argument("--data", default="phantom", help="dataset root in the SSL4MIS layout, or 'phantom'")
+p.add_argument("--num-samples", type=int, default=32, help="trials of the search")
 p.add_argument("--smoke-test", action="store_true", help="tiny data and budget, 3 strategies, 3 trials")
 p.add_argument("--name", help="the search's folder under runs/ (default: all-smoke for --smoke-test, else the "
                               "search's own default); a finished search is not run again")
 args = p.parse_args()
+debug = ["--debug"] if args.debug else []
 
 gpus = torch.cuda.device_count()
 if args.smoke_test:
@@ -37,4 +38,4 @@ else:
     argv = ["--method", "all", "--data", args.data, "--num-samples", str(args.num_samples), "--max-iterations",
             "10000", "--gpus", str(gpus), *(["--gpus-per-trial", "0.5"] if gpus else []), "--seeds", "2",
             *(["--name", args.name] if args.name else [])]
-sys.exit(run_cli(search, argv))
+sys.exit(run_cli(search, [*argv, *debug]))

@@ -44,6 +44,11 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class ScriptHelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultsHelpFormatter):
+    """For a script whose docstring is its help (benchmarks, examples): the docstring's example
+    commands as written, each flag's default after its help."""
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with a `--debug` flag on every CLI; usage errors exit 2 with one line."""
 

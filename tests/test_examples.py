@@ -37,3 +37,29 @@ def test_example_runs_with_smoke_flag(example, tmp_path):
         assert len(list(tmp_path.glob("runs/*/retrained/seed*/best.pt"))) == 2
         assert list(tmp_path.glob("runs/*/retrained/results_per_volume.csv"))
         assert "std of the 2 per-seed means" in proc.stdout
+
+
+def run_example(example: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(example), *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
+def test_example_bad_flag_is_one_error_line(example, tmp_path):
+    # a typo is refused before anything runs, in one line as the CLIs it calls do (not argparse's usage block)
+    proc = run_example(example, "--smoke-tst", cwd=tmp_path)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: unrecognized arguments: --smoke-tst") and f"{example.name} --help" in lines[0]
+    assert not list(tmp_path.iterdir())
+    help_ = run_example(example, "--help", cwd=tmp_path)
+    assert help_.returncode == 0 and "--debug" in help_.stdout and "(default:" in help_.stdout
+
+
+def test_retrain_example_without_a_search_folder_says_what_it_needs(tmp_path):
+    proc = run_example(EXAMPLES[[p.name for p in EXAMPLES].index("retrain_best.py")], cwd=tmp_path)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "search_dir: missing" in lines[0] and "--smoke-test" in lines[0]
+    missing = run_example(EXAMPLES[[p.name for p in EXAMPLES].index("retrain_best.py")], str(tmp_path / "nosuch"),
+                          cwd=tmp_path)
+    assert missing.returncode == 2 and missing.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'nosuch' / 'best_config.yaml'}: config file not found"]
