@@ -8,15 +8,19 @@ on eagerly). A diagnostic for the GPU machine:
 from __future__ import annotations
 
 import argparse
+import sys
 import warnings
+from pathlib import Path
 
 import torch
 
-import cli
-from raysemi.config import TrainConfig
-from raysemi.data import load_dataset
-from raysemi.loop import Trainer
-from raysemi.errors import UserError
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_cli, when imported from elsewhere
+
+import bench_cli as cli  # noqa: E402
+from raysemi.config import TrainConfig  # noqa: E402
+from raysemi.data import load_dataset  # noqa: E402
+from raysemi.loop import Trainer  # noqa: E402
+from raysemi.errors import UserError  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -55,13 +55,27 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import cli  # noqa: E402
+import bench_cli as cli  # noqa: E402
 from throughput import bench_config  # noqa: E402
 
 from raysemi.config import save_yaml  # noqa: E402
+from raysemi.errors import UserError  # noqa: E402
 from raysemi.search_budget import rungs, wall_iterations  # noqa: E402
 
 STARTED = time.time()  # --time-limit counts from here, the imports included
+
+
+def check_search(args) -> None:
+    """What the search would refuse, said before its output folder and log are made: the data, and
+    the settings whose limits do not depend on the cluster (the search checks the rest: its refusal
+    comes back as this script's one error line)."""
+    cli.check_data(args.data)
+    if args.grace_period > args.iterations:
+        raise UserError(f"--grace-period: {args.grace_period} is invalid; expected at most --iterations "
+                        f"({args.iterations}): ASHA may stop a trial only before it ends")
+    if args.device == "cuda" and args.gpus_per_trial > 1:
+        raise UserError(f"--gpus-per-trial: {args.gpus_per_trial:g} is invalid; expected at most 1 (the search "
+                        "runs on one GPU)")
 
 
 def run_search(args, tmp: Path, log: Path) -> dict:
@@ -88,6 +102,9 @@ def run_search(args, tmp: Path, log: Path) -> dict:
         stopped = watch(proc, runs, t0, deadline, args.stop_grace, args.progress)
     wall = time.time() - t0
     finished = stopped is None
+    refused = cli.search_refusal(proc.returncode, log.read_text(errors="replace")) if finished else None
+    if refused:
+        raise refused
     if finished and proc.returncode != 0:
         tail = log.read_text(errors="replace")[-3000:]
         raise SystemExit(f"search failed (exit {proc.returncode}); its output is in {log}; its end:\n{tail}")
@@ -359,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--time-limit: {args.time_limit:g} is invalid; expected seconds > 0")
     if args.stop_grace < 0:
         p.error(f"--stop-grace: {args.stop_grace:g} is invalid; expected seconds >= 0")
+    cli.check_out(args.out)
     if args.from_json:
         report = read_result(args.from_json, p, args.to_scale)
         saved = report["args"]
@@ -375,12 +393,21 @@ def main(argv: list[str] | None = None) -> int:
                  else f"{saved['cpus_per_trial']} CPU per trial")
         factor = saved["reduction_factor"]
     else:
+        check_search(args)
         log = Path(args.log or Path(args.out).with_suffix(".log"))
+        cli.check_out(log, "--log")
+        made = [d for d in (log.parent, *log.parent.parents) if not d.exists()]
         log.parent.mkdir(parents=True, exist_ok=True)
         print(f"the search's output: {log}", flush=True)
-        # a stopped search's killed workers may still be going away while the folder is removed
-        with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:
-            r = run_search(args, Path(tmp), log)
+        try:
+            # a stopped search's killed workers may still be going away while the folder is removed
+            with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:
+                r = run_search(args, Path(tmp), log)
+        except UserError:  # the search refused its settings: nothing ran, nothing is kept
+            log.unlink(missing_ok=True)
+            for folder in made:
+                folder.rmdir()
+            raise
         device = torch.cuda.get_device_name() if args.device == "cuda" and torch.cuda.is_available() else "cpu"
         per_device = 1 / args.gpus_per_trial if args.device == "cuda" else args.num_cpus / args.cpus_per_trial
         report = {"date": time.strftime("%Y-%m-%d"), "machine": {"platform": platform.platform(), "device": device},
@@ -430,10 +457,7 @@ def write_unfinished(r: dict, args: argparse.Namespace, device: str) -> int:
 
 
 def write(report: dict, path: str) -> None:
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
-    print(f"written: {out}")
+    print(f"written: {cli.write_json(path, report)}")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ strategy's unsupervised term actually ramps up within the run.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -20,19 +19,27 @@ from pathlib import Path
 
 import torch
 
-import cli
-from raysemi.config import TrainConfig
-from raysemi.data import load_dataset
-from raysemi.loop import Trainer
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_cli, when imported from elsewhere
+
+import bench_cli as cli  # noqa: E402
+from raysemi.config import TrainConfig  # noqa: E402
+from raysemi.data import load_dataset  # noqa: E402
+from raysemi.loop import Trainer  # noqa: E402
+
+
+def run_config(method: str, seed: int, args) -> TrainConfig:
+    """The reference's schedules scaled to the budget (its 30,000 iterations)."""
+    scale = args.iterations / 30000
+    return TrainConfig(method=method, data=args.data, labeled_patients=args.labeled_patients,
+                       patch_size=tuple(args.patch_size), batch_size=args.batch_size, labeled_bs=args.batch_size // 2,
+                       max_iterations=args.iterations, eval_interval=args.eval_interval, seed=seed,
+                       rampup_interval=max(1, round(150 * scale)), mt_warmup=round(1000 * scale),
+                       device=args.device, log_interval=50).validate({**cli.CONFIG_FLAGS, "patch_size": "--patch-size",
+                                                                      "eval_interval": "--eval-interval"})
 
 
 def run(method: str, seed: int, args) -> dict:
-    scale = args.iterations / 30000
-    cfg = TrainConfig(method=method, data=args.data, labeled_patients=args.labeled_patients,
-                      patch_size=tuple(args.patch_size), batch_size=args.batch_size, labeled_bs=args.batch_size // 2,
-                      max_iterations=args.iterations, eval_interval=args.eval_interval, seed=seed,
-                      rampup_interval=max(1, round(150 * scale)), mt_warmup=round(1000 * scale),
-                      device=args.device, log_interval=50).validate()
+    cfg = run_config(method, seed, args)
     data = load_dataset(cfg.data, cfg.labeled_patients, cfg.num_classes)
     t0 = time.perf_counter()
     result = Trainer(cfg, data).fit()
@@ -63,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     for side in args.patch_size:
         cli.patch_size(side, "--patch-size")
     methods = cli.methods(args.methods)
+    for method in methods:  # a bad --device before any training
+        run_config(method, 0, args)
+    cli.check_out(args.out)
     rows = []
     for method in methods:
         for seed in range(args.seeds):
@@ -81,15 +91,13 @@ def main(argv: list[str] | None = None) -> int:
         table.append(entry)
         print(f"{method:<32}{entry['dice_mean']:>10.4f} +-{entry['dice_std']:.4f}"
               f"{entry['hd95_mean']:>10.2f} +-{entry['hd95_std']:>5.2f}{entry['seconds_mean']:>14.1f}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
+    out = cli.write_json(args.out, {
         "command": " ".join([Path(sys.executable).name] + sys.argv), "args": vars(args), "table": table, "runs": rows,
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpus": torch.get_num_threads(), "torch": torch.__version__,
                     "device": torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "cpu"},
         "date": time.strftime("%Y-%m-%d"),
-    }, indent=1))
+    })
     print(f"\nwritten: {out}")
     return 0
 

@@ -49,7 +49,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import cli  # noqa: E402
+import bench_cli as cli  # noqa: E402
 from raysemi.config import ALIASES, FIELDS, TrainConfig, add_config_arguments, save_yaml  # noqa: E402
 from raysemi.data import load_dataset  # noqa: E402
 from raysemi.errors import UserError  # noqa: E402
@@ -68,7 +68,7 @@ def bench_config(method: str, args, **over) -> TrainConfig:
                   patch_size=(args.size, args.size), batch_size=args.batch_size, labeled_bs=args.batch_size // 2,
                   max_iterations=10 ** 9, eval_interval=10 ** 9, log_interval=10 ** 9, device=args.device,
                   amp=args.amp, mt_warmup=0, cuda_graphs=args.cuda_graphs, compile="off")
-    return TrainConfig(**{**values, **getattr(args, "overrides", {}), **over}).validate()
+    return TrainConfig(**{**values, **getattr(args, "overrides", {}), **over}).validate(cli.CONFIG_FLAGS)
 
 
 def parse_sets(items: list[str], p: argparse.ArgumentParser, option: str = "--set") -> dict:
@@ -223,6 +223,7 @@ def measure_packed(method: str, args) -> dict:
     """N concurrent trials through `python -m raysemi.search`; their summed steady-state it/s."""
     n = args.packed
     gpus = 1 if args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available()) else 0
+    cli.check_data(args.data)
     with tempfile.TemporaryDirectory() as tmp:
         base = bench_config(method, args, eval_interval=args.packed_eval_interval, log_interval=20,
                             max_iterations=args.packed_iterations, compile="on" if args.compile else "off")
@@ -241,6 +242,9 @@ def measure_packed(method: str, args) -> dict:
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wall = time.perf_counter() - t0
+        refused = cli.search_refusal(proc.returncode, proc.stderr + proc.stdout)
+        if refused:
+            raise refused
         if proc.returncode != 0:
             raise SystemExit(f"packed search failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
         trials = []
@@ -315,8 +319,10 @@ def main(argv: list[str] | None = None) -> int:
     args.compare_overrides = parse_sets(args.compare_set, p, "--compare-set")
     if args.compile and args.compare_compile:
         p.error("--compile and --compare-compile: choose one (--compare-compile times both)")
+    for m in methods:  # a bad --device or --amp before any data is read
+        bench_config(m, args)
+    cli.check_out(args.out)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     machine = {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                "device": torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "cpu"}
     report = {"command": " ".join([Path(sys.executable).name] + sys.argv), "args": vars(args),
@@ -376,13 +382,13 @@ def main(argv: list[str] | None = None) -> int:
             print(line, flush=True)
             # written after every row, so a run cut short still leaves what it measured
             report["rows"] = [{k: v for k, v in r.items() if k != "profile"} for r in rows]
-            out.write_text(json.dumps(report, indent=1))
+            cli.write_json(out, report)
         if args.profile:
             prof = out.with_suffix(".profile.txt")
             prof.write_text("".join(f"## {r['method']} ({args.profile} steps, {r['device']}, amp={r['amp']}, "
                                     f"channels_last={r['channels_last']})\n{r['profile']}\n\n" for r in rows))
             print(f"profile written: {prof}")
-    out.write_text(json.dumps(report, indent=1))
+    cli.write_json(out, report)
     print(f"written: {out}")
     return 0
 

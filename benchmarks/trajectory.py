@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import cli  # noqa: E402
+import bench_cli as cli  # noqa: E402
 from raysemi.config import TrainConfig  # noqa: E402
 from raysemi.data import load_dataset  # noqa: E402
 from raysemi.loop import Trainer  # noqa: E402
@@ -35,12 +35,7 @@ def run(method: str, data, args, seed: int, reference: bool) -> tuple[list[float
     # the reference feed hands over ready batches: no device sampler to capture in a CUDA graph
     over = ({"amp": "off", "channels_last": "off", "cuda_graphs": "off", "compile": "off"} if reference
             else {"cuda_graphs": args.cuda_graphs, "compile": "on" if args.compile else "off", **args.overrides})
-    values = dict(method=method, data=args.data, labeled_patients=args.labeled_patients,
-                  patch_size=(args.size, args.size), batch_size=args.batch_size, labeled_bs=args.batch_size // 2,
-                  max_iterations=args.iterations, eval_interval=args.iterations // args.points,
-                  log_interval=10 ** 9, device=args.device, mt_warmup=0, seed=seed,
-                  rampup_interval=max(1, args.iterations // 200), eval_hd95=False)
-    cfg = TrainConfig(**{**values, **over}).validate()
+    cfg = run_config(method, args, seed, over)
     trainer = Trainer(cfg, data)
     if reference:
         uses = get_method(method).uses_unlabeled
@@ -55,12 +50,22 @@ def run(method: str, data, args, seed: int, reference: bool) -> tuple[list[float
     return [h["val/dice"] for h in result.history], {k: getattr(cfg, k) for k in args.overrides}
 
 
+def run_config(method: str, args, seed: int, over: dict) -> TrainConfig:
+    values = dict(method=method, data=args.data, labeled_patients=args.labeled_patients,
+                  patch_size=(args.size, args.size), batch_size=args.batch_size, labeled_bs=args.batch_size // 2,
+                  max_iterations=args.iterations, eval_interval=args.iterations // args.points,
+                  log_interval=10 ** 9, device=args.device, mt_warmup=0, seed=seed,
+                  rampup_interval=max(1, args.iterations // 200), eval_hd95=False)
+    return TrainConfig(**{**values, **over}).validate(cli.CONFIG_FLAGS)
+
+
 def compare(ours: list[list[float]], reference: list[list[float]]) -> list[dict]:
     """At each validation point, our pipeline's mean Dice minus the reference feed's, and the seed
     noise it is judged against: twice the standard error of that difference (each pipeline's
     sample std over its seeds, Welch's form). `within` is whether the difference lies inside it;
-    None with fewer than 2 seeds in either, where there is no spread to judge by. With 3 seeds a
-    rough test: it flags a shift of several seed spreads, not a small bias."""
+    None with fewer than 2 seeds in either, where there is no spread to judge by. A rough test:
+    with 3 seeds a side it is about an 85% two-sided test (Welch's t with 2-4 degrees of freedom),
+    and where the seeds spread widely (early points) it can only flag a large shift."""
     points = []
     for i in range(len(ours[0])):
         a, b = [c[i] for c in ours], [c[i] for c in reference]
@@ -104,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
+    if args.out:
+        cli.check_out(args.out)
     if args.from_json:
         return reprint(Path(args.from_json), args.out, args.reference_from)
     if args.reference_from:
@@ -111,18 +118,22 @@ def main(argv: list[str] | None = None) -> int:
                         "--from-json FILE (a run training both pipelines compares them itself)")
     cli.at_least(args, labeled_patients=1, batch_size=2, iterations=1, points=1, seeds=1, reference_workers=0)
     cli.patch_size(args.size)
-    if args.points > args.iterations:
-        raise UserError(f"--points: {args.points} is invalid; expected at most --iterations ({args.iterations}): "
-                        "one validation per --iterations/--points iterations")
-    pipelines = [x.strip() for x in args.pipelines.split(",") if x.strip()]
+    if args.iterations % args.points:
+        raise UserError(f"--points: {args.points} is invalid; expected a divisor of --iterations ({args.iterations}): "
+                        "one validation every --iterations/--points iterations, the last at the end")
+    pipelines = list(dict.fromkeys(x.strip() for x in args.pipelines.split(",") if x.strip()))
     if not pipelines or not set(pipelines) <= {"ours", "reference"}:
         raise UserError(f"--pipelines: {args.pipelines!r} is invalid; expected 'ours', 'reference' or both, "
                         "comma-separated")
     methods = cli.methods(args.methods)
     args.overrides = parse_sets(args.set, p)
+    for m in methods:  # a bad --device before the data is read
+        run_config(m, args, 0, {})
+    args.out = args.out or "benchmarks/results/trajectory.json"
+    cli.check_out(args.out)
     data = load_dataset(args.data, args.labeled_patients, 4)
     rows, comparisons = [], []
-    width = max(24, *(len(m) + 2 for m in methods))  # uncertainty_aware_mean_teacher is 30 long
+    width = max([24, *(len(m) + 2 for m in methods)])  # uncertainty_aware_mean_teacher is 30 long
     its = [args.iterations // args.points * (i + 1) for i in range(args.points)]
     print(header(its, width), flush=True)
     for m in methods:
@@ -135,13 +146,11 @@ def main(argv: list[str] | None = None) -> int:
                          "set": runs[0][1]})
             print(row_line(rows[-1], width), flush=True)
         comparisons += compare_rows(rows, m, width)
-    out = Path(args.out or "benchmarks/results/trajectory.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"command": " ".join(["python"] + sys.argv), "args": vars(args), "iterations": its,
-                               "rows": rows, "comparisons": comparisons, "cuda_graphs": args.cuda_graphs,
-                               "compile": args.compile, "date": time.strftime("%Y-%m-%d"),
-                               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"},
-                              indent=1))
+    out = cli.write_json(args.out, {
+        "command": " ".join(["python"] + sys.argv), "args": vars(args), "iterations": its, "rows": rows,
+        "comparisons": comparisons, "cuda_graphs": args.cuda_graphs, "compile": args.compile,
+        "date": time.strftime("%Y-%m-%d"),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"})
     print(summary(its, args.seeds, comparisons) + f"; written: {out}")
     return 0
 
@@ -170,7 +179,7 @@ def compare_rows(rows: list[dict], method: str, width: int) -> list[dict]:
 
 
 def summary(its: list[int], seeds: int, comparisons: list[dict]) -> str:
-    line = f"validation Dice at iterations {its}, mean+-std over {seeds} seed(s)"
+    line = f"validation Dice at iterations {its}, mean+-std (population std) over {seeds} seed(s)"
     judged = [q for c in comparisons for q in c["points"] if q["within"] is not None]
     if judged:
         line += (f"; ours-ref: the difference of the means/its seed noise (twice its standard error), '!' outside: "
@@ -184,14 +193,34 @@ SAME_RUN = ("labeled_patients", "size", "batch_size", "iterations", "points", "s
 
 
 def load_saved(path: Path, flag: str) -> dict:
-    """A JSON written by this script; ValueError with one line naming the file if it is not one."""
+    """A JSON written by this script, its rows checked against its iterations; UserError with one
+    line naming the file and what is wrong if it is not one."""
+    def bad(what: str) -> UserError:
+        return UserError(f"{flag} {path}: {what}; expected a JSON written by benchmarks/trajectory.py")
+
     try:
         saved = json.loads(path.read_text())
-        saved["rows"], saved["iterations"], saved["args"]  # noqa: B018 - what a saved run must have
-        return saved
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"{flag} {path}: {type(err).__name__}: {err}; expected a JSON written by "
-                         "benchmarks/trajectory.py") from None
+    except (OSError, ValueError) as err:
+        raise bad(f"cannot be read as JSON ({type(err).__name__}: {err})") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("args"), dict):
+        raise bad("args: missing")
+    its = saved.get("iterations")
+    if not isinstance(its, list) or not its or not all(isinstance(i, int) for i in its):
+        raise bad(f"iterations: {its!r} is not a list of iteration numbers")
+    rows = saved.get("rows")
+    if not isinstance(rows, list) or not rows:
+        raise bad(f"rows: {rows!r} holds no trained pipeline")
+    for i, row in enumerate(rows):
+        fields = {k: row.get(k) for k in ("method", "pipeline", "curves", "mean", "std")} if isinstance(row, dict) else {}
+        if not fields or not isinstance(fields["method"], str) or fields["pipeline"] not in ("ours", "reference"):
+            raise bad(f"rows[{i}]: not a row (method, pipeline 'ours' or 'reference', curves, mean, std)")
+        curves = fields["curves"]
+        if (not isinstance(curves, list) or not curves or not all(
+                isinstance(c, list) and len(c) == len(its) and all(isinstance(d, (int, float)) for d in c)
+                for c in curves)
+                or not all(isinstance(v, list) and len(v) == len(its) for v in (fields["mean"], fields["std"]))):
+            raise bad(f"rows[{i}]: its curves, mean and std are not one Dice per iteration of {its}")
+    return saved
 
 
 def reprint(path: Path, out: str | None, reference_from: str | None = None) -> int:
@@ -199,22 +228,30 @@ def reprint(path: Path, out: str | None, reference_from: str | None = None) -> i
     comparison added: runs saved before it was computed have none). `reference_from`: the
     reference feed's rows come from that saved run instead (one that trained only our path, e.g.
     compiled, is compared with the reference trained in another run with the same settings)."""
-    try:
-        saved = load_saved(path, "--from-json")
-        rows, its = saved["rows"], saved["iterations"]
-        if reference_from:
-            other = load_saved(Path(reference_from), "--reference-from")
-            differ = [f"{k} {saved['args'].get(k)!r} against {other['args'].get(k)!r}" for k in SAME_RUN
-                      if saved["args"].get(k) != other["args"].get(k)]
-            if differ:
-                raise ValueError(f"--reference-from {reference_from}: {', '.join(differ)}; expected a run with the "
-                                 f"same settings as {path}")
-            rows = [r for r in rows if r["pipeline"] != "reference"] + [
-                {**r, "from": reference_from} for r in other["rows"] if r["pipeline"] == "reference"]
-    except ValueError as err:
-        raise UserError(str(err)) from None
+    saved = load_saved(path, "--from-json")
+    rows, its = saved["rows"], saved["iterations"]
+    if reference_from:
+        if out and Path(out).resolve() == path.resolve():
+            raise UserError(f"--out {out}: the --from-json file; expected another file (it would lose its own "
+                            "reference rows to --reference-from's)")
+        other = load_saved(Path(reference_from), "--reference-from")
+        differ = [f"{k} {saved['args'].get(k)!r} against {other['args'].get(k)!r}" for k in SAME_RUN
+                  if saved["args"].get(k) != other["args"].get(k)]
+        if other["iterations"] != its:
+            differ.append(f"iterations {its} against {other['iterations']}")
+        if differ:
+            raise UserError(f"--reference-from {reference_from}: {', '.join(differ)}; expected a run with the "
+                            f"same settings as {path}")
+        theirs = {r["method"]: r for r in other["rows"] if r["pipeline"] == "reference"}
+        methods = list(dict.fromkeys(r["method"] for r in rows))
+        lacking = [m for m in methods if m not in theirs]
+        if lacking:
+            raise UserError(f"--reference-from {reference_from}: no reference rows for {', '.join(lacking)}; "
+                            f"expected a run that trained the reference feed of each strategy in {path}")
+        rows = [r for r in rows if r["pipeline"] != "reference"] + [
+            {**theirs[m], "from": reference_from} for m in methods]
     methods = list(dict.fromkeys(row["method"] for row in rows))
-    width = max(24, *(len(m) + 2 for m in methods))
+    width = max([24, *(len(m) + 2 for m in methods)])
     print(header(its, width))
     comparisons = []
     for m in methods:
@@ -223,8 +260,8 @@ def reprint(path: Path, out: str | None, reference_from: str | None = None) -> i
                 print(row_line(row, width))
         comparisons += compare_rows(rows, m, width)
     if out:
-        Path(out).write_text(json.dumps({**saved, "rows": rows, "comparisons": comparisons}, indent=1))
-    print(summary(its, len(rows[0]["curves"]) if rows else 0, comparisons) + (f"; written: {out}" if out else ""))
+        cli.write_json(out, {**saved, "rows": rows, "comparisons": comparisons})
+    print(summary(its, len(rows[0]["curves"]), comparisons) + (f"; written: {out}" if out else ""))
     return 0
 
 

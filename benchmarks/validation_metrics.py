@@ -19,7 +19,6 @@ the whole volume). Variants, each over every (volume, class) pair:
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -29,9 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
-import cli
-from raysemi.data import load_volumes, resolve_data_root
-from raysemi.metrics import _union_box, case_metrics
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_cli, when imported from elsewhere
+
+import bench_cli as cli  # noqa: E402
+from raysemi.data import load_volumes, resolve_data_root  # noqa: E402
+from raysemi.metrics import _union_box, case_metrics  # noqa: E402
 
 
 def predictions(volumes, speckle: float, num_classes: int, seed: int = 0) -> list[np.ndarray]:
@@ -91,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     cli.at_least(args, num_classes=2, repeats=1)
     threads = cli.numbers(args.threads, "--threads", int, "integers >= 1", lambda n: n >= 1)
     speckles = cli.numbers(args.speckles, "--speckles", float, "fractions in [0, 1)", lambda f: 0 <= f < 1)
+    cli.check_out(args.out)
     volumes = load_volumes(resolve_data_root(args.data), args.split, args.num_classes)
     nc = args.num_classes
     report = {"command": " ".join([Path(sys.executable).name] + sys.argv), "date": time.strftime("%Y-%m-%d"),
@@ -121,9 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             row["speedup_vs_medpy"] = row["medpy_s"] / row[f"raysemi_x{threads[-1]}_s"]
             line += f"{row['speedup_vs_medpy']:>9.1f}x"
         print(line, flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
+    out = cli.write_json(args.out, report)
     print(f"written: {out}")
     return 0
 

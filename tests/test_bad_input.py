@@ -8,6 +8,7 @@ The first cases run `python -m ...` in a subprocess exactly as a user would; the
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import re
@@ -655,6 +656,20 @@ def test_help_states_each_default_once(module):
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 BENCHMARK_SCRIPTS = ("throughput", "trajectory", "search_wall", "strategies", "validation_metrics",
                      "graph_capture_matrix")
+# tiny settings first, the case's flags after them (the last of a repeated flag wins): a check that
+# stopped refusing would run seconds of work and then fail the test, not minutes at full size
+TINY_BENCH = {
+    "throughput": ["--device", "cpu", "--size", "32", "--batch-size", "4", "--methods", "mt", "--labeled-patients", "2",
+                   "--warmup", "0", "--iterations", "1", "--repeats", "1"],
+    "trajectory": ["--device", "cpu", "--size", "32", "--batch-size", "4", "--methods", "mt", "--labeled-patients", "2",
+                   "--iterations", "2", "--points", "1", "--seeds", "1", "--reference-workers", "0"],
+    "search_wall": ["--device", "cpu", "--size", "32", "--batch-size", "4", "--labeled-patients", "2", "--trials", "1",
+                    "--iterations", "2", "--grace-period", "1", "--eval-interval", "1", "--cpus-per-trial", "1"],
+    "strategies": ["--device", "cpu", "--patch-size", "32", "32", "--batch-size", "4", "--methods", "supervised",
+                   "--labeled-patients", "2", "--iterations", "2", "--eval-interval", "2", "--seeds", "1"],
+    "validation_metrics": ["--repeats", "1", "--skip-medpy", "--speckles", "0", "--threads", "1"],
+    "graph_capture_matrix": ["--size", "32", "--batch-size", "4", "--methods", "mt"],
+}
 
 
 def benchmark_main(script: str):
@@ -666,6 +681,16 @@ def benchmark_main(script: str):
     return importlib.import_module(script).main
 
 
+def trajectory_json(path: Path, **over) -> Path:
+    """A saved trajectory run as the script writes it: mean teacher, both pipelines, 2 seeds, 2 points."""
+    rows = [{"method": "mean_teacher", "pipeline": pipe, "curves": [[0.5, 0.8], [0.6, 0.9]], "mean": [0.55, 0.85],
+             "std": [0.05, 0.05], "set": {}} for pipe in ("ours", "reference")]
+    report = {"args": {"size": 32, "batch_size": 4, "labeled_patients": 2, "iterations": 4, "points": 2, "seeds": 2},
+              "iterations": [2, 4], "rows": rows, **over}
+    path.write_text(json.dumps(report))
+    return path
+
+
 @pytest.mark.parametrize("script,args,needles", [
     case("throughput_unknown_method", "throughput", ["--methods", "mt,foo"], ["--methods", "'foo'", "known:"]),
     case("throughput_empty_methods", "throughput", ["--methods", ","], ["--methods", "','", "empty"]),
@@ -674,27 +699,37 @@ def benchmark_main(script: str):
     case("throughput_negative_packed", "throughput", ["--packed", "-1"], ["--packed", "-1", ">= 0"]),
     case("throughput_size", "throughput", ["--size", "40"], ["--size", "40", "multiple of 16"]),
     case("throughput_batch", "throughput", ["--batch-size", "1"], ["--batch-size", "1", ">= 2"]),
+    case("throughput_device", "throughput", ["--device", "gpu0"], ["--device", "'gpu0'", "'cuda:N'"]),
     case("throughput_missing_data", "throughput", ["--data", "{tmp}/nowhere"], ["nowhere", "data folder not found"]),
+    case("throughput_packed_missing_data", "throughput", ["--packed", "2", "--data", "{tmp}/nowhere"],
+         ["nowhere", "data folder not found"]),
     case("throughput_bad_set", "throughput", ["--set", "speed=11"], ["--set", "'speed=11'", "config field"]),
     case("throughput_not_a_number", "throughput", ["--warmup", "some"], ["--warmup", "'some'"]),
+    case("throughput_out_is_a_folder", "throughput", ["--out", "{tmp}"], ["--out", "is a folder"]),
     case("trajectory_no_points", "trajectory", ["--points", "0"], ["--points", "0", ">= 1"]),
     case("trajectory_no_seeds", "trajectory", ["--seeds", "0"], ["--seeds", "0", ">= 1"]),
-    case("trajectory_points_over_iterations", "trajectory", ["--iterations", "3", "--points", "4"],
-         ["--points", "4", "--iterations (3)"]),
+    case("trajectory_points_not_dividing", "trajectory", ["--iterations", "10", "--points", "3"],
+         ["--points", "3", "divisor of --iterations (10)"]),
     case("trajectory_pipeline", "trajectory", ["--pipelines", "ours,refx"], ["--pipelines", "'ours,refx'", "'reference'"]),
+    case("trajectory_device", "trajectory", ["--device", "gpu0"], ["--device", "'gpu0'"]),
     case("trajectory_reference_alone", "trajectory", ["--reference-from", "r.json"], ["--reference-from", "--from-json"]),
     case("trajectory_missing_json", "trajectory", ["--from-json", "{tmp}/gone.json"], ["--from-json", "gone.json"]),
     case("trajectory_unknown_method", "trajectory", ["--methods", "meanteacher"], ["--methods", "'meanteacher'"]),
     case("search_wall_no_trials", "search_wall", ["--trials", "0"], ["--trials", "0", ">= 1"]),
     case("search_wall_factor", "search_wall", ["--reduction-factor", "1"], ["--reduction-factor", "1", "> 1"]),
     case("search_wall_gpu_share", "search_wall", ["--gpus-per-trial", "0"], ["--gpus-per-trial", "0", "> 0"]),
+    case("search_wall_gpu_share_over_one", "search_wall", ["--device", "cuda", "--gpus-per-trial", "2"],
+         ["--gpus-per-trial", "2", "at most 1"]),
+    case("search_wall_grace", "search_wall", ["--grace-period", "3"], ["--grace-period", "3", "at most --iterations (2)"]),
     case("search_wall_rate", "search_wall", ["--packed-rate", "-3"], ["--packed-rate", "-3", "> 0"]),
     case("search_wall_size", "search_wall", ["--size", "20"], ["--size", "20", "multiple of 16"]),
     case("search_wall_scale", "search_wall", ["--scale", "2"], ["--scale", "2", "(0, 1]"]),
+    case("search_wall_missing_data", "search_wall", ["--data", "{tmp}/nowhere"], ["nowhere", "data folder not found"]),
     case("search_wall_missing_json", "search_wall", ["--from-json", "{tmp}/gone.json"], ["--from-json", "gone.json"]),
     case("strategies_unknown_method", "strategies", ["--methods", "foo"], ["--methods", "'foo'"]),
     case("strategies_patch", "strategies", ["--patch-size", "64", "40"], ["--patch-size", "40", "multiple of 16"]),
     case("strategies_no_seeds", "strategies", ["--seeds", "0"], ["--seeds", "0", ">= 1"]),
+    case("strategies_device", "strategies", ["--device", "gpu0"], ["--device", "'gpu0'"]),
     case("validation_metrics_no_data", "validation_metrics", [], ["--data", "required"]),
     case("validation_metrics_threads", "validation_metrics", ["--data", "phantom", "--threads", "2,0"],
          ["--threads", "'0'", ">= 1"]),
@@ -705,18 +740,71 @@ def benchmark_main(script: str):
     case("graph_capture_matrix_method", "graph_capture_matrix", ["--methods", "foo"], ["--methods", "'foo'"]),
 ])
 def test_benchmark_bad_values(script, args, needles, tmp_path, in_process, capsys):
-    """The benchmarks are CLIs too: a bad flag or value is one line naming it, exit 2, nothing written."""
-    out = tmp_path / "result.json"
-    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
-    rc, err = call(benchmark_main(script), [*args, "--out", out] if script != "graph_capture_matrix" else args, capsys)
+    """The benchmarks are CLIs too: a bad flag or value is one line naming it, exit 2, nothing written
+    (not even --out's folder)."""
+    out = tmp_path / "new" / "result.json"
+    args = [*TINY_BENCH[script], *(a.replace("{tmp}", str(tmp_path)) for a in args)]
+    if script != "graph_capture_matrix" and "--out" not in args:
+        args += ["--out", out]
+    rc, err = call(benchmark_main(script), args, capsys)
     assert_one_line_error(rc, err, *needles)
-    assert not out.exists()
+    assert not out.parent.exists()
+
+
+def test_search_wall_passes_on_what_the_search_refuses_and_keeps_no_log(tiny_phantom, tmp_path, in_process, capsys):
+    # a limit only the search knows (the data's patient count): its one error line comes back as
+    # this script's, and the log and the folders made for it are gone
+    out = tmp_path / "new" / "result.json"
+    rc, err = call(benchmark_main("search_wall"), [*TINY_BENCH["search_wall"], "--data", tiny_phantom,
+                                                   "--labeled-patients", "99", "--num-cpus", "1", "--out", out], capsys)
+    assert_one_line_error(rc, err, "the search refused its settings", "labeled_patients: 99")
+    assert not out.parent.exists()
+
+
+@pytest.mark.parametrize("saved,needles", [
+    case("not_json", "{", ["cannot be read as JSON"]),
+    case("no_rows", {"rows": []}, ["rows: []"]),
+    case("short_curves", {"iterations": [2, 4, 6]}, ["rows[0]", "one Dice per iteration of [2, 4, 6]"]),
+    case("no_args", {"args": None}, ["args: missing"]),
+    case("not_a_row", {"rows": [{"method": "mean_teacher"}]}, ["rows[0]: not a row"]),
+])
+def test_trajectory_refuses_a_json_it_did_not_write(saved, needles, tmp_path, in_process, capsys):
+    path = tmp_path / "saved.json"
+    if isinstance(saved, str):
+        path.write_text(saved)
+    else:
+        trajectory_json(path, **saved)
+    rc, err = call(benchmark_main("trajectory"), ["--from-json", path, "--out", tmp_path / "new" / "r.json"], capsys)
+    assert_one_line_error(rc, err, "--from-json", str(path), *needles)
+    assert not (tmp_path / "new").exists()
+
+
+def test_trajectory_reference_from_must_hold_what_it_replaces(tmp_path, in_process, capsys):
+    ours = trajectory_json(tmp_path / "ours.json")
+    ours.write_text(json.dumps({**json.loads(ours.read_text()), "rows": json.loads(ours.read_text())["rows"][:1]}))
+    main = benchmark_main("trajectory")
+    # another strategy's reference rows: nothing to compare with, said instead of a silent table
+    other = trajectory_json(tmp_path / "other.json")
+    other.write_text(other.read_text().replace("mean_teacher", "adversarial"))
+    rc, err = call(main, ["--from-json", ours, "--reference-from", other], capsys)
+    assert_one_line_error(rc, err, "--reference-from", "no reference rows for mean_teacher")
+    # other validation points
+    shifted = trajectory_json(tmp_path / "shifted.json", iterations=[3, 4])
+    rc, err = call(main, ["--from-json", ours, "--reference-from", shifted], capsys)
+    assert_one_line_error(rc, err, "--reference-from", "iterations [2, 4] against [3, 4]")
+    # its own file as --out would lose its reference rows
+    both = trajectory_json(tmp_path / "both.json")
+    before = both.read_text()
+    rc, err = call(main, ["--from-json", both, "--reference-from", trajectory_json(tmp_path / "r.json"), "--out", both],
+                   capsys)
+    assert_one_line_error(rc, err, "--out", "the --from-json file")
+    assert both.read_text() == before
 
 
 def test_benchmark_without_cuda_says_so(in_process, capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: the matrix would run")
-    rc, err = call(benchmark_main("graph_capture_matrix"), [], capsys)
+    rc, err = call(benchmark_main("graph_capture_matrix"), TINY_BENCH["graph_capture_matrix"], capsys)
     assert_one_line_error(rc, err, "no CUDA device", "CUDA-graph captures")
 
 
@@ -737,4 +825,6 @@ def test_benchmark_help_explains_every_flag(script, capsys):
     parser = sys.modules[script].build_parser()
     undocumented = [a.option_strings[0] for a in parser._actions if not (a.help or "").strip()]
     assert not undocumented, f"{script}: no help for {undocumented}"
+    sized = [a for a in parser._actions if isinstance(a.default, int) and not isinstance(a.default, bool)]
+    assert all(f"(default: {a.default})" in text for a in sized)  # the defaults are shown
     assert "(default: None)" not in text and not re.search(r"\(default:[^()]*\) \(default:", text)

@@ -63,3 +63,8 @@ def test_retrain_example_without_a_search_folder_says_what_it_needs(tmp_path):
                           cwd=tmp_path)
     assert missing.returncode == 2 and missing.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'nosuch' / 'best_config.yaml'}: config file not found"]
+    # --debug reaches the CLI it calls, which then shows where the error came from
+    debug = run_example(EXAMPLES[[p.name for p in EXAMPLES].index("retrain_best.py")], str(tmp_path / "nosuch"),
+                        "--debug", cwd=tmp_path)
+    assert debug.returncode == 2 and "Traceback" in debug.stderr
+    assert debug.stderr.strip().splitlines()[-1].endswith("best_config.yaml: config file not found")

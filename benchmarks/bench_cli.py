@@ -5,7 +5,10 @@ lists that name the flag and the value, and `run` around each script's `main`.""
 from __future__ import annotations
 
 import argparse
+import json
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 from raysemi.errors import ArgumentParser, ScriptHelpFormatter, UserError, run_cli
 
@@ -73,6 +76,52 @@ def numbers(text: str, option: str, kind: Callable[[str], float], expected: str,
         if value is None or not ok(value):
             raise UserError(f"{option}: {item!r} is invalid; expected a comma-separated list of {expected}")
         out.append(value)
+    return out
+
+
+#: the config fields the benchmarks set from their own flags: a bad value is reported under the flag
+CONFIG_FLAGS = {"data": "--data", "labeled_patients": "--labeled-patients", "patch_size": "--size",
+                "batch_size": "--batch-size", "device": "--device", "amp": "--amp", "cuda_graphs": "--cuda-graphs"}
+
+
+def check_data(data: str) -> None:
+    """A wrong --data in one line before anything runs or is written (the phantom is made if needed)."""
+    from raysemi.data import resolve_data_root
+    from raysemi.data.layout import read_list
+
+    read_list(resolve_data_root(data), "train_slices")
+
+
+def search_refusal(returncode: int, output: str) -> UserError | None:
+    """The one-line error of a `python -m raysemi.search` child that refused its settings (exit 2),
+    as this script's UserError; None for any other outcome (a failure, shown whole by the caller)."""
+    lines = [line for line in output.splitlines() if line.startswith("error: ")]
+    if returncode != 2 or not lines:
+        return None
+    return UserError(f"the search refused its settings: {lines[-1][len('error: '):]}")
+
+
+def check_out(path: str | Path, option: str = "--out") -> None:
+    """Refuse an --out that could not be written, before the work that would fill it."""
+    out = Path(path)
+    if out.is_dir():
+        raise UserError(f"{option}: {out}: is a folder; expected a file path")
+    folder = out.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise UserError(f"{option}: {out}: {folder} is not a writable folder; expected a file path in one")
+
+
+def write_json(path: str | Path, report: dict) -> Path:
+    """Write the result, its folder made now (not before the work: bad input leaves nothing behind)."""
+    out = Path(path)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=1))
+    except OSError as err:
+        raise UserError(f"--out: {out}: cannot be written ({err.strerror or err}); expected a file path in a "
+                        "writable folder") from None
     return out
 
 
