@@ -64,7 +64,7 @@ def compare(ours: list[list[float]], reference: list[list[float]]) -> list[dict]
     noise it is judged against: twice the standard error of that difference (each pipeline's
     sample std over its seeds, Welch's form). `within` is whether the difference lies inside it;
     None with fewer than 2 seeds in either, where there is no spread to judge by. A rough test:
-    with 3 seeds a side it is about an 85% two-sided test (Welch's t with 2-4 degrees of freedom),
+    with 3 seeds a side it is an 82-88% two-sided test (Welch's t with 2-4 degrees of freedom),
     and where the seeds spread widely (early points) it can only flag a large shift."""
     points = []
     for i in range(len(ours[0])):
