@@ -47,21 +47,9 @@ def patch_size(size: int, option: str = "--size") -> None:
 
 def methods(spec: str, option: str = "--methods") -> list[str]:
     """'all' or a comma-separated list of strategies (aliases ok) as canonical names, in order."""
-    from raysemi.methods import list_methods, resolve_method_name
+    from raysemi.search import resolve_methods
 
-    if spec.strip().lower() == "all":
-        return list_methods()
-    out = []
-    for name in (s.strip() for s in spec.split(",") if s.strip()):
-        try:
-            canonical = resolve_method_name(name)
-        except KeyError as err:
-            raise UserError(f"{option}: {err.args[0]}") from None
-        if canonical not in out:
-            out.append(canonical)
-    if not out:
-        raise UserError(f"{option}: {spec!r} is empty; expected a strategy, a comma-separated list or 'all'")
-    return out
+    return resolve_methods(spec, option)
 
 
 def numbers(text: str, option: str, kind: Callable[[str], float], expected: str,

@@ -74,22 +74,16 @@ def build_parser() -> ArgumentParser:
     return p
 
 
-def resolve_methods(spec: str) -> list[str]:
-    from raysemi.methods import list_methods, resolve_method_name
+def resolve_methods(spec: str, option: str = "--method") -> list[str]:
+    """`--method`'s strategies as canonical names; UserError naming `option` for an unknown or no name."""
+    from raysemi.methods import resolve_method_list
 
-    if spec.strip().lower() == "all":
-        return list_methods()
-    out = []
-    for name in [s for s in spec.split(",") if s.strip()]:
-        try:
-            canonical = resolve_method_name(name)
-        except KeyError as err:
-            raise UserError(f"--method: {err.args[0]}") from None
-        if canonical not in out:
-            out.append(canonical)
-    if not out:
-        raise UserError("--method: empty; expected a strategy, a comma-separated list or 'all'")
-    return out
+    try:
+        return resolve_method_list(spec)
+    except KeyError as err:
+        raise UserError(f"{option}: {err.args[0]}") from None
+    except ValueError as err:
+        raise UserError(f"{option}: {err}") from None
 
 
 def base_config(args, methods: list[str]) -> TrainConfig:

@@ -693,7 +693,7 @@ def trajectory_json(path: Path, **over) -> Path:
 
 @pytest.mark.parametrize("script,args,needles", [
     case("throughput_unknown_method", "throughput", ["--methods", "mt,foo"], ["--methods", "'foo'", "known:"]),
-    case("throughput_empty_methods", "throughput", ["--methods", ","], ["--methods", "','", "empty"]),
+    case("throughput_empty_methods", "throughput", ["--methods", ","], ["--methods", "','", "names no strategy"]),
     case("throughput_no_iterations", "throughput", ["--iterations", "0"], ["--iterations", "0", ">= 1"]),
     case("throughput_no_repeats", "throughput", ["--repeats", "0"], ["--repeats", "0", ">= 1"]),
     case("throughput_negative_packed", "throughput", ["--packed", "-1"], ["--packed", "-1", ">= 0"]),

@@ -37,6 +37,21 @@ def resolve_method_name(name: str) -> str:
     raise KeyError(f"unknown method {name!r}; known: {describe_names()}")
 
 
+def resolve_method_list(spec: str) -> list[str]:
+    """'all', or a comma-separated list of names and aliases, as canonical names in order, each once.
+    KeyError for an unknown name (listing the known ones), ValueError for an empty list."""
+    if spec.strip().lower() == "all":
+        return list_methods()
+    out = []
+    for name in (s for s in spec.split(",") if s.strip()):
+        canonical = resolve_method_name(name)
+        if canonical not in out:
+            out.append(canonical)
+    if not out:
+        raise ValueError(f"{spec!r} names no strategy; expected a strategy, a comma-separated list or 'all'")
+    return out
+
+
 def describe_names() -> str:
     """'supervised, mean_teacher (mt), ...': the registered names with their aliases."""
     return ", ".join(f"{n} ({', '.join(c.aliases)})" if c.aliases else n for n, c in _METHODS.items())
