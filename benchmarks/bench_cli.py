@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -91,26 +90,21 @@ def search_refusal(returncode: int, output: str) -> UserError | None:
 
 def check_out(path: str | Path, option: str = "--out") -> None:
     """Refuse an --out that could not be written, before the work that would fill it."""
-    out = Path(path)
-    if out.is_dir():
-        raise UserError(f"{option}: {out}: is a folder; expected a file path")
-    folder = out.parent
-    while not folder.exists():
-        folder = folder.parent
-    if not folder.is_dir() or not os.access(folder, os.W_OK):
-        raise UserError(f"{option}: {out}: {folder} is not a writable folder; expected a file path in one")
+    from raysemi.files import check_out_file
+
+    check_out_file(path, option)
 
 
 def write_json(path: str | Path, report: dict) -> Path:
-    """Write the result, its folder made now (not before the work: bad input leaves nothing behind)."""
-    out = Path(path)
+    """Write the result whole (temp file, then rename: a run killed mid-write leaves the last
+    complete one), its folder made now, not before the work: bad input leaves nothing behind."""
+    from raysemi.files import write_text_atomic
+
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=1))
+        return write_text_atomic(path, json.dumps(report, indent=1))
     except OSError as err:
-        raise UserError(f"--out: {out}: cannot be written ({err.strerror or err}); expected a file path in a "
+        raise UserError(f"--out: {path}: cannot be written ({err.strerror or err}); expected a file path in a "
                         "writable folder") from None
-    return out
 
 
 def run(main: Callable[[list[str]], int | None]) -> None:

@@ -76,6 +76,10 @@ def check_search(args) -> None:
     if args.device == "cuda" and args.gpus_per_trial > 1:
         raise UserError(f"--gpus-per-trial: {args.gpus_per_trial:g} is invalid; expected at most 1 (the search "
                         "runs on one GPU)")
+    if args.device == "cpu" and args.cuda_graphs == "on":
+        raise UserError("--cuda-graphs: on with --device cpu; expected auto or off (CUDA graphs need CUDA)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device: cuda, but torch {torch.__version__} here sees no CUDA device; expected --device cpu")
 
 
 def run_search(args, tmp: Path, log: Path) -> dict:

@@ -224,6 +224,9 @@ def measure_packed(method: str, args) -> dict:
     n = args.packed
     gpus = 1 if args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available()) else 0
     cli.check_data(args.data)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device: {args.device}, but torch {torch.__version__} here sees no CUDA device; expected "
+                        "--device cpu or auto")
     with tempfile.TemporaryDirectory() as tmp:
         base = bench_config(method, args, eval_interval=args.packed_eval_interval, log_interval=20,
                             max_iterations=args.packed_iterations, compile="on" if args.compile else "off")

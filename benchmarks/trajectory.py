@@ -50,6 +50,12 @@ def run(method: str, data, args, seed: int, reference: bool) -> tuple[list[float
     return [h["val/dice"] for h in result.history], {k: getattr(cfg, k) for k in args.overrides}
 
 
+#: config fields this script sets for both pipelines alike: `--set` may not change them
+SET_HERE = {"method", "data", "labeled_patients", "patch_size", "batch_size", "labeled_bs", "max_iterations",
+            "eval_interval", "log_interval", "device", "seed", "rampup_interval", "mt_warmup", "eval_hd95",
+            "cuda_graphs", "compile"}
+
+
 def run_config(method: str, args, seed: int, over: dict) -> TrainConfig:
     values = dict(method=method, data=args.data, labeled_patients=args.labeled_patients,
                   patch_size=(args.size, args.size), batch_size=args.batch_size, labeled_bs=args.batch_size // 2,
@@ -61,20 +67,24 @@ def run_config(method: str, args, seed: int, over: dict) -> TrainConfig:
 
 def compare(ours: list[list[float]], reference: list[list[float]]) -> list[dict]:
     """At each validation point, our pipeline's mean Dice minus the reference feed's, and the seed
-    noise it is judged against: twice the standard error of that difference (each pipeline's
-    sample std over its seeds, Welch's form). `within` is whether the difference lies inside it;
-    None with fewer than 2 seeds in either, where there is no spread to judge by. A rough test:
-    with 3 seeds a side it is an 82-88% two-sided test (Welch's t with 2-4 degrees of freedom),
-    and where the seeds spread widely (early points) it can only flag a large shift."""
+    noise it is judged against: twice the standard error of that difference. Both pipelines train
+    seeds 1337, 1338, ... and a seed builds the same initial network in both, so with as many seeds
+    on each side the runs are paired: the noise is that of the per-seed differences (`test`:
+    'paired'); otherwise each side's sample variance (Welch's form, 'welch'). `within` says whether
+    the difference lies inside it; None with fewer than 2 seeds, where there is no spread to judge
+    by. A rough test: with 3 seeds an 82% two-sided one (t with 2 degrees of freedom; Welch's 82-88%)."""
     points = []
     for i in range(len(ours[0])):
         a, b = [c[i] for c in ours], [c[i] for c in reference]
         delta = statistics.mean(a) - statistics.mean(b)
         if len(a) < 2 or len(b) < 2:
-            points.append({"delta": delta, "noise": None, "within": None})
+            points.append({"delta": delta, "noise": None, "within": None, "test": None})
             continue
-        noise = 2 * (statistics.variance(a) / len(a) + statistics.variance(b) / len(b)) ** 0.5
-        points.append({"delta": delta, "noise": noise, "within": abs(delta) <= noise})
+        if len(a) == len(b):
+            noise, test = 2 * statistics.stdev(x - y for x, y in zip(a, b)) / len(a) ** 0.5, "paired"
+        else:
+            noise, test = 2 * (statistics.variance(a) / len(a) + statistics.variance(b) / len(b)) ** 0.5, "welch"
+        points.append({"delta": delta, "noise": noise, "within": abs(delta) <= noise, "test": test})
     return points
 
 
@@ -127,8 +137,13 @@ def main(argv: list[str] | None = None) -> int:
                         "comma-separated")
     methods = cli.methods(args.methods)
     args.overrides = parse_sets(args.set, p)
-    for m in methods:  # a bad --device before the data is read
-        run_config(m, args, 0, {})
+    fixed = sorted(set(args.overrides) & SET_HERE)
+    if fixed:
+        raise UserError(f"--set: {fixed[0]}: set by this script from its own flags or for the comparison; expected "
+                        f"another config field (not {', '.join(sorted(SET_HERE))})")
+    for m in methods:  # a bad --device before the data is read, with our path's own values
+        run_config(m, args, 0, {"cuda_graphs": args.cuda_graphs, "compile": "on" if args.compile else "off",
+                                **args.overrides})
     args.out = args.out or "benchmarks/results/trajectory.json"
     cli.check_out(args.out)
     data = load_dataset(args.data, args.labeled_patients, 4)
@@ -182,8 +197,9 @@ def summary(its: list[int], seeds: int, comparisons: list[dict]) -> str:
     line = f"validation Dice at iterations {its}, mean+-std (population std) over {seeds} seed(s)"
     judged = [q for c in comparisons for q in c["points"] if q["within"] is not None]
     if judged:
-        line += (f"; ours-ref: the difference of the means/its seed noise (twice its standard error), '!' outside: "
-                 f"{sum(q['within'] for q in judged)} of {len(judged)} points within")
+        tests = " and ".join(sorted({q["test"] for q in judged}))
+        line += (f"; ours-ref: the difference of the means/its seed noise (twice its standard error, {tests} "
+                 f"seeds), '!' outside: {sum(q['within'] for q in judged)} of {len(judged)} points within")
     return line
 
 
@@ -218,7 +234,8 @@ def load_saved(path: Path, flag: str) -> dict:
         if (not isinstance(curves, list) or not curves or not all(
                 isinstance(c, list) and len(c) == len(its) and all(isinstance(d, (int, float)) for d in c)
                 for c in curves)
-                or not all(isinstance(v, list) and len(v) == len(its) for v in (fields["mean"], fields["std"]))):
+                or not all(isinstance(v, list) and len(v) == len(its) and all(isinstance(d, (int, float)) for d in v)
+                           for v in (fields["mean"], fields["std"]))):
             raise bad(f"rows[{i}]: its curves, mean and std are not one Dice per iteration of {its}")
     return saved
 
@@ -231,9 +248,10 @@ def reprint(path: Path, out: str | None, reference_from: str | None = None) -> i
     saved = load_saved(path, "--from-json")
     rows, its = saved["rows"], saved["iterations"]
     if reference_from:
-        if out and Path(out).resolve() == path.resolve():
-            raise UserError(f"--out {out}: the --from-json file; expected another file (it would lose its own "
-                            "reference rows to --reference-from's)")
+        for source in (path, Path(reference_from)):
+            if out and Path(out).resolve() == source.resolve():
+                raise UserError(f"--out {out}: the file given to {'--from-json' if source == path else '--reference-from'}"
+                                "; expected another file (it would lose rows of its own)")
         other = load_saved(Path(reference_from), "--reference-from")
         differ = [f"{k} {saved['args'].get(k)!r} against {other['args'].get(k)!r}" for k in SAME_RUN
                   if saved["args"].get(k) != other["args"].get(k)]

@@ -715,6 +715,11 @@ def trajectory_json(path: Path, **over) -> Path:
     case("trajectory_reference_alone", "trajectory", ["--reference-from", "r.json"], ["--reference-from", "--from-json"]),
     case("trajectory_missing_json", "trajectory", ["--from-json", "{tmp}/gone.json"], ["--from-json", "gone.json"]),
     case("trajectory_unknown_method", "trajectory", ["--methods", "meanteacher"], ["--methods", "'meanteacher'"]),
+    case("trajectory_set_what_it_sets", "trajectory", ["--set", "eval_interval=1"],
+         ["--set", "eval_interval", "set by this script"]),
+    case("trajectory_device_before_data", "trajectory", ["--device", "gpu0", "--data", "{tmp}/nowhere"],
+         ["--device", "'gpu0'"]),
+    case("search_wall_graphs_on_cpu", "search_wall", ["--cuda-graphs", "on"], ["--cuda-graphs", "--device cpu"]),
     case("search_wall_no_trials", "search_wall", ["--trials", "0"], ["--trials", "0", ">= 1"]),
     case("search_wall_factor", "search_wall", ["--reduction-factor", "1"], ["--reduction-factor", "1", "> 1"]),
     case("search_wall_gpu_share", "search_wall", ["--gpus-per-trial", "0"], ["--gpus-per-trial", "0", "> 0"]),
@@ -761,11 +766,32 @@ def test_search_wall_passes_on_what_the_search_refuses_and_keeps_no_log(tiny_pha
     assert not out.parent.exists()
 
 
+def test_throughput_packed_passes_on_what_the_search_refuses(tiny_phantom, tmp_path, in_process, capsys):
+    out = tmp_path / "new" / "result.json"
+    rc, err = call(benchmark_main("throughput"), [*TINY_BENCH["throughput"], "--packed", "2", "--packed-iterations", "2",
+                                                  "--packed-eval-interval", "1", "--packed-cpus-per-trial", "1",
+                                                  "--data", tiny_phantom, "--labeled-patients", "99", "--out", out],
+                   capsys)
+    assert_one_line_error(rc, err, "the search refused its settings", "labeled_patients: 99")
+    assert not out.parent.exists()
+
+
+def test_search_wall_on_cuda_without_cuda_says_so(tmp_path, in_process, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    out = tmp_path / "new" / "result.json"
+    rc, err = call(benchmark_main("search_wall"), [*TINY_BENCH["search_wall"], "--device", "cuda", "--out", out], capsys)
+    assert_one_line_error(rc, err, "--device: cuda", "no CUDA device")
+    assert not out.parent.exists()
+
+
 @pytest.mark.parametrize("saved,needles", [
     case("not_json", "{", ["cannot be read as JSON"]),
     case("no_rows", {"rows": []}, ["rows: []"]),
     case("short_curves", {"iterations": [2, 4, 6]}, ["rows[0]", "one Dice per iteration of [2, 4, 6]"]),
     case("no_args", {"args": None}, ["args: missing"]),
+    case("text_in_means", {"rows": [{"method": "mean_teacher", "pipeline": "ours", "curves": [[0.5, 0.8]],
+                                     "mean": [0.5, "x"], "std": [0, 0]}]}, ["rows[0]", "mean and std"]),
     case("not_a_row", {"rows": [{"method": "mean_teacher"}]}, ["rows[0]: not a row"]),
 ])
 def test_trajectory_refuses_a_json_it_did_not_write(saved, needles, tmp_path, in_process, capsys):
@@ -797,7 +823,11 @@ def test_trajectory_reference_from_must_hold_what_it_replaces(tmp_path, in_proce
     before = both.read_text()
     rc, err = call(main, ["--from-json", both, "--reference-from", trajectory_json(tmp_path / "r.json"), "--out", both],
                    capsys)
-    assert_one_line_error(rc, err, "--out", "the --from-json file")
+    assert_one_line_error(rc, err, "--out", "the file given to --from-json")
+    assert both.read_text() == before
+    rc, err = call(main, ["--from-json", trajectory_json(tmp_path / "o.json"), "--reference-from", both, "--out", both],
+                   capsys)
+    assert_one_line_error(rc, err, "--out", "the file given to --reference-from")
     assert both.read_text() == before
 
 

@@ -453,7 +453,7 @@ def test_trajectory_benchmark_smoke(tiny_phantom, tmp_path):
     # standard error over the seeds, worked out here from the curves
     ours, ref = (np.array(row["curves"]) for row in r["rows"])
     delta = ours.mean(0) - ref.mean(0)
-    noise = 2 * np.sqrt(ours.var(0, ddof=1) / 2 + ref.var(0, ddof=1) / 2)
+    noise = 2 * (ours - ref).std(0, ddof=1) / np.sqrt(2)  # seeds 1337 and 1338 in both: paired
     [comparison] = r["comparisons"]
     assert comparison["method"] == "mean_teacher"
     assert [q["delta"] for q in comparison["points"]] == pytest.approx(delta.tolist(), abs=1e-12)
@@ -502,7 +502,16 @@ def test_trajectory_comparison_flags_a_shift_beyond_seed_noise():
     ours = [[0.50, 0.80], [0.52, 0.82], [0.48, 0.78]]
     same = compare(ours, [[0.51, 0.80], [0.49, 0.79], [0.50, 0.81]])
     assert [q["within"] for q in same] == [True, True]
-    assert same[0]["delta"] == pytest.approx(0.0) and same[1]["noise"] == pytest.approx(2 * np.sqrt(0.0004 / 3 + 0.0001 / 3))
+    # the same seeds on both sides: paired, the noise of the per-seed differences (0, 0.03, -0.03)
+    assert same[0]["delta"] == pytest.approx(0.0) and same[1]["noise"] == pytest.approx(2 * 0.03 / np.sqrt(3))
+    assert {q["test"] for q in same} == {"paired"}
+    # a small shift that every seed shows is flagged although the seeds spread widely; unpaired
+    # (other seed counts) the same spread hides it: Welch's form, each side's own variance
+    steady = compare([[0.52], [0.72], [0.93]], [[0.50], [0.70], [0.90]])
+    assert steady[0]["within"] is False and steady[0]["noise"] == pytest.approx(2 * 0.005773502 / np.sqrt(3))
+    unpaired = compare([[0.52], [0.72], [0.93]], [[0.50], [0.90]])
+    assert unpaired[0]["test"] == "welch" and unpaired[0]["within"] is True
+    assert unpaired[0]["noise"] == pytest.approx(2 * np.sqrt(np.var([0.52, 0.72, 0.93], ddof=1) / 3 + np.var([0.50, 0.90], ddof=1) / 2))
     shifted = compare(ours, [[0.50, 0.70], [0.52, 0.72], [0.48, 0.68]])  # a tenth lower at the end
     assert [q["within"] for q in shifted] == [True, False] and shifted[1]["delta"] == pytest.approx(0.1)
     lower = compare([[0.50, 0.70], [0.52, 0.72], [0.48, 0.68]], ours)  # ours a tenth lower
