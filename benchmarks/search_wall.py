@@ -79,7 +79,8 @@ def check_search(args) -> None:
     if args.device == "cpu" and args.cuda_graphs == "on":
         raise UserError("--cuda-graphs: on with --device cpu; expected auto or off (CUDA graphs need CUDA)")
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device: cuda, but torch {torch.__version__} here sees no CUDA device; expected --device cpu")
+        raise UserError(f"--device: cuda, but torch {torch.__version__} here sees no CUDA device; expected "
+                        "--device cpu")
 
 
 def run_search(args, tmp: Path, log: Path) -> dict:

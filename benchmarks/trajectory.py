@@ -227,7 +227,8 @@ def load_saved(path: Path, flag: str) -> dict:
     if not isinstance(rows, list) or not rows:
         raise bad(f"rows: {rows!r} holds no trained pipeline")
     for i, row in enumerate(rows):
-        fields = {k: row.get(k) for k in ("method", "pipeline", "curves", "mean", "std")} if isinstance(row, dict) else {}
+        keys = ("method", "pipeline", "curves", "mean", "std")
+        fields = {k: row.get(k) for k in keys} if isinstance(row, dict) else {}
         if not fields or not isinstance(fields["method"], str) or fields["pipeline"] not in ("ours", "reference"):
             raise bad(f"rows[{i}]: not a row (method, pipeline 'ours' or 'reference', curves, mean, std)")
         curves = fields["curves"]
