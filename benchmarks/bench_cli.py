@@ -38,8 +38,10 @@ def above(args: argparse.Namespace, **bounds: float) -> None:
 
 
 def patch_size(size: int, option: str = "--size") -> None:
-    """The UNet halves a patch four times: a side must be a positive multiple of 16."""
-    if size < 16 or size % 16:
+    """A patch side the UNet can halve four times (`raysemi.config.patch_side_ok`)."""
+    from raysemi.config import patch_side_ok
+
+    if not patch_side_ok(size):
         raise UserError(f"{option}: {size} is invalid; expected a multiple of 16 (the UNet halves the size four "
                         "times), e.g. 256")
 

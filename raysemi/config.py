@@ -39,6 +39,11 @@ def _f(default: Any, help: str, group: str = "training") -> Any:
     return field(metadata={"help": help, "group": group}, **kw)
 
 
+def patch_side_ok(side: int) -> bool:
+    """The UNet halves a patch four times: a side must be a positive multiple of 16."""
+    return side >= 16 and side % 16 == 0
+
+
 @dataclass
 class TrainConfig:
     """Everything one training run needs. Defaults are those of the SSL4MIS 2D ACDC scripts."""
@@ -168,7 +173,7 @@ class TrainConfig:
             bad("labeled_bs", f"1 <= labeled_bs < batch_size ({self.batch_size}) so that the batch holds unlabeled slices")
         if self.method == "supervised" and self.labeled_bs < 1:
             bad("labeled_bs", "an integer >= 1")
-        if len(self.patch_size) != 2 or min(self.patch_size) < 16 or any(p % 16 for p in self.patch_size):
+        if len(self.patch_size) != 2 or not all(patch_side_ok(p) for p in self.patch_size):
             bad("patch_size", "two multiples of 16 (the UNet halves the size four times), e.g. 256 256")
         for name in ("base_lr", "dan_lr"):
             v = getattr(self, name)
