@@ -6,6 +6,7 @@ import torch
 from raysemi.data import (BatchSampler, TrainTensors, load_train_slices, load_volumes, patient_id, read_list,
                           shipped_list, split_labeled, write_phantom)
 from raysemi.data.augment import augment, random_affines
+from raysemi.data.sampler import resize_all, resize_nearest
 from raysemi.errors import UserError
 
 
@@ -104,6 +105,19 @@ def test_sampler_draws_each_labeled_slice_once_per_epoch(tiny_phantom):
     for img, lab in zip(b.image[:4], b.label):
         j = [k for k in range(len(data.labeled_idx)) if torch.equal(tensors.images[data.labeled_idx[k]], img)]
         assert j and torch.equal(tensors.labels[j[0]].long(), lab)
+
+
+def test_resize_all_equals_resizing_each_slice_in_order():
+    rng = np.random.default_rng(0)
+    shapes = [(20, 24), (32, 32), (20, 24), (17, 40), (20, 24), (32, 32), (20, 24)]
+    images = [rng.random(s, dtype=np.float32) for s in shapes]
+    labels = [rng.integers(0, 4, s) for s in shapes]
+    for arrays in (images, labels):
+        for chunk in (2, 256):  # 2: a shape's slices split over several resizes
+            got = resize_all(arrays, (32, 32), chunk=chunk)
+            want = torch.stack([resize_nearest(a, (32, 32)) for a in arrays])
+            assert got.dtype == want.dtype and torch.equal(got, want)
+    assert resize_all([], (8, 8)).shape == (0, 8, 8)
 
 
 def test_sampler_state_round_trip(tiny_phantom):

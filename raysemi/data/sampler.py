@@ -47,6 +47,28 @@ def resize_nearest(x: np.ndarray | Tensor, size: tuple[int, int]) -> Tensor:
     return t[0] if squeeze else t
 
 
+def resize_all(arrays: list[np.ndarray], size: tuple[int, int], chunk: int = 256) -> Tensor:
+    """`resize_nearest` of each (H, W) array (all of one dtype, as the loader reads them), stacked in
+    order (N, *size): one resize per group of
+    up to `chunk` slices of the same shape rather than one per slice. A trial builds this at its
+    start; a thousand tiny parallel ops were 15-20x slower when processes shared the cores (each
+    op's thread barrier), a few large ones are not."""
+    if not arrays:
+        return torch.zeros((0, *size))
+    groups: dict[tuple, list[int]] = {}
+    for i, a in enumerate(arrays):
+        groups.setdefault(tuple(a.shape), []).append(i)
+    out: Tensor | None = None
+    for idx in groups.values():
+        for k in range(0, len(idx), chunk):
+            part = idx[k:k + chunk]
+            resized = resize_nearest(np.stack([arrays[i] for i in part]), size)
+            if out is None:
+                out = torch.empty((len(arrays), *resized.shape[1:]), dtype=resized.dtype)
+            out[torch.tensor(part)] = resized
+    return out
+
+
 @dataclass
 class TrainTensors:
     """Training slices resized to the patch size; `labels` has rows for labeled slices only."""
@@ -58,8 +80,8 @@ class TrainTensors:
 
     @classmethod
     def from_slices(cls, data: TrainSlices, patch_size: tuple[int, int]) -> "TrainTensors":
-        images = torch.stack([resize_nearest(im, patch_size) for im in data.images])[:, None].float()
-        labels = torch.stack([resize_nearest(data.labels[int(i)], patch_size) for i in data.labeled_idx]).to(torch.uint8) \
+        images = resize_all(data.images, patch_size)[:, None].float()
+        labels = resize_all([data.labels[int(i)] for i in data.labeled_idx], patch_size).to(torch.uint8) \
             if len(data.labeled_idx) else torch.zeros(0, *patch_size, dtype=torch.uint8)
         return cls(images, labels, torch.tensor(data.labeled_idx, dtype=torch.long),
                    torch.tensor(data.unlabeled_idx, dtype=torch.long))
