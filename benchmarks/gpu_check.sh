@@ -19,6 +19,12 @@
 #             trials' processes take turns on the GPU; with it their kernels can run side by side;
 #   train     raysemi.train on CUDA, then a --resume of it (COMPILE=1: with --compile on);
 #   trajectory mean teacher's validation Dice trajectory with graphs on (3 seeds; COMPILE=1: compile on);
+#   trajectories  our path (bf16, channels_last, graphs) against TRAJ_PIPELINES (default fp32: our
+#             feed with those switches off; 'reference' adds the reference's CPU-bound feed, about 4x
+#             slower), 3 seeds, for each strategy of TRAJ_METHODS (default dv,supervised,dan,em,uamt,ict;
+#             one JSON each), in LANES (default 2) processes side by side, each with 16/LANES CPU
+#             threads (three lanes of 16 threads each left the GPU idle half the time, ninth session);
+#             TRAJ_ITERATIONS (default 400) and TRAJ_POINTS (4);
 #   search    the 32-trial mean-teacher search of issue 7 at SCALE (default 0.1: 1,000-iteration
 #             trials, ASHA's rungs scaled alike), 4 trials per GPU, with its projected full-scale
 #             wall time (benchmarks/search_wall.py; after the packed stage in the same call, also at
@@ -47,9 +53,9 @@ STAGES=${STAGES:-tests compile table packed train trajectory}
 METHODS=${METHODS:-all}
 COMPILE=${COMPILE:-0}
 for stage in $STAGES; do
-  case " tests compile table variant packed mps train trajectory search " in
+  case " tests compile table variant packed mps train trajectory trajectories search " in
     *" $stage "*) ;;
-    *) echo "gpu_check: STAGES: unknown stage '$stage'; expected some of: tests compile table variant packed mps train trajectory search" >&2; exit 2;;
+    *) echo "gpu_check: STAGES: unknown stage '$stage'; expected some of: tests compile table variant packed mps train trajectory trajectories search" >&2; exit 2;;
   esac
 done
 mkdir -p "$OUT"
@@ -59,6 +65,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:${PYTHONPATH:-}" TORCHINDUCTOR_CACHE_
 WORK=$(mktemp -d)
 if [ "${SMALL:-0}" = 1 ]; then
   PATIENTS=14; SIZE="64 64"; PATCH=64; BS=8; IT=10; REFIT=12; PACKIT=60; PACKEVAL=20; TRAINIT=40; EVAL=20; TRAJ=40
+  TRAJ_ITERATIONS=${TRAJ_ITERATIONS:-40}
   SEARCH=(--trials 2 --iterations 200 --grace-period 50 --eval-interval 50 --cpus-per-trial 1)
 else
   SEARCH=()
@@ -85,7 +92,7 @@ SMI=$!
 
 if want tests; then
   log "CUDA tests"
-  timeout $(left 0 100) python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graph.py -rs 2>&1 | tail -25
+  timeout $(left 0 100) python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graph.py -rfs 2>&1 | tail -25
   echo "tests exit: $?"
 fi
 
@@ -169,6 +176,24 @@ if want trajectory; then
     --methods mt --iterations $TRAJ --points 5 --seeds 3 --pipelines ours "${COMPILE_FLAG[@]}" \
     --out "$OUT/trajectory_${DEVICE}_graphs${COMPILE_FLAG:+_compile}.json"
   echo "trajectory exit: $?"
+fi
+if want trajectories; then
+  IFS=, read -ra TMS <<< "${TRAJ_METHODS:-dv,supervised,dan,em,uamt,ict}"
+  LANES=${LANES:-2}; TN=${TRAJ_ITERATIONS:-400}; TP=${TRAJ_POINTS:-4}; TPL=${TRAJ_PIPELINES:-fp32}
+  CORES=$(nproc); THREADS=$((CORES / LANES > 0 ? CORES / LANES : 1))
+  log "Dice trajectories, ours (graphs on${COMPILE_FLAG:+, compile on}) against $TPL: ${TMS[*]} ($TN iterations, $LANES lanes of $THREADS threads)"
+  PIDS=()
+  for ((lane = 0; lane < LANES; lane++)); do
+    (for ((i = lane; i < ${#TMS[@]}; i += LANES)); do
+      m=${TMS[$i]}
+      OMP_NUM_THREADS=$THREADS timeout $(left 5) python3 benchmarks/trajectory.py --device $DEVICE --data "$WORK/data" \
+        --size $PATCH --batch-size $BS --methods "$m" --iterations $TN --points $TP --seeds 3 --pipelines "ours,$TPL" "${COMPILE_FLAG[@]}" \
+        --out "$OUT/trajectory_${DEVICE}_$m${COMPILE_FLAG:+_compile}.json" 2>&1 | sed -u "s/^/[$m] /"
+      echo "[$m] trajectory exit: ${PIPESTATUS[0]}"
+    done) &
+    PIDS+=($!)
+  done
+  wait "${PIDS[@]}"  # not a bare wait: the nvidia-smi logger runs in the background too
 fi
 if want search; then
   log "the 32-trial search at scale ${SCALE:-0.1}"

@@ -1,14 +1,20 @@
 """Speed must not change what is learned: the validation Dice trajectory of our training path
 (device sampler and augmentation, bf16 + channels_last and the CUDA-graph step on CUDA) against the same strategy fed the
 reference's way (benchmarks/reference_pipeline.py: CPU per-sample augmentation, fp32), over
-several seeds, both scored by the same evaluator. Prints a table and writes JSON.
+several seeds, all scored by the same evaluator. Prints a table and writes JSON.
+
+Pipelines (--pipelines): 'ours'; 'reference', the reference's feed (bound by its CPU workers);
+'fp32', our feed with bf16, channels_last, CUDA graphs and compile off (what the GPU's switches
+change, alone, and as fast as the GPU allows). Our path is compared with each other one trained.
 
     python benchmarks/trajectory.py --device cuda --methods mt --iterations 400 --seeds 3
+    python benchmarks/trajectory.py --device cuda --methods dv,dan --pipelines ours,fp32
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -29,13 +35,22 @@ from reference_pipeline import ReferenceFeed  # noqa: E402
 from throughput import parse_sets  # noqa: E402
 
 
-def run(method: str, data, args, seed: int, reference: bool) -> tuple[list[float], dict]:
+#: the pipelines a run can train, our path first: the others are what it is compared with
+PIPELINES = ("ours", "reference", "fp32")
+#: the switches that make our path fast on a GPU, all off: the reference feed and the fp32 pipeline
+PLAIN = {"amp": "off", "channels_last": "off", "cuda_graphs": "off", "compile": "off"}
+
+
+def run(method: str, data, args, seed: int, pipeline: str) -> tuple[list[float], dict]:
     """One seed's validation Dice at each evaluation, and the config values that `--set` names as
     this pipeline's trainer had them."""
-    # the reference feed hands over ready batches: no device sampler to capture in a CUDA graph
-    over = ({"amp": "off", "channels_last": "off", "cuda_graphs": "off", "compile": "off"} if reference
+    reference = pipeline == "reference"
+    # the reference feed hands over ready batches: no device sampler to capture in a CUDA graph;
+    # it keeps the reference's own values, the fp32 pipeline ours (`--set`) with the switches off
+    over = (PLAIN if reference else {**args.overrides, **PLAIN} if pipeline == "fp32"
             else {"cuda_graphs": args.cuda_graphs, "compile": "on" if args.compile else "off", **args.overrides})
     cfg = run_config(method, args, seed, over)
+    start = time.perf_counter()
     trainer = Trainer(cfg, data)
     if reference:
         uses = get_method(method).uses_unlabeled
@@ -47,7 +62,16 @@ def run(method: str, data, args, seed: int, reference: bool) -> tuple[list[float
     result = trainer.fit()
     if trainer.graph_failure:
         print(f"  seed {seed}: CUDA graph capture failed, trained eagerly: {trainer.graph_failure}")
-    return [h["val/dice"] for h in result.history], {k: getattr(cfg, k) for k in args.overrides}
+    curve = [h["val/dice"] for h in result.history]
+    print(f"trajectory: {method} {pipeline} seed {seed}: {cfg.max_iterations} iterations in "
+          f"{time.perf_counter() - start:.1f} s, Dice {curve[-1]:.3f}", file=sys.stderr, flush=True)
+    # the trainer's CUDA graphs and tensors go now, before a reference feed forks its workers
+    # (a graph freed in a forked worker warns "CUDA warning: initialization error")
+    del trainer
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return curve, {k: getattr(cfg, k) for k in args.overrides}
 
 
 #: config fields this script sets for both pipelines alike: `--set` may not change them
@@ -101,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=3, help="runs per strategy and pipeline (seeds 1337, 1338, ...)")
     p.add_argument("--reference-workers", type=int, default=4, help="DataLoader workers of the reference feed")
     p.add_argument("--pipelines", default="ours,reference",
-                   help="which to train: 'ours', 'reference' or both (comma-separated)")
+                   help="which to train, comma-separated: 'ours', 'reference' (the reference's CPU feed, fp32), "
+                        "'fp32' (our feed, bf16/channels_last/graphs/compile off); ours is compared with each other")
     p.add_argument("--cuda-graphs", default="auto", choices=("auto", "on", "off"), help="our path's cuda_graphs")
     p.add_argument("--compile", action="store_true", help="our path with compile: on")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -132,9 +157,10 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--points: {args.points} is invalid; expected a divisor of --iterations ({args.iterations}): "
                         "one validation every --iterations/--points iterations, the last at the end")
     pipelines = list(dict.fromkeys(x.strip() for x in args.pipelines.split(",") if x.strip()))
-    if not pipelines or not set(pipelines) <= {"ours", "reference"}:
-        raise UserError(f"--pipelines: {args.pipelines!r} is invalid; expected 'ours', 'reference' or both, "
-                        "comma-separated")
+    if not pipelines or not set(pipelines) <= set(PIPELINES):
+        raise UserError(f"--pipelines: {args.pipelines!r} is invalid; expected some of 'ours', 'reference' and "
+                        "'fp32', comma-separated")
+    pipelines = [x for x in PIPELINES if x in pipelines]  # ours first, as the table compares
     methods = cli.methods(args.methods)
     args.overrides = parse_sets(args.set, p)
     fixed = sorted(set(args.overrides) & SET_HERE)
@@ -153,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     print(header(its, width), flush=True)
     for m in methods:
         for pipeline in pipelines:
-            runs = [run(m, data, args, 1337 + s, pipeline == "reference") for s in range(args.seeds)]
+            runs = [run(m, data, args, 1337 + s, pipeline) for s in range(args.seeds)]
             curves = [curve for curve, _ in runs]
             mean = [statistics.mean(c[i] for c in curves) for i in range(len(curves[0]))]
             std = [statistics.pstdev(c[i] for c in curves) for i in range(len(curves[0]))]
@@ -179,27 +205,35 @@ def row_line(row: dict, width: int) -> str:
         f"{a:.3f}+-{b:.3f}" for a, b in zip(row["mean"], row["std"]))
 
 
+#: the comparison's row label for each pipeline our path is compared with
+LABELS = {"reference": "ours-ref", "fp32": "ours-fp32"}
+
+
 def compare_rows(rows: list[dict], method: str, width: int) -> list[dict]:
-    """Print and return the comparison of `method`'s two pipelines (none if one was not trained):
-    under each point, the difference of the means and its seed noise, '!' where outside it."""
-    both = {row["pipeline"]: row["curves"] for row in rows if row["method"] == method}
-    if not {"ours", "reference"} <= set(both):
-        return []
-    points = compare(both["ours"], both["reference"])
-    cells = [(f"{q['delta']:+.3f}" + (f"/{q['noise']:.3f}" if q["noise"] is not None else ""),
-              "!" if q["within"] is False else "") for q in points]
-    print(f"{'':<{width}}{'ours-ref':<11}" + "".join(f"{text:>12}{mark:<2}" for text, mark in cells).rstrip(),
-          flush=True)
-    return [{"method": method, "points": points}]
+    """Print and return the comparisons of `method`'s path with each other pipeline trained (none
+    if ours was not): under each point, the difference of the means and its seed noise, '!' where
+    outside it."""
+    trained = {row["pipeline"]: row["curves"] for row in rows if row["method"] == method}
+    found = []
+    for against in [x for x in PIPELINES[1:] if x in trained and "ours" in trained]:
+        points = compare(trained["ours"], trained[against])
+        cells = [(f"{q['delta']:+.3f}" + (f"/{q['noise']:.3f}" if q["noise"] is not None else ""),
+                  "!" if q["within"] is False else "") for q in points]
+        print(f"{'':<{width}}{LABELS[against]:<11}" + "".join(f"{text:>12}{mark:<2}" for text, mark in cells).rstrip(),
+              flush=True)
+        found.append({"method": method, "against": against, "points": points})
+    return found
 
 
 def summary(its: list[int], seeds: int, comparisons: list[dict]) -> str:
     line = f"validation Dice at iterations {its}, mean+-std (population std) over {seeds} seed(s)"
-    judged = [q for c in comparisons for q in c["points"] if q["within"] is not None]
+    judged = [(c.get("against", "reference"), q) for c in comparisons for q in c["points"] if q["within"] is not None]
     if judged:
-        tests = " and ".join(sorted({q["test"] for q in judged}))
-        line += (f"; ours-ref: the difference of the means/its seed noise (twice its standard error, {tests} "
-                 f"seeds), '!' outside: {sum(q['within'] for q in judged)} of {len(judged)} points within")
+        tests = " and ".join(sorted({q["test"] for _, q in judged}))
+        counts = ", ".join(f"{LABELS[a]} {sum(q['within'] for b, q in judged if b == a)} of "
+                           f"{sum(b == a for b, _ in judged)}" for a in PIPELINES[1:] if any(b == a for b, _ in judged))
+        line += (f"; ours-X: the difference of the means/its seed noise (twice its standard error, {tests} "
+                 f"seeds), '!' outside: {counts} points within")
     return line
 
 
@@ -229,8 +263,8 @@ def load_saved(path: Path, flag: str) -> dict:
     for i, row in enumerate(rows):
         keys = ("method", "pipeline", "curves", "mean", "std")
         fields = {k: row.get(k) for k in keys} if isinstance(row, dict) else {}
-        if not fields or not isinstance(fields["method"], str) or fields["pipeline"] not in ("ours", "reference"):
-            raise bad(f"rows[{i}]: not a row (method, pipeline 'ours' or 'reference', curves, mean, std)")
+        if not fields or not isinstance(fields["method"], str) or fields["pipeline"] not in PIPELINES:
+            raise bad(f"rows[{i}]: not a row (method, pipeline {', '.join(map(repr, PIPELINES))}, curves, mean, std)")
         curves = fields["curves"]
         if (not isinstance(curves, list) or not curves or not all(
                 isinstance(c, list) and len(c) == len(its) and all(isinstance(d, (int, float)) for d in c)

@@ -493,6 +493,34 @@ def test_trajectory_benchmark_smoke(tiny_phantom, tmp_path):
     assert len(refused.stderr.strip().splitlines()) == 1
 
 
+def test_trajectory_fp32_pipeline_is_ours_with_the_fast_switches_off(tiny_phantom, tmp_path):
+    # 'fp32': our feed with bf16, channels_last, graphs and compile off, so a GPU run can tell what
+    # those switches change without the reference's CPU-bound feed; on the CPU our path takes bf16
+    # from --set, and the fp32 pipeline must train without it
+    script = BENCHMARKS / "trajectory.py"
+    out = tmp_path / "fp32.json"
+    proc = run_benchmark(script, "--methods", "em", "--data", str(tiny_phantom), "--labeled-patients", "2",
+                         "--size", "32", "--batch-size", "4", "--device", "cpu", "--iterations", "6", "--points", "2",
+                         "--seeds", "2", "--pipelines", "fp32,ours", "--set", "amp=bf16", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert [(row["pipeline"], row["set"]) for row in r["rows"]] == [("ours", {"amp": "bf16"}), ("fp32", {"amp": "off"})]
+    [comparison] = r["comparisons"]
+    ours, fp32 = (np.array(row["curves"]) for row in r["rows"])
+    assert comparison["against"] == "fp32"
+    assert [q["delta"] for q in comparison["points"]] == pytest.approx((ours.mean(0) - fp32.mean(0)).tolist(), abs=1e-12)
+    lines = proc.stdout.splitlines()
+    assert [line.split()[1] for line in lines[1:3]] == ["ours", "fp32"] and lines[3].split()[0] == "ours-fp32"
+    assert "ours-fp32 " in lines[-1] and "ours-ref" not in proc.stdout
+    # progress on stderr, one line per seed and pipeline, the table alone on stdout
+    done = [line for line in proc.stderr.splitlines() if line.startswith("trajectory: entropy_minimization")]
+    assert len(done) == 4 and all(" 6 iterations in " in line for line in done)
+    assert any(line.startswith("trajectory: entropy_minimization fp32 seed 1338") for line in done)
+    again = run_benchmark(script, "--from-json", str(out))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.splitlines() == lines[:4] + [lines[-1].split("; written")[0]]
+
+
 def test_trajectory_comparison_flags_a_shift_beyond_seed_noise():
     sys.path.insert(0, str(BENCHMARKS))
     try:
