@@ -20,8 +20,8 @@
 #   train     raysemi.train on CUDA, then a --resume of it (COMPILE=1: with --compile on);
 #   trajectory mean teacher's validation Dice trajectory with graphs on (3 seeds; COMPILE=1: compile on);
 #   trajectories  our path (bf16, channels_last, graphs) against TRAJ_PIPELINES (default fp32: our
-#             feed with those switches off; 'reference' adds the reference's CPU-bound feed, about 4x
-#             slower), 3 seeds, for each strategy of TRAJ_METHODS (default dv,supervised,dan,em,uamt,ict;
+#             feed with those switches off; 'reference' adds the reference's CPU-bound feed, 12 it/s
+#             for mean teacher), 3 seeds, for each strategy of TRAJ_METHODS (default dv,supervised,dan,em,uamt,ict;
 #             one JSON each), in LANES (default 2) processes side by side, each with 16/LANES CPU
 #             threads (three lanes of 16 threads each left the GPU idle half the time, ninth session);
 #             TRAJ_ITERATIONS (default 400) and TRAJ_POINTS (4);
@@ -36,11 +36,11 @@
 # The fifth (on an H100; performance.md, "The fifth session"):
 #   STAGES="tests compile packed mps" METHODS=mt COMPILE=1 RESERVE=270 DEADLINE=565 bash benchmarks/gpu_check.sh
 #   STAGES=search SCALE=0.02 COMPILE=0 DEADLINE=310 bash benchmarks/gpu_check.sh   # ran out of time
-# What is still open (performance.md, "The next device session"), a whole call on an H100, with
-# the search's worker reuse (sixth session) compiling only in each worker's first trial, then the
-# CUDA tests (two added since the fifth):
-#   STAGES=search SCALE=0.05 COMPILE=1 DEADLINE=585 bash benchmarks/gpu_check.sh
-#   STAGES=tests DEADLINE=170 bash benchmarks/gpu_check.sh
+# The ninth (H200; performance.md, "The ninth session"): the reference feed's trajectories ran out of time
+#   STAGES="tests trajectories" DEADLINE=555 bash benchmarks/gpu_check.sh   # then with 3 lanes and the reference feed
+# What is still open (performance.md, "The next device session"), one whole call each:
+#   STAGES="tests trajectories" DEADLINE=560 bash benchmarks/gpu_check.sh   # ours against fp32, six strategies
+#   STAGES=search SCALE=0.05 COMPILE=1 DEADLINE=585 bash benchmarks/gpu_check.sh   # on an H100, worker reuse
 # inductor's cache is kept in .inductor-cache/ (git-ignored, kept between calls on the same
 # machine), so a later call does not compile the same networks again.
 # Results go to $OUT (JSON, logs). On the lent GPU machine, from the repo root:
