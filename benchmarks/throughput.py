@@ -63,6 +63,14 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+#: config fields this script sets from its own flags (or times by --warmup/--iterations): `--set`
+#: may not change them, or the JSON's flags would say one thing and the rows be timed with another
+SET_HERE = {"method": "--methods", "data": "--data", "labeled_patients": "--labeled-patients", "patch_size": "--size",
+            "batch_size": "--batch-size", "labeled_bs": "--batch-size (half of it)", "device": "--device", "amp": "--amp",
+            "cuda_graphs": "--cuda-graphs", "compile": "--compile", "max_iterations": "--warmup/--iterations",
+            "eval_interval": "--warmup/--iterations", "log_interval": "--warmup/--iterations"}
+
+
 def bench_config(method: str, args, **over) -> TrainConfig:
     values = dict(method=method, data=args.data, labeled_patients=args.labeled_patients,
                   patch_size=(args.size, args.size), batch_size=args.batch_size, labeled_bs=args.batch_size // 2,
@@ -319,6 +327,10 @@ def main(argv: list[str] | None = None) -> int:
     cli.patch_size(args.size)
     methods = cli.methods(args.methods)
     args.overrides = parse_sets(args.set, p)
+    fixed = [k for k in args.overrides if k in SET_HERE]
+    if fixed:
+        raise UserError(f"--set: {fixed[0]}: set by this script from {SET_HERE[fixed[0]]}; expected that flag, or "
+                        "another config field")
     args.compare_overrides = parse_sets(args.compare_set, p, "--compare-set")
     if args.compile and args.compare_compile:
         p.error("--compile and --compare-compile: choose one (--compare-compile times both)")
