@@ -147,6 +147,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         cli.check_out(args.out)
     if args.from_json:
+        # it trains nothing: a training flag beside it would be silently ignored
+        given = [k for k, v in vars(args).items()
+                 if k not in ("debug", "out", "from_json", "reference_from") and v != p.get_default(k)]
+        if given:
+            raise UserError(f"--{given[0].replace('_', '-')}: given with --from-json {args.from_json}, which trains "
+                            "nothing; expected only --out and --reference-from with it")
         return reprint(Path(args.from_json), args.out, args.reference_from)
     if args.reference_from:
         raise UserError(f"--reference-from {args.reference_from}: given without --from-json; expected it with "

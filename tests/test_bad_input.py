@@ -718,6 +718,8 @@ def trajectory_json(path: Path, **over) -> Path:
     case("trajectory_device", "trajectory", ["--device", "gpu0"], ["--device", "'gpu0'"]),
     case("trajectory_reference_alone", "trajectory", ["--reference-from", "r.json"], ["--reference-from", "--from-json"]),
     case("trajectory_missing_json", "trajectory", ["--from-json", "{tmp}/gone.json"], ["--from-json", "gone.json"]),
+    case("trajectory_trains_nothing_from_json", "trajectory", ["--from-json", "{tmp}/r.json"],
+         ["--methods", "given with --from-json", "trains nothing"]),
     case("trajectory_unknown_method", "trajectory", ["--methods", "meanteacher"], ["--methods", "'meanteacher'"]),
     case("trajectory_set_what_it_sets", "trajectory", ["--set", "eval_interval=1"],
          ["--set", "eval_interval", "set by this script"]),
