@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-from raysemi.errors import run_cli
+from raysemi.errors import UserError, run_cli
 
 TINY = ["--labeled-patients", "2", "--patch-size", "32", "32", "--batch-size", "4", "--labeled-bs", "2",
         "--max-iterations", "2", "--eval-interval", "2", "--device", "cpu"]
@@ -864,3 +864,17 @@ def test_benchmark_help_explains_every_flag(script, capsys):
     sized = [a for a in parser._actions if isinstance(a.default, int) and not isinstance(a.default, bool)]
     assert all(f"(default: {a.default})" in text for a in sized)  # the defaults are shown
     assert "(default: None)" not in text and not re.search(r"\(default:[^()]*\) \(default:", text)
+
+
+def test_benchmark_json_that_cannot_be_written_is_one_line(tmp_path):
+    # --out passed its check, then its folder could not be made (here a file stands where it goes):
+    # the work's result is lost, so say which file and why, in one line
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import bench_cli
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    (tmp_path / "taken").write_text("a file, not a folder")
+    with pytest.raises(UserError, match=r"^--out: .*taken/r\.json: cannot be written \(.+\); expected a file path"):
+        bench_cli.write_json(tmp_path / "taken" / "r.json", {"rows": []})
+    assert bench_cli.write_json(tmp_path / "new" / "r.json", {"rows": []}).read_text() == '{\n "rows": []\n}'

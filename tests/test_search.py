@@ -460,8 +460,11 @@ def test_the_current_best_trial_line_gives_its_sampled_values():
     (["--cpus-per-trial", "5"], "error: --cpus-per-trial: 5 is invalid; expected 1 to 2 (the CPUs given to --num-cpus)"),
     (["--grace-period", "100"], "error: --grace-period: 100 is invalid; expected at most max_iterations (40)"),
     (["--data", "/nonexistent/acdc"], "error: /nonexistent/acdc: data folder not found"),
+    (["--method", ","], "error: --method: ',' names no strategy; expected a strategy, a comma-separated list or 'all'"),
+    (["--method", "mt,,foo"], "error: --method: unknown method 'foo'; known: supervised (baseline), mean_teacher (mt)"),
 ], ids=["more_gpus_than_here", "negative_gpus", "negative_gpus_per_trial", "zero_cpus_per_trial",
-        "more_cpus_per_trial_than_ray", "grace_beyond_the_trial", "missing_data"])
+        "more_cpus_per_trial_than_ray", "grace_beyond_the_trial", "missing_data", "empty_method_list",
+        "unknown_method_in_a_list"])
 def test_flags_that_cannot_work_are_refused_before_data_ray_or_mlflow(flags, message, tiny_phantom, tmp_path, capsys):
     """One line, exit 2, nothing printed before it and nothing started: no search folder, no store."""
     code = run_cli(search_main, ["--method", "mean_teacher", "--data", str(tiny_phantom), *TINY[:-8],
