@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_cli as cli  # noqa: E402
 from raysemi.config import TrainConfig  # noqa: E402
 from raysemi.data import load_dataset  # noqa: E402
-from raysemi.loop import Trainer  # noqa: E402
+from raysemi.loop import Trainer, resolve_device  # noqa: E402
 from raysemi.errors import UserError  # noqa: E402
 from raysemi.methods import get_method  # noqa: E402
 from reference_pipeline import ReferenceFeed  # noqa: E402
@@ -61,7 +61,8 @@ def run(method: str, data, args, seed: int, pipeline: str) -> tuple[list[float],
                                         cfg.patch_size, trainer.device, args.reference_workers)
     result = trainer.fit()
     if trainer.graph_failure:
-        print(f"  seed {seed}: CUDA graph capture failed, trained eagerly: {trainer.graph_failure}")
+        print(f"trajectory: {method} {pipeline} seed {seed}: CUDA graph capture failed, trained eagerly: "
+              f"{trainer.graph_failure}", file=sys.stderr, flush=True)
     curve = [h["val/dice"] for h in result.history]
     print(f"trajectory: {method} {pipeline} seed {seed}: {cfg.max_iterations} iterations in "
           f"{time.perf_counter() - start:.1f} s, Dice {curve[-1]:.3f}", file=sys.stderr, flush=True)
@@ -126,12 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference-workers", type=int, default=4, help="DataLoader workers of the reference feed")
     p.add_argument("--pipelines", default="ours,reference",
                    help="which to train, comma-separated: 'ours', 'reference' (the reference's CPU feed, fp32), "
-                        "'fp32' (our feed, bf16/channels_last/graphs/compile off); ours is compared with each other")
+                        "'fp32' (our feed, bf16/channels_last/graphs/compile off); ours is compared with each other. "
+                        "fp32 as PyTorch runs it by default, as the reference did: cuDNN convolutions in TF32 on "
+                        "GPUs that have it")
     p.add_argument("--cuda-graphs", default="auto", choices=("auto", "on", "off"), help="our path's cuda_graphs")
     p.add_argument("--compile", action="store_true", help="our path with compile: on")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="a config value for our path (repeatable), e.g. --set uncertainty_copies=8; the reference "
-                        "feed keeps the reference's own")
+                   help="a config value for our path (repeatable), e.g. --set uncertainty_copies=8; the fp32 "
+                        "pipeline takes it too (with its switches off), the reference feed keeps the reference's own")
     p.add_argument("--out", help="the JSON written (default benchmarks/results/trajectory.json; with --from-json, "
                                  "none unless given)")
     p.add_argument("--from-json", metavar="FILE", help="print a saved run's table and comparison again, training "
@@ -192,14 +195,21 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"method": m, "pipeline": pipeline, "curves": curves, "mean": mean, "std": std,
                          "set": runs[0][1]})
             print(row_line(rows[-1], width), flush=True)
+            # written after every row: a run stopped part way (a device call's time limit) keeps its rows
+            out = write_run(args, its, rows, comparisons)
         comparisons += compare_rows(rows, m, width)
-    out = cli.write_json(args.out, {
+    out = write_run(args, its, rows, comparisons)
+    print(summary(its, args.seeds, comparisons) + f"; written: {out}")
+    return 0
+
+
+def write_run(args, its: list[int], rows: list[dict], comparisons: list[dict]) -> Path:
+    device = resolve_device(args.device)
+    return cli.write_json(args.out, {
         "command": " ".join(["python"] + sys.argv), "args": vars(args), "iterations": its, "rows": rows,
         "comparisons": comparisons, "cuda_graphs": args.cuda_graphs, "compile": args.compile,
         "date": time.strftime("%Y-%m-%d"),
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"})
-    print(summary(its, args.seeds, comparisons) + f"; written: {out}")
-    return 0
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"})
 
 
 def header(its: list[int], width: int) -> str:
@@ -309,6 +319,7 @@ def reprint(path: Path, out: str | None, reference_from: str | None = None) -> i
                             f"expected a run that trained the reference feed of each strategy in {path}")
         rows = [r for r in rows if r["pipeline"] != "reference"] + [
             {**theirs[m], "from": reference_from} for m in methods]
+        rows.sort(key=lambda r: (methods.index(r["method"]), PIPELINES.index(r["pipeline"])))  # as a run prints them
     methods = list(dict.fromkeys(row["method"] for row in rows))
     width = max([24, *(len(m) + 2 for m in methods)])
     print(header(its, width))

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -501,11 +502,13 @@ def test_trajectory_fp32_pipeline_is_ours_with_the_fast_switches_off(tiny_phanto
     out = tmp_path / "fp32.json"
     proc = run_benchmark(script, "--methods", "em", "--data", str(tiny_phantom), "--labeled-patients", "2",
                          "--size", "32", "--batch-size", "4", "--device", "cpu", "--iterations", "6", "--points", "2",
-                         "--seeds", "2", "--pipelines", "fp32,ours,fp32", "--set", "amp=bf16", "--out", str(out))
+                         "--seeds", "2", "--pipelines", "fp32,ours,fp32", "--set", "amp=bf16", "--set", "channels_last=on",
+                         "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = json.loads(out.read_text())
     # ours first (the table compares it with the rest), each pipeline once however often named
-    assert [(row["pipeline"], row["set"]) for row in r["rows"]] == [("ours", {"amp": "bf16"}), ("fp32", {"amp": "off"})]
+    assert [(row["pipeline"], row["set"]) for row in r["rows"]] == [
+        ("ours", {"amp": "bf16", "channels_last": "on"}), ("fp32", {"amp": "off", "channels_last": "off"})]
     [comparison] = r["comparisons"]
     ours, fp32 = (np.array(row["curves"]) for row in r["rows"])
     assert comparison["against"] == "fp32"
@@ -520,6 +523,51 @@ def test_trajectory_fp32_pipeline_is_ours_with_the_fast_switches_off(tiny_phanto
     again = run_benchmark(script, "--from-json", str(out))
     assert again.returncode == 0, again.stderr[-2000:]
     assert again.stdout.splitlines() == lines[:4] + [lines[-1].split("; written")[0]]
+    # with another run's reference rows: both comparisons, the rows in a run's own order
+    ref = tmp_path / "ref.json"
+    ref.write_text(json.dumps({**r, "rows": [{**r["rows"][1], "pipeline": "reference",
+                                              "curves": [[d - 0.25 for d in c] for c in r["rows"][1]["curves"]]}]}))
+    both = run_benchmark(script, "--from-json", str(out), "--reference-from", str(ref), "--out", str(tmp_path / "b.json"))
+    assert both.returncode == 0, both.stderr[-2000:]
+    blines = both.stdout.splitlines()
+    assert [line.split()[1] for line in blines[1:4]] == ["ours", "reference", "fp32"]
+    assert [line.split()[0] for line in blines[4:6]] == ["ours-ref", "ours-fp32"]
+    b = json.loads((tmp_path / "b.json").read_text())["comparisons"]
+    assert [c["against"] for c in b] == ["reference", "fp32"] and b[1] == comparison
+    assert [q["delta"] for q in b[0]["points"]] == pytest.approx((ours.mean(0) - fp32.mean(0) + 0.25).tolist())
+    n_ref, n_fp32 = (sum(q["within"] for q in c["points"]) for c in b)
+    assert f"'!' outside: ours-ref {n_ref} of 2, ours-fp32 {n_fp32} of 2 points within" in blines[-1]
+
+
+def test_trajectory_frees_each_trainer_and_keeps_the_rows_it_finished(tiny_phantom, tmp_path, monkeypatch):
+    # each run's trainer is gone before the next starts (a CUDA graph it held, freed later in a
+    # reference feed's forked worker, warns there); a run stopped part way (a device call's time
+    # limit) keeps the rows it finished
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import trajectory
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    alive: list[weakref.ref] = []
+
+    class Tracked(trajectory.Trainer):
+        def __init__(self, config, *args, **kw):
+            assert all(ref() is None for ref in alive), "the trainer of the run before is still alive"
+            if config.amp == "off":  # the fp32 pipeline: stop here, as a time limit would
+                raise KeyboardInterrupt
+            super().__init__(config, *args, **kw)
+            self.cycle = self  # a reference cycle, as a trainer's callbacks and graphs make: only gc frees it
+            alive.append(weakref.ref(self))
+
+    monkeypatch.setattr(trajectory, "Trainer", Tracked)
+    out = tmp_path / "part.json"
+    with pytest.raises(KeyboardInterrupt):
+        trajectory.main(["--methods", "supervised", "--data", str(tiny_phantom), "--labeled-patients", "2",
+                         "--size", "32", "--batch-size", "4", "--device", "cpu", "--iterations", "2", "--points", "1",
+                         "--seeds", "2", "--pipelines", "ours,fp32", "--set", "amp=bf16", "--out", str(out)])
+    assert len(alive) == 2
+    saved = json.loads(out.read_text())
+    assert [(row["pipeline"], len(row["curves"])) for row in saved["rows"]] == [("ours", 2)]
 
 
 def test_trajectory_comparison_flags_a_shift_beyond_seed_noise():
