@@ -20,11 +20,13 @@
 #   train     raysemi.train on CUDA, then a --resume of it (COMPILE=1: with --compile on);
 #   trajectory mean teacher's validation Dice trajectory with graphs on (3 seeds; COMPILE=1: compile on);
 #   trajectories  our path (bf16, channels_last, graphs) against TRAJ_PIPELINES (default fp32: our
-#             feed with those switches off; 'reference' adds the reference's CPU-bound feed, 12 it/s
-#             for mean teacher), 3 seeds, for each strategy of TRAJ_METHODS (default dv,supervised,dan,em,uamt,ict;
-#             one JSON each), in LANES (default 2) processes side by side, each with 16/LANES CPU
-#             threads (three lanes of 16 threads each left the GPU idle half the time, ninth session);
-#             TRAJ_ITERATIONS (default 400) and TRAJ_POINTS (4);
+#             feed with those switches off; 'reference' instead, or 'fp32,reference' for both: the
+#             reference's CPU-bound feed, 12 it/s for mean teacher), 3 seeds, for each strategy of
+#             TRAJ_METHODS (default dv,dan,uamt,supervised,em,ict; one JSON each, rewritten after each
+#             pipeline's row), in LANES (default 2) processes side by side, strategy i in lane i mod
+#             LANES, each lane with its share of the CPU threads (three lanes of 16 threads each left
+#             the GPU idle half the time, ninth session) and each strategy with its share of the
+#             lane's time left; TRAJ_ITERATIONS (default 400) and TRAJ_POINTS (4);
 #   search    the 32-trial mean-teacher search of issue 7 at SCALE (default 0.1: 1,000-iteration
 #             trials, ASHA's rungs scaled alike), 4 trials per GPU, with its projected full-scale
 #             wall time (benchmarks/search_wall.py; after the packed stage in the same call, also at
@@ -37,7 +39,7 @@
 #   STAGES="tests compile packed mps" METHODS=mt COMPILE=1 RESERVE=270 DEADLINE=565 bash benchmarks/gpu_check.sh
 #   STAGES=search SCALE=0.02 COMPILE=0 DEADLINE=310 bash benchmarks/gpu_check.sh   # ran out of time
 # The ninth (H200; performance.md, "The ninth session"): the reference feed's trajectories ran out of time
-#   STAGES="tests trajectories" DEADLINE=555 bash benchmarks/gpu_check.sh   # then with 3 lanes and the reference feed
+#   LANES=3 TRAJ_PIPELINES=reference STAGES="tests trajectories" DEADLINE=555 bash benchmarks/gpu_check.sh
 # What is still open (performance.md, "The next device session"), one whole call each:
 #   STAGES="tests trajectories" DEADLINE=560 bash benchmarks/gpu_check.sh   # ours against fp32, six strategies
 #   STAGES=search SCALE=0.05 COMPILE=1 DEADLINE=585 bash benchmarks/gpu_check.sh   # on an H100, worker reuse
@@ -58,6 +60,9 @@ for stage in $STAGES; do
     *) echo "gpu_check: STAGES: unknown stage '$stage'; expected some of: tests compile table variant packed mps train trajectory trajectories search" >&2; exit 2;;
   esac
 done
+case "${LANES:-2}" in
+  ''|*[!0-9]*|0) echo "gpu_check: LANES: '${LANES}' is invalid; expected a whole number >= 1" >&2; exit 2;;
+esac
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:${PYTHONPATH:-}" TORCHINDUCTOR_CACHE_DIR="$PWD/.inductor-cache"
 # without an installed package, raysemi.search_spaces must sit inside raysemi/ (pyproject maps it there)
@@ -178,7 +183,7 @@ if want trajectory; then
   echo "trajectory exit: $?"
 fi
 if want trajectories; then
-  IFS=, read -ra TMS <<< "${TRAJ_METHODS:-dv,supervised,dan,em,uamt,ict}"
+  IFS=, read -ra TMS <<< "${TRAJ_METHODS:-dv,dan,uamt,supervised,em,ict}"
   LANES=${LANES:-2}; TN=${TRAJ_ITERATIONS:-400}; TP=${TRAJ_POINTS:-4}; TPL=${TRAJ_PIPELINES:-fp32}
   CORES=$(nproc); THREADS=$((CORES / LANES > 0 ? CORES / LANES : 1))
   log "Dice trajectories, ours (graphs on${COMPILE_FLAG:+, compile on}) against $TPL: ${TMS[*]} ($TN iterations, $LANES lanes of $THREADS threads)"
@@ -186,7 +191,10 @@ if want trajectories; then
   for ((lane = 0; lane < LANES; lane++)); do
     (for ((i = lane; i < ${#TMS[@]}; i += LANES)); do
       m=${TMS[$i]}
-      OMP_NUM_THREADS=$THREADS timeout $(left 5) python3 benchmarks/trajectory.py --device $DEVICE --data "$WORK/data" \
+      # this strategy's share of the lane's time left, so that one slow strategy does not take it all
+      SHARE=$(( (DEADLINE - SECONDS - 5) / ((${#TMS[@]} - 1 - i) / LANES + 1) ))
+      if [ $SHARE -lt 30 ]; then echo "[$m] skipped: $SHARE s would be its share of the time left"; continue; fi
+      OMP_NUM_THREADS=$THREADS timeout $(left 5 $SHARE) python3 benchmarks/trajectory.py --device $DEVICE --data "$WORK/data" \
         --size $PATCH --batch-size $BS --methods "$m" --iterations $TN --points $TP --seeds 3 --pipelines "ours,$TPL" "${COMPILE_FLAG[@]}" \
         --out "$OUT/trajectory_${DEVICE}_$m${COMPILE_FLAG:+_compile}.json" 2>&1 | sed -u "s/^/[$m] /"
       echo "[$m] trajectory exit: ${PIPESTATUS[0]}"
