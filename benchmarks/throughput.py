@@ -71,6 +71,10 @@ SET_HERE = {"method": "--methods", "data": "--data", "labeled_patients": "--labe
             "eval_interval": "--warmup/--iterations", "log_interval": "--warmup/--iterations"}
 
 
+#: config fields `--compare-set` may not change: other data, another device, or no part of the timed step
+NOT_COMPARED = {"method", "data", "labeled_patients", "device", "max_iterations", "eval_interval", "log_interval"}
+
+
 def bench_config(method: str, args, **over) -> TrainConfig:
     values = dict(method=method, data=args.data, labeled_patients=args.labeled_patients,
                   patch_size=(args.size, args.size), batch_size=args.batch_size, labeled_bs=args.batch_size // 2,
@@ -332,6 +336,12 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--set: {fixed[0]}: set by this script from {SET_HERE[fixed[0]]}; expected that flag, or "
                         "another config field")
     args.compare_overrides = parse_sets(args.compare_set, p, "--compare-set")
+    # an A/B of how a setting changes the step's speed (amp, batch_size, cuda_graphs, ...) is what
+    # --compare-set is for; these would time other data or nothing that a step does
+    fixed = [k for k in args.compare_overrides if k in NOT_COMPARED]
+    if fixed:
+        raise UserError(f"--compare-set: {fixed[0]}: not timed by an A/B of the step; expected a field that "
+                        f"changes the step (not {', '.join(sorted(NOT_COMPARED))})")
     if args.compile and args.compare_compile:
         p.error("--compile and --compare-compile: choose one (--compare-compile times both)")
     for m in methods:  # a bad --device or --amp before any data is read

@@ -708,6 +708,8 @@ def trajectory_json(path: Path, **over) -> Path:
          ["--set", "batch_size", "--batch-size", "set by this script"]),
     case("throughput_set_what_it_times", "throughput", ["--set", "max_iterations=5"],
          ["--set", "max_iterations", "--warmup/--iterations"]),
+    case("throughput_compare_other_data", "throughput", ["--compare-set", "labeled_patients=3"],
+         ["--compare-set", "labeled_patients", "not timed by an A/B"]),
     case("throughput_not_a_number", "throughput", ["--warmup", "some"], ["--warmup", "'some'"]),
     case("throughput_out_is_a_folder", "throughput", ["--out", "{tmp}"], ["--out", "is a folder"]),
     case("trajectory_no_points", "trajectory", ["--points", "0"], ["--points", "0", ">= 1"]),
