@@ -629,6 +629,28 @@ def test_gpu_check_stages_are_checked_and_mps_is_looked_for(tmp_path):
     assert not list((tmp_path / "out").glob("*mps*.json"))
 
 
+def test_gpu_check_trajectories_stage_brings_back_a_json_per_strategy(tmp_path):
+    # the stage a device session runs for issue 7's "same trajectory" goal, dry on the CPU at a tiny
+    # size: strategies side by side in lanes, each lane's threads capped, one JSON per strategy
+    script = BENCHMARKS / "gpu_check.sh"
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "DEVICE": "cpu", "SMALL": "1", "STAGES": "trajectories",
+           "TRAJ_METHODS": "em,supervised", "TRAJ_ITERATIONS": "4", "TRAJ_POINTS": "2", "LANES": "2",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    bad = subprocess.run(["bash", str(script)], env={**env, "LANES": "0"}, capture_output=True, text=True,
+                         timeout=60, cwd=BENCHMARKS.parent)
+    assert bad.returncode == 2 and "LANES: '0' is invalid" in bad.stderr and not (tmp_path / "out").exists()
+    proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=BENCHMARKS.parent)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    threads = max(1, len(os.sched_getaffinity(0)) // 2)  # the cores nproc counts, over 2 lanes
+    assert f"against fp32: em supervised (4 iterations, 2 lanes of {threads} threads)" in proc.stdout
+    for name, method in (("em", "entropy_minimization"), ("supervised", "supervised")):
+        assert f"[{name}] trajectory exit: 0" in proc.stdout
+        r = json.loads((tmp_path / "out" / f"trajectory_cpu_{name}.json").read_text())
+        assert [(row["method"], row["pipeline"]) for row in r["rows"]] == [(method, "ours"), (method, "fp32")]
+        assert r["iterations"] == [2, 4] and [c["against"] for c in r["comparisons"]] == ["fp32"]
+
+
 def test_search_wall_time_limit_stops_the_search_and_keeps_what_trials_reported(tiny_phantom, tmp_path):
     """A device call has a hard end: past --time-limit the search is stopped as Ctrl-C stops it,
     and the trials' reports so far are written (finished: false, no projection), not lost."""
