@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 
@@ -52,6 +53,21 @@ def check_out_parents(path: str | Path, flag: str) -> None:
         if parent.exists():
             if not parent.is_dir():
                 raise UserError(f"{flag}: {path}: {parent} is a file; expected a folder there")
-            if not os.access(parent, os.W_OK):
-                raise UserError(f"{flag}: {path}: {parent} is not writable; expected a folder you can write to")
+            why = cannot_write_in(parent)
+            if why:
+                raise UserError(f"{flag}: {path}: {parent} {why}; expected a folder you can write to")
             break
+
+
+def cannot_write_in(folder: str | Path) -> str | None:
+    """Why no file can be made in the existing `folder` ("is not writable", "cannot be written to
+    (reason)"), or None. Root passes `os.access` almost everywhere (a read-only mount, /proc), so a
+    file is made and removed there: found now rather than after the work."""
+    if not os.access(folder, os.W_OK):
+        return "is not writable"
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".raysemi-probe-"):
+            pass
+    except OSError as err:
+        return f"cannot be written to ({err.strerror or err})"
+    return None

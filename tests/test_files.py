@@ -1,5 +1,6 @@
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -50,6 +51,19 @@ def test_an_output_file_path_is_checked_before_the_work(tmp_path):
         check_out_file(tmp_path / "adir", "--out")
     with pytest.raises(UserError, match=r"^--out: .+/afile/x\.csv: .+/afile is a file; expected a folder there$"):
         check_out_file(tmp_path / "afile" / "x.csv", "--out")
+    # a folder nobody can write to, root included (os.access says yes to root there): refused
+    # before the work, and the check leaves nothing behind where it could write (Linux: /proc)
+    if not Path("/proc/self").is_dir():
+        return
+    with pytest.raises(UserError, match=r"^--out: /proc/results\.json: /proc (is not writable|cannot be written to)"
+                                        r".*; expected a folder you can write to$"):
+        check_out_file("/proc/results.json", "--out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "afile"]
+    # the NIfTI writers' --out folder, checked the same way
+    from raysemi.data.convert import check_out_folder
+
+    with pytest.raises(UserError, match=r"^/proc/nifti: --out: /proc (is not writable|cannot be written to)"):
+        check_out_folder(Path("/proc/nifti"), False, "the .nii.gz files")
 
 
 def test_a_leftover_temp_of_a_crashed_process_with_this_pid_does_not_block_a_write(tmp_path):

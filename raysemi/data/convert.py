@@ -24,7 +24,7 @@ import h5py
 import numpy as np
 
 from raysemi.errors import UserError
-from raysemi.files import out_folder
+from raysemi.files import cannot_write_in, out_folder
 from raysemi.progress import ProgressBar
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -173,8 +173,9 @@ def check_out_folder(out: Path, overwrite: bool, replaced: str) -> None:
         parent = parent.parent
     if parent.exists() and not parent.is_dir():
         raise UserError(f"{out}: --out: {parent} is a file; expected a folder path")
-    if not os.access(parent if parent.exists() else Path.cwd(), os.W_OK):
-        raise UserError(f"{out}: --out: {parent} is not writable; expected a folder this user can write to")
+    why = cannot_write_in(parent if parent.exists() else Path.cwd())
+    if why:
+        raise UserError(f"{out}: --out: {parent} {why}; expected a folder this user can write to")
 
 
 def write_nifti(image, path: Path) -> None:
