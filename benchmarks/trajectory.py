@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                          "set": runs[0][1]})
             print(row_line(rows[-1], width), flush=True)
             # written after every row: a run stopped part way (a device call's time limit) keeps its rows
-            out = write_run(args, its, rows, comparisons)
+            write_run(args, its, rows, comparisons)
         comparisons += compare_rows(rows, m, width)
     out = write_run(args, its, rows, comparisons)
     print(summary(its, args.seeds, comparisons) + f"; written: {out}")
@@ -243,7 +243,7 @@ def compare_rows(rows: list[dict], method: str, width: int) -> list[dict]:
 
 def summary(its: list[int], seeds: int, comparisons: list[dict]) -> str:
     line = f"validation Dice at iterations {its}, mean+-std (population std) over {seeds} seed(s)"
-    judged = [(c.get("against", "reference"), q) for c in comparisons for q in c["points"] if q["within"] is not None]
+    judged = [(c["against"], q) for c in comparisons for q in c["points"] if q["within"] is not None]
     if judged:
         tests = " and ".join(sorted({q["test"] for _, q in judged}))
         counts = ", ".join(f"{LABELS[a]} {sum(q['within'] for b, q in judged if b == a)} of "

@@ -399,11 +399,12 @@ def test_captured_step_equals_eager_step_on_cuda(name, tiny_phantom, data):
     # the network's 8-step update agrees to 15% of its size. Tensor by tensor it cannot: cuDNN's
     # backward sums with atomics, and updates that are tiny sums of large opposite gradients (the
     # first layer, conv biases before a BatchNorm) differed by 1-3.5% between two such runs on an
-    # H200; the whole update differed by 6.3% in one of 30 cases of this test there (2026-11-27, 6 runs
-    # of its 5 strategies, at a bound of 5% then), with every step's loss still equal. This catches a wrong input or a broken
-    # update (a difference of the order of the update itself); subtler errors (weight decay dropped,
-    # a learning rate frozen at capture) are the CPU tests' job (test_foreach_sgd_is_torch_sgd,
-    # test_graphed_path_trains_as_the_eager_path) and the loss check's above.
+    # H200; the whole update differed by 6.3% in one of 30 cases of this test there (2026-11-27,
+    # 6 runs of its 5 strategies, at a bound of 5% then), with every step's loss still equal. This
+    # catches a wrong input or a broken update (a difference of the order of the update itself);
+    # subtler errors (weight decay dropped, a learning rate frozen at capture) are the CPU tests'
+    # job (test_foreach_sgd_is_torch_sgd, test_graphed_path_trains_as_the_eager_path) and the loss
+    # check's above.
     da = torch.cat([(a - p0).double().flatten() for p0, a in zip(start, eager.strategy.student.parameters())])
     db = torch.cat([(b - p0).double().flatten() for p0, b in zip(start, graphed.strategy.student.parameters())])
     assert (db - da).norm() <= 0.15 * da.norm()

@@ -49,10 +49,9 @@ def resize_nearest(x: np.ndarray | Tensor, size: tuple[int, int]) -> Tensor:
 
 def resize_all(arrays: list[np.ndarray], size: tuple[int, int], chunk: int = 256) -> Tensor:
     """`resize_nearest` of each (H, W) array (all of one dtype, as the loader reads them), stacked in
-    order (N, *size): one resize per group of
-    up to `chunk` slices of the same shape rather than one per slice. A trial builds this at its
-    start; a thousand tiny parallel ops were 15-20x slower when processes shared the cores (each
-    op's thread barrier), a few large ones are not."""
+    order (N, *size): one resize per group of up to `chunk` slices of the same shape rather than
+    one per slice. A trial builds this at its start; a thousand tiny parallel ops were 15-20x
+    slower when processes shared the cores (each op's thread barrier), a few large ones are not."""
     if not arrays:
         return torch.zeros((0, *size))
     groups: dict[tuple, list[int]] = {}
