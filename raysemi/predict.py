@@ -16,7 +16,6 @@ name and renamed when complete.
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 

@@ -20,7 +20,7 @@ from raysemi.cuda_graph import ema_, sgd_momentum_
 from raysemi.data import load_dataset
 from raysemi.errors import UserError
 from raysemi.loop import Callback, Trainer, ema_update
-from raysemi.methods import get_method, list_methods
+from raysemi.methods import list_methods
 from tests.conftest import tiny_config
 
 METHODS = list_methods()

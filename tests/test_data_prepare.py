@@ -54,12 +54,16 @@ def assert_nothing_written(tmp_path: Path, *keep: str) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(keep)
 
 
-def write_nifti(path: Path, array: np.ndarray, spacing=SPACING_XYZ) -> None:
+def write_nifti(path: Path, array: np.ndarray, spacing=SPACING_XYZ, origin=None, direction=None) -> None:
     if array.ndim == 4:  # a cine series (t, z, y, x)
         img = sitk.JoinSeries([sitk.GetImageFromArray(a) for a in array])
     else:
         img = sitk.GetImageFromArray(array)
     img.SetSpacing(spacing[:img.GetDimension()])
+    if origin is not None:
+        img.SetOrigin(origin)
+    if direction is not None:
+        img.SetDirection(direction)
     sitk.WriteImage(img, str(path))
 
 
@@ -200,6 +204,10 @@ PREPARE_BAD = {
                     [f"{P}_gt.nii.gz", "label shape (2, 16, 15) differs from image", "(2, 16, 16)"]),
     "label_spacing": (lambda raw: _replace(raw / f"{P}_gt.nii.gz", np.zeros((2, 16, 16), np.uint8), (1.5, 1.25, 5.0)),
                       [f"{P}_gt.nii.gz", "label spacing (z, y, x) (5, 1.25, 1.5) mm differs", "(10, 1.25, 1.5)"]),
+    "label_origin": (lambda raw: write_nifti(raw / f"{P}_gt.nii.gz", np.zeros((2, 16, 16), np.uint8),
+                                             origin=(0, 0, 5.0)),
+                     [f"{P}_gt.nii.gz", "label origin (x, y, z) (0, 0, 5) mm differs from image", "(0, 0, 0)",
+                      "expected the same voxel grid", "label.CopyInformation(image)"]),
     "label_values": (lambda raw: _replace(raw / f"{P}_gt.nii.gz", np.full((2, 16, 16), 7, np.uint8)),
                      [f"{P}_gt.nii.gz", "values [7] outside 0..3"]),
     "corrupt_image": (lambda raw: _replace(raw / f"{P}.nii.gz", raw_bytes=b"not a nifti at all"),
@@ -450,6 +458,14 @@ IMPORT_BAD = {
     "label_spacing": (lambda t: write_nifti(_nifti_pair(t)[1] / "c1_gt.nii.gz", np.zeros((2, 16, 16), np.uint8),
                                             (1.5, 1.0, 10.0)),
                       ["c1_gt.nii.gz: label spacing (z, y, x) (10, 1, 1.5) mm differs from image c1.nii.gz"]),
+    "label_origin": (lambda t: write_nifti(_nifti_pair(t)[1] / "c1_gt.nii.gz", np.zeros((2, 16, 16), np.uint8),
+                                           origin=(0.1, 0, 0)),
+                     ["c1_gt.nii.gz: label origin (x, y, z) (0.1, 0, 0) mm differs from image c1.nii.gz origin "
+                      "(0, 0, 0) mm"]),
+    "label_direction": (lambda t: write_nifti(_nifti_pair(t)[1] / "c1_gt.nii.gz", np.zeros((2, 16, 16), np.uint8),
+                                              direction=(-1, 0, 0, 0, 1, 0, 0, 0, 1)),
+                        ["c1_gt.nii.gz: label direction (-1, 0, 0, 0, 1, 0, 0, 0, 1) differs from image c1.nii.gz "
+                         "direction (1, 0, 0, 0, 1, 0, 0, 0, 1)", "expected the same orientation"]),
     "label_values": (lambda t: write_nifti(_nifti_pair(t)[1] / "c2_gt.nii.gz", np.full((2, 16, 16), 3, np.uint8)),
                      ["c2_gt.nii.gz: label: values [3] outside 0..2", "--num-classes 3"]),
     "float_label": (lambda t: write_nifti(_nifti_pair(t)[1] / "c2_gt.nii.gz", np.full((2, 16, 16), 0.999, np.float32)),
@@ -479,6 +495,23 @@ def test_import_bad_input(case, tmp_path, capsys):
                        "--out", tmp_path / "out", "--num-classes", 3], capsys)
     assert_error(rc, err, *needles)
     assert_nothing_written(tmp_path, "img", "lab")
+
+
+def test_a_label_on_its_scans_grid_is_taken_whatever_the_grid_and_header_noise(tmp_path, capsys):
+    """Real scans have an origin and an oblique orientation: a label on the same grid is taken,
+    also with the float noise two tools leave in a header (well under 1% of a voxel)."""
+    img, lab = _nifti_pair(tmp_path)
+    turn = np.cos(0.3), -np.sin(0.3), 0, np.sin(0.3), np.cos(0.3), 0, 0, 0, 1
+    noisy = tuple(v + 1e-6 for v in turn)
+    for i in range(4):
+        image, label = sitk.GetArrayFromImage(sitk.ReadImage(str(img / f"c{i}.nii.gz"))), \
+            sitk.GetArrayFromImage(sitk.ReadImage(str(lab / f"c{i}_gt.nii.gz")))
+        write_nifti(img / f"c{i}.nii.gz", image, origin=(-120.5, 88.25, -40.0), direction=turn)
+        write_nifti(lab / f"c{i}_gt.nii.gz", label, origin=(-120.5 + 1e-3, 88.25, -40.0), direction=noisy)
+    rc, _, err = call(["import", "--images", img, "--labels", lab, "--out", tmp_path / "out", "--num-classes", 3,
+                       "--val-fraction", 0.25, "--test-fraction", 0.25], capsys)
+    assert rc == 0, err
+    assert len(list((tmp_path / "out" / "data").glob("c*.h5"))) == 4
 
 
 def test_images_and_masks_under_one_images_folder_get_the_flags_that_read_them(tmp_path, capsys):

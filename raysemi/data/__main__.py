@@ -55,9 +55,10 @@ lie inside --images; any other file is an error.
 
 Labels (optional): the label of image X.nii.gz / X.png is the file in --labels (or any of its
 subfolders) named X, X_gt, X_label or X_seg (same kind: NIfTI / PNG), holding class indices
-0..num_classes-1 with the image's shape (and spacing). --labels may be the --images folder itself
-(each label beside its image). Images without a label are unlabeled: they go to the training split
-only, and their files have no 'label' dataset.
+0..num_classes-1 with the image's shape (and, for NIfTI, its voxel grid: spacing, origin and
+direction). --labels may be the --images folder itself (each label beside its image). Images
+without a label are unlabeled: they go to the training split only, and their files have
+no 'label' dataset.
 
 Cases named <patient>_frameNN are one patient (split together); other names are each their own
 patient. Labeled patients are shuffled with --seed and split into train/val/test by the

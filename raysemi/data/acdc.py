@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from raysemi.data.convert import (NIFTI_SUFFIXES, Progress, check_image, check_label, check_spacing, read_nifti,
+from raysemi.data.convert import (NIFTI_SUFFIXES, Progress, check_image, check_label, check_same_grid, read_nifti,
                                   slice_name, staged_output, write_lists, write_volume)
 from raysemi.data.layout import patient_id, shipped_list
 from raysemi.data.normalize import minmax
@@ -156,14 +156,14 @@ def prepare_acdc(raw: str | Path, out: str | Path, overwrite: bool = False, allo
         for pid in present:
             for case in (c for c in sources if patient_id(c) == pid):
                 image_path, label_path = sources[case]
-                image, spacing = read_nifti(image_path, "image")
+                image, grid = read_nifti(image_path, "image")
                 check_image(image, image_path)
-                label, label_spacing = read_nifti(label_path, "label")
+                label, label_grid = read_nifti(label_path, "label")
                 label = check_label(label, label_path, ACDC_CLASSES, image.shape, image_path,
                                     option="ACDC num_classes")
-                check_spacing(label_spacing, spacing, label_path, image_path)
+                check_same_grid(label_grid, grid, label_path, image_path)
                 image = minmax(image)
-                write_volume(tmp, case, image, label, spacing, case in train_cases)
+                write_volume(tmp, case, image, label, grid.spacing, case in train_cases)
                 depth[case] = image.shape[0]
             progress.step()
         # train_slices.list: the shipped one (its order, so seeded runs match runs on the release) for

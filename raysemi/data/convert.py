@@ -18,7 +18,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TextIO
+from typing import NamedTuple, TextIO
 
 import h5py
 import numpy as np
@@ -80,8 +80,17 @@ def _one_line(err: BaseException) -> str:
     return lines[-1] if lines else type(err).__name__
 
 
-def read_nifti(path: Path, what: str = "image") -> tuple[np.ndarray, tuple[float, float, float]]:
-    """A 3D NIfTI file as a (D, H, W) array and its spacing (z, y, x) in mm."""
+class Grid(NamedTuple):
+    """Where a NIfTI file's voxels lie in the scanner's space: spacing (z, y, x) in mm, as the HDF5
+    files store it; origin (x, y, z) in mm and the direction cosines (row-major 3x3), as ITK gives
+    them. An image and its label must share it to pair up voxel for voxel."""
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...]
+
+
+def read_nifti(path: Path, what: str = "image") -> tuple[np.ndarray, Grid]:
+    """A 3D NIfTI file as a (D, H, W) array and its voxel grid."""
     import SimpleITK as sitk  # imported here: only the converters need it
 
     try:
@@ -97,8 +106,9 @@ def read_nifti(path: Path, what: str = "image") -> tuple[np.ndarray, tuple[float
                         "(a 4D cine series is not a frame; 2D slices go in as PNG)")
     check_whole(path, what)
     array = sitk.GetArrayFromImage(img)  # (z, y, x)
-    spacing = tuple(float(s) for s in reversed(img.GetSpacing()))
-    return array, spacing  # type: ignore[return-value]
+    grid = Grid(tuple(float(v) for v in reversed(img.GetSpacing())), tuple(float(v) for v in img.GetOrigin()),
+                tuple(float(v) for v in img.GetDirection()))
+    return array, grid  # type: ignore[arg-type]
 
 
 def check_whole(path: Path, what: str = "image") -> None:
@@ -256,11 +266,24 @@ def check_label(label: np.ndarray, path: Path, num_classes: int, image_shape: tu
     return label.astype(np.uint8 if num_classes <= 256 else np.uint16)
 
 
-def check_spacing(label_spacing, image_spacing, path: Path, image_path: Path) -> None:
-    if not np.allclose(label_spacing, image_spacing, rtol=1e-3, atol=1e-5):
-        fmt = lambda s: "(" + ", ".join(f"{v:g}" for v in s) + ")"  # noqa: E731
-        raise UserError(f"{path}: label spacing (z, y, x) {fmt(label_spacing)} mm differs from image "
-                        f"{image_path.name} spacing {fmt(image_spacing)} mm; expected the same voxel grid")
+def check_same_grid(label: Grid, image: Grid, path: Path, image_path: Path) -> None:
+    """A label must lie on its image's voxel grid: the same spacing, origin and orientation. The
+    arrays are paired voxel for voxel, so a label shifted or flipped in the scanner's space would
+    silently train on the wrong pixels. The tolerances pass the float noise of headers written by
+    different tools (1% of a voxel for the origin), not a real shift or turn."""
+    fmt = lambda s: "(" + ", ".join(f"{v:.6g}" for v in s) + ")"  # noqa: E731
+    header = ("; if the arrays do match voxel for voxel and only the label's header is wrong, copy the image's "
+              "header to it (SimpleITK: label.CopyInformation(image))")
+    if not np.allclose(label.spacing, image.spacing, rtol=1e-3, atol=1e-5):
+        raise UserError(f"{path}: label spacing (z, y, x) {fmt(label.spacing)} mm differs from image "
+                        f"{image_path.name} spacing {fmt(image.spacing)} mm; expected the same voxel grid")
+    if np.abs(np.subtract(label.origin, image.origin)).max() > 0.01 * min(image.spacing):
+        raise UserError(f"{path}: label origin (x, y, z) {fmt(label.origin)} mm differs from image "
+                        f"{image_path.name} origin {fmt(image.origin)} mm; expected the same voxel grid" + header)
+    if np.abs(np.subtract(label.direction, image.direction)).max() > 1e-3:
+        raise UserError(f"{path}: label direction {fmt(label.direction)} differs from image {image_path.name} "
+                        f"direction {fmt(image.direction)}; expected the same orientation (the arrays would be "
+                        "paired flipped or turned)" + header)
 
 
 def write_case(path: Path, image: np.ndarray, label: np.ndarray | None = None,

@@ -13,7 +13,8 @@ Rules (also in `python -m raysemi.data import --help`):
   `X`, `X_gt`, `X_label` or `X_seg` with a NIfTI / PNG extension (--labels may be the --images folder
   itself, labels beside their images: its label files are then not taken as images). A label file
   that matches no image is an error, and so are two label files of the same name.
-- Labels hold class indices 0..num_classes-1, with the image's shape (and, for NIfTI, its spacing).
+- Labels hold class indices 0..num_classes-1, with the image's shape (and, for NIfTI, its voxel grid: spacing,
+  origin and orientation).
 - Cases are grouped into patients as the layout does (`patient007_frame01` and `patient007_frame02`
   are patient007; other names are their own patient); all cases of a patient are labeled or none.
 - Labeled patients are shuffled with --seed and split into train/val/test by the fractions; every
@@ -34,7 +35,7 @@ from typing import TextIO
 
 import numpy as np
 
-from raysemi.data.convert import (Progress, check_image, check_label, check_spacing, nifti_stem,
+from raysemi.data.convert import (Progress, check_image, check_label, check_same_grid, nifti_stem,
                                   read_nifti, read_png, slice_name, staged_output, walk_files, write_lists,
                                   write_volume)
 from raysemi.data.layout import patient_id
@@ -308,14 +309,14 @@ def _read_case(case: Case, kind: str, num_classes: int
                ) -> tuple[np.ndarray, np.ndarray | None, tuple[float, float, float] | None]:
     if kind == "nifti":
         path = case.images[0]
-        image, spacing = read_nifti(path, "image")
+        image, grid = read_nifti(path, "image")
         check_image(image, path)
         label = None
         if case.labels:
-            label, label_spacing = read_nifti(case.labels[0], "label")
+            label, label_grid = read_nifti(case.labels[0], "label")
             label = check_label(label, case.labels[0], num_classes, image.shape, path)
-            check_spacing(label_spacing, spacing, case.labels[0], path)
-        return image, label, spacing
+            check_same_grid(label_grid, grid, case.labels[0], path)
+        return image, label, grid.spacing
     images, labels = [], []
     for i, path in enumerate(case.images):
         image = read_png(path, "image")
