@@ -48,6 +48,10 @@ def build_parser() -> ArgumentParser:
     s.add_argument("--grace-period", type=int, default=None, help="ASHA: iterations before a trial can be stopped "
                    "(default: a quarter of --max-iterations, at least one evaluation)")
     s.add_argument("--reduction-factor", type=float, default=3, help="ASHA: keep the top 1/factor at each rung")
+    s.add_argument("--start-at-defaults", action="store_true",
+                   help="run each strategy's base config first: its searched fields at the values of --config "
+                        "(the reference defaults when none is given), so the leaderboard shows what the search "
+                        "gained over them and TPE starts from a known-good point; counts within --num-samples")
     s.add_argument("--max-failures", type=int, default=2, help="retries of a failing trial (from its checkpoint)")
     s.add_argument("--seed", type=int, default=None, help="seed of the sampler and of the trials' training "
                    "(default: --config's seed, else 1337)")
@@ -215,7 +219,7 @@ def progress_reporter(**kwargs):
 
 #: what a search saves at its start and keeps when continued, whatever the flags then say
 SAVED = ("method", "data", "labeled_patients", "num_samples", "max_iterations", "eval_interval", "seeds",
-         "search_space", "seed", "config", "experiment")
+         "search_space", "seed", "config", "experiment", "start_at_defaults")
 #: kept too when Tune restores its own state (its scheduler, failure and actor-reuse settings are part of it)
 RESTORED = ("grace_period", "reduction_factor", "max_failures", "no_reuse_actors")
 
@@ -350,6 +354,27 @@ def stopped_by_error(err: BaseException, args, uri: str, parent, exp_dir: Path, 
 TPE_STARTUP = 10
 
 
+def starting_points(args, spaces: dict, base) -> list[dict]:
+    """With --start-at-defaults, the points Optuna runs first (one per strategy, the base config's
+    values), said in a line; [] without it."""
+    from raysemi.search_space import base_points
+
+    if not args.start_at_defaults:
+        return []
+    points, left_out = base_points(spaces, base.to_dict())
+
+    def said(point: dict) -> str:
+        fields = [f"{k.split('/', 1)[1]} {v:g}" if isinstance(v, float) else f"{k.split('/', 1)[1]} {v}"
+                  for k, v in point.items() if k != "method"]
+        return ", ".join(fields) or "nothing searched"
+
+    print(f"first trial{'s' if len(points) > 1 else ''} at the base config: "
+          + "; ".join(f"{m} ({said(p)})" for m, p in zip(spaces, points)), flush=True)
+    for line in left_out:
+        print(f"note: --start-at-defaults: {line}", flush=True)
+    return points
+
+
 def tpe_note(num_samples: int, concurrency: int) -> str:
     """Said when TPE can propose few or none of the trials from finished ones: its first
     TPE_STARTUP trials are random, and the trials that start together see no result of each
@@ -419,6 +444,7 @@ def main(argv: list[str]) -> int:
             raise UserError(f"--name: search {args.name!r} in {storage} is finished; choose another --name "
                             "(its results are in that folder)")
         methods, args.num_samples, args.seeds = saved["methods"], saved["num_samples"], saved["seeds"]
+        args.start_at_defaults = saved.get("start_at_defaults", False)
         args.search_space, args.experiment = saved.get("search_space"), saved.get("experiment", args.experiment)
         base = load_yaml(storage / args.name / "base_config.yaml")
         print(f"continuing search {args.name!r} with its saved settings ({', '.join(methods)}, "
@@ -429,6 +455,9 @@ def main(argv: list[str]) -> int:
                         f"--storage as the search was started with (--storage is {args.storage!r})")
     else:
         methods = resolve_methods(args.method)
+        if args.start_at_defaults and len(methods) > args.num_samples:
+            raise UserError(f"--start-at-defaults: one first trial per strategy needs --num-samples {len(methods)} or "
+                            f"more; --num-samples is {args.num_samples}")
         base = base_config(args, methods)
         if args.grace_period is not None and args.grace_period > base.max_iterations:
             raise UserError(f"--grace-period: {args.grace_period} is invalid; expected at most max_iterations "
@@ -532,7 +561,7 @@ def _search(args, methods, spaces, base: TrainConfig, dataset, uri: str, storage
         state = {"parent_run_id": parent.run_id, "methods": methods, "tracking_uri": uri,
                  "num_samples": args.num_samples, "seeds": args.seeds, "experiment": args.experiment,
                  "search_space": str(Path(args.search_space).resolve()) if args.search_space else None,
-                 "spaces": spaces_to_json(spaces), "finished": False}
+                 "spaces": spaces_to_json(spaces), "start_at_defaults": args.start_at_defaults, "finished": False}
         state_path.write_text(json.dumps(state, indent=1))
         save_yaml(base, exp_dir / "base_config.yaml")
     parent.set_tags({"cluster": cluster_line, "driver_node_id": node_of_this_driver()})  # this (re)start's
@@ -556,7 +585,8 @@ def _search(args, methods, spaces, base: TrainConfig, dataset, uri: str, storage
             sampler = optuna.samplers.TPESampler(seed=base.seed, n_startup_trials=TPE_STARTUP, multivariate=True,
                                                  group=True, constant_liar=True)
             searcher = AshaAwareOptunaSearch(space=define_by_run(spaces), sampler=sampler, metric=METRIC, mode="max",
-                                             max_iterations=base.max_iterations, time_attr=TIME_ATTR)
+                                             max_iterations=base.max_iterations, time_attr=TIME_ATTR,
+                                             points_to_evaluate=starting_points(args, spaces, base) or None)
             grace = asha_grace(args, base)
             scheduler = ASHAScheduler(time_attr=TIME_ATTR, max_t=base.max_iterations, grace_period=grace,
                                       reduction_factor=args.reduction_factor)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from raysemi.config import TrainConfig, from_dict, save_yaml
-from raysemi.search_space import Dist, trial_values
+from raysemi.search_space import Dist, at_base_config, trial_values
 from raysemi.trainable import METRIC, TIME_ATTR
 
 
@@ -56,14 +56,15 @@ def trial_rows(results, max_iterations: int) -> list[dict[str, Any]]:
 def write_leaderboard(rows: list[dict[str, Any]], path: Path) -> list[str]:
     params = sorted({k for row in rows for k in row["values"]})
     header = ["rank", "trial_id", "method", "status", "best_val_dice", "val_hd95_at_best", "best_iteration",
-              "iterations"] + params + ["failure_reason"]
+              "iterations"] + params + ["failure_reason", "at_base_config"]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(header)
         for row in rows:
             w.writerow([row["rank"], row["trial_id"], row["method"], row["status"], f"{row['best_val_dice']:.6g}",
                         f"{row['val_hd95_at_best']:.6g}", row["best_iteration"], row["iterations"]]
-                       + [row["values"].get(p, "") for p in params] + [row["failure_reason"]])
+                       + [row["values"].get(p, "") for p in params]
+                       + [row["failure_reason"], str(row.get("at_base_config", False)).lower()])
     return params
 
 
@@ -71,6 +72,8 @@ def format_leaderboard(rows: list[dict[str, Any]], limit: int = 20) -> str:
     lines = [f"{'rank':>4}  {'strategy':<31}{'status':<14}{'val dice':>9}{'hd95':>9}{'iter':>7}  searched values"]
     for row in rows[:limit]:
         vals = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row["values"].items())
+        if row.get("at_base_config"):
+            vals = f"{vals}  (base config)"
         if row["failure_reason"]:
             vals = f"{vals}  [{row['failure_reason'][:80]}]"
         lines.append(f"{row['rank']!s:>4}  {row['method']:<31}{row['status']:<14}{row['best_val_dice']:>9.4f}"
@@ -212,6 +215,8 @@ def summarize(results, base: TrainConfig, methods: list[str], spaces: dict[str, 
               exp_dir: Path) -> dict[str, Any]:
     """Write leaderboard.csv, best_config.yaml, best_checkpoint.pt and plots/; print the table."""
     rows = trial_rows(results, base.max_iterations)
+    for row in rows:
+        row["at_base_config"] = at_base_config(row["values"], base.to_dict())
     exp_dir.mkdir(parents=True, exist_ok=True)
     write_leaderboard(rows, exp_dir / "leaderboard.csv")
     counts = {s: sum(r["status"] == s for r in rows) for s in ("completed", "stopped_early", "failed")}

@@ -40,6 +40,24 @@ class Dist:
             return trial.suggest_int(name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
         return trial.suggest_categorical(name, list(self.values))
 
+    def contains(self, value: Any) -> bool:
+        """Whether `value` is one this distribution can draw (Optuna refuses to start a trial at
+        a categorical value outside the choices, and would warn at a number outside the range)."""
+        if self.type == "choice":
+            return any(v == value and isinstance(v, bool) == isinstance(value, bool) for v in self.values)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not self.low <= value <= self.high:
+            return False
+        if self.type == "int" and value != int(value):
+            return False
+        step = self.step or (1 if self.type == "int" else None)
+        return step is None or abs((value - self.low) / step - round((value - self.low) / step)) < 1e-8
+
+    def describe(self) -> str:
+        """'uniform 20..400', 'choice of 0.9, 0.99': how the space says it in a message."""
+        if self.type == "choice":
+            return "choice of " + ", ".join(map(str, self.values))
+        return f"{self.type} {self.low:g}..{self.high:g}" + (f" in steps of {self.step:g}" if self.step else "")
+
 
 def parse_dist(source: str, name: str, spec: Any) -> Dist:
     """Check one entry; errors name the file, the field and what was expected."""
@@ -205,6 +223,30 @@ class DefineByRun:
         for name, dist in self.spaces[method].items():
             dist.suggest(trial, f"{method}/{name}")
         return {} if len(methods) > 1 else {"method": method}
+
+
+def base_points(spaces: dict[str, dict[str, Dist]], base: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
+    """`--start-at-defaults`: one starting point per strategy, in `DefineByRun`'s names, holding the
+    base config's value of each searched field, for Optuna to run first. A base value the space
+    cannot draw is left out of its point (that field is sampled as usual); the second list says
+    which, one line each."""
+    points, left_out = [], []
+    for method, space in spaces.items():
+        point: dict[str, Any] = {"method": method} if len(spaces) > 1 else {}
+        for name, dist in space.items():
+            if dist.contains(base[name]):
+                point[f"{method}/{name}"] = base[name]
+            else:
+                left_out.append(f"{method}'s base {name} {base[name]!r} lies outside its search space "
+                                f"({dist.describe()}): sampled instead")
+        points.append(point)
+    return points, left_out
+
+
+def at_base_config(values: dict[str, Any], base: dict[str, Any]) -> bool:
+    """Whether a trial's searched values are all the base config's: a --start-at-defaults trial
+    (or a draw that hit them), the baseline the search has to beat."""
+    return bool(values) and all(base.get(k) == v for k, v in values.items())
 
 
 def define_by_run(spaces: dict[str, dict[str, Dist]]) -> DefineByRun:

@@ -545,7 +545,8 @@ def make_tune_callback(uri: str, experiment: str, parent_run_id: str, state_file
     route to the tracking server (Ray's own MLflow callback cannot nest runs).
 
     Tags: `strategy`, `trial_id`, `status` (running, retrying, completed, stopped_early, failed),
-    `failure_reason`; where it ran: `node_id` and `node_ip` (of its latest result) and `node_ids`
+    `failure_reason`, `at_base_config` (its searched values are the base config's: `--start-at-defaults`);
+    where it ran: `node_id` and `node_ip` (of its latest result) and `node_ids`
     (the nodes it reported from, in order, one entry per move: `A,B` when a retry went on on B);
     `retries` and `last_error` once Tune retried it (FailureConfig, e.g. after a node was lost);
     params: the trial's whole resolved config plus `searched/<field>`, and the config as a
@@ -561,7 +562,7 @@ def make_tune_callback(uri: str, experiment: str, parent_run_id: str, state_file
 
     DRIVER_SEARCHES[parent_run_id] = (uri, Path(state_file))
 
-    from raysemi.search_space import trial_values
+    from raysemi.search_space import at_base_config, trial_values
     from raysemi.trainable import METRIC
 
     class MLflowTrialCallback(TuneCallback):
@@ -611,7 +612,7 @@ def make_tune_callback(uri: str, experiment: str, parent_run_id: str, state_file
             method, values = trial_values(trial.config)
             run_id = client.create_run(self.experiment_id, run_name=f"{method}-{trial.trial_id}", tags={
                 "mlflow.parentRunId": parent_run_id, "strategy": method, "trial_id": trial.trial_id,
-                "status": "running"}).info.run_id
+                "status": "running", "at_base_config": str(at_base_config(values, base)).lower()}).info.run_id
             run = MLflowRun.existing(client, self.uri, run_id, self.experiment_id)
             self.runs[trial.trial_id] = run.run_id
             self.logged_step[trial.trial_id] = -1

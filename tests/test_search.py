@@ -830,6 +830,8 @@ def test_address_pointing_at_nothing_fails_fast(tiny_phantom, tmp_path, capsys, 
     (["--method", "ict", "--batch-size", "7", "--labeled-bs", "2"],
      "error: interpolation_consistency: the unlabeled slices per batch (batch_size - labeled_bs = 5) must be even"),
     (["--method", "mt", "--reduction-factor", "1"], "--reduction-factor: 1 is invalid"),
+    (["--method", "all", "--num-samples", "6", "--start-at-defaults"],
+     "--start-at-defaults: one first trial per strategy needs --num-samples 7 or more; --num-samples is 6"),
 ])
 def test_settings_no_trial_could_run_with_are_refused_before_ray_starts(tiny_phantom, tmp_path, capsys, extra, match):
     t0 = time.time()
@@ -838,6 +840,64 @@ def test_settings_no_trial_could_run_with_are_refused_before_ray_starts(tiny_pha
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and match in err[-1] and time.time() - t0 < 20
     assert not any(tmp_path.iterdir())  # nothing written, no Ray started
+
+
+def test_base_points_hold_the_base_values_each_space_can_draw():
+    """--start-at-defaults' points, in the define-by-run names; a base value outside its space is left
+    to the sampler (Optuna refuses a categorical value outside its choices), and said."""
+    from raysemi.config import TrainConfig
+    from raysemi.search_space import Dist, base_points
+
+    base = TrainConfig(consistency=0.1, ema_decay=0.99, consistency_rampup=200.0, uncertainty_passes=8).to_dict()
+    spaces = {"mean_teacher": {"consistency": Dist("loguniform", 0.01, 10.0),
+                               "ema_decay": Dist("choice", values=(0.9, 0.99)),
+                               "consistency_rampup": Dist("uniform", 20.0, 150.0)},
+              "uncertainty_aware_mean_teacher": {"uncertainty_passes": Dist("int", 2, 10, step=2),
+                                                 "ema_decay": Dist("choice", values=(0.9, 0.999))}}
+    points, left_out = base_points(spaces, base)
+    assert points == [{"method": "mean_teacher", "mean_teacher/consistency": 0.1, "mean_teacher/ema_decay": 0.99},
+                      {"method": "uncertainty_aware_mean_teacher",
+                       "uncertainty_aware_mean_teacher/uncertainty_passes": 8}]
+    assert left_out == [
+        "mean_teacher's base consistency_rampup 200.0 lies outside its search space (uniform 20..150): sampled instead",
+        "uncertainty_aware_mean_teacher's base ema_decay 0.99 lies outside its search space (choice of 0.9, 0.999): "
+        "sampled instead"]
+    # one strategy: no 'method' to fix; off the int grid, or a bool for a number, is outside
+    assert base_points({"mean_teacher": {"consistency": Dist("uniform", 0.0, 1.0, step=0.25)}}, base) == (
+        [{}], ["mean_teacher's base consistency 0.1 lies outside its search space (uniform 0..1 in steps of 0.25): "
+               "sampled instead"])
+    assert not Dist("int", 2, 10, step=2).contains(7) and Dist("int", 2, 10, step=2).contains(6)
+    assert not Dist("uniform", 0.0, 2.0).contains(True) and not Dist("choice", values=(1, 2)).contains(True)
+    assert Dist("choice", values=(1, 2)).contains(1.0)  # Optuna takes 1.0 for the choice 1
+
+
+@pytest.mark.slow
+def test_start_at_defaults_runs_the_base_config_first_and_the_leaderboard_marks_it(tiny_phantom, tmp_path, capsys):
+    spaces = tmp_path / "spaces"
+    spaces.mkdir()
+    (spaces / "supervised.yaml").write_text("base_lr: {type: choice, values: [0.01, 0.05]}\n")
+    (spaces / "mean_teacher.yaml").write_text("consistency: {type: loguniform, low: 0.01, high: 1.0}\n"
+                                              "ema_decay: {type: choice, values: [0.9, 0.99]}\n")
+    args = ["--method", "supervised,mt", "--data", str(tiny_phantom), *TINY, "--max-iterations", "20",
+            "--num-samples", "3", "--search-space", str(spaces), "--consistency", "0.2", "--start-at-defaults",
+            "--seed", "5", "--name", "d", "--storage", str(tmp_path / "runs"),
+            "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]
+    assert run_cli(search_main, args) == 0
+    out = capsys.readouterr().out.splitlines()
+    # the base config is the reference defaults with the flags' changes (--consistency 0.2)
+    assert ("first trials at the base config: supervised (base_lr 0.01); mean_teacher (consistency 0.2, "
+            "ema_decay 0.99)") in out
+    trials = trial_reports(tmp_path / "runs" / "d")
+    assert [(t[0]["method"], t[0]["params"]) for t in trials[:2]] == [
+        ("supervised", "base_lr=0.01"), ("mean_teacher", "consistency=0.2, ema_decay=0.99")]
+    assert "consistency=0.2," not in trials[2][0]["params"]  # then TPE samples
+    rows = {r["trial_id"]: r for r in csv.DictReader(open(tmp_path / "runs" / "d" / "leaderboard.csv"))}
+    marks = [rows[t[0]["trial_id"]]["at_base_config"] for t in trials]
+    assert marks[:2] == ["true", "true"] and marks[2] == str(trials[2][0]["params"] == "base_lr=0.01").lower()
+    assert sum(line.endswith("(base config)") for line in out) == marks.count("true")  # the printed leaderboard
+    _, _, kids = children(f"sqlite:///{tmp_path / 'm.db'}", "raysemi-search")  # and MLflow, to filter by
+    assert sorted(k.data.tags["at_base_config"] for k in kids) == sorted(marks)
+    assert json.loads((tmp_path / "runs" / "d" / "raysemi_search.json").read_text())["start_at_defaults"] is True
 
 
 @pytest.mark.parametrize("content,match", [
