@@ -375,18 +375,20 @@ def starting_points(args, spaces: dict, base) -> list[dict]:
     return points
 
 
-def tpe_note(num_samples: int, concurrency: int) -> str:
+def tpe_note(num_samples: int, concurrency: int, at_base: int = 0) -> str:
     """Said when TPE can propose few or none of the trials from finished ones: its first
     TPE_STARTUP trials are random, and the trials that start together see no result of each
-    other. Such a search is (mostly) a random one, which is fine, but should be said."""
-    random_ones = min(num_samples, max(TPE_STARTUP, concurrency))
-    if num_samples - random_ones >= num_samples // 2:
+    other. Such a search is (mostly) a random one, which is fine, but should be said. `at_base`:
+    the first trials that --start-at-defaults fixes (they count among TPE's first ones)."""
+    unguided = min(num_samples, max(TPE_STARTUP, concurrency))
+    if num_samples - unguided >= num_samples // 2:
         return ""
     why = (f"the first {concurrency} start together, before any result" if concurrency > TPE_STARTUP else
            f"TPE's first {TPE_STARTUP} are")
-    return (f"{random_ones} of the {num_samples} trials are drawn at random ({why}), {num_samples - random_ones} "
-            f"proposed from finished ones; --num-samples {2 * max(TPE_STARTUP, concurrency)} or more lets TPE guide "
-            "most of them")
+    drawn = (f"{unguided - at_base} of the {num_samples} trials are drawn at random ({why}, the first {at_base} at "
+             "the base config)" if at_base else f"{unguided} of the {num_samples} trials are drawn at random ({why})")
+    return (f"{drawn}, {num_samples - unguided} proposed from finished ones; --num-samples "
+            f"{2 * max(TPE_STARTUP, concurrency)} or more lets TPE guide most of them")
 
 
 def trial_dirname(trial) -> str:
@@ -525,7 +527,7 @@ def _search(args, methods, spaces, base: TrainConfig, dataset, uri: str, storage
     print(cluster_line, flush=True)
     print(f"using {gpus:g} GPUs, {per_trial:g} GPU and {args.cpus_per_trial} CPU per trial, "
           f"up to {concurrency} trials at once", flush=True)
-    note = tpe_note(args.num_samples, concurrency)
+    note = tpe_note(args.num_samples, concurrency, len(methods) if args.start_at_defaults else 0)
     if note:
         print(f"note: {note}", flush=True)
     if joined:  # trials may run, and resume, on any node: each must see --storage and import raysemi

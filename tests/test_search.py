@@ -422,6 +422,10 @@ def test_a_search_says_when_tpe_can_guide_few_of_its_trials():
                                        "any result), 0 proposed from finished ones; --num-samples 32 or more")
     assert tpe_note(16, 4).startswith("10 of the 16 trials are drawn at random (TPE's first 10 are), 6 proposed")
     assert tpe_note(32, 4) == tpe_note(32, 16) == tpe_note(20, 2) == ""  # half or more guided: nothing to say
+    # --start-at-defaults: its first trials are among TPE's first ones, fixed rather than drawn
+    assert tpe_note(6, 2, at_base=2) == ("4 of the 6 trials are drawn at random (TPE's first 10 are, the first 2 at "
+                                         "the base config), 0 proposed from finished ones; --num-samples 20 or more "
+                                         "lets TPE guide most of them")
 
 
 def test_the_table_is_sorted_by_best_dice_only_when_every_ended_trial_has_it():
@@ -887,6 +891,8 @@ def test_start_at_defaults_runs_the_base_config_first_and_the_leaderboard_marks_
     # the base config is the reference defaults with the flags' changes (--consistency 0.2)
     assert ("first trials at the base config: supervised (base_lr 0.01); mean_teacher (consistency 0.2, "
             "ema_decay 0.99)") in out
+    assert any(line.startswith("note: 1 of the 3 trials are drawn at random (TPE's first 10 are, the first 2 at the "
+                               "base config)") for line in out)
     trials = trial_reports(tmp_path / "runs" / "d")
     assert [(t[0]["method"], t[0]["params"]) for t in trials[:2]] == [
         ("supervised", "base_lr=0.01"), ("mean_teacher", "consistency=0.2, ema_decay=0.99")]
