@@ -50,8 +50,9 @@ def build_parser() -> ArgumentParser:
     s.add_argument("--reduction-factor", type=float, default=3, help="ASHA: keep the top 1/factor at each rung")
     s.add_argument("--start-at-defaults", action="store_true",
                    help="run each strategy's base config first: its searched fields at the values of --config "
-                        "(the reference defaults when none is given), so the leaderboard shows what the search "
-                        "gained over them and TPE starts from a known-good point; counts within --num-samples")
+                        "and the field flags (the reference defaults where neither is given), so the leaderboard "
+                        "shows what the search gained over them and TPE starts from a known-good point; a base "
+                        "value outside its space is sampled instead, and said; counts within --num-samples")
     s.add_argument("--max-failures", type=int, default=2, help="retries of a failing trial (from its checkpoint)")
     s.add_argument("--seed", type=int, default=None, help="seed of the sampler and of the trials' training "
                    "(default: --config's seed, else 1337)")
@@ -366,13 +367,22 @@ def starting_points(args, spaces: dict, base) -> list[dict]:
     def said(point: dict) -> str:
         fields = [f"{k.split('/', 1)[1]} {v:g}" if isinstance(v, float) else f"{k.split('/', 1)[1]} {v}"
                   for k, v in point.items() if k != "method"]
-        return ", ".join(fields) or "nothing searched"
+        return ", ".join(fields) or "all sampled"
 
     print(f"first trial{'s' if len(points) > 1 else ''} at the base config: "
           + "; ".join(f"{m} ({said(p)})" for m, p in zip(spaces, points)), flush=True)
     for line in left_out:
         print(f"note: --start-at-defaults: {line}", flush=True)
     return points
+
+
+def fixed_first_trials(args, spaces: dict, base) -> int:
+    """How many first trials --start-at-defaults fixes: those with a base value to start at."""
+    from raysemi.search_space import base_points
+
+    if not args.start_at_defaults:
+        return 0
+    return sum(any(k != "method" for k in point) for point in base_points(spaces, base.to_dict())[0])
 
 
 def tpe_note(num_samples: int, concurrency: int, at_base: int = 0) -> str:
@@ -527,7 +537,7 @@ def _search(args, methods, spaces, base: TrainConfig, dataset, uri: str, storage
     print(cluster_line, flush=True)
     print(f"using {gpus:g} GPUs, {per_trial:g} GPU and {args.cpus_per_trial} CPU per trial, "
           f"up to {concurrency} trials at once", flush=True)
-    note = tpe_note(args.num_samples, concurrency, len(methods) if args.start_at_defaults else 0)
+    note = tpe_note(args.num_samples, concurrency, fixed_first_trials(args, spaces, base))
     if note:
         print(f"note: {note}", flush=True)
     if joined:  # trials may run, and resume, on any node: each must see --storage and import raysemi

@@ -40,17 +40,30 @@ class Dist:
             return trial.suggest_int(name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
         return trial.suggest_categorical(name, list(self.values))
 
+    def distribution(self):
+        """The Optuna distribution that `suggest` draws from."""
+        from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+        if self.type == "uniform":
+            return FloatDistribution(self.low, self.high, step=self.step)
+        if self.type == "loguniform":
+            return FloatDistribution(self.low, self.high, log=True)
+        if self.type == "int":
+            return IntDistribution(int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
+        return CategoricalDistribution(list(self.values))
+
     def contains(self, value: Any) -> bool:
-        """Whether `value` is one this distribution can draw (Optuna refuses to start a trial at
-        a categorical value outside the choices, and would warn at a number outside the range)."""
-        if self.type == "choice":
-            return any(v == value and isinstance(v, bool) == isinstance(value, bool) for v in self.values)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not self.low <= value <= self.high:
+        """Whether `value` is one this distribution can draw, as Optuna decides it. Optuna refuses
+        to start a trial at a categorical value outside the choices, and only warns at a number
+        outside the range or off the step grid (and uses it): such a value is not started at
+        either. A bool is not a number here (Optuna would take True for the choice 1)."""
+        if isinstance(value, bool) and not any(isinstance(v, bool) for v in self.values or ()):
             return False
-        if self.type == "int" and value != int(value):
+        dist = self.distribution()
+        try:
+            return bool(dist._contains(dist.to_internal_repr(value)))
+        except (ValueError, TypeError):  # not among the choices, or not a number
             return False
-        step = self.step or (1 if self.type == "int" else None)
-        return step is None or abs((value - self.low) / step - round((value - self.low) / step)) < 1e-8
 
     def describe(self) -> str:
         """'uniform 20..400', 'choice of 0.9, 0.99': how the space says it in a message."""
@@ -91,9 +104,21 @@ def parse_dist(source: str, name: str, spec: Any) -> Dist:
         raise UserError(f"{where}: type: int, but {name} is a {typ.__name__}; expected uniform or loguniform")
     if kind in ("uniform", "loguniform") and typ is not float:
         raise UserError(f"{where}: type: {kind}, but {name} is a {getattr(typ, '__name__', typ)}; expected int or choice")
+    step, log = spec.get("step"), spec.get("log", False)
+    if not isinstance(log, bool) or (log and kind != "int"):
+        raise UserError(f"{where}: log: {log!r}; expected true or false, and only with type: int (loguniform is the "
+                        "float one)")
+    if kind == "int" and not (float(low).is_integer() and float(high).is_integer()):
+        raise UserError(f"{where}: low/high: {low!r}/{high!r}; expected whole numbers for type: int")
+    if step is not None:
+        if kind == "loguniform" or log:
+            raise UserError(f"{where}: step: {step!r}; a log scale takes no step (expected no step, or type: uniform)")
+        if isinstance(step, bool) or not isinstance(step, (int, float)) or not math.isfinite(step) or step <= 0 \
+                or (kind == "int" and not float(step).is_integer()):
+            raise UserError(f"{where}: step: {step!r}; expected a {'whole ' if kind == 'int' else ''}number > 0")
     for v in (low, high):
         _check_value(source, name, int(v) if kind == "int" else float(v))
-    return Dist(kind, float(low), float(high), spec.get("step"), bool(spec.get("log", False)))
+    return Dist(kind, float(low), float(high), step, log)
 
 
 def _check_value(source: str, name: str, value: Any) -> None:

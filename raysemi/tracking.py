@@ -562,8 +562,12 @@ def make_tune_callback(uri: str, experiment: str, parent_run_id: str, state_file
 
     DRIVER_SEARCHES[parent_run_id] = (uri, Path(state_file))
 
+    from raysemi.config import TrainConfig
     from raysemi.search_space import at_base_config, trial_values
     from raysemi.trainable import METRIC
+
+    # `base` is the saved config, without the testing fields at their defaults: compared in full
+    with_defaults = {**TrainConfig().to_dict(), **base}
 
     class MLflowTrialCallback(TuneCallback):
         def __init__(self) -> None:
@@ -612,7 +616,7 @@ def make_tune_callback(uri: str, experiment: str, parent_run_id: str, state_file
             method, values = trial_values(trial.config)
             run_id = client.create_run(self.experiment_id, run_name=f"{method}-{trial.trial_id}", tags={
                 "mlflow.parentRunId": parent_run_id, "strategy": method, "trial_id": trial.trial_id,
-                "status": "running", "at_base_config": str(at_base_config(values, base)).lower()}).info.run_id
+                "status": "running", "at_base_config": str(at_base_config(values, with_defaults)).lower()}).info.run_id
             run = MLflowRun.existing(client, self.uri, run_id, self.experiment_id)
             self.runs[trial.trial_id] = run.run_id
             self.logged_step[trial.trial_id] = -1

@@ -207,7 +207,8 @@ PREPARE_BAD = {
     "label_origin": (lambda raw: write_nifti(raw / f"{P}_gt.nii.gz", np.zeros((2, 16, 16), np.uint8),
                                              origin=(0, 0, 5.0)),
                      [f"{P}_gt.nii.gz", "label origin (x, y, z) (0, 0, 5) mm differs from image", "(0, 0, 0)",
-                      "expected the same voxel grid", "label.CopyInformation(image)"]),
+                      "by 5 mm, more than 1% of its 1.25 mm voxel; expected the same voxel grid",
+                      "label.CopyInformation(image)"]),
     "label_values": (lambda raw: _replace(raw / f"{P}_gt.nii.gz", np.full((2, 16, 16), 7, np.uint8)),
                      [f"{P}_gt.nii.gz", "values [7] outside 0..3"]),
     "corrupt_image": (lambda raw: _replace(raw / f"{P}.nii.gz", raw_bytes=b"not a nifti at all"),
@@ -461,11 +462,12 @@ IMPORT_BAD = {
     "label_origin": (lambda t: write_nifti(_nifti_pair(t)[1] / "c1_gt.nii.gz", np.zeros((2, 16, 16), np.uint8),
                                            origin=(0.1, 0, 0)),
                      ["c1_gt.nii.gz: label origin (x, y, z) (0.1, 0, 0) mm differs from image c1.nii.gz origin "
-                      "(0, 0, 0) mm"]),
+                      "(0, 0, 0) mm by 0.1 mm, more than 1% of its 1.25 mm voxel"]),
     "label_direction": (lambda t: write_nifti(_nifti_pair(t)[1] / "c1_gt.nii.gz", np.zeros((2, 16, 16), np.uint8),
                                               direction=(-1, 0, 0, 0, 1, 0, 0, 0, 1)),
                         ["c1_gt.nii.gz: label direction (-1, 0, 0, 0, 1, 0, 0, 0, 1) differs from image c1.nii.gz "
-                         "direction (1, 0, 0, 0, 1, 0, 0, 0, 1)", "expected the same orientation"]),
+                         "direction (1, 0, 0, 0, 1, 0, 0, 0, 1) by 2 in a cosine (at most 0.0001)",
+                         "expected the same orientation"]),
     "label_values": (lambda t: write_nifti(_nifti_pair(t)[1] / "c2_gt.nii.gz", np.full((2, 16, 16), 3, np.uint8)),
                      ["c2_gt.nii.gz: label: values [3] outside 0..2", "--num-classes 3"]),
     "float_label": (lambda t: write_nifti(_nifti_pair(t)[1] / "c2_gt.nii.gz", np.full((2, 16, 16), 0.999, np.float32)),
@@ -497,21 +499,34 @@ def test_import_bad_input(case, tmp_path, capsys):
     assert_nothing_written(tmp_path, "img", "lab")
 
 
-def test_a_label_on_its_scans_grid_is_taken_whatever_the_grid_and_header_noise(tmp_path, capsys):
-    """Real scans have an origin and an oblique orientation: a label on the same grid is taken,
-    also with the float noise two tools leave in a header (well under 1% of a voxel)."""
+def _turn(angle: float) -> tuple:
+    return (np.cos(angle), -np.sin(angle), 0, np.sin(angle), np.cos(angle), 0, 0, 0, 1)
+
+
+@pytest.mark.parametrize("shift,turn,refused", [
+    (0.005 * 1.25, 5e-5, None),  # half a percent of a voxel, a turn of 5e-5 rad: header noise, taken
+    (0.02 * 1.25, 0.0, "by 0.025 mm, more than 1% of its 1.25 mm voxel"),
+    (0.0, 5e-4, "in a cosine (at most 0.0001)"),
+], ids=["within", "shifted", "turned"])
+def test_a_label_is_taken_on_its_scans_grid_and_refused_just_off_it(tmp_path, capsys, shift, turn, refused):
+    """Real scans have an origin and an oblique orientation: a label on the same grid is taken, also
+    with the noise two tools leave in a header; just past the tolerances it is refused."""
     img, lab = _nifti_pair(tmp_path)
-    turn = np.cos(0.3), -np.sin(0.3), 0, np.sin(0.3), np.cos(0.3), 0, 0, 0, 1
-    noisy = tuple(v + 1e-6 for v in turn)
+    origin = (-120.5, 88.25, -40.0)
     for i in range(4):
-        image, label = sitk.GetArrayFromImage(sitk.ReadImage(str(img / f"c{i}.nii.gz"))), \
-            sitk.GetArrayFromImage(sitk.ReadImage(str(lab / f"c{i}_gt.nii.gz")))
-        write_nifti(img / f"c{i}.nii.gz", image, origin=(-120.5, 88.25, -40.0), direction=turn)
-        write_nifti(lab / f"c{i}_gt.nii.gz", label, origin=(-120.5 + 1e-3, 88.25, -40.0), direction=noisy)
+        image = sitk.GetArrayFromImage(sitk.ReadImage(str(img / f"c{i}.nii.gz")))
+        label = sitk.GetArrayFromImage(sitk.ReadImage(str(lab / f"c{i}_gt.nii.gz")))
+        write_nifti(img / f"c{i}.nii.gz", image, origin=origin, direction=_turn(0.3))
+        write_nifti(lab / f"c{i}_gt.nii.gz", label, origin=(origin[0] + shift, *origin[1:]),
+                    direction=_turn(0.3 + turn))
     rc, _, err = call(["import", "--images", img, "--labels", lab, "--out", tmp_path / "out", "--num-classes", 3,
                        "--val-fraction", 0.25, "--test-fraction", 0.25], capsys)
-    assert rc == 0, err
-    assert len(list((tmp_path / "out" / "data").glob("c*.h5"))) == 4
+    if refused is None:
+        assert rc == 0, err
+        assert len(list((tmp_path / "out" / "data").glob("c*.h5"))) == 4
+    else:
+        assert_error(rc, err, "c0_gt.nii.gz: label", refused)
+        assert_nothing_written(tmp_path, "img", "lab")
 
 
 def test_images_and_masks_under_one_images_folder_get_the_flags_that_read_them(tmp_path, capsys):

@@ -500,6 +500,13 @@ def test_cuda_graphs_on_with_cpu_trials_is_refused_before_any_trial(tiny_phantom
     ("ema_decay: {type: uniform, low: 0.9}\n", "ema_decay: low/high"),
     ("consistency: {type: loguniform, low: 0, high: 1}\n", "expected > 0 for a loguniform"),
     ("uncertainty_passes: {type: uniform, low: 1, high: 8}\n", "uncertainty_passes is a int"),
+    ("base_lr: {type: uniform, low: 0.01, high: 0.05, step: fine}\n", "base_lr: step: 'fine'; expected a number > 0"),
+    ("base_lr: {type: uniform, low: 0.01, high: 0.05, step: 0}\n", "base_lr: step: 0; expected a number > 0"),
+    ("base_lr: {type: loguniform, low: 0.01, high: 0.05, step: 0.01}\n", "base_lr: step: 0.01; a log scale takes"),
+    ("uncertainty_passes: {type: int, low: 2, high: 8, step: 1.5}\n", "step: 1.5; expected a whole number > 0"),
+    ("uncertainty_passes: {type: int, low: 1.5, high: 8}\n", "low/high: 1.5/8; expected whole numbers"),
+    ("uncertainty_passes: {type: int, low: 2, high: 8, log: yes please}\n", "log: 'yes please'; expected true"),
+    ("base_lr: {type: uniform, low: 0.01, high: 0.05, log: true}\n", "log: True; expected true or false, and only"),
 ])
 def test_bad_search_space_names_file_and_field(tmp_path, capsys, content, match):
     path = tmp_path / "space.yaml"
@@ -873,6 +880,30 @@ def test_base_points_hold_the_base_values_each_space_can_draw():
     assert not Dist("int", 2, 10, step=2).contains(7) and Dist("int", 2, 10, step=2).contains(6)
     assert not Dist("uniform", 0.0, 2.0).contains(True) and not Dist("choice", values=(1, 2)).contains(True)
     assert Dist("choice", values=(1, 2)).contains(1.0)  # Optuna takes 1.0 for the choice 1
+
+
+def test_base_points_start_optunas_first_trials_at_the_shipped_defaults():
+    """The reference defaults lie in every shipped space, and Optuna (through Tune's searcher)
+    starts its first trials exactly there, one per strategy, then samples."""
+    from raysemi.config import TrainConfig
+    from raysemi.methods import list_methods
+    from raysemi.searcher import AshaAwareOptunaSearch
+    from raysemi.search_space import at_base_config, base_points, define_by_run, load_spaces, trial_values
+
+    methods = list_methods()
+    spaces = load_spaces(methods)
+    base = TrainConfig().to_dict()
+    points, left_out = base_points(spaces, base)
+    assert left_out == [] and len(points) == len(methods)
+    searcher = AshaAwareOptunaSearch(space=define_by_run(spaces), metric="val/dice", mode="max", max_iterations=10,
+                                     time_attr="iteration", points_to_evaluate=points)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Optuna warns at a fixed value outside its distribution
+        configs = [searcher.suggest(f"t{i}") for i in range(len(methods) + 1)]
+    firsts = [trial_values(c) for c in configs[:-1]]
+    assert [m for m, _ in firsts] == methods
+    assert all(values == {k: base[k] for k in spaces[m]} and at_base_config(values, base) for m, values in firsts)
+    assert not at_base_config(trial_values(configs[-1])[1], base)  # then sampled
 
 
 @pytest.mark.slow
