@@ -365,9 +365,8 @@ def starting_points(args, spaces: dict, base) -> list[dict]:
     points, left_out = base_points(spaces, base.to_dict())
 
     def said(point: dict) -> str:
-        fields = [f"{k.split('/', 1)[1]} {v:g}" if isinstance(v, float) else f"{k.split('/', 1)[1]} {v}"
-                  for k, v in point.items() if k != "method"]
-        return ", ".join(fields) or "all sampled"
+        fields = [(k.split("/", 1)[1], v) for k, v in point.items() if k != "method"]
+        return ", ".join(f"{name} {v:g}" if isinstance(v, float) else f"{name} {v}" for name, v in fields) or "all sampled"
 
     print(f"first trial{'s' if len(points) > 1 else ''} at the base config: "
           + "; ".join(f"{m} ({said(p)})" for m, p in zip(spaces, points)), flush=True)
