@@ -355,33 +355,17 @@ def stopped_by_error(err: BaseException, args, uri: str, parent, exp_dir: Path, 
 TPE_STARTUP = 10
 
 
-def starting_points(args, spaces: dict, base) -> list[dict]:
-    """With --start-at-defaults, the points Optuna runs first (one per strategy, the base config's
-    values), said in a line; [] without it."""
-    from raysemi.search_space import base_points
-
-    if not args.start_at_defaults:
-        return []
-    points, left_out = base_points(spaces, base.to_dict())
-
+def say_starting_points(spaces: dict, points: list[dict], left_out: list[str]) -> None:
+    """--start-at-defaults' points (`base_points`), as the lines a user reads before the trials."""
     def said(point: dict) -> str:
         fields = [(k.split("/", 1)[1], v) for k, v in point.items() if k != "method"]
-        return ", ".join(f"{name} {v:g}" if isinstance(v, float) else f"{name} {v}" for name, v in fields) or "all sampled"
+        return ", ".join(f"{name} {v:g}" if isinstance(v, float) else f"{name} {v}"
+                         for name, v in fields) or "all sampled"
 
     print(f"first trial{'s' if len(points) > 1 else ''} at the base config: "
           + "; ".join(f"{m} ({said(p)})" for m, p in zip(spaces, points)), flush=True)
     for line in left_out:
         print(f"note: --start-at-defaults: {line}", flush=True)
-    return points
-
-
-def fixed_first_trials(args, spaces: dict, base) -> int:
-    """How many first trials --start-at-defaults fixes: those with a base value to start at."""
-    from raysemi.search_space import base_points
-
-    if not args.start_at_defaults:
-        return 0
-    return sum(any(k != "method" for k in point) for point in base_points(spaces, base.to_dict())[0])
 
 
 def tpe_note(num_samples: int, concurrency: int, at_base: int = 0) -> str:
@@ -521,7 +505,7 @@ def _search(args, methods, spaces, base: TrainConfig, dataset, uri: str, storage
     from raysemi.cluster import alive_nodes, check_nodes, describe, node_of_this_driver
     from raysemi.search_report import summarize
     from raysemi.searcher import AshaAwareOptunaSearch
-    from raysemi.search_space import define_by_run, spaces_to_json
+    from raysemi.search_space import base_points, define_by_run, spaces_to_json
     from raysemi.trainable import BEST, METRIC, TIME_ATTR, train_trial
     from raysemi.tracking import (MLflowRun, end_interrupted_search, flat_params, make_tune_callback,
                                   write_trial_run_map)
@@ -536,7 +520,9 @@ def _search(args, methods, spaces, base: TrainConfig, dataset, uri: str, storage
     print(cluster_line, flush=True)
     print(f"using {gpus:g} GPUs, {per_trial:g} GPU and {args.cpus_per_trial} CPU per trial, "
           f"up to {concurrency} trials at once", flush=True)
-    note = tpe_note(args.num_samples, concurrency, fixed_first_trials(args, spaces, base))
+    points, left_out = base_points(spaces, base.to_dict()) if args.start_at_defaults else ([], [])
+    fixed = sum(any(k != "method" for k in point) for point in points)  # points with a base value to start at
+    note = tpe_note(args.num_samples, concurrency, fixed)
     if note:
         print(f"note: {note}", flush=True)
     if joined:  # trials may run, and resume, on any node: each must see --storage and import raysemi
@@ -590,6 +576,8 @@ def _search(args, methods, spaces, base: TrainConfig, dataset, uri: str, storage
             tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True,
                                        resume_errored=True)
         else:
+            if points:
+                say_starting_points(spaces, points, left_out)
             # `multivariate`, `group` and `constant_liar` are marked experimental (stable for years): no warning each run
             warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
             optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "A new study created in memory" line
@@ -597,7 +585,7 @@ def _search(args, methods, spaces, base: TrainConfig, dataset, uri: str, storage
                                                  group=True, constant_liar=True)
             searcher = AshaAwareOptunaSearch(space=define_by_run(spaces), sampler=sampler, metric=METRIC, mode="max",
                                              max_iterations=base.max_iterations, time_attr=TIME_ATTR,
-                                             points_to_evaluate=starting_points(args, spaces, base) or None)
+                                             points_to_evaluate=points or None)
             grace = asha_grace(args, base)
             scheduler = ASHAScheduler(time_attr=TIME_ATTR, max_t=base.max_iterations, grace_period=grace,
                                       reduction_factor=args.reduction_factor)
