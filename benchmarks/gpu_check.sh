@@ -43,6 +43,8 @@
 # What is still open (performance.md, "The next device session"), one whole call each:
 #   STAGES="tests trajectories" DEADLINE=560 bash benchmarks/gpu_check.sh   # ours against fp32, six strategies
 #   STAGES=search SCALE=0.05 COMPILE=1 DEADLINE=585 bash benchmarks/gpu_check.sh   # on an H100, worker reuse
+# and a shorter one, UA-MT's grouped forward (the reference's math in one teacher forward) against the reference feed:
+#   STAGES="tests compile" METHODS=uamt SET="uncertainty_grouped_forward=true" COMPARE="uncertainty_grouped_forward=false" RESERVE=0 DEADLINE=330 bash benchmarks/gpu_check.sh
 # inductor's cache is kept in .inductor-cache/ (git-ignored, kept between calls on the same
 # machine), so a later call does not compile the same networks again.
 # Results go to $OUT (JSON, logs). On the lent GPU machine, from the repo root:

@@ -314,11 +314,13 @@ def _no_dropout(trainer: Trainer) -> None:
 
 
 UAMT_ONE_FORWARD = dict(uncertainty_copies=8, uncertainty_with_target=True)  # the speed variant: one teacher forward
+UAMT_GROUPED = dict(uncertainty_grouped_forward=True)  # the reference's teacher forwards as one, BatchNorm per forward
 
 
 @cuda
 @pytest.mark.parametrize("name, over", [(name, {}) for name in METHODS]
-                         + [("uncertainty_aware_mean_teacher", UAMT_ONE_FORWARD)])
+                         + [("uncertainty_aware_mean_teacher", UAMT_ONE_FORWARD),
+                            ("uncertainty_aware_mean_teacher", UAMT_GROUPED)])
 def test_capture_replays_every_strategy(name, over, tiny_phantom, data):
     trainer, logs = make(tiny_phantom, data, name, graphed=True, device="cuda", cuda_graphs="on", **over)
     trainer.train_until(6)  # 3 eager warm-up iterations, capture at the 4th, then replays
@@ -408,6 +410,36 @@ def test_captured_step_equals_eager_step_on_cuda(name, tiny_phantom, data):
     da = torch.cat([(a - p0).double().flatten() for p0, a in zip(start, eager.strategy.student.parameters())])
     db = torch.cat([(b - p0).double().flatten() for p0, b in zip(start, graphed.strategy.student.parameters())])
     assert (db - da).norm() <= 0.15 * da.norm()
+
+
+@cuda
+@pytest.mark.parametrize("compiled", [False, True])
+def test_uamt_grouped_forward_on_cuda_gives_the_separate_forwards_outputs(compiled):
+    """On the GPU path (bf16 autocast, channels_last, optionally compiled), the grouped teacher
+    forward gives the target and uncertainty map of the reference's five separate forwards, up to
+    bf16 rounding (dropout off: its draws come in another order)."""
+    from raysemi.methods import create_method
+    from raysemi.models import create_model
+
+    torch.manual_seed(0)
+    x_u = torch.randn(12, 1, 64, 64, device="cuda").to(memory_format=torch.channels_last)
+    outs = []
+    for grouped in (False, True):
+        torch.manual_seed(1)
+        unet = create_model("unet", in_channels=1, num_classes=4).cuda().to(memory_format=torch.channels_last)
+        for m in unet.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = 0.0
+        strategy = create_method("uncertainty_aware_mean_teacher", unet, num_classes=4, max_iterations=100,
+                                 uncertainty_grouped_forward=grouped)
+        if compiled and grouped:
+            strategy.teacher.compile()
+        torch.manual_seed(2)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            outs.append(strategy.teacher_outputs(x_u))
+    (t0, u0), (t1, u1) = outs
+    assert (t1 - t0).abs().max() < 0.03 and (u1 - u0).abs().max() < 0.03
+    assert u0.std() > 1e-3
 
 
 @cuda

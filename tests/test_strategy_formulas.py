@@ -339,6 +339,49 @@ def test_uamt_target_in_the_uncertainty_forward_changes_nothing_without_batch_st
     assert len(forwards[1]) == 2 * (per_step - 1)
 
 
+@pytest.mark.parametrize("copies, joined", [(2, False), (3, False), (8, True)])
+def test_uamt_grouped_forward_computes_what_separate_forwards_compute(copies, joined):
+    """`uncertainty_grouped_forward` runs a step's teacher forwards as one batch with BatchNorm
+    statistics per forward: on the real UNet (dropout off, whose draws would come in another
+    order) the same target, uncertainty map, consistency and teacher running statistics, from one
+    teacher forward of (1 + T) copies."""
+    from raysemi.models import create_model
+
+    batch = make_batch(8, 4, 16, seed=5)
+    results, forwards = [], []
+    for grouped in (False, True):
+        torch.manual_seed(0)
+        unet = create_model("unet", in_channels=1, num_classes=C)
+        for m in unet.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = 0.0
+        strategy = create_method("uncertainty_aware_mean_teacher", unet, num_classes=C, max_iterations=100,
+                                 uncertainty_passes=8, uncertainty_copies=copies, uncertainty_with_target=joined,
+                                 uncertainty_grouped_forward=grouped,
+                                 # a random UNet is near ln 4 uncertain everywhere: let every pixel count
+                                 uncertainty_threshold_start=2.5, uncertainty_threshold_end=2.5)
+        sizes = []
+        strategy.teacher.register_forward_hook(lambda m, args, out: sizes.append(args[0].shape[0]))
+        torch.manual_seed(1)
+        target, u = strategy.teacher_outputs(batch.unlabeled)
+        cons = strategy.step(batch, 5000)["consistency"].detach()
+        results.append((target, u, cons, *[b.clone() for b in strategy.teacher.buffers()]))
+        forwards.append(sizes)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    target, u, cons = results[0][:3]
+    assert target.shape == (4, C, 16, 16) and u.std() > 0 and float(cons) > 1e-6
+    assert forwards[1] == [4 * 9, 4 * 9]
+    assert len(forwards[0]) == 2 * (8 // copies + (8 % copies > 0) + (not joined))
+
+
+def test_uamt_grouped_forward_refuses_a_network_it_cannot_group():
+    student = nn.Sequential(nn.Conv2d(1, C, 1), nn.BatchNorm2d(C))
+    with pytest.raises(ValueError, match="uncertainty_grouped_forward needs a network whose BatchNorm layers"):
+        create_method("uncertainty_aware_mean_teacher", student, num_classes=C, max_iterations=10,
+                      uncertainty_grouped_forward=True)
+
+
 def test_uamt_rejects_zero_copies():
     with pytest.raises(ValueError, match="uncertainty_copies must be >= 1"):
         create_method("uncertainty_aware_mean_teacher", PixelAffine(), num_classes=C, max_iterations=10,

@@ -13,18 +13,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from raysemi.models.batch_norm_groups import GroupableBatchNorm2d
+
 FEATURES = (16, 32, 64, 128, 256)
 DROPOUT = (0.05, 0.1, 0.2, 0.3, 0.5)
 
 
 class ConvBlock(nn.Sequential):
-    """conv3x3-BN-LeakyReLU, dropout, conv3x3-BN-LeakyReLU."""
+    """conv3x3-BN-LeakyReLU, dropout, conv3x3-BN-LeakyReLU (BN: `nn.BatchNorm2d` that can also
+    take its statistics per group of samples, see `batch_norm_groups`)."""
 
     def __init__(self, cin: int, cout: int, dropout: float) -> None:
         super().__init__(
-            nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.LeakyReLU(),
+            nn.Conv2d(cin, cout, 3, padding=1), GroupableBatchNorm2d(cout), nn.LeakyReLU(),
             nn.Dropout(dropout),
-            nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.LeakyReLU(),
+            nn.Conv2d(cout, cout, 3, padding=1), GroupableBatchNorm2d(cout), nn.LeakyReLU(),
         )
 
 
