@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import difflib
 import math
+import os
 import re
 import typing
 from dataclasses import dataclass, field
@@ -385,7 +386,18 @@ def resolve_with_sources(args: argparse.Namespace, config_file: str | None, excl
     if overrides:
         config = from_dict(overrides, source="command line", base=config)
         sources.update({k: "--" + k.replace("_", "-") for k in overrides})
-    return config, sources
+    return absolute_data(config), sources
+
+
+def absolute_data(config: TrainConfig) -> TrainConfig:
+    """`data` as an absolute path (taken, as typed, from the current folder), so that the config a
+    run saves (config.yaml, best_config.yaml, a search's state) reads the same data from any
+    folder; 'phantom' stays as it is. A moved dataset is given again with `--data`."""
+    data = config.data
+    if data in ("", "phantom") or not isinstance(data, str):
+        return config
+    absolute = os.path.abspath(os.path.expanduser(data))
+    return config if absolute == data else dataclasses.replace(config, data=absolute)
 
 
 def resolve(args: argparse.Namespace, config_file: str | None,

@@ -87,6 +87,27 @@ def test_resume_alone_takes_the_checkpoints_config_and_folder(tiny_phantom, tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
 
 
+def test_a_runs_saved_config_reads_its_data_from_any_folder(tiny_phantom, tmp_path, monkeypatch):
+    """`--data` typed relative to the folder a run started in is saved absolute, so the run's
+    config.yaml and its checkpoint go on from another folder (they said 'data folder not found'
+    there when the relative path was saved)."""
+    from pathlib import Path
+
+    monkeypatch.chdir(tiny_phantom.parent)
+    run = tmp_path / "a"
+    assert run_cli(train_main, ["--data", tiny_phantom.name, *TINY, "--no-mlflow", "--method", "supervised",
+                                "--output", str(run), "--max-iterations", "3"]) == 0
+    saved = yaml.safe_load((run / "config.yaml").read_text())["data"]
+    assert Path(saved).is_absolute() and Path(saved).resolve() == tiny_phantom.resolve()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert run_cli(train_main, ["--resume", str(run / "last.pt"), "--no-mlflow", "--max-iterations", "6"]) == 0
+    assert "6 iterations from 3" in (run / "train.log").read_text()
+    assert run_cli(train_main, ["--config", str(run / "config.yaml"), "--no-mlflow", "--output", "b",
+                                "--max-iterations", "2", "--eval-interval", "2"]) == 0
+    assert (tmp_path / "elsewhere" / "b" / "best.pt").is_file()
+
+
 def test_resume_with_another_strategy_names_the_checkpoints(tiny_phantom, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     args = ["--data", str(tiny_phantom), *TINY, "--no-mlflow", "--output", "a"]
