@@ -466,6 +466,11 @@ def main(argv: list[str]) -> int:
         spaces = load_spaces(methods, args.search_space)
         if args.search_space:
             print(describe_sources(methods, args.search_space), flush=True)
+    from raysemi.train import budget_note
+
+    note = budget_note(base, methods, spaces)
+    if note:
+        print(note, flush=True)
     uri = resolve_tracking_uri(args.tracking_uri if saved is None or args.tracking_uri else saved["tracking_uri"])
     check_tracking_uri(uri)
     if saved is not None and saved.get("parent_run_id"):  # its runs must be where the search logs

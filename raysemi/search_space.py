@@ -52,6 +52,10 @@ class Dist:
             return IntDistribution(int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
         return CategoricalDistribution(list(self.values))
 
+    def lowest(self) -> Any:
+        """The smallest value it can draw."""
+        return self.low if self.type in ("uniform", "loguniform", "int") else min(self.values)
+
     def contains(self, value: Any) -> bool:
         """Whether `value` is one this distribution can draw, as Optuna decides it. Optuna refuses
         to start a trial at a categorical value outside the choices, and only warns at a number

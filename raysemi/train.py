@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 from raysemi import checkpoint
 from raysemi.config import TrainConfig, add_config_arguments, resolve, save_yaml
@@ -302,6 +303,29 @@ def _final_report(config: TrainConfig, trainer, result, splits: dict[str, list],
             run.end("FINISHED")
 
 
+def budget_note(config: TrainConfig, methods: list[str] | None = None,
+                spaces: dict[str, dict[str, Any]] | None = None) -> str | None:
+    """The short-budget note (`schedules.short_budget_note`) for a run of `config`, or for a search
+    of `methods` over `spaces`, taking the values each space can draw that ramp up soonest: the
+    note is said only when no trial escapes it."""
+    from raysemi.methods import get_method
+    from raysemi.schedules import ramp_reached, short_budget_note
+
+    reached, warmups = {}, {}
+    for name in methods or [config.method]:
+        cls, space = get_method(name), (spaces or {}).get(name, {})
+        if not cls.uses_unlabeled:
+            continue
+
+        def soonest(field: str) -> Any:
+            return space[field].lowest() if field in space else getattr(config, field)
+        reached[cls.name] = ramp_reached(config.max_iterations, soonest("consistency_rampup"),
+                                         int(soonest("rampup_interval")))
+        if "mt_warmup" in cls.hyperparameters:
+            warmups[cls.name] = int(soonest("mt_warmup"))
+    return short_budget_note(config.max_iterations, reached, warmups)
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.list_methods:
@@ -326,6 +350,9 @@ def main(argv: list[str]) -> int:
     from raysemi.retrain import resumes_in_place, retrain
 
     check_output(out, args.overwrite, args.resume, resume_dir is not None or resumes_in_place(args.resume, out))
+    note = budget_note(config)
+    if note:
+        print(note, flush=True)
     data = load_dataset(config.data, config.labeled_patients, config.num_classes)
     splits = eval_splits(data, config.num_classes)
     return retrain(config, data, splits, out, seeds, train_one, uri=None if args.no_mlflow else uri,

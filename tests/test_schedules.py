@@ -32,3 +32,57 @@ def test_uncertainty_threshold_ramps_from_start_to_end():
     assert uncertainty_threshold(0, 1000) == pytest.approx((0.75 + 0.25 * math.exp(-5)) * math.log(2))
     assert uncertainty_threshold(1000, 1000) == pytest.approx(math.log(2))
     assert uncertainty_threshold(1000, 1000, 0.5, 0.9) == pytest.approx(0.9 * math.log(2))
+
+
+# -- schedules against the budget ------------------------------------------------------------------
+def test_reference_schedules_scaled_to_a_budget_are_the_quick_starts():
+    from raysemi.schedules import scaled_to_budget
+
+    assert (scaled_to_budget(150, 300), scaled_to_budget(1000, 300)) == (2, 10)  # the quick start's
+    assert (scaled_to_budget(150, 30_000), scaled_to_budget(1000, 30_000)) == (150, 1000)
+    assert scaled_to_budget(150, 10) == 1  # never 0: a ramp unit of 0 iterations means nothing
+
+
+def test_ramp_reached_is_the_weight_at_the_last_iteration():
+    from raysemi.schedules import ramp_reached
+
+    assert ramp_reached(30_000, 200, 150) == pytest.approx(consistency_weight(29_999, 1.0, 200, 150))
+    assert ramp_reached(30_000, 200, 150) == pytest.approx(math.exp(-5 * (1 / 200) ** 2))  # unit 199 of 200
+    assert ramp_reached(1000, 200, 150) == pytest.approx(math.exp(-5 * (1 - 6 / 200) ** 2))
+    assert ramp_reached(300, 200, 2) == pytest.approx(math.exp(-5 * (1 - 149 / 200) ** 2))
+
+
+def test_short_budget_note_says_what_stays_off_and_the_scaled_values():
+    from raysemi.schedules import short_budget_note
+
+    assert short_budget_note(30_000, {"mean_teacher": 0.99}, {"mean_teacher": 1000}) is None
+    assert short_budget_note(300, {"mean_teacher": 0.72}, {"mean_teacher": 10}) is None  # the quick start
+    assert short_budget_note(300, {"mean_teacher": 0.5}, {"mean_teacher": 149}) is None  # the limits
+    note = short_budget_note(1000, {"mean_teacher": 0.0094, "entropy_minimization": 0.09}, {"mean_teacher": 1000})
+    assert note == ("note: in 1,000 iterations the consistency weight reaches at most 9% of --consistency by the last "
+                    "iteration (mean_teacher, entropy_minimization; its ramp is --consistency-rampup units of "
+                    "--rampup-interval iterations); mean_teacher's consistency term is off throughout (--mt-warmup "
+                    "1000). The reference's schedules (set for 30,000 iterations) scaled to this budget: "
+                    "--rampup-interval 5 --mt-warmup 33 (README: Short budgets)")
+    assert short_budget_note(1000, {"mean_teacher": 0.49}, {}).endswith(": --rampup-interval 5 (README: Short budgets)")
+    only_warmup = short_budget_note(1000, {"mean_teacher": 0.8}, {"mean_teacher": 500})
+    assert "off for the first 500 of them (--mt-warmup 500)" in only_warmup and "ramp" not in only_warmup
+    assert only_warmup.endswith(": --mt-warmup 33 (README: Short budgets)")
+
+
+def test_a_searchs_budget_note_counts_the_soonest_ramp_its_spaces_can_draw():
+    """A search whose spaces sample --consistency-rampup down to 20 ramps up fully in 3,000
+    iterations (no note); the same strategy trained at its base config does not (a note)."""
+    from raysemi.config import TrainConfig
+    from raysemi.search_space import load_spaces
+    from raysemi.train import budget_note
+
+    base = TrainConfig(method="mean_teacher", max_iterations=3000)
+    assert budget_note(base, ["mean_teacher"], load_spaces(["mean_teacher"])) is None
+    assert "reaches at most 2% of --consistency" in budget_note(base)
+    assert budget_note(base.replace(method="supervised")) is None  # nothing ramps
+    short = budget_note(base.replace(max_iterations=300), ["supervised", "mean_teacher"],
+                        load_spaces(["supervised", "mean_teacher"]))
+    assert short.startswith("note: in 300 iterations the consistency weight reaches at most 1% of --consistency by "
+                            "the last iteration (mean_teacher; ")
+    assert "supervised" not in short and short.endswith(": --rampup-interval 2 --mt-warmup 10 (README: Short budgets)")

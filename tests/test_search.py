@@ -77,6 +77,11 @@ def test_search_ends_by_saying_where_its_results_are(search_run):
     assert "timing one training step" not in search_run["out"]  # a short CPU search starts at once
     assert ("note: 7 of the 7 trials are drawn at random (TPE's first 10 are), 0 proposed from finished ones; "
             "--num-samples 20 or more lets TPE guide most of them") in search_run["out"].splitlines()
+    # 40 iterations of ramps set for 30,000 (these spaces leave the ramp at its base): said before any trial
+    assert ("note: in 40 iterations the consistency weight reaches at most 1% of --consistency by the last iteration "
+            "(entropy_minimization, mean_teacher; its ramp is --consistency-rampup units of --rampup-interval "
+            "iterations). The reference's schedules (set for 30,000 iterations) scaled to this budget: "
+            "--rampup-interval 1 (README: Short budgets)") in search_run["out"].splitlines()
     spaces = search_run["tmp"] / "spaces"
     assert (f"search spaces: supervised from {spaces / 'supervised.yaml'}; entropy_minimization from "
             f"{spaces / 'entropy_minimization.yaml'}; mean_teacher from {spaces / 'mean_teacher.yaml'}"
