@@ -375,12 +375,13 @@ _PER_SEED = ("run_name", "output", "device", "tracking_uri", "compile", "cuda_gr
 def check_same_config(folder: Path, cfg: TrainConfig) -> None:
     """Refuse to resume a retrain whose seed folder was trained with other values (the seeds'
     results would be averaged over different configs)."""
-    from raysemi.config import load_yaml
+    from raysemi.config import absolute_data, load_yaml
 
     path = folder / "config.yaml"
     if not path.is_file():
         return
-    old, new = load_yaml(path).to_dict(), cfg.to_dict()
+    # a seed saved before configs held `data` absolute has it as typed, from the folder it was started in
+    old, new = absolute_data(load_yaml(path)).to_dict(), cfg.to_dict()
     diff = [f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in new if k not in _PER_SEED and old.get(k) != new.get(k)]
     if diff:
         raise UserError(f"--resume: {path}: this seed was trained with other values ({'; '.join(diff)}); "

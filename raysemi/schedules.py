@@ -40,8 +40,6 @@ def uncertainty_threshold(iteration: int, max_iterations: int, start: float = 0.
 
 #: the budget the reference's schedule lengths are set for (its 2D scripts' max_iterations)
 REFERENCE_ITERATIONS = 30_000
-#: iterations per unit of the reference's consistency ramp (its `iter_num // 150`)
-REFERENCE_RAMPUP_INTERVAL = 150
 #: mean teacher's warm-up in the reference: iterations before its consistency term starts
 REFERENCE_MT_WARMUP = 1000
 
@@ -54,17 +52,20 @@ def ramp_reached(max_iterations: int, rampup: float, interval: int) -> float:
 
 def scaled_to_budget(iterations: int, max_iterations: int) -> int:
     """A schedule length the reference sets for 30,000 iterations, scaled to `max_iterations`
-    (at least 1): for a 300-iteration run, the ramp's 150 iterations a unit are 2, mean teacher's
-    1000-iteration warm-up is 10 (the quick start's values)."""
+    (at least 1): mean teacher's 1000-iteration warm-up is 10 for a 300-iteration run (the quick
+    start's value)."""
     return max(1, round(iterations * max_iterations / REFERENCE_ITERATIONS))
 
 
-def short_budget_note(max_iterations: int, reached: dict[str, float], warmups: dict[str, int]) -> str | None:
+def short_budget_note(max_iterations: int, reached: dict[str, float], warmups: dict[str, int],
+                      rampup: float = 200.0) -> str | None:
     """One line for a budget too short for the schedules, else None. `reached`: strategy -> the
     fraction of its final consistency weight reached by the last iteration (the most a search
-    could draw); `warmups`: strategy -> iterations its consistency term is off at least. Said when
-    a weight stays under half its final value, or a term is off for half the run or more. It
-    suggests the reference's schedules scaled to the budget."""
+    could draw); `warmups`: strategy -> iterations its consistency term is off at least; `rampup`:
+    the run's --consistency-rampup. Said when a weight stays under half its final value, or a term
+    is off for half the run or more. It suggests the reference's schedules scaled to the budget:
+    a ramp of `rampup` units that spans the run (as 200 units of 150 span its 30,000; with fewer
+    iterations than units, units of 1 iteration, as many as the run has), and the warm-up's share."""
     weak = {m: r for m, r in reached.items() if r < 0.5}
     late = {m: w for m, w in warmups.items() if w >= max_iterations / 2}
     if not weak and not late:
@@ -74,7 +75,9 @@ def short_budget_note(max_iterations: int, reached: dict[str, float], warmups: d
         parts.append(f"the consistency weight reaches at most {max(weak.values()):.0%} of --consistency by the last "
                      f"iteration ({', '.join(weak)}; its ramp is --consistency-rampup units of --rampup-interval "
                      "iterations)")
-        fix.append(f"--rampup-interval {scaled_to_budget(REFERENCE_RAMPUP_INTERVAL, max_iterations)}")
+        interval = round(max_iterations / (rampup if rampup > 0 else 200.0))
+        fix.append(f"--rampup-interval {interval}" if interval >= 1 else
+                   f"--rampup-interval 1 --consistency-rampup {max_iterations}")
     for m, w in late.items():
         span = "throughout" if w >= max_iterations else f"for the first {w:,} of them"
         parts.append(f"{m}'s consistency term is off {span} (--mt-warmup {w})")

@@ -466,11 +466,6 @@ def main(argv: list[str]) -> int:
         spaces = load_spaces(methods, args.search_space)
         if args.search_space:
             print(describe_sources(methods, args.search_space), flush=True)
-    from raysemi.train import budget_note
-
-    note = budget_note(base, methods, spaces)
-    if note:
-        print(note, flush=True)
     uri = resolve_tracking_uri(args.tracking_uri if saved is None or args.tracking_uri else saved["tracking_uri"])
     check_tracking_uri(uri)
     if saved is not None and saved.get("parent_run_id"):  # its runs must be where the search logs
@@ -491,6 +486,11 @@ def main(argv: list[str]) -> int:
     read_list(resolve_data_root(base.data), "train_slices")  # a wrong --data in one line, before any output
     cluster = start_ray(args)  # before the data: a cluster that cannot be joined is one line, too
     try:
+        from raysemi.train import budget_note
+
+        note = budget_note(base, methods, spaces)  # after the checks: bad input is the only line
+        if note:
+            print(note, flush=True)
         print(f"loading data: {base.data}", flush=True)
         dataset = load_dataset(base.data, base.labeled_patients, base.num_classes)
         return _search(args, methods, spaces, base, dataset, uri, storage, name, exp_dir, cluster)

@@ -52,9 +52,10 @@ class Dist:
             return IntDistribution(int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
         return CategoricalDistribution(list(self.values))
 
-    def lowest(self) -> Any:
-        """The smallest value it can draw."""
-        return self.low if self.type in ("uniform", "loguniform", "int") else min(self.values)
+    def lowest(self) -> float:
+        """The smallest value a numeric field's distribution can draw (choices may be written as
+        text that reads as a number, '1e3', as the config reads them)."""
+        return self.low if self.type in ("uniform", "loguniform", "int") else min(float(v) for v in self.values)
 
     def contains(self, value: Any) -> bool:
         """Whether `value` is one this distribution can draw, as Optuna decides it. Optuna refuses

@@ -323,7 +323,7 @@ def budget_note(config: TrainConfig, methods: list[str] | None = None,
                                          int(soonest("rampup_interval")))
         if "mt_warmup" in cls.hyperparameters:
             warmups[cls.name] = int(soonest("mt_warmup"))
-    return short_budget_note(config.max_iterations, reached, warmups)
+    return short_budget_note(config.max_iterations, reached, warmups, config.consistency_rampup)
 
 
 def main(argv: list[str]) -> int:
@@ -350,10 +350,10 @@ def main(argv: list[str]) -> int:
     from raysemi.retrain import resumes_in_place, retrain
 
     check_output(out, args.overwrite, args.resume, resume_dir is not None or resumes_in_place(args.resume, out))
-    note = budget_note(config)
+    data = load_dataset(config.data, config.labeled_patients, config.num_classes)
+    note = budget_note(config)  # after the checks and the data: bad input is the only line
     if note:
         print(note, flush=True)
-    data = load_dataset(config.data, config.labeled_patients, config.num_classes)
     splits = eval_splits(data, config.num_classes)
     return retrain(config, data, splits, out, seeds, train_one, uri=None if args.no_mlflow else uri,
                    resume=args.resume)

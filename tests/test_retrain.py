@@ -535,3 +535,18 @@ def test_resume_of_a_folder_that_is_not_a_retrain(tmp_path):
     (tmp_path / "plain").mkdir()
     code, _, err = train(["--resume", "plain", "--no-mlflow"], tmp_path)
     _one_line(code, err, "plain", "not a multi-seed retrain folder")
+
+
+def test_a_seed_saved_with_a_relative_data_path_resumes_from_its_folder(tmp_path, monkeypatch):
+    """Seed folders saved before configs held `data` absolute have it as typed: resumed from the
+    folder it was typed in, it is the same data; another dataset is still refused."""
+    from raysemi.config import TrainConfig, absolute_data, save_yaml
+    from raysemi.errors import UserError
+    from raysemi.retrain import check_same_config
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "seed0").mkdir()
+    save_yaml(TrainConfig(data="data/ACDC"), tmp_path / "seed0" / "config.yaml")
+    check_same_config(tmp_path / "seed0", absolute_data(TrainConfig(data="data/ACDC")))
+    with pytest.raises(UserError, match=r"data: '.*/data/ACDC' there, '.*/data/other' now"):
+        check_same_config(tmp_path / "seed0", absolute_data(TrainConfig(data="data/other")))

@@ -40,7 +40,7 @@ def test_reference_schedules_scaled_to_a_budget_are_the_quick_starts():
 
     assert (scaled_to_budget(150, 300), scaled_to_budget(1000, 300)) == (2, 10)  # the quick start's
     assert (scaled_to_budget(150, 30_000), scaled_to_budget(1000, 30_000)) == (150, 1000)
-    assert scaled_to_budget(150, 10) == 1  # never 0: a ramp unit of 0 iterations means nothing
+    assert scaled_to_budget(1000, 10) == 1  # never 0
 
 
 def test_ramp_reached_is_the_weight_at_the_last_iteration():
@@ -53,7 +53,7 @@ def test_ramp_reached_is_the_weight_at_the_last_iteration():
 
 
 def test_short_budget_note_says_what_stays_off_and_the_scaled_values():
-    from raysemi.schedules import short_budget_note
+    from raysemi.schedules import ramp_reached, short_budget_note
 
     assert short_budget_note(30_000, {"mean_teacher": 0.99}, {"mean_teacher": 1000}) is None
     assert short_budget_note(300, {"mean_teacher": 0.72}, {"mean_teacher": 10}) is None  # the quick start
@@ -65,6 +65,17 @@ def test_short_budget_note_says_what_stays_off_and_the_scaled_values():
                     "1000). The reference's schedules (set for 30,000 iterations) scaled to this budget: "
                     "--rampup-interval 5 --mt-warmup 33 (README: Short budgets)")
     assert short_budget_note(1000, {"mean_teacher": 0.49}, {}).endswith(": --rampup-interval 5 (README: Short budgets)")
+    # the suggested ramp spans the run whatever its units: 2000 of them over 10,000 iterations is 5 a unit
+    assert short_budget_note(10_000, {"mean_teacher": 0.1}, {}, rampup=2000).endswith(": --rampup-interval 5 (README: "
+                                                                                       "Short budgets)")
+    # fewer iterations than units: units of one iteration, one per iteration
+    assert short_budget_note(40, {"mean_teacher": 0.01}, {}).endswith(
+        ": --rampup-interval 1 --consistency-rampup 40 (README: Short budgets)")
+    for budget, rampup in ((40, 200), (1000, 200), (10_000, 2000), (300, 20)):  # and the suggestion is enough
+        note = short_budget_note(budget, {"m": 0.0}, {}, rampup)
+        suggested = note.split("to this budget: ")[1].split(" (")[0].split()
+        values = dict(zip(suggested[::2], map(float, suggested[1::2])))
+        assert ramp_reached(budget, values.get("--consistency-rampup", rampup), int(values["--rampup-interval"])) > 0.9
     only_warmup = short_budget_note(1000, {"mean_teacher": 0.8}, {"mean_teacher": 500})
     assert "off for the first 500 of them (--mt-warmup 500)" in only_warmup and "ramp" not in only_warmup
     assert only_warmup.endswith(": --mt-warmup 33 (README: Short budgets)")
@@ -74,13 +85,19 @@ def test_a_searchs_budget_note_counts_the_soonest_ramp_its_spaces_can_draw():
     """A search whose spaces sample --consistency-rampup down to 20 ramps up fully in 3,000
     iterations (no note); the same strategy trained at its base config does not (a note)."""
     from raysemi.config import TrainConfig
-    from raysemi.search_space import load_spaces
+    from raysemi.search_space import Dist, load_spaces
     from raysemi.train import budget_note
 
     base = TrainConfig(method="mean_teacher", max_iterations=3000)
     assert budget_note(base, ["mean_teacher"], load_spaces(["mean_teacher"])) is None
     assert "reaches at most 2% of --consistency" in budget_note(base)
     assert budget_note(base.replace(method="supervised")) is None  # nothing ramps
+    # a numeric choice written as text counts as its number
+    text = {"mean_teacher": {"consistency_rampup": Dist("choice", values=("200", 20)),
+                             "rampup_interval": Dist("choice", values=(150, "1.5e2"))}}
+    assert budget_note(base, ["mean_teacher"], text) is None
+    text["mean_teacher"]["consistency_rampup"] = Dist("choice", values=("200", "1e3"))
+    assert "reaches at most 2% of --consistency" in budget_note(base, ["mean_teacher"], text)
     short = budget_note(base.replace(max_iterations=300), ["supervised", "mean_teacher"],
                         load_spaces(["supervised", "mean_teacher"]))
     assert short.startswith("note: in 300 iterations the consistency weight reaches at most 1% of --consistency by "

@@ -27,7 +27,7 @@ def test_train_cli_logs_to_the_default_sqlite_store(tiny_phantom, tmp_path, monk
     # 6 iterations of a ramp set for 30,000: said before training, with the values for this budget
     assert out.splitlines()[0].startswith("note: in 6 iterations the consistency weight reaches at most 1% of "
                                           "--consistency by the last iteration (mean_teacher; ")
-    assert out.splitlines()[0].endswith(": --rampup-interval 1 (README: Short budgets)")  # --mt-warmup 0 here
+    assert out.splitlines()[0].endswith(": --rampup-interval 1 --consistency-rampup 6 (README: Short budgets)")
     run_dir = tmp_path / "runs" / "mt"
     for name in ("config.yaml", "best.pt", "last.pt", "train.log", "results.json"):
         assert (run_dir / name).is_file(), name

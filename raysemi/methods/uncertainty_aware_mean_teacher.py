@@ -28,7 +28,8 @@ class UncertaintyAwareMeanTeacher(Strategy):
     `eval_model: teacher` validation reads, fewer times per step; `uncertainty_with_target` runs
     the consistency target's own noisy pass in the first of those forwards, one forward fewer,
     with the same caveat; `uncertainty_grouped_forward` runs all of a step's teacher forwards as
-    one batch with BatchNorm statistics per forward: the same numbers, in larger kernels);
+    one batch with BatchNorm statistics per forward: the same computation, in larger kernels, its
+    random draws in another order);
     `mask = u < th(iter)` with `th = (start + (end - start) * sigmoid_rampup(iter, max_iter)) * ln 2`;
     `consistency = sum(mask * (p_student - p_teacher)^2) / (2 * sum(mask) + 1e-16)`.
     """

@@ -4,7 +4,8 @@ Convolutions, activations and dropout act on each sample alone; only BatchNorm (
 mixes the samples of a batch. So a network whose BatchNorm layers normalise each group of samples
 by that group's own statistics, and update their running statistics group after group, computes
 on `cat(x_1, ..., x_G)` exactly what G separate forwards compute on `x_1, ..., x_G`, with fewer,
-larger kernels. UA-MT's teacher uses it to run the reference's five noisy forwards as one
+larger kernels (dropout draws the same kind of masks, in another order of the random generator).
+UA-MT's teacher uses it to run the reference's five noisy forwards as one
 (`uncertainty_grouped_forward`).
 """
 
