@@ -83,6 +83,10 @@ class TrainConfig:
     consistency_rampup: float = _f(200.0, "ramp length of the consistency weight, in ramp units", "strategy")
     rampup_interval: int = _f(150, "iterations per ramp unit (the reference's iter // 150)", "strategy")
     mt_warmup: int = _f(1000, "mean_teacher: iterations before the consistency term starts (reference: 1000)", "strategy")
+    schedules: str = _f("reference", "how rampup_interval and mt_warmup count: 'reference': in iterations, as the "
+                                     "reference; 'budget': as set for the reference's 30,000 iterations, scaled to "
+                                     "max_iterations (a short search and its full-budget retrain then ramp alike)",
+                        "strategy")
     ema_decay: float = _f(0.99, "teacher EMA decay (mean_teacher, uamt, ict)", "strategy")
     uncertainty_threshold_start: float = _f(0.75, "uamt: threshold start, as a fraction of ln 2", "strategy")
     uncertainty_threshold_end: float = _f(1.0, "uamt: threshold end, as a fraction of ln 2", "strategy")
@@ -206,6 +210,8 @@ class TrainConfig:
             bad("compile", "'auto', 'on' or 'off'")
         if self.cuda_graphs not in ("auto", "on", "off"):
             bad("cuda_graphs", "'auto', 'on' or 'off'")
+        if self.schedules not in ("reference", "budget"):
+            bad("schedules", "'reference' or 'budget'")
         if self.eval_model not in ("student", "teacher"):
             bad("eval_model", "'student' or 'teacher'")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):

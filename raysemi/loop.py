@@ -33,7 +33,7 @@ from raysemi.methods import create_method, get_method
 from raysemi.metrics import Summary
 from raysemi.models import create_model
 from raysemi.progress import ProgressBar
-from raysemi.schedules import ema_alpha, poly_lr
+from raysemi.schedules import ema_alpha, poly_lr, schedule_lengths
 
 
 #: strategy -> why `compile: auto` gave up compiling its networks in this process: the other
@@ -119,8 +119,11 @@ def build_strategy(config: TrainConfig, source: str = "config") -> tuple[str, nn
         raise UserError(f"{source}: model: {model_name!r} cannot be used by {cls.name}; "
                         f"expected one of {', '.join(cls.models)}")
     student = create_model(model_name, in_channels=config.in_channels, num_classes=config.num_classes)
+    interval, warmup = schedule_lengths(config.rampup_interval, config.mt_warmup, config.max_iterations,
+                                        config.schedules)
     try:
-        strategy = create_method(config.method, student, **config.to_dict())
+        strategy = create_method(config.method, student, **{**config.to_dict(), "rampup_interval": interval,
+                                                             "mt_warmup": warmup})
     except ValueError as err:  # the strategy's messages start with its name, which may be `source`
         raise UserError(str(err) if str(err).startswith(f"{source}:") else f"{source}: {err}") from None
     if config.eval_model == "teacher" and strategy.teacher is None:

@@ -22,8 +22,9 @@ def sigmoid_rampup(current: float, rampup_length: float) -> float:
     return float(math.exp(-5.0 * (1.0 - t) ** 2))
 
 
-def consistency_weight(iteration: int, consistency: float, rampup: float, interval: int = 150) -> float:
-    """`consistency * sigmoid_rampup(iteration // interval, rampup)` (the reference's `iter // 150`)."""
+def consistency_weight(iteration: int, consistency: float, rampup: float, interval: float = 150) -> float:
+    """`consistency * sigmoid_rampup(iteration // interval, rampup)` (the reference's `iter // 150`;
+    an interval below 1, from `schedules: budget` on a short run, counts several units an iteration)."""
     return consistency * sigmoid_rampup(iteration // interval, rampup)
 
 
@@ -44,7 +45,20 @@ REFERENCE_ITERATIONS = 30_000
 REFERENCE_MT_WARMUP = 1000
 
 
-def ramp_reached(max_iterations: int, rampup: float, interval: int) -> float:
+def schedule_lengths(rampup_interval: float, mt_warmup: int, max_iterations: int,
+                     mode: str = "reference") -> tuple[float, int]:
+    """The iterations per ramp unit and of mean teacher's warm-up a run uses. 'reference': as given;
+    'budget': given for the reference's 30,000 iterations and scaled to `max_iterations` (a ramp
+    unit may then be a fraction of an iteration: the ramp still spans the same share of the run)."""
+    if mode == "reference":
+        return rampup_interval, mt_warmup
+    if mode != "budget":
+        raise ValueError(f"schedules: {mode!r}; expected 'reference' or 'budget'")
+    scale = max_iterations / REFERENCE_ITERATIONS
+    return rampup_interval * scale, round(mt_warmup * scale)
+
+
+def ramp_reached(max_iterations: int, rampup: float, interval: float) -> float:
     """The fraction of the final consistency weight that a run of `max_iterations` reaches at its
     last iteration."""
     return sigmoid_rampup((max_iterations - 1) // interval, rampup)
@@ -58,14 +72,15 @@ def scaled_to_budget(iterations: int, max_iterations: int) -> int:
 
 
 def short_budget_note(max_iterations: int, reached: dict[str, float], warmups: dict[str, int],
-                      rampup: float = 200.0) -> str | None:
+                      rampup: float = 200.0, mode: str = "reference") -> str | None:
     """One line for a budget too short for the schedules, else None. `reached`: strategy -> the
     fraction of its final consistency weight reached by the last iteration (the most a search
     could draw); `warmups`: strategy -> iterations its consistency term is off at least; `rampup`:
-    the run's --consistency-rampup. Said when a weight stays under half its final value, or a term
-    is off for half the run or more. It suggests the reference's schedules scaled to the budget:
-    a ramp of `rampup` units that spans the run (as 200 units of 150 span its 30,000; with fewer
-    iterations than units, units of 1 iteration, as many as the run has), and the warm-up's share."""
+    the run's --consistency-rampup; `mode`: its --schedules. Said when a weight stays under half
+    its final value, or a term is off for half the run or more. It suggests the reference's
+    schedules scaled to the budget: a ramp of `rampup` units that spans the run (as 200 units of
+    150 span its 30,000; with fewer iterations than units, units of 1 iteration, as many as the run
+    has), and the warm-up's share; with `--schedules budget`, the values that it scales so."""
     weak = {m: r for m, r in reached.items() if r < 0.5}
     late = {m: w for m, w in warmups.items() if w >= max_iterations / 2}
     if not weak and not late:
@@ -75,13 +90,19 @@ def short_budget_note(max_iterations: int, reached: dict[str, float], warmups: d
         parts.append(f"the consistency weight reaches at most {max(weak.values()):.0%} of --consistency by the last "
                      f"iteration ({', '.join(weak)}; its ramp is --consistency-rampup units of --rampup-interval "
                      "iterations)")
-        interval = round(max_iterations / (rampup if rampup > 0 else 200.0))
+        units = rampup if rampup > 0 else 200.0
+        interval = round((REFERENCE_ITERATIONS if mode == "budget" else max_iterations) / units)
         fix.append(f"--rampup-interval {interval}" if interval >= 1 else
                    f"--rampup-interval 1 --consistency-rampup {max_iterations}")
     for m, w in late.items():
         span = "throughout" if w >= max_iterations else f"for the first {w:,} of them"
-        parts.append(f"{m}'s consistency term is off {span} (--mt-warmup {w})")
+        parts.append(f"{m}'s consistency term is off {span}" + (f" (--mt-warmup {w})" if mode != "budget" else ""))
     if late:
-        fix.append(f"--mt-warmup {scaled_to_budget(REFERENCE_MT_WARMUP, max_iterations)}")
+        warmup = REFERENCE_MT_WARMUP if mode == "budget" else scaled_to_budget(REFERENCE_MT_WARMUP, max_iterations)
+        fix.append(f"--mt-warmup {warmup}")
+    if mode == "budget":
+        return (f"note: in {max_iterations:,} iterations {'; '.join(parts)}. The reference's schedules, which "
+                f"--schedules budget scales to this budget: {' '.join(fix)} (README: Short budgets)")
     return (f"note: in {max_iterations:,} iterations {'; '.join(parts)}. The reference's schedules (set for "
-            f"{REFERENCE_ITERATIONS:,} iterations) scaled to this budget: {' '.join(fix)} (README: Short budgets)")
+            f"{REFERENCE_ITERATIONS:,} iterations) scaled to this budget: {' '.join(fix)}; or --schedules budget, "
+            "which scales them to any --max-iterations (README: Short budgets)")

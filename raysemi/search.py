@@ -662,8 +662,10 @@ def _search(args, methods, spaces, base: TrainConfig, dataset, uri: str, storage
           f"experiment {args.experiment!r}, parent run {parent.run_id} (browse: {browse})")
     print(f"best: {summary['best_method']} val dice {summary['best_dice']:.4f}; "
           f"retrain it at full budget on several seeds, scored on the test split: python -m raysemi.train "
-          f"--config {exp_dir / 'best_config.yaml'} --max-iterations 30000 --seeds 3 (reset --rampup-interval "
-          "and --mt-warmup if the search scaled them down)")
+          f"--config {exp_dir / 'best_config.yaml'} --max-iterations 30000 --seeds 3 "
+          + ("(its --schedules budget scales the ramp and warm-up to that budget)" if base.schedules == "budget" else
+             "(reset --rampup-interval and --mt-warmup if the search scaled them down, or search with --schedules "
+             "budget)"))
     return 0
 
 

@@ -309,7 +309,7 @@ def budget_note(config: TrainConfig, methods: list[str] | None = None,
     of `methods` over `spaces`, taking the values each space can draw that ramp up soonest: the
     note is said only when no trial escapes it."""
     from raysemi.methods import get_method
-    from raysemi.schedules import ramp_reached, short_budget_note
+    from raysemi.schedules import ramp_reached, schedule_lengths, short_budget_note
 
     reached, warmups = {}, {}
     for name in methods or [config.method]:
@@ -319,11 +319,12 @@ def budget_note(config: TrainConfig, methods: list[str] | None = None,
 
         def soonest(field: str) -> Any:
             return space[field].lowest() if field in space else getattr(config, field)
-        reached[cls.name] = ramp_reached(config.max_iterations, soonest("consistency_rampup"),
-                                         int(soonest("rampup_interval")))
+        interval, warmup = schedule_lengths(soonest("rampup_interval"), int(soonest("mt_warmup")),
+                                            config.max_iterations, config.schedules)
+        reached[cls.name] = ramp_reached(config.max_iterations, soonest("consistency_rampup"), interval)
         if "mt_warmup" in cls.hyperparameters:
-            warmups[cls.name] = int(soonest("mt_warmup"))
-    return short_budget_note(config.max_iterations, reached, warmups, config.consistency_rampup)
+            warmups[cls.name] = warmup
+    return short_budget_note(config.max_iterations, reached, warmups, config.consistency_rampup, config.schedules)
 
 
 def main(argv: list[str]) -> int:

@@ -97,6 +97,7 @@ def test_numbers_yaml_reads_as_strings_are_numbers(tmp_path):
     ("dan_lr", 0.0, "dan_lr"),
     ("patch_size", (30, 30), "multiples of 16"),
     ("labeled_patients", 0, "labeled_patients"),
+    ("schedules", "bugdet", "schedules: 'bugdet' is invalid; expected 'reference' or 'budget'"),
 ])
 def test_validation_names_field_value_and_expectation(field, value, match):
     with pytest.raises(UserError, match=match):

@@ -63,22 +63,27 @@ def test_short_budget_note_says_what_stays_off_and_the_scaled_values():
                     "iteration (mean_teacher, entropy_minimization; its ramp is --consistency-rampup units of "
                     "--rampup-interval iterations); mean_teacher's consistency term is off throughout (--mt-warmup "
                     "1000). The reference's schedules (set for 30,000 iterations) scaled to this budget: "
-                    "--rampup-interval 5 --mt-warmup 33 (README: Short budgets)")
-    assert short_budget_note(1000, {"mean_teacher": 0.49}, {}).endswith(": --rampup-interval 5 (README: Short budgets)")
+                    "--rampup-interval 5 --mt-warmup 33; or --schedules budget, which scales them to any "
+                    "--max-iterations (README: Short budgets)")
+    assert ": --rampup-interval 5; or --schedules budget" in short_budget_note(1000, {"mean_teacher": 0.49}, {})
     # the suggested ramp spans the run whatever its units: 2000 of them over 10,000 iterations is 5 a unit
-    assert short_budget_note(10_000, {"mean_teacher": 0.1}, {}, rampup=2000).endswith(": --rampup-interval 5 (README: "
-                                                                                       "Short budgets)")
+    assert ": --rampup-interval 5; or" in short_budget_note(10_000, {"mean_teacher": 0.1}, {}, rampup=2000)
     # fewer iterations than units: units of one iteration, one per iteration
-    assert short_budget_note(40, {"mean_teacher": 0.01}, {}).endswith(
-        ": --rampup-interval 1 --consistency-rampup 40 (README: Short budgets)")
+    assert ": --rampup-interval 1 --consistency-rampup 40; or" in short_budget_note(40, {"mean_teacher": 0.01}, {})
+    # with --schedules budget, the values it scales: the reference's own for its 200 units
+    assert short_budget_note(1000, {"mean_teacher": 0.01}, {"mean_teacher": 667}, mode="budget") == (
+        "note: in 1,000 iterations the consistency weight reaches at most 1% of --consistency by the last iteration "
+        "(mean_teacher; its ramp is --consistency-rampup units of --rampup-interval iterations); mean_teacher's "
+        "consistency term is off for the first 667 of them. The reference's schedules, which --schedules budget "
+        "scales to this budget: --rampup-interval 150 --mt-warmup 1000 (README: Short budgets)")
     for budget, rampup in ((40, 200), (1000, 200), (10_000, 2000), (300, 20)):  # and the suggestion is enough
         note = short_budget_note(budget, {"m": 0.0}, {}, rampup)
-        suggested = note.split("to this budget: ")[1].split(" (")[0].split()
+        suggested = note.split("to this budget: ")[1].split(";")[0].split()
         values = dict(zip(suggested[::2], map(float, suggested[1::2])))
         assert ramp_reached(budget, values.get("--consistency-rampup", rampup), int(values["--rampup-interval"])) > 0.9
     only_warmup = short_budget_note(1000, {"mean_teacher": 0.8}, {"mean_teacher": 500})
     assert "off for the first 500 of them (--mt-warmup 500)" in only_warmup and "ramp" not in only_warmup
-    assert only_warmup.endswith(": --mt-warmup 33 (README: Short budgets)")
+    assert ": --mt-warmup 33; or --schedules budget" in only_warmup
 
 
 def test_a_searchs_budget_note_counts_the_soonest_ramp_its_spaces_can_draw():
@@ -102,4 +107,35 @@ def test_a_searchs_budget_note_counts_the_soonest_ramp_its_spaces_can_draw():
                         load_spaces(["supervised", "mean_teacher"]))
     assert short.startswith("note: in 300 iterations the consistency weight reaches at most 1% of --consistency by "
                             "the last iteration (mean_teacher; ")
-    assert "supervised" not in short and short.endswith(": --rampup-interval 2 --mt-warmup 10 (README: Short budgets)")
+    assert "supervised" not in short and ": --rampup-interval 2 --mt-warmup 10; or --schedules budget" in short
+
+
+def test_budget_schedules_scale_the_reference_lengths_to_the_run():
+    """`schedules: budget` reads --rampup-interval and --mt-warmup as set for the reference's
+    30,000 iterations: at 30,000 the reference's own, at 300 a ramp of 1.5-iteration units that
+    spans the run (a float: 200 x 2 would not) and a 10-iteration warm-up; 'reference' leaves them."""
+    from raysemi.schedules import ramp_reached, schedule_lengths
+
+    assert schedule_lengths(150, 1000, 30_000, "budget") == (150, 1000)
+    assert schedule_lengths(150, 1000, 300, "budget") == (1.5, 10)
+    assert schedule_lengths(150, 1000, 300, "reference") == (150, 1000)
+    assert ramp_reached(300, 200, 1.5) == pytest.approx(math.exp(-5 * (1 / 200) ** 2))  # unit 199 of 200
+    assert consistency_weight(299, 0.1, 200, 1.5) == pytest.approx(0.1 * math.exp(-5 * (1 / 200) ** 2))
+    assert consistency_weight(3, 0.1, 200, 0.03) == pytest.approx(0.1 * math.exp(-5 * (1 - 100 / 200) ** 2))
+    with pytest.raises(ValueError, match="schedules: 'bugdet'"):
+        schedule_lengths(150, 1000, 300, "bugdet")
+
+
+def test_a_strategy_built_with_budget_schedules_ramps_over_its_run():
+    from raysemi.config import TrainConfig
+    from raysemi.loop import build_strategy
+    from raysemi.train import budget_note
+
+    config = TrainConfig(method="mean_teacher", max_iterations=300, schedules="budget")
+    _, strategy = build_strategy(config)
+    assert (strategy.rampup_interval, strategy.warmup) == (1.5, 10)
+    assert strategy.step_inputs(9)["consistency_weight"] == 0.0 and strategy.step_inputs(10)["consistency_weight"] > 0
+    assert strategy.step_inputs(299)["consistency_weight"] == pytest.approx(0.1, rel=1e-3)
+    assert budget_note(config) is None and budget_note(config.replace(schedules="reference")) is not None
+    _, reference = build_strategy(config.replace(schedules="reference"))
+    assert (reference.rampup_interval, reference.warmup) == (150, 1000)

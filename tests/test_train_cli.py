@@ -1,6 +1,7 @@
 """The train and evaluate CLIs end to end, into a real SQLite MLflow store in a temp folder."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -27,7 +28,7 @@ def test_train_cli_logs_to_the_default_sqlite_store(tiny_phantom, tmp_path, monk
     # 6 iterations of a ramp set for 30,000: said before training, with the values for this budget
     assert out.splitlines()[0].startswith("note: in 6 iterations the consistency weight reaches at most 1% of "
                                           "--consistency by the last iteration (mean_teacher; ")
-    assert out.splitlines()[0].endswith(": --rampup-interval 1 --consistency-rampup 6 (README: Short budgets)")
+    assert ": --rampup-interval 1 --consistency-rampup 6; or --schedules budget" in out.splitlines()[0]
     run_dir = tmp_path / "runs" / "mt"
     for name in ("config.yaml", "best.pt", "last.pt", "train.log", "results.json"):
         assert (run_dir / name).is_file(), name
@@ -89,6 +90,25 @@ def test_resume_alone_takes_the_checkpoints_config_and_folder(tiny_phantom, tmp_
     assert run_cli(train_main, ["--resume", "a", "--no-mlflow", "--max-iterations", "8"]) == 0
     assert "8 iterations from 6" in (tmp_path / "a" / "train.log").read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+
+
+def test_budget_schedules_train_without_the_short_budget_note_and_are_saved(tiny_phantom, tmp_path, monkeypatch,
+                                                                             capsys):
+    """`--schedules budget`: the reference's ramp and warm-up scaled to the 6 iterations (nothing to
+    say before training), the consistency weight at its full value by the end, and the mode in the
+    run's config.yaml, so a retrain at another --max-iterations scales them again."""
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(train_main, ["--data", str(tiny_phantom), *TINY, "--no-mlflow", "--method", "mean_teacher",
+                                "--schedules", "budget", "--output", "a"]) == 0
+    out = capsys.readouterr().out
+    assert "note: in 6 iterations" not in out and "Short budgets" not in out
+    assert yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())["schedules"] == "budget"
+    # the weight logged at iteration 2 of 6 is the scaled ramp's (0.0031), not the reference's
+    # 0.1 * exp(-5) = 0.00067 that 150-iteration units would give
+    weights = re.findall(r"consistency_weight ([0-9.]+)", (tmp_path / "a" / "train.log").read_text())
+    assert weights and float(weights[0]) > 0.002
+    assert run_cli(train_main, ["--data", str(tiny_phantom), *TINY, "--no-mlflow", "--schedules", "bugdet"]) == 2
+    assert "schedules: 'bugdet' is invalid; expected 'reference' or 'budget'" in capsys.readouterr().err
 
 
 def test_a_runs_saved_config_reads_its_data_from_any_folder(tiny_phantom, tmp_path, monkeypatch):

@@ -26,7 +26,7 @@ class Adversarial(Strategy):
     hyperparameters = ("consistency", "consistency_rampup", "dan_lr", "base_lr")
 
     def __init__(self, student, *, num_classes: int, in_channels: int = 1, consistency: float = 0.1,
-                 consistency_rampup: float = 200.0, rampup_interval: int = 150, dan_lr: float = 1e-4) -> None:
+                 consistency_rampup: float = 200.0, rampup_interval: float = 150, dan_lr: float = 1e-4) -> None:
         super().__init__(student, num_classes=num_classes, consistency=consistency,
                          consistency_rampup=consistency_rampup, rampup_interval=rampup_interval)
         if not dan_lr > 0:

@@ -47,11 +47,11 @@ class Strategy(nn.Module):
     uses_unlabeled: ClassVar[bool] = True
 
     def __init__(self, student: nn.Module, *, num_classes: int, consistency: float = 0.1,
-                 consistency_rampup: float = 200.0, rampup_interval: int = 150) -> None:
+                 consistency_rampup: float = 200.0, rampup_interval: float = 150) -> None:
         super().__init__()
-        if consistency < 0 or consistency_rampup < 0 or rampup_interval < 1:
+        if consistency < 0 or consistency_rampup < 0 or not rampup_interval > 0:
             raise ValueError(f"{self.name}: consistency and consistency_rampup must be >= 0 and "
-                             f"rampup_interval >= 1 (got {consistency}, {consistency_rampup}, {rampup_interval})")
+                             f"rampup_interval > 0 (got {consistency}, {consistency_rampup}, {rampup_interval})")
         self.student = student
         self.teacher: nn.Module | None = None
         self.ema_decay = 0.0

@@ -24,7 +24,7 @@ class EntropyMinimization(Strategy):
     hyperparameters = ("consistency", "consistency_rampup", "base_lr")
 
     def __init__(self, student, *, num_classes: int, consistency: float = 0.1, consistency_rampup: float = 200.0,
-                 rampup_interval: int = 150, entropy_classes: int = 4) -> None:
+                 rampup_interval: float = 150, entropy_classes: int = 4) -> None:
         super().__init__(student, num_classes=num_classes, consistency=consistency,
                          consistency_rampup=consistency_rampup, rampup_interval=rampup_interval)
         if entropy_classes < 2:

@@ -28,7 +28,7 @@ class InterpolationConsistency(Strategy):
     hyperparameters = ("ict_alpha", "consistency", "consistency_rampup", "ema_decay", "base_lr")
 
     def __init__(self, student, *, num_classes: int, consistency: float = 0.1, consistency_rampup: float = 200.0,
-                 rampup_interval: int = 150, ema_decay: float = 0.99, ict_alpha: float = 0.2,
+                 rampup_interval: float = 150, ema_decay: float = 0.99, ict_alpha: float = 0.2,
                  batch_size: int = 24, labeled_bs: int = 12) -> None:
         super().__init__(student, num_classes=num_classes, consistency=consistency,
                          consistency_rampup=consistency_rampup, rampup_interval=rampup_interval)

@@ -30,7 +30,7 @@ class MeanTeacher(Strategy):
     hyperparameters = ("consistency", "consistency_rampup", "ema_decay", "base_lr", "mt_warmup")
 
     def __init__(self, student, *, num_classes: int, consistency: float = 0.1, consistency_rampup: float = 200.0,
-                 rampup_interval: int = 150, ema_decay: float = 0.99, mt_warmup: int = 1000) -> None:
+                 rampup_interval: float = 150, ema_decay: float = 0.99, mt_warmup: int = 1000) -> None:
         super().__init__(student, num_classes=num_classes, consistency=consistency,
                          consistency_rampup=consistency_rampup, rampup_interval=rampup_interval)
         if mt_warmup < 0:

@@ -40,7 +40,7 @@ class PyramidConsistency(Strategy):
     models = ("unet_ds",)
 
     def __init__(self, student, *, num_classes: int, consistency: float = 0.1, consistency_rampup: float = 200.0,
-                 rampup_interval: int = 150) -> None:
+                 rampup_interval: float = 150) -> None:
         super().__init__(student, num_classes=num_classes, consistency=consistency,
                          consistency_rampup=consistency_rampup, rampup_interval=rampup_interval)
 

@@ -42,7 +42,7 @@ class UncertaintyAwareMeanTeacher(Strategy):
                        "uncertainty_copies", "uncertainty_with_target", "uncertainty_grouped_forward")
 
     def __init__(self, student, *, num_classes: int, max_iterations: int, consistency: float = 0.1,
-                 consistency_rampup: float = 200.0, rampup_interval: int = 150, ema_decay: float = 0.99,
+                 consistency_rampup: float = 200.0, rampup_interval: float = 150, ema_decay: float = 0.99,
                  uncertainty_threshold_start: float = 0.75, uncertainty_threshold_end: float = 1.0,
                  uncertainty_passes: int = 8, uncertainty_copies: int = 2,
                  uncertainty_with_target: bool = False, uncertainty_grouped_forward: bool = False) -> None:
