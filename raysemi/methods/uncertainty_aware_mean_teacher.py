@@ -11,8 +11,8 @@ from raysemi.data.sampler import Batch
 from raysemi.losses import entropy_map
 from raysemi.methods.base import StepInput, Strategy
 from raysemi.methods.mean_teacher import teacher_noise
-from raysemi.models.batch_norm_groups import batch_norm_groups, uses_groupable_batch_norm
 from raysemi.methods.registry import register_method
+from raysemi.models.batch_norm_groups import batch_norm_groups, uses_groupable_batch_norm
 from raysemi.schedules import uncertainty_threshold
 
 
