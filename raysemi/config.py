@@ -81,8 +81,10 @@ class TrainConfig:
     # semi-supervised
     consistency: float = _f(0.1, "final weight of the unsupervised term", "strategy")
     consistency_rampup: float = _f(200.0, "ramp length of the consistency weight, in ramp units", "strategy")
-    rampup_interval: int = _f(150, "iterations per ramp unit (the reference's iter // 150)", "strategy")
-    mt_warmup: int = _f(1000, "mean_teacher: iterations before the consistency term starts (reference: 1000)", "strategy")
+    rampup_interval: int = _f(150, "iterations per ramp unit (the reference's iter // 150; with --schedules budget, "
+                                   "iterations of the reference's 30,000, scaled to --max-iterations)", "strategy")
+    mt_warmup: int = _f(1000, "mean_teacher: iterations before the consistency term starts (reference: 1000; with "
+                              "--schedules budget, of the reference's 30,000, scaled)", "strategy")
     schedules: str = _f("reference", "how rampup_interval and mt_warmup count: 'reference': in iterations, as the "
                                      "reference; 'budget': as set for the reference's 30,000 iterations, scaled to "
                                      "max_iterations (a short search and its full-budget retrain then ramp alike)",

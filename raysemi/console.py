@@ -10,8 +10,20 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from raysemi.loop import Callback, LoopResult, Trainer
+from raysemi.config import TrainConfig
+from raysemi.loop import Callback, LoopResult, Trainer, scaled_schedules
 from raysemi.progress import ProgressBar
+
+
+def scaled_said(config: TrainConfig) -> str:
+    """The start line's account of what `schedules: budget` made of the ramp and warm-up ('' if
+    nothing was scaled)."""
+    scaled = scaled_schedules(config)
+    if not scaled:
+        return ""
+    n = scaled.get("mt_warmup")
+    warmup = f", warm-up {n} iteration{'' if n == 1 else 's'}" if n is not None else ""
+    return f"; schedules scaled to the budget: ramp units of {scaled['rampup_interval']:g} iterations{warmup}"
 
 
 class ConsoleCallback(Callback):
@@ -57,7 +69,7 @@ class ConsoleCallback(Callback):
                    f"{len(trainer.data.val)} validation volumes; model {trainer.model_name}, "
                    f"device {trainer.device}{', bf16' if trainer.amp else ''}"
                    f"{', CUDA graphs' if trainer.cuda_graphs else ''}{', compiled' if trainer.compiled else ''}; "
-                   f"{c.max_iterations} iterations from {trainer.iteration}")
+                   f"{c.max_iterations} iterations from {trainer.iteration}{scaled_said(c)}")
         if self.progress and trainer.iteration < c.max_iterations:
             self.bar = ProgressBar(c.max_iterations, "train", "it", self.progress_stream or self.stream,
                                    initial=trainer.iteration)

@@ -131,6 +131,19 @@ def build_strategy(config: TrainConfig, source: str = "config") -> tuple[str, nn
     return model_name, strategy
 
 
+def scaled_schedules(config: TrainConfig) -> dict[str, float]:
+    """What `schedules: budget` makes of the strategy's --rampup-interval and --mt-warmup (only
+    those it uses), in iterations, for the console and MLflow (`effective/...`); {} when they are
+    taken as given."""
+    cls = get_method(config.method)
+    if config.schedules == "reference" or not cls.uses_unlabeled:
+        return {}
+    interval, warmup = schedule_lengths(config.rampup_interval, config.mt_warmup, config.max_iterations,
+                                        config.schedules)
+    return {"rampup_interval": round(float(interval), 6),
+            **({"mt_warmup": warmup} if "mt_warmup" in cls.hyperparameters else {})}
+
+
 class Trainer:
     """Builds the strategy, its networks and optimisers from a config, and trains them."""
 

@@ -6,6 +6,7 @@ Each one is what the SSL4MIS 2D scripts compute inline; here they are tested in 
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 
 def poly_lr(iteration: int, max_iterations: int, base_lr: float, power: float = 0.9) -> float:
@@ -22,9 +23,10 @@ def sigmoid_rampup(current: float, rampup_length: float) -> float:
     return float(math.exp(-5.0 * (1.0 - t) ** 2))
 
 
-def consistency_weight(iteration: int, consistency: float, rampup: float, interval: float = 150) -> float:
+def consistency_weight(iteration: int, consistency: float, rampup: float, interval: float | Fraction = 150) -> float:
     """`consistency * sigmoid_rampup(iteration // interval, rampup)` (the reference's `iter // 150`;
-    an interval below 1, from `schedules: budget` on a short run, counts several units an iteration)."""
+    an interval below 1, from `schedules: budget` on a short run, counts several units an iteration;
+    a Fraction, as that mode gives, keeps the units' boundaries exact)."""
     return consistency * sigmoid_rampup(iteration // interval, rampup)
 
 
@@ -43,22 +45,29 @@ def uncertainty_threshold(iteration: int, max_iterations: int, start: float = 0.
 REFERENCE_ITERATIONS = 30_000
 #: mean teacher's warm-up in the reference: iterations before its consistency term starts
 REFERENCE_MT_WARMUP = 1000
+#: the reference's iterations per consistency ramp unit (its `iter_num // 150`)
+REFERENCE_RAMPUP_INTERVAL = 150
 
 
 def schedule_lengths(rampup_interval: float, mt_warmup: int, max_iterations: int,
-                     mode: str = "reference") -> tuple[float, int]:
+                     mode: str = "reference") -> tuple[float | Fraction, int]:
     """The iterations per ramp unit and of mean teacher's warm-up a run uses. 'reference': as given;
-    'budget': given for the reference's 30,000 iterations and scaled to `max_iterations` (a ramp
-    unit may then be a fraction of an iteration: the ramp still spans the same share of the run)."""
+    'budget': given for the reference's 30,000 iterations and scaled to `max_iterations`. A ramp
+    unit may then be a fraction of an iteration (the ramp still spans the same share of the run);
+    it is an exact Fraction, so unit k starts at the iteration where k units of the reference's
+    would, scaled and rounded down, at every budget (a float product lands some a step late). A
+    warm-up is at least 1 iteration when it is not 0, so a term the config delays is never on at
+    the first step."""
     if mode == "reference":
         return rampup_interval, mt_warmup
     if mode != "budget":
         raise ValueError(f"schedules: {mode!r}; expected 'reference' or 'budget'")
-    scale = max_iterations / REFERENCE_ITERATIONS
-    return rampup_interval * scale, round(mt_warmup * scale)
+    scale = Fraction(max_iterations, REFERENCE_ITERATIONS)
+    warmup = max(1, round(mt_warmup * scale)) if mt_warmup > 0 else 0
+    return Fraction(rampup_interval) * scale, warmup
 
 
-def ramp_reached(max_iterations: int, rampup: float, interval: float) -> float:
+def ramp_reached(max_iterations: int, rampup: float, interval: float | Fraction) -> float:
     """The fraction of the final consistency weight that a run of `max_iterations` reaches at its
     last iteration."""
     return sigmoid_rampup((max_iterations - 1) // interval, rampup)
@@ -80,20 +89,23 @@ def short_budget_note(max_iterations: int, reached: dict[str, float], warmups: d
     its final value, or a term is off for half the run or more. It suggests the reference's
     schedules scaled to the budget: a ramp of `rampup` units that spans the run (as 200 units of
     150 span its 30,000; with fewer iterations than units, units of 1 iteration, as many as the run
-    has), and the warm-up's share; with `--schedules budget`, the values that it scales so."""
+    has), and the warm-up's share; with `--schedules budget`, the values that it scales so (in
+    iterations of the reference's 30,000)."""
     weak = {m: r for m, r in reached.items() if r < 0.5}
     late = {m: w for m, w in warmups.items() if w >= max_iterations / 2}
     if not weak and not late:
         return None
     parts, fix = [], []
     if weak:
+        unit = ("iterations of the reference's 30,000, scaled to this run by --schedules budget" if mode == "budget"
+                else "iterations")
         parts.append(f"the consistency weight reaches at most {max(weak.values()):.0%} of --consistency by the last "
                      f"iteration ({', '.join(weak)}; its ramp is --consistency-rampup units of --rampup-interval "
-                     "iterations)")
+                     f"{unit})")
         units = rampup if rampup > 0 else 200.0
-        interval = round((REFERENCE_ITERATIONS if mode == "budget" else max_iterations) / units)
-        fix.append(f"--rampup-interval {interval}" if interval >= 1 else
-                   f"--rampup-interval 1 --consistency-rampup {max_iterations}")
+        span = REFERENCE_ITERATIONS if mode == "budget" else max_iterations  # what the ramp should span
+        fix.append(f"--rampup-interval {max(1, round(span / units))}" if units <= span else
+                   f"--rampup-interval 1 --consistency-rampup {span}")
     for m, w in late.items():
         span = "throughout" if w >= max_iterations else f"for the first {w:,} of them"
         parts.append(f"{m}'s consistency term is off {span}" + (f" (--mt-warmup {w})" if mode != "budget" else ""))
@@ -103,6 +115,11 @@ def short_budget_note(max_iterations: int, reached: dict[str, float], warmups: d
     if mode == "budget":
         return (f"note: in {max_iterations:,} iterations {'; '.join(parts)}. The reference's schedules, which "
                 f"--schedules budget scales to this budget: {' '.join(fix)} (README: Short budgets)")
+    # values a user scaled by hand would be scaled again: --schedules budget wants the reference's
+    own = ([f"--rampup-interval {REFERENCE_RAMPUP_INTERVAL}"] if weak else []) + \
+        ([f"--mt-warmup {REFERENCE_MT_WARMUP}"] if late else [])
     return (f"note: in {max_iterations:,} iterations {'; '.join(parts)}. The reference's schedules (set for "
-            f"{REFERENCE_ITERATIONS:,} iterations) scaled to this budget: {' '.join(fix)}; or --schedules budget, "
-            "which scales them to any --max-iterations (README: Short budgets)")
+            f"{REFERENCE_ITERATIONS:,} iterations) scaled to this budget: {' '.join(fix)}; or --schedules budget "
+            f"with the reference's {'values' if len(own) > 1 else 'value'} (the "
+            f"{'defaults' if len(own) > 1 else 'default'}, {' '.join(own)}), which it scales to any --max-iterations "
+            "(README: Short budgets)")

@@ -664,8 +664,8 @@ def _search(args, methods, spaces, base: TrainConfig, dataset, uri: str, storage
           f"retrain it at full budget on several seeds, scored on the test split: python -m raysemi.train "
           f"--config {exp_dir / 'best_config.yaml'} --max-iterations 30000 --seeds 3 "
           + ("(its --schedules budget scales the ramp and warm-up to that budget)" if base.schedules == "budget" else
-             "(reset --rampup-interval and --mt-warmup if the search scaled them down, or search with --schedules "
-             "budget)"))
+             "(reset --rampup-interval 150 --mt-warmup 1000 if the search scaled them down; a search with "
+             "--schedules budget and those values scales them itself)"))
     return 0
 
 

@@ -35,9 +35,11 @@ LONG_S = 3600.0
 #: once the strategies timed so far put the estimate (the rest scaled by RELATIVE_COST) past this, the
 #: rest are not timed: `--method all` at 256x256 would spend minutes timing a search of weeks
 ENOUGH_S = 10 * LONG_S
-#: the README's quick start, the way out of a long CPU search
+#: the README's quick start, the way out of a long CPU search (QUICK_START_SCHEDULES: its
+#: schedules scaled to 300 iterations by hand, left out under --schedules budget, which scales them)
 QUICK_START = ("--patch-size 64 64 --batch-size 8 --labeled-bs 4 --labeled-patients 3 --max-iterations 300 "
-               "--eval-interval 100 --mt-warmup 10 --rampup-interval 2")
+               "--eval-interval 100")
+QUICK_START_SCHEDULES = "--mt-warmup 10 --rampup-interval 2"
 
 
 def rungs(max_iterations: int, grace: int, reduction_factor: float, eval_interval: int) -> list[int]:
@@ -214,12 +216,14 @@ def estimate_line(base: TrainConfig, steps: dict[str, float], *, num_samples: in
                          f"{'it' if len(timed_names) == 1 else 'them'} by their usual relative cost, as the estimate "
                          f"was already over {ENOUGH_S / 3600:g} hours")
     if base.compiles("cpu"):
-        threads_said += "; timed uncompiled: compile: on trials first spend a compile warm-up, then run at a speed not measured here"
+        threads_said += ("; timed uncompiled: compile: on trials first spend a compile warm-up, then run at a speed "
+                         "not measured here")
     what = (f"{timed} on {where}'s CPU ({threads_said}); {plural(num_samples, 'trial')} x "
             f"{plural(seeds, 'seed')} x {plural(base.max_iterations, 'iteration')}, {concurrency} at once, take "
             f"about {format_long(asha)} if ASHA stops trials as designed (a floor), {format_long(full)} if it stops "
             "none (validations not counted)")
     if asha < LONG_S:
         return f"estimate: {what}"
-    return (f"warning: {what}. For a first look on CPUs use small sizes (the README's quick start: {QUICK_START}), "
+    quick = QUICK_START if base.schedules == "budget" else f"{QUICK_START} {QUICK_START_SCHEDULES}"
+    return (f"warning: {what}. For a first look on CPUs use small sizes (the README's quick start: {quick}), "
             "or GPUs (--gpus N); Ctrl-C stops the search and --resume continues it")

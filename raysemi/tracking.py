@@ -43,7 +43,7 @@ import numpy as np
 from raysemi import checkpoint
 from raysemi.errors import UserError
 from raysemi.files import write_text_atomic
-from raysemi.loop import Callback, LoopResult, Trainer
+from raysemi.loop import Callback, LoopResult, Trainer, scaled_schedules
 
 DEFAULT_DB = "mlflow.db"
 #: a run folder's record of its MLflow run, read by a resume
@@ -329,7 +329,8 @@ class MLflowCallback(Callback):
         self._compile_failure_tagged = False
 
     def on_train_start(self, trainer: Trainer) -> None:
-        self.run.log_params(flat_params(trainer.config.saved_dict()))
+        self.run.log_params({**flat_params(trainer.config.saved_dict()),
+                             **{f"effective/{k}": v for k, v in scaled_schedules(trainer.config).items()}})
         paths = trainer.speed_path
         self.run.set_tags({"strategy": trainer.config.method, "model": trainer.model_name, **paths,
                            **path_history(self.run.tags or {}, paths, trainer.iteration)})
@@ -630,14 +631,17 @@ def make_tune_callback(uri: str, experiment: str, parent_run_id: str, state_file
         @staticmethod
         def _log_config(run: MLflowRun, values: dict[str, Any]) -> None:
             """The trial's resolved config as config.yaml, so `raysemi.train --from-run <trial run>`
-            reads it back exactly (the params, strings, are its fallback)."""
+            reads it back exactly (the params, strings, are its fallback); and what `schedules:
+            budget` made of its ramp and warm-up, as `effective/...` params, as a training run logs."""
             import tempfile
 
             from raysemi.config import from_dict, save_yaml
 
             try:
+                config = from_dict(values, source="trial config")
+                run.log_params({f"effective/{k}": v for k, v in scaled_schedules(config).items()})
                 with tempfile.TemporaryDirectory() as d:
-                    run.log_artifact(save_yaml(from_dict(values, source="trial config"), Path(d) / "config.yaml"))
+                    run.log_artifact(save_yaml(config, Path(d) / "config.yaml"))
             except Exception as err:  # never let a missing artifact stop the search
                 print(f"warning: trial {run.run_id}: config.yaml not logged ({err})", flush=True)
 

@@ -179,7 +179,7 @@ def test_search_trial_runs_log_their_config_for_from_run(store, tmp_path):
     from raysemi.tracking import MLflowRun, make_tune_callback
 
     parent = MLflowRun(store["uri"], "search-exp", "search")
-    base = TrainConfig(data="x", max_iterations=40).to_dict()
+    base = TrainConfig(data="x", max_iterations=40, schedules="budget").to_dict()
     callback = make_tune_callback(store["uri"], "search-exp", parent.run_id, tmp_path / "state.json", base, 40)
 
     class Trial:
@@ -190,6 +190,11 @@ def test_search_trial_runs_log_their_config_for_from_run(store, tmp_path):
     values, source = config_from_run(callback.runs["t0001"], store["uri"])
     assert source.endswith("(config.yaml)")
     assert values["consistency"] == 0.37 and values["ema_decay"] == 0.95 and values["max_iterations"] == 40
+    # what --schedules budget made of the ramp and warm-up at 40 iterations: 150 x 40 / 30,000, and
+    # 1000 x 40 / 30,000 rounded (at least 1)
+    params = MlflowClient(tracking_uri=store["uri"]).get_run(callback.runs["t0001"]).data.params
+    assert values["schedules"] == "budget"
+    assert (params["effective/rampup_interval"], params["effective/mt_warmup"]) == ("0.2", "1")
 
 
 # ---- resume ---------------------------------------------------------------------------------------

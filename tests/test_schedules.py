@@ -53,7 +53,7 @@ def test_ramp_reached_is_the_weight_at_the_last_iteration():
 
 
 def test_short_budget_note_says_what_stays_off_and_the_scaled_values():
-    from raysemi.schedules import ramp_reached, short_budget_note
+    from raysemi.schedules import ramp_reached, schedule_lengths, short_budget_note
 
     assert short_budget_note(30_000, {"mean_teacher": 0.99}, {"mean_teacher": 1000}) is None
     assert short_budget_note(300, {"mean_teacher": 0.72}, {"mean_teacher": 10}) is None  # the quick start
@@ -63,8 +63,9 @@ def test_short_budget_note_says_what_stays_off_and_the_scaled_values():
                     "iteration (mean_teacher, entropy_minimization; its ramp is --consistency-rampup units of "
                     "--rampup-interval iterations); mean_teacher's consistency term is off throughout (--mt-warmup "
                     "1000). The reference's schedules (set for 30,000 iterations) scaled to this budget: "
-                    "--rampup-interval 5 --mt-warmup 33; or --schedules budget, which scales them to any "
-                    "--max-iterations (README: Short budgets)")
+                    "--rampup-interval 5 --mt-warmup 33; or --schedules budget with the reference's values (the "
+                    "defaults, --rampup-interval 150 --mt-warmup 1000), which it scales to any --max-iterations "
+                    "(README: Short budgets)")
     assert ": --rampup-interval 5; or --schedules budget" in short_budget_note(1000, {"mean_teacher": 0.49}, {})
     # the suggested ramp spans the run whatever its units: 2000 of them over 10,000 iterations is 5 a unit
     assert ": --rampup-interval 5; or" in short_budget_note(10_000, {"mean_teacher": 0.1}, {}, rampup=2000)
@@ -73,17 +74,26 @@ def test_short_budget_note_says_what_stays_off_and_the_scaled_values():
     # with --schedules budget, the values it scales: the reference's own for its 200 units
     assert short_budget_note(1000, {"mean_teacher": 0.01}, {"mean_teacher": 667}, mode="budget") == (
         "note: in 1,000 iterations the consistency weight reaches at most 1% of --consistency by the last iteration "
-        "(mean_teacher; its ramp is --consistency-rampup units of --rampup-interval iterations); mean_teacher's "
-        "consistency term is off for the first 667 of them. The reference's schedules, which --schedules budget "
-        "scales to this budget: --rampup-interval 150 --mt-warmup 1000 (README: Short budgets)")
-    for budget, rampup in ((40, 200), (1000, 200), (10_000, 2000), (300, 20)):  # and the suggestion is enough
-        note = short_budget_note(budget, {"m": 0.0}, {}, rampup)
-        suggested = note.split("to this budget: ")[1].split(";")[0].split()
+        "(mean_teacher; its ramp is --consistency-rampup units of --rampup-interval iterations of the reference's "
+        "30,000, scaled to this run by --schedules budget); mean_teacher's consistency term is off for the first 667 "
+        "of them. The reference's schedules, which --schedules budget scales to this budget: --rampup-interval 150 "
+        "--mt-warmup 1000 (README: Short budgets)")
+    # more units than the reference's 30,000 iterations: units of one of them, 30,000 of them
+    assert ": --rampup-interval 1 --consistency-rampup 30000 (README" in short_budget_note(
+        1000, {"m": 0.0}, {}, rampup=100_000, mode="budget")
+    # and the suggestion is enough, in iterations or (budget) scaled from the reference's
+    for budget, rampup, mode in ((40, 200, "reference"), (1000, 200, "reference"), (10_000, 2000, "reference"),
+                                 (300, 20, "reference"), (1000, 1900, "reference"), (1000, 1400, "reference"),
+                                 (1000, 200, "budget"), (300, 45_000, "budget"), (300, 100_000, "budget")):
+        note = short_budget_note(budget, {"m": 0.0}, {}, rampup, mode=mode)
+        suggested = note.split("to this budget: ")[1].split(";")[0].split(" (README")[0].split()
         values = dict(zip(suggested[::2], map(float, suggested[1::2])))
-        assert ramp_reached(budget, values.get("--consistency-rampup", rampup), int(values["--rampup-interval"])) > 0.9
+        interval, _ = schedule_lengths(int(values["--rampup-interval"]), 0, budget, mode)
+        assert ramp_reached(budget, values.get("--consistency-rampup", rampup), interval) > 0.9, (budget, rampup, mode)
     only_warmup = short_budget_note(1000, {"mean_teacher": 0.8}, {"mean_teacher": 500})
     assert "off for the first 500 of them (--mt-warmup 500)" in only_warmup and "ramp" not in only_warmup
-    assert ": --mt-warmup 33; or --schedules budget" in only_warmup
+    assert ": --mt-warmup 33; or --schedules budget with the reference's value (the default, --mt-warmup 1000)," \
+        in only_warmup
 
 
 def test_a_searchs_budget_note_counts_the_soonest_ramp_its_spaces_can_draw():
@@ -121,9 +131,26 @@ def test_budget_schedules_scale_the_reference_lengths_to_the_run():
     assert schedule_lengths(150, 1000, 300, "reference") == (150, 1000)
     assert ramp_reached(300, 200, 1.5) == pytest.approx(math.exp(-5 * (1 / 200) ** 2))  # unit 199 of 200
     assert consistency_weight(299, 0.1, 200, 1.5) == pytest.approx(0.1 * math.exp(-5 * (1 / 200) ** 2))
-    assert consistency_weight(3, 0.1, 200, 0.03) == pytest.approx(0.1 * math.exp(-5 * (1 - 100 / 200) ** 2))
+    interval = schedule_lengths(150, 1000, 6, "budget")[0]  # 0.03: 33 1/3 units an iteration
+    assert consistency_weight(3, 0.1, 200, interval) == pytest.approx(0.1 * math.exp(-5 * (1 - 100 / 200) ** 2))
+    assert schedule_lengths(150, 1000, 10, "budget")[1] == 1  # a scaled warm-up is never 0 ...
+    assert schedule_lengths(150, 0, 10, "budget")[1] == 0  # ... unless there is none
     with pytest.raises(ValueError, match="schedules: 'bugdet'"):
         schedule_lengths(150, 1000, 300, "bugdet")
+
+
+def test_budget_ramp_units_start_where_the_references_scaled_down_do():
+    """Unit k of a budget-scaled ramp starts at the first iteration i with i * 30,000 >= k * 150 * N,
+    at every budget N: an exact quotient. A float product lands some boundaries a step late (at 12
+    iterations, 150 x 12 / 30,000 = 0.06000000000000001, and iteration 3 counted 49 units, not 50)."""
+    from raysemi.schedules import schedule_lengths
+
+    assert 3 // schedule_lengths(150, 1000, 12, "budget")[0] == 50
+    for budget in range(10, 200):
+        for rampup_interval in (150, 7):
+            interval = schedule_lengths(rampup_interval, 1000, budget, "budget")[0]
+            units = [i // interval for i in range(budget)]
+            assert units == [i * 30_000 // (rampup_interval * budget) for i in range(budget)], (budget, rampup_interval)
 
 
 def test_a_strategy_built_with_budget_schedules_ramps_over_its_run():

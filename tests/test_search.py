@@ -16,6 +16,7 @@ import time
 import warnings
 
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 from raysemi.errors import UserError, run_cli
@@ -81,8 +82,9 @@ def test_search_ends_by_saying_where_its_results_are(search_run):
     assert ("note: in 40 iterations the consistency weight reaches at most 1% of --consistency by the last iteration "
             "(entropy_minimization, mean_teacher; its ramp is --consistency-rampup units of --rampup-interval "
             "iterations). The reference's schedules (set for 30,000 iterations) scaled to this budget: "
-            "--rampup-interval 1 --consistency-rampup 40; or --schedules budget, which scales them to any "
-            "--max-iterations (README: Short budgets)") in search_run["out"].splitlines()
+            "--rampup-interval 1 --consistency-rampup 40; or --schedules budget with the reference's values (the "
+            "defaults, --rampup-interval 150 --mt-warmup 1000), which it scales to any --max-iterations (README: "
+            "Short budgets)") in search_run["out"].splitlines()
     spaces = search_run["tmp"] / "spaces"
     assert (f"search spaces: supervised from {spaces / 'supervised.yaml'}; entropy_minimization from "
             f"{spaces / 'entropy_minimization.yaml'}; mean_teacher from {spaces / 'mean_teacher.yaml'}"
@@ -921,10 +923,15 @@ def test_start_at_defaults_runs_the_base_config_first_and_the_leaderboard_marks_
                                               "ema_decay: {type: choice, values: [0.9, 0.99]}\n")
     args = ["--method", "supervised,mt", "--data", str(tiny_phantom), *TINY, "--max-iterations", "20",
             "--num-samples", "3", "--search-space", str(spaces), "--consistency", "0.2", "--start-at-defaults",
-            "--seed", "5", "--name", "d", "--storage", str(tmp_path / "runs"),
+            "--seed", "5", "--name", "d", "--storage", str(tmp_path / "runs"), "--schedules", "budget",
             "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]
     assert run_cli(search_main, args) == 0
     out = capsys.readouterr().out.splitlines()
+    # --schedules budget: the reference's ramp and warm-up scaled to 20 iterations (nothing to say
+    # before the trials), the mode in best_config.yaml, and the last line says nothing needs resetting
+    assert not any(line.startswith("note: in 20 iterations") for line in out)
+    assert yaml.safe_load((tmp_path / "runs" / "d" / "best_config.yaml").read_text())["schedules"] == "budget"
+    assert out[-1].endswith("--seeds 3 (its --schedules budget scales the ramp and warm-up to that budget)")
     # the base config is the reference defaults with the flags' changes (--consistency 0.2)
     assert ("first trials at the base config: supervised (base_lr 0.01); mean_teacher (consistency 0.2, "
             "ema_decay 0.99)") in out
@@ -940,6 +947,10 @@ def test_start_at_defaults_runs_the_base_config_first_and_the_leaderboard_marks_
     assert sum(line.endswith("(base config)") for line in out) == marks.count("true")  # the printed leaderboard
     _, _, kids = children(f"sqlite:///{tmp_path / 'm.db'}", "raysemi-search")  # and MLflow, to filter by
     assert sorted(k.data.tags["at_base_config"] for k in kids) == sorted(marks)
+    assert {(k.data.params["method"], k.data.params.get("effective/rampup_interval"),
+             k.data.params.get("effective/mt_warmup")) for k in kids} >= {("mean_teacher", "0.1", "0")}  # TINY: --mt-warmup 0
+    assert all("effective/rampup_interval" not in k.data.params for k in kids if k.data.params["method"] ==
+               "supervised")  # nothing ramps
     assert json.loads((tmp_path / "runs" / "d" / "raysemi_search.json").read_text())["start_at_defaults"] is True
 
 

@@ -12,8 +12,9 @@ import torch
 
 from raysemi.config import TrainConfig
 from raysemi.data import load_dataset
-from raysemi.search_budget import (ENOUGH_S, QUICK_START, RELATIVE_COST, enough_timed, estimate_line, far_past,
-                                   looks_long, rungs, scaled_steps, seconds_per_step, time_steps, wall_iterations)
+from raysemi.search_budget import (ENOUGH_S, QUICK_START, QUICK_START_SCHEDULES, RELATIVE_COST, enough_timed,
+                                   estimate_line, far_past, looks_long, rungs, scaled_steps, seconds_per_step,
+                                   time_steps, wall_iterations)
 from tests.conftest import tiny_config
 
 
@@ -115,7 +116,11 @@ def test_the_estimate_line_gives_the_numbers_and_the_way_out():
     assert line.startswith("warning: one mean_teacher training step at 256x256, batch 24, took 19.00 s on this "
                            "machine's CPU (1 thread); 16 trials x 2 seeds x 30,000 iterations, 2 at once, take "
                            "about 47.6 days if ASHA stops trials as designed (a floor), 105.6 days if it stops none")
-    assert f"(the README's quick start: {QUICK_START})" in line and "--mt-warmup 10" in QUICK_START
+    assert f"(the README's quick start: {QUICK_START} {QUICK_START_SCHEDULES})" in line
+    assert QUICK_START_SCHEDULES == "--mt-warmup 10 --rampup-interval 2"
+    # under --schedules budget the hand-scaled values would be scaled again: left out
+    budget_line = estimate_line(base.replace(schedules="budget"), {"mean_teacher": 19.0}, **sizes)
+    assert f"(the README's quick start: {QUICK_START})" in budget_line and "--mt-warmup" not in budget_line
     assert "--resume" in line and "\n" not in line
     # several strategies: the range, and their mean for the estimate
     line = estimate_line(base, {"supervised": 20.0, "uncertainty_aware_mean_teacher": 50.0, "mean_teacher": 20.0},

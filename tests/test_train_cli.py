@@ -95,14 +95,25 @@ def test_resume_alone_takes_the_checkpoints_config_and_folder(tiny_phantom, tmp_
 def test_budget_schedules_train_without_the_short_budget_note_and_are_saved(tiny_phantom, tmp_path, monkeypatch,
                                                                              capsys):
     """`--schedules budget`: the reference's ramp and warm-up scaled to the 6 iterations (nothing to
-    say before training), the consistency weight at its full value by the end, and the mode in the
-    run's config.yaml, so a retrain at another --max-iterations scales them again."""
+    say before training), the consistency weight at its full value by the end, the mode in the
+    run's config.yaml, so a retrain at another --max-iterations scales them again, and the scaled
+    values on the console and in MLflow (a resume to a longer budget rescales them: a tag says so)."""
     monkeypatch.chdir(tmp_path)
-    assert run_cli(train_main, ["--data", str(tiny_phantom), *TINY, "--no-mlflow", "--method", "mean_teacher",
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert run_cli(train_main, ["--data", str(tiny_phantom), *TINY, "--method", "mean_teacher",
                                 "--schedules", "budget", "--output", "a"]) == 0
     out = capsys.readouterr().out
     assert "note: in 6 iterations" not in out and "Short budgets" not in out
+    assert ("6 iterations from 0; schedules scaled to the budget: ramp units of 0.03 iterations, warm-up 1 "
+            "iteration\n") in out
     assert yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())["schedules"] == "budget"
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("raysemi").experiment_id])
+    assert (run.data.params["effective/rampup_interval"], run.data.params["effective/mt_warmup"]) == ("0.03", "1")
+    assert run_cli(train_main, ["--resume", "a/last.pt", "--max-iterations", "12"]) == 0
+    (run,) = client.search_runs([client.get_experiment_by_name("raysemi").experiment_id])
+    assert run.data.tags["resumed/effective/rampup_interval"] == "0.06"
+    assert "resumed/effective/mt_warmup" not in run.data.tags  # still 1 at 12 iterations: unchanged, no tag
     # the weight logged at iteration 2 of 6 is the scaled ramp's (0.0031), not the reference's
     # 0.1 * exp(-5) = 0.00067 that 150-iteration units would give
     weights = re.findall(r"consistency_weight ([0-9.]+)", (tmp_path / "a" / "train.log").read_text())
