@@ -11,19 +11,19 @@ from pathlib import Path
 from typing import TextIO
 
 from raysemi.config import TrainConfig
-from raysemi.loop import Callback, LoopResult, Trainer, scaled_schedules
+from raysemi.loop import Callback, LoopResult, Trainer, effective_schedules
 from raysemi.progress import ProgressBar
 
 
 def scaled_said(config: TrainConfig) -> str:
     """The start line's account of what `schedules: budget` made of the ramp and warm-up ('' if
     nothing was scaled)."""
-    scaled = scaled_schedules(config)
-    if not scaled:
+    scaled = effective_schedules(config)
+    if not scaled or config.schedules != "budget":
         return ""
     n = scaled.get("mt_warmup")
     warmup = f", warm-up {n} iteration{'' if n == 1 else 's'}" if n is not None else ""
-    return f"; schedules scaled to the budget: ramp units of {scaled['rampup_interval']:g} iterations{warmup}"
+    return f"; schedules scaled to the budget: ramp units of {scaled['rampup_interval']:.6g} iterations{warmup}"
 
 
 class ConsoleCallback(Callback):

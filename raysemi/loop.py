@@ -131,17 +131,17 @@ def build_strategy(config: TrainConfig, source: str = "config") -> tuple[str, nn
     return model_name, strategy
 
 
-def scaled_schedules(config: TrainConfig) -> dict[str, float]:
-    """What `schedules: budget` makes of the strategy's --rampup-interval and --mt-warmup (only
-    those it uses), in iterations, for the console and MLflow (`effective/...`); {} when they are
-    taken as given."""
+def effective_schedules(config: TrainConfig) -> dict[str, float]:
+    """The strategy's ramp unit and warm-up in iterations (only those it uses; {} for one without
+    unlabeled data), as `schedules` makes them of --rampup-interval and --mt-warmup: for the
+    console and MLflow (`effective/...`, logged in either mode, so a resume that changes the mode
+    or, under 'budget', --max-iterations is tagged `resumed/effective/...`)."""
     cls = get_method(config.method)
-    if config.schedules == "reference" or not cls.uses_unlabeled:
+    if not cls.uses_unlabeled:
         return {}
     interval, warmup = schedule_lengths(config.rampup_interval, config.mt_warmup, config.max_iterations,
                                         config.schedules)
-    return {"rampup_interval": round(float(interval), 6),
-            **({"mt_warmup": warmup} if "mt_warmup" in cls.hyperparameters else {})}
+    return {"rampup_interval": float(interval), **({"mt_warmup": warmup} if "mt_warmup" in cls.hyperparameters else {})}
 
 
 class Trainer:

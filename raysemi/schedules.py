@@ -54,8 +54,8 @@ def schedule_lengths(rampup_interval: float, mt_warmup: int, max_iterations: int
     """The iterations per ramp unit and of mean teacher's warm-up a run uses. 'reference': as given;
     'budget': given for the reference's 30,000 iterations and scaled to `max_iterations`. A ramp
     unit may then be a fraction of an iteration (the ramp still spans the same share of the run);
-    it is an exact Fraction, so unit k starts at the iteration where k units of the reference's
-    would, scaled and rounded down, at every budget (a float product lands some a step late). A
+    it is an exact Fraction, so unit k starts at the first iteration at or after k scaled units
+    (where the reference's would, scaled), at every budget (a float product lands some a step late). A
     warm-up is at least 1 iteration when it is not 0, so a term the config delays is never on at
     the first step."""
     if mode == "reference":
@@ -86,40 +86,52 @@ def short_budget_note(max_iterations: int, reached: dict[str, float], warmups: d
     fraction of its final consistency weight reached by the last iteration (the most a search
     could draw); `warmups`: strategy -> iterations its consistency term is off at least; `rampup`:
     the run's --consistency-rampup; `mode`: its --schedules. Said when a weight stays under half
-    its final value, or a term is off for half the run or more. It suggests the reference's
-    schedules scaled to the budget: a ramp of `rampup` units that spans the run (as 200 units of
-    150 span its 30,000; with fewer iterations than units, units of 1 iteration, as many as the run
-    has), and the warm-up's share; with `--schedules budget`, the values that it scales so (in
-    iterations of the reference's 30,000)."""
+    its final value, or a term is off for half the run or more (under 'budget', not for the
+    1-iteration floor of a scaled warm-up). It suggests the reference's schedules scaled to the
+    budget (`suggested_schedules`); under 'reference', also the values for `--schedules budget`."""
     weak = {m: r for m, r in reached.items() if r < 0.5}
-    late = {m: w for m, w in warmups.items() if w >= max_iterations / 2}
+    late = {m: w for m, w in warmups.items() if w >= max_iterations / 2 and (mode != "budget" or w > 1)}
     if not weak and not late:
         return None
-    parts, fix = [], []
+    parts = []
     if weak:
         unit = ("iterations of the reference's 30,000, scaled to this run by --schedules budget" if mode == "budget"
                 else "iterations")
         parts.append(f"the consistency weight reaches at most {max(weak.values()):.0%} of --consistency by the last "
                      f"iteration ({', '.join(weak)}; its ramp is --consistency-rampup units of --rampup-interval "
                      f"{unit})")
-        units = rampup if rampup > 0 else 200.0
-        span = REFERENCE_ITERATIONS if mode == "budget" else max_iterations  # what the ramp should span
-        fix.append(f"--rampup-interval {max(1, round(span / units))}" if units <= span else
-                   f"--rampup-interval 1 --consistency-rampup {span}")
     for m, w in late.items():
         span = "throughout" if w >= max_iterations else f"for the first {w:,} of them"
         parts.append(f"{m}'s consistency term is off {span}" + (f" (--mt-warmup {w})" if mode != "budget" else ""))
-    if late:
-        warmup = REFERENCE_MT_WARMUP if mode == "budget" else scaled_to_budget(REFERENCE_MT_WARMUP, max_iterations)
-        fix.append(f"--mt-warmup {warmup}")
+    said = f"note: in {max_iterations:,} iteration{'' if max_iterations == 1 else 's'} {'; '.join(parts)}. "
+    fix = suggested_schedules(max_iterations, rampup, bool(weak), bool(late), mode)
     if mode == "budget":
-        return (f"note: in {max_iterations:,} iterations {'; '.join(parts)}. The reference's schedules, which "
-                f"--schedules budget scales to this budget: {' '.join(fix)} (README: Short budgets)")
-    # values a user scaled by hand would be scaled again: --schedules budget wants the reference's
-    own = ([f"--rampup-interval {REFERENCE_RAMPUP_INTERVAL}"] if weak else []) + \
-        ([f"--mt-warmup {REFERENCE_MT_WARMUP}"] if late else [])
-    return (f"note: in {max_iterations:,} iterations {'; '.join(parts)}. The reference's schedules (set for "
-            f"{REFERENCE_ITERATIONS:,} iterations) scaled to this budget: {' '.join(fix)}; or --schedules budget "
-            f"with the reference's {'values' if len(own) > 1 else 'value'} (the "
-            f"{'defaults' if len(own) > 1 else 'default'}, {' '.join(own)}), which it scales to any --max-iterations "
+        return (f"{said}The reference's schedules, which --schedules budget scales to this budget: {fix} "
+                "(README: Short budgets)")
+    # values scaled by hand would be scaled again: --schedules budget wants them as for 30,000 iterations
+    scaled = suggested_schedules(max_iterations, rampup, bool(weak), bool(late), "budget")
+    own = (f"--rampup-interval {REFERENCE_RAMPUP_INTERVAL}" if weak else "",
+           f"--mt-warmup {REFERENCE_MT_WARMUP}" if late else "")
+    whose = ((" (the reference's values, the defaults)" if weak and late else " (the reference's value, the default)")
+             if scaled == " ".join(v for v in own if v) else "")
+    return (f"{said}The reference's schedules (set for {REFERENCE_ITERATIONS:,} iterations) scaled to this budget: "
+            f"{fix}; or --schedules budget with {scaled}{whose}, which it scales to any --max-iterations "
             "(README: Short budgets)")
+
+
+def suggested_schedules(max_iterations: int, rampup: float, ramp: bool, warmup: bool, mode: str) -> str:
+    """The flags that give the reference's schedules at this budget: for the `ramp`, a
+    --rampup-interval that makes `rampup` units (200 if 0) span the run, as 200 units of 150 span
+    the reference's 30,000 (rounded, so up to 1.5 times it; with fewer iterations than units,
+    units of 1 iteration and as many as the run has), and for the `warmup`, mean teacher's share
+    of the run. Under 'budget' they are given for 30,000 iterations, which it scales."""
+    flags = []
+    if ramp:
+        units = rampup if rampup > 0 else 200.0
+        span = REFERENCE_ITERATIONS if mode == "budget" else max_iterations  # what the ramp should span
+        flags.append(f"--rampup-interval {max(1, round(span / units))}" if units <= span else
+                     f"--rampup-interval 1 --consistency-rampup {span}")
+    if warmup:
+        scaled = REFERENCE_MT_WARMUP if mode == "budget" else scaled_to_budget(REFERENCE_MT_WARMUP, max_iterations)
+        flags.append(f"--mt-warmup {scaled}")
+    return " ".join(flags)

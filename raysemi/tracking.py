@@ -41,9 +41,10 @@ from typing import Any
 import numpy as np
 
 from raysemi import checkpoint
+from raysemi.config import TrainConfig
 from raysemi.errors import UserError
 from raysemi.files import write_text_atomic
-from raysemi.loop import Callback, LoopResult, Trainer, scaled_schedules
+from raysemi.loop import Callback, LoopResult, Trainer, effective_schedules
 
 DEFAULT_DB = "mlflow.db"
 #: a run folder's record of its MLflow run, read by a resume
@@ -128,6 +129,12 @@ def experiment_id(client: Any, name: str, uri: str) -> str:
 
 def flat_params(config: dict[str, Any]) -> dict[str, str]:
     return {k: (" ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)) for k, v in config.items()}
+
+
+def effective_params(config: TrainConfig) -> dict[str, str]:
+    """`effective/rampup_interval` and `effective/mt_warmup`: the ramp unit and warm-up in
+    iterations that the run trains with (`raysemi.loop.effective_schedules`), to 6 digits."""
+    return {f"effective/{k}": f"{v:.6g}" for k, v in effective_schedules(config).items()}
 
 
 # config fields that say where a run is logged and written, not what it trains: a resume that leaves
@@ -330,7 +337,7 @@ class MLflowCallback(Callback):
 
     def on_train_start(self, trainer: Trainer) -> None:
         self.run.log_params({**flat_params(trainer.config.saved_dict()),
-                             **{f"effective/{k}": v for k, v in scaled_schedules(trainer.config).items()}})
+                             **effective_params(trainer.config)})
         paths = trainer.speed_path
         self.run.set_tags({"strategy": trainer.config.method, "model": trainer.model_name, **paths,
                            **path_history(self.run.tags or {}, paths, trainer.iteration)})
@@ -563,7 +570,6 @@ def make_tune_callback(uri: str, experiment: str, parent_run_id: str, state_file
 
     DRIVER_SEARCHES[parent_run_id] = (uri, Path(state_file))
 
-    from raysemi.config import TrainConfig
     from raysemi.search_space import at_base_config, trial_values
     from raysemi.trainable import METRIC
 
@@ -639,11 +645,11 @@ def make_tune_callback(uri: str, experiment: str, parent_run_id: str, state_file
 
             try:
                 config = from_dict(values, source="trial config")
-                run.log_params({f"effective/{k}": v for k, v in scaled_schedules(config).items()})
+                run.log_params(effective_params(config))
                 with tempfile.TemporaryDirectory() as d:
                     run.log_artifact(save_yaml(config, Path(d) / "config.yaml"))
             except Exception as err:  # never let a missing artifact stop the search
-                print(f"warning: trial {run.run_id}: config.yaml not logged ({err})", flush=True)
+                print(f"warning: trial {run.run_id}: config.yaml or effective/ params not logged ({err})", flush=True)
 
         def _last_logged_step(self, trial_id: str, run: MLflowRun) -> int:
             """The last step logged to the trial's run, asked of MLflow once per driver: a driver

@@ -82,9 +82,9 @@ def test_search_ends_by_saying_where_its_results_are(search_run):
     assert ("note: in 40 iterations the consistency weight reaches at most 1% of --consistency by the last iteration "
             "(entropy_minimization, mean_teacher; its ramp is --consistency-rampup units of --rampup-interval "
             "iterations). The reference's schedules (set for 30,000 iterations) scaled to this budget: "
-            "--rampup-interval 1 --consistency-rampup 40; or --schedules budget with the reference's values (the "
-            "defaults, --rampup-interval 150 --mt-warmup 1000), which it scales to any --max-iterations (README: "
-            "Short budgets)") in search_run["out"].splitlines()
+            "--rampup-interval 1 --consistency-rampup 40; or --schedules budget with --rampup-interval 150 (the "
+            "reference's value, the default), which it scales to any --max-iterations (README: Short budgets)") \
+        in search_run["out"].splitlines()
     spaces = search_run["tmp"] / "spaces"
     assert (f"search spaces: supervised from {spaces / 'supervised.yaml'}; entropy_minimization from "
             f"{spaces / 'entropy_minimization.yaml'}; mean_teacher from {spaces / 'mean_teacher.yaml'}"

@@ -48,6 +48,8 @@ def test_train_cli_logs_to_the_default_sqlite_store(tiny_phantom, tmp_path, monk
     assert run.data.tags["strategy"] == "mean_teacher"
     assert run.data.tags["cuda_graphs"] == "off"  # CPU: the op-by-op step (a GPU run says on, or failed: why)
     assert run.data.tags["compiled"] == "off"  # compile: auto compiles long CUDA runs only
+    # the ramp unit and warm-up it trained with, in iterations (here as given: --schedules reference)
+    assert (run.data.params["effective/rampup_interval"], run.data.params["effective/mt_warmup"]) == ("150", "0")
     dice = client.get_metric_history(run.info.run_id, "val/dice")
     assert [m.step for m in dice] == [3, 6]
     loss = client.get_metric_history(run.info.run_id, "train/loss")
