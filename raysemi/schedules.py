@@ -55,9 +55,9 @@ def schedule_lengths(rampup_interval: float, mt_warmup: int, max_iterations: int
     'budget': given for the reference's 30,000 iterations and scaled to `max_iterations`. A ramp
     unit may then be a fraction of an iteration (the ramp still spans the same share of the run);
     it is an exact Fraction, so unit k starts at the first iteration at or after k scaled units
-    (where the reference's would, scaled), at every budget (a float product lands some a step late). A
-    warm-up is at least 1 iteration when it is not 0, so a term the config delays is never on at
-    the first step."""
+    (where the reference's would, scaled), at every budget; a float product lands some a step
+    late. A warm-up is at least 1 iteration when it is not 0, so a term the config delays is never
+    on at the first step."""
     if mode == "reference":
         return rampup_interval, mt_warmup
     if mode != "budget":
@@ -110,10 +110,10 @@ def short_budget_note(max_iterations: int, reached: dict[str, float], warmups: d
                 "(README: Short budgets)")
     # values scaled by hand would be scaled again: --schedules budget wants them as for 30,000 iterations
     scaled = suggested_schedules(max_iterations, rampup, bool(weak), bool(late), "budget")
-    own = (f"--rampup-interval {REFERENCE_RAMPUP_INTERVAL}" if weak else "",
-           f"--mt-warmup {REFERENCE_MT_WARMUP}" if late else "")
+    own = " ".join(([f"--rampup-interval {REFERENCE_RAMPUP_INTERVAL}"] if weak else []) +
+                   ([f"--mt-warmup {REFERENCE_MT_WARMUP}"] if late else []))
     whose = ((" (the reference's values, the defaults)" if weak and late else " (the reference's value, the default)")
-             if scaled == " ".join(v for v in own if v) else "")
+             if scaled == own else "")
     return (f"{said}The reference's schedules (set for {REFERENCE_ITERATIONS:,} iterations) scaled to this budget: "
             f"{fix}; or --schedules budget with {scaled}{whose}, which it scales to any --max-iterations "
             "(README: Short budgets)")

@@ -637,8 +637,8 @@ def make_tune_callback(uri: str, experiment: str, parent_run_id: str, state_file
         @staticmethod
         def _log_config(run: MLflowRun, values: dict[str, Any]) -> None:
             """The trial's resolved config as config.yaml, so `raysemi.train --from-run <trial run>`
-            reads it back exactly (the params, strings, are its fallback); and what `schedules:
-            budget` made of its ramp and warm-up, as `effective/...` params, as a training run logs."""
+            reads it back exactly (the params, strings, are its fallback); and the ramp unit and
+            warm-up it trains with, as `effective/...` params, as a training run logs them."""
             import tempfile
 
             from raysemi.config import from_dict, save_yaml
