@@ -45,11 +45,11 @@ def runs_by_name(uri: str, experiment: str = "raysemi") -> dict:
 
 
 @pytest.fixture(scope="module")
-def store(tiny_phantom, tmp_path_factory):
+def store(tiny_phantom, tmp_path_factory, mlflow_store):
     """One store holding a supervised baseline (1 seed) and a mean teacher retrain with 2 seeds and
     a non-default consistency, both on the same data and labeled patients."""
     tmp = tmp_path_factory.mktemp("retrain")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    uri = mlflow_store(tmp / "mlflow.db")
     common = ["--data", tiny_phantom, *TINY, "--tracking-uri", uri]
     base = train([*common, "--method", "supervised", "--output", "base"], tmp)
     assert base[0] == 0, base[2]
@@ -217,10 +217,11 @@ def interrupt_seed1(monkeypatch):
     return original
 
 
-def test_resume_keeps_finished_seeds_and_continues_the_interrupted_one(tiny_phantom, tmp_path, monkeypatch):
+def test_resume_keeps_finished_seeds_and_continues_the_interrupted_one(tiny_phantom, tmp_path, monkeypatch,
+                                                                        mlflow_store):
     from raysemi.loop import Trainer
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path / "mlflow.db")
     args = ["--data", tiny_phantom, *TINY, "--max-iterations", "2", "--eval-interval", "1", "--tracking-uri", uri,
             "--method", "supervised", "--seeds", "2", "--output", "r"]
     original = interrupt_seed1(monkeypatch)
@@ -253,18 +254,18 @@ def test_resume_keeps_finished_seeds_and_continues_the_interrupted_one(tiny_phan
 
 
 def test_resume_in_a_store_without_the_retrains_runs_opens_new_ones_with_a_warning_each(tiny_phantom, tmp_path,
-                                                                                        monkeypatch):
+                                                                                        monkeypatch, mlflow_store):
     from raysemi.loop import Trainer
 
     args = ["--data", tiny_phantom, *TINY, "--max-iterations", "2", "--eval-interval", "1", "--method", "supervised",
-            "--seeds", "2", "--output", "r", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+            "--seeds", "2", "--output", "r", "--tracking-uri", mlflow_store(tmp_path / "mlflow.db")]
     original = interrupt_seed1(monkeypatch)
     assert train(args, tmp_path)[0] == 130
     state = json.loads((tmp_path / "r" / "retrain.json").read_text())
     old_seed1 = json.loads((tmp_path / "r" / "seed1" / "mlflow_run.json").read_text())["run_id"]
     monkeypatch.setattr(Trainer, "train_until", original)
 
-    other = f"sqlite:///{tmp_path / 'other.db'}"
+    other = mlflow_store(tmp_path / "other.db")
     code, _, err = train(["--resume", "r", "--tracking-uri", other], tmp_path)
     assert code == 0, err
     warnings = [line for line in err.splitlines() if line.startswith("warning:")]
@@ -408,8 +409,8 @@ def test_a_run_resumed_into_another_folder(tiny_phantom, tmp_path):
         assert results["test"] == a_best["test"]
 
 
-def test_the_baseline_budget_is_the_one_it_was_last_resumed_with(tiny_phantom, tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_the_baseline_budget_is_the_one_it_was_last_resumed_with(tiny_phantom, tmp_path, mlflow_store):
+    uri = mlflow_store(tmp_path / "mlflow.db")
     common = ["--data", tiny_phantom, *TINY, "--eval-interval", "1", "--tracking-uri", uri]
     assert train([*common, "--method", "supervised", "--max-iterations", "2", "--output", "s"], tmp_path)[0] == 0
     code, _, err = train(["--resume", "s", "--max-iterations", "3", "--tracking-uri", uri], tmp_path)

@@ -38,7 +38,7 @@ def children(uri: str, experiment: str):
 
 
 @pytest.fixture(scope="module")
-def search_run(tiny_phantom, tmp_path_factory):
+def search_run(tiny_phantom, tmp_path_factory, mlflow_store):
     """One search built to exercise everything: supervised with a good learning rate, entropy
     minimisation with a learning rate that cannot learn (ASHA must stop it once the other has set
     the bar), mean teacher with the NaN switch on (it must fail with its reason, and the search
@@ -50,7 +50,7 @@ def search_run(tiny_phantom, tmp_path_factory):
     (spaces / "entropy_minimization.yaml").write_text("base_lr: {type: choice, values: [1.0e-9]}\n")
     (spaces / "mean_teacher.yaml").write_text("fault_nan_at: {type: choice, values: [15]}\n"
                                               "consistency: {type: loguniform, low: 0.01, high: 1.0}\n")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    uri = mlflow_store(tmp / "mlflow.db")
     cwd = os.getcwd()
     os.chdir(tmp)
     out = io.StringIO()
@@ -121,7 +121,7 @@ def test_search_logs_parent_and_nested_trial_runs(search_run):
     assert {"plots/val_dice_per_trial.png", "plots/best_dice_per_strategy.png"} <= plots
 
 
-def test_the_callback_tune_restores_on_resume_logs_where_the_continuing_driver_says(tmp_path):
+def test_the_callback_tune_restores_on_resume_logs_where_the_continuing_driver_says(tmp_path, mlflow_store):
     """`--resume` runs the callback Tune pickled at the search's first start, with that start's
     store URI and search folder. It must log to the store and keep its trial -> run map where the
     continuing driver says (the server's address or the folder may have changed), starting from
@@ -133,7 +133,7 @@ def test_the_callback_tune_restores_on_resume_logs_where_the_continuing_driver_s
     from raysemi.tracking import MLflowRun, make_tune_callback
 
     base = TrainConfig(data="x", max_iterations=40).to_dict()
-    first_uri, uri = f"sqlite:///{tmp_path / 'gone' / 'mlflow.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first_uri, uri = f"sqlite:///{tmp_path / 'gone' / 'mlflow.db'}", mlflow_store(tmp_path / "mlflow.db")
     parent = MLflowRun(uri, "search-exp", "search")  # the same store, reached another way now
     saved = cloudpickle.dumps(make_tune_callback(first_uri, "search-exp", parent.run_id,
                                                  tmp_path / "gone" / "runs.json", base, 40))  # as Tune saves it
@@ -161,14 +161,14 @@ def test_the_callback_tune_restores_on_resume_logs_where_the_continuing_driver_s
     assert not (tmp_path / "gone").exists()
 
 
-def test_a_trial_resumed_on_another_speed_path_gets_its_history(tmp_path):
+def test_a_trial_resumed_on_another_speed_path_gets_its_history(tmp_path, mlflow_store):
     """A trial retried or resumed where it runs differently (here compiling fails on the new node):
     its tag gives the latest session's path, `history/<tag>` each path with the iteration it began
     at, across a restarted driver too. (The Tune trial is a stand-in: CPU trials cannot change path.)"""
     from raysemi.config import TrainConfig
     from raysemi.tracking import MLflowRun, make_tune_callback
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path / "mlflow.db")
     parent = MLflowRun(uri, "search-exp", "search")
     base = TrainConfig(data="x", max_iterations=40).to_dict()
     state = tmp_path / "state.json"
@@ -287,14 +287,14 @@ def test_a_worker_whose_trial_ended_takes_the_next_one(search_run):
 
 
 @pytest.mark.slow
-def test_a_reused_worker_trains_a_trial_as_a_fresh_process_does(search_run, tiny_phantom, tmp_path):
+def test_a_reused_worker_trains_a_trial_as_a_fresh_process_does(search_run, tiny_phantom, tmp_path, mlflow_store):
     """The same search with a new process per trial: the same configs, and the same losses and
     validation metrics at every report, so nothing of an earlier trial leaks into the next."""
     code = run_cli(search_main, ["--method", "supervised,em,mt", "--data", str(tiny_phantom), *TINY,
                                  "--num-samples", "4", "--search-space", str(search_run["tmp"] / "spaces"),
                                  "--grace-period", "30", "--reduction-factor", "2", "--seed", "3", "--name", "fresh",
                                  "--storage", str(tmp_path / "runs"), "--tracking-uri",
-                                 f"sqlite:///{tmp_path / 'm.db'}", "--max-failures", "0", "--no-reuse-actors"])
+                                 mlflow_store(tmp_path / "m.db"), "--max-failures", "0", "--no-reuse-actors"])
     assert code == 0
     fresh = trial_reports(tmp_path / "runs" / "fresh")
     assert len({rows[0]["pid"] for rows in fresh}) == 4  # each trial in its own worker
@@ -674,7 +674,7 @@ def test_only_a_store_or_connection_error_stops_a_search_with_the_resume_line():
 @pytest.mark.slow
 @pytest.mark.parametrize("failing", ["log_metrics", "update_run"])
 def test_a_tracking_store_that_stops_answering_stops_the_search_in_one_line_and_resume_goes_on(
-        tiny_phantom, tmp_path, monkeypatch, capsys, failing):
+        tiny_phantom, tmp_path, monkeypatch, capsys, failing, mlflow_store):
     """The driver logs every trial to MLflow; when the store stops answering (stood in for by the
     client's error: a server cannot be made to fail at a chosen moment), the search ends with one
     line naming the cause and the command that continues it, and that command, once the store
@@ -686,7 +686,7 @@ def test_a_tracking_store_that_stops_answering_stops_the_search_in_one_line_and_
 
     from raysemi.tracking import MLflowRun
 
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    uri = mlflow_store(tmp_path / "m.db")
     owner = MLflowRun if failing == "log_metrics" else Client
     answering = getattr(owner, failing)
 
@@ -721,12 +721,13 @@ def test_a_tracking_store_that_stops_answering_stops_the_search_in_one_line_and_
 
 
 @pytest.mark.slow
-def test_a_search_stopped_before_tune_saved_a_trial_starts_its_trials_on_resume(tiny_phantom, tmp_path, capsys):
+def test_a_search_stopped_before_tune_saved_a_trial_starts_its_trials_on_resume(tiny_phantom, tmp_path, capsys,
+                                                                                  mlflow_store):
     """Its settings and MLflow parent run were saved, Tune's state was not (a crash in between):
     --resume starts its trials with those settings, in that parent run, instead of refusing."""
     from raysemi.config import TrainConfig, save_yaml
 
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    uri = mlflow_store(tmp_path / "m.db")
     client = MlflowClient(tracking_uri=uri)
     # its artifacts in the temp folder, as the search itself places them (not ./mlruns under the cwd)
     experiment = client.create_experiment("raysemi-search", artifact_location=(tmp_path / "mlartifacts").as_uri())
@@ -755,8 +756,8 @@ def test_a_search_stopped_before_tune_saved_a_trial_starts_its_trials_on_resume(
 
 
 @pytest.mark.slow
-def test_interrupted_search_resumes_without_losing_or_duplicating_trials(tiny_phantom, tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_interrupted_search_resumes_without_losing_or_duplicating_trials(tiny_phantom, tmp_path, mlflow_store):
+    uri = mlflow_store(tmp_path / "mlflow.db")
     args = [sys.executable, "-m", "raysemi.search", "--method", "mean_teacher", "--data", str(tiny_phantom), *TINY,
             "--num-samples", "3", "--name", "r", "--storage", str(tmp_path / "runs"), "--tracking-uri", uri]
     runs_file = tmp_path / "runs" / "r" / "mlflow_trial_runs.json"
@@ -915,7 +916,8 @@ def test_base_points_start_optunas_first_trials_at_the_shipped_defaults():
 
 
 @pytest.mark.slow
-def test_start_at_defaults_runs_the_base_config_first_and_the_leaderboard_marks_it(tiny_phantom, tmp_path, capsys):
+def test_start_at_defaults_runs_the_base_config_first_and_the_leaderboard_marks_it(tiny_phantom, tmp_path, capsys,
+                                                                                   mlflow_store):
     spaces = tmp_path / "spaces"
     spaces.mkdir()
     (spaces / "supervised.yaml").write_text("base_lr: {type: choice, values: [0.01, 0.05]}\n")
@@ -924,7 +926,7 @@ def test_start_at_defaults_runs_the_base_config_first_and_the_leaderboard_marks_
     args = ["--method", "supervised,mt", "--data", str(tiny_phantom), *TINY, "--max-iterations", "20",
             "--num-samples", "3", "--search-space", str(spaces), "--consistency", "0.2", "--start-at-defaults",
             "--seed", "5", "--name", "d", "--storage", str(tmp_path / "runs"), "--schedules", "budget",
-            "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]
+            "--tracking-uri", mlflow_store(tmp_path / "m.db")]
     assert run_cli(search_main, args) == 0
     out = capsys.readouterr().out.splitlines()
     # --schedules budget: the reference's ramp and warm-up scaled to 20 iterations (nothing to say

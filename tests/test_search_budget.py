@@ -173,9 +173,9 @@ def test_strategies_are_timed_until_the_search_is_far_past_an_hour():
     assert "(2 threads; timed uncompiled: compile: on trials first spend a compile warm-up" in line
 
 
-def test_ctrl_c_while_timing_leaves_no_search_behind(tiny_phantom, tmp_path):
+def test_ctrl_c_while_timing_leaves_no_search_behind(tiny_phantom, tmp_path, mlflow_store):
     # a step at 128x128, batch 24 takes a few seconds here: the interrupt lands while it is timed
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path / "mlflow.db")
     proc = subprocess.Popen(
         [sys.executable, "-m", "raysemi.search", "--method", "supervised", "--data", str(tiny_phantom),
          "--labeled-patients", "3", "--patch-size", "128", "128", "--batch-size", "24", "--max-iterations", "100000",

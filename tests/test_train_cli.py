@@ -181,12 +181,12 @@ def _steps(uri: str, run_id: str, key: str) -> list[int]:
     return [m.step for m in MlflowClient(tracking_uri=uri).get_metric_history(run_id, key)]
 
 
-def test_a_resumed_run_goes_on_in_its_own_mlflow_run(tiny_phantom, tmp_path, monkeypatch):
+def test_a_resumed_run_goes_on_in_its_own_mlflow_run(tiny_phantom, tmp_path, monkeypatch, mlflow_store):
     from raysemi.loop import Trainer
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    uri = mlflow_store(tmp_path / "m.db")
     args = ["--method", "supervised", "--data", str(tiny_phantom), *TINY, "--output", "a"]
     # validated (last.pt) at 3, losses logged at 2 and 4: the resume from 3 goes over 4 again
     original = _interrupt_at(monkeypatch, 4)
@@ -235,11 +235,11 @@ def test_a_resumed_run_goes_on_in_its_own_mlflow_run(tiny_phantom, tmp_path, mon
 
 @pytest.mark.parametrize("gone", ["other_store", "deleted"])
 def test_resume_without_its_mlflow_run_opens_a_new_one_with_a_warning(gone, tiny_phantom, tmp_path, monkeypatch,
-                                                                        capsys):
+                                                                        capsys, mlflow_store):
     from raysemi.loop import Trainer
 
     monkeypatch.chdir(tmp_path)
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    uri = mlflow_store(tmp_path / "m.db")
     args = ["--method", "supervised", "--data", str(tiny_phantom), *TINY, "--output", "a"]
     original = _interrupt_at(monkeypatch, 4)
     assert run_cli(train_main, [*args, "--tracking-uri", uri]) == 130
@@ -248,7 +248,7 @@ def test_resume_without_its_mlflow_run_opens_a_new_one_with_a_warning(gone, tiny
     if gone == "deleted":
         MlflowClient(tracking_uri=uri).delete_run(old.info.run_id)
     else:  # a fresh store
-        uri = f"sqlite:///{tmp_path / 'fresh.db'}"
+        uri = mlflow_store(tmp_path / "fresh.db")
     capsys.readouterr()
 
     assert run_cli(train_main, [*args, "--tracking-uri", uri, "--resume", "a/last.pt"]) == 0
@@ -275,9 +275,9 @@ def test_output_folder_with_a_run_is_not_overwritten(tiny_phantom, tmp_path, mon
 
 
 @pytest.mark.slow
-def test_module_entry_points_and_evaluate_round_trip(tiny_phantom, tmp_path):
+def test_module_entry_points_and_evaluate_round_trip(tiny_phantom, tmp_path, mlflow_store):
     """As a user runs them: python -m raysemi.train, then python -m raysemi.evaluate on its checkpoint."""
-    env_uri = f"sqlite:///{tmp_path / 'm.db'}"
+    env_uri = mlflow_store(tmp_path / "m.db")
     train = subprocess.run([sys.executable, "-m", "raysemi.train", "--method", "supervised", "--data", str(tiny_phantom),
                             *TINY, "--output", str(tmp_path / "run"), "--tracking-uri", env_uri],
                            capture_output=True, text=True, cwd=tmp_path)

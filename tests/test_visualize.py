@@ -131,11 +131,11 @@ TINY = ["--labeled-patients", "2", "--patch-size", "32", "32", "--batch-size", "
         "--max-iterations", "6", "--eval-interval", "3", "--log-interval", "2", "--device", "cpu"]
 
 
-def test_train_logs_pictures_to_mlflow_and_the_run_folder(tiny_phantom, tmp_path, monkeypatch, capsys):
+def test_train_logs_pictures_to_mlflow_and_the_run_folder(tiny_phantom, tmp_path, monkeypatch, capsys, mlflow_store):
     from raysemi.train import main as train_main
 
     monkeypatch.chdir(tmp_path)
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    uri = mlflow_store(tmp_path / "m.db")
     code = run_cli(train_main, ["--method", "supervised", "--data", str(tiny_phantom), *TINY, "--output", "run",
                                 "--tracking-uri", uri])
     out = capsys.readouterr().out
@@ -258,11 +258,12 @@ def _best_iteration(run_dir: Path) -> int:
     return int(checkpoint.load(run_dir / "best.pt")["best"]["iteration"])
 
 
-def test_a_best_pending_at_an_interruption_is_drawn_after_the_resume(tiny_phantom, tmp_path, monkeypatch, capsys):
+def test_a_best_pending_at_an_interruption_is_drawn_after_the_resume(tiny_phantom, tmp_path, monkeypatch, capsys,
+                                                                     mlflow_store):
     from raysemi.train import main as train_main
 
     monkeypatch.chdir(tmp_path)
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    uri = mlflow_store(tmp_path / "m.db")
     args = ["--method", "supervised", "--data", str(tiny_phantom), *PENDING, "--tracking-uri", uri]
     drawn = _count_overlays(monkeypatch)
     original = _interrupt_after(monkeypatch, 6)
