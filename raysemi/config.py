@@ -105,8 +105,8 @@ class TrainConfig:
     uncertainty_grouped_forward: bool = _f(False, "uamt: run a step's noisy teacher forwards (as uncertainty_copies "
                                                   "and uncertainty_with_target split them) as one batch whose "
                                                   "BatchNorm statistics are taken per forward: the computation of "
-                                                  "separate forwards, in fewer, larger kernels (dropout's random draws "
-                                                  "come in another order)", "strategy")
+                                                  "separate forwards, in fewer, larger kernels (the random draws, noise "
+                                                  "and dropout, come in another order)", "strategy")
     ict_alpha: float = _f(0.2, "ict: Beta(alpha, alpha) of the mixing factor", "strategy")
     entropy_classes: int = _f(4, "entropy_minimization: C in the ln(C) normaliser (the 2D reference hard-codes 4)", "strategy")
     dan_lr: float = _f(1e-4, "adversarial: discriminator Adam learning rate (reference DAN_lr)", "strategy")
