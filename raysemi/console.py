@@ -95,7 +95,9 @@ class ConsoleCallback(Callback):
             self._log(line)
 
     def on_eval(self, trainer: Trainer, iteration: int, metrics: dict[str, float], is_best: bool) -> None:
-        self.write(f"[{iteration}] val dice {metrics['val/dice']:.4f} hd95 {metrics['val/hd95']:.2f} "
+        hd95 = metrics.get("val/hd95", math.nan)  # NaN when not computed (--no-eval-hd95): left out
+        shown = "" if math.isnan(hd95) else f" hd95 {hd95:.2f}"
+        self.write(f"[{iteration}] val dice {metrics['val/dice']:.4f}{shown} "
                    f"(best {metrics['val/best_dice']:.4f}){' *' if is_best else ''}")
 
     def on_train_end(self, trainer: Trainer, result: LoopResult) -> None:

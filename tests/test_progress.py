@@ -119,3 +119,19 @@ def test_ray_trials_show_no_progress_bar():
     source = inspect.getsource(raysemi.trainable)
     assert "ConsoleCallback" not in source and "ProgressBar" not in source
     assert "raysemi.console" not in source and "raysemi.progress" not in source
+
+
+def test_a_validation_line_leaves_out_hd95_when_it_was_not_computed():
+    """--no-eval-hd95 validates without HD95 (NaN in the metrics): the line says nothing of it
+    rather than 'hd95 nan'; with it computed, the line gives it."""
+    import io
+    import math
+
+    from raysemi.console import ConsoleCallback
+
+    out = io.StringIO()
+    console = ConsoleCallback(stream=out)
+    console.on_eval(None, 10, {"val/dice": 0.5, "val/hd95": math.nan, "val/best_dice": 0.5}, True)
+    console.on_eval(None, 20, {"val/dice": 0.6, "val/hd95": 3.25, "val/best_dice": 0.6}, True)
+    assert out.getvalue().splitlines() == ["[10] val dice 0.5000 (best 0.5000) *",
+                                           "[20] val dice 0.6000 hd95 3.25 (best 0.6000) *"]
