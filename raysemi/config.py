@@ -222,6 +222,10 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+#: fields that say where a run is written and logged, not what it trains: a resume that leaves
+#: them out goes on in the run's own folder and store (no `resumed/` tag, the run's config.yaml
+#: keeps them as first saved)
+WHERE_FIELDS = ("output", "run_name", "tracking_uri")
 
 
 def _field_type(name: str) -> Any:

@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from raysemi.config import FIELDS, TrainConfig, save_yaml
+from raysemi.config import FIELDS, WHERE_FIELDS, TrainConfig, save_yaml
 from raysemi.errors import UserError
 from raysemi.files import write_text_atomic
 from raysemi.metrics import METRICS, Summary
@@ -426,6 +426,25 @@ def resumes_in_place(resume: str | None, out: Path) -> bool:
         return False
 
 
+def as_first_saved(config: TrainConfig, path: Path) -> TrainConfig:
+    """`config` as a resume in place saves it over `path`, the run's own config.yaml: `output` as
+    the run first wrote it (it is the same folder), `run_name` and `tracking_uri` too unless the
+    resume set them: a resume from another folder would write them relative to that folder, or
+    blank, and a later `--config` of the file would train into another folder, logged to another
+    store. The config the resume trains with is not changed."""
+    from raysemi.config import read_yaml
+
+    try:
+        old = read_yaml(path)
+    except UserError:  # none yet (an interrupted first save) or unreadable: this resume's values
+        return config
+    if not isinstance(old, dict):
+        return config
+    kept = {k: old[k] for k in WHERE_FIELDS
+            if isinstance(old.get(k), str) and old[k] and (k == "output" or not getattr(config, k))}
+    return config.replace(**kept)
+
+
 def _retrain_seeds(config, data, splits, out: Path, seeds: int, train_one: TrainOne, uri: str | None, resuming: bool,
                    name: str, tags: dict[str, str]) -> int:
     from raysemi.tracking import MLflowRun, flat_params, folder_run, reopen_run
@@ -456,7 +475,7 @@ def _retrain_seeds(config, data, splits, out: Path, seeds: int, train_one: Train
                     if re.fullmatch(r"seed[1-9]\d*", folder.name) and folder.is_dir():  # seed0 has just started
                         for file in (*RUN_FILES, "config.yaml"):
                             (folder / file).unlink(missing_ok=True)
-            save_yaml(base, out / "config.yaml")
+            save_yaml(as_first_saved(base, out / "config.yaml") if resuming else base, out / "config.yaml")
             if uri is not None:
                 if state.get("parent_run_id"):
                     parent = reopen_run(uri, state["parent_run_id"], str(out))

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from raysemi import checkpoint
-from raysemi.config import TrainConfig
+from raysemi.config import WHERE_FIELDS, TrainConfig
 from raysemi.errors import UserError
 from raysemi.files import write_text_atomic
 from raysemi.loop import Callback, LoopResult, Trainer, effective_schedules
@@ -137,11 +137,6 @@ def effective_params(config: TrainConfig) -> dict[str, str]:
     return {f"effective/{k}": f"{v:.6g}" for k, v in effective_schedules(config).items()}
 
 
-# config fields that say where a run is logged and written, not what it trains: a resume that leaves
-# them out (the run's own folder and store are used) is not a changed setting worth a tag
-WHERE = ("tracking_uri", "output", "run_name")
-
-
 class MLflowRun:
     """One MLflow run written through `MlflowClient` (no global active-run state).
 
@@ -203,7 +198,7 @@ class MLflowRun:
 
         values = {k: str(v)[:6000] for k, v in params.items()}
         if self.params is not None:
-            self.set_tags({f"resumed/{k}": v for k, v in values.items() if k in self.params and k not in WHERE
+            self.set_tags({f"resumed/{k}": v for k, v in values.items() if k in self.params and k not in WHERE_FIELDS
                            and (v != self.params[k] or f"resumed/{k}" in self.tags)})
             values = {k: v for k, v in values.items() if k not in self.params}
             self.params.update(values)

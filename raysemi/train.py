@@ -232,7 +232,7 @@ def train_one(config: TrainConfig, data, splits: dict[str, list], out: Path, *, 
     None) once the trainer has accepted the config; it is ended here unless `end_run` is False
     and training succeeded. A diverged loss is a result with `failure` set, not an exception."""
     from raysemi.loop import Trainer, TrainingDiverged
-    from raysemi.retrain import SeedResult
+    from raysemi.retrain import SeedResult, as_first_saved, resumes_in_place
 
     # the trainer checks device, model and strategy options before anything is written
     trainer = Trainer(config, data)
@@ -241,10 +241,11 @@ def train_one(config: TrainConfig, data, splits: dict[str, list], out: Path, *, 
         if trainer.iteration > config.max_iterations:  # before config.yaml is rewritten with the smaller value
             raise UserError(f"--max-iterations: {config.max_iterations} is below the {trainer.iteration} iterations "
                             f"{resume} has trained; expected at least {trainer.iteration}")
+    in_place = resumes_in_place(resume, out)
     start_run_folder(out, resume, trainer)  # makes `out`
     config.output = str(out)
     trainer.output_dir = out
-    save_yaml(config, out / "config.yaml")
+    save_yaml(as_first_saved(config, out / "config.yaml") if in_place else config, out / "config.yaml")
     run = open_run() if open_run else None
     console = attach_callbacks(trainer, out, run)
     console.write(f"run folder: {out}" + (f"; MLflow run {run.run_id} in {run.uri}" if run else "")

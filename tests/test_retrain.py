@@ -305,6 +305,9 @@ def test_resume_uses_the_retrains_store_and_refuses_changed_values(tiny_phantom,
     code, out, err = train(["--resume", r, "--compile", "off", "--cuda-graphs", "off"], elsewhere)
     assert code == 0, err
     assert not (elsewhere / "mlflow.db").exists()
+    # the configs keep their folders as first written (relative to tmp_path), not the resume's path
+    assert yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())["output"] == "r"
+    assert yaml.safe_load((tmp_path / "r" / "seed1" / "config.yaml").read_text())["output"] == str(Path("r", "seed1"))
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     (parent,) = [x for x in client.search_runs([client.get_experiment_by_name("raysemi").experiment_id])
                  if x.info.run_name == "r"]

@@ -233,6 +233,30 @@ def test_a_resumed_run_goes_on_in_its_own_mlflow_run(tiny_phantom, tmp_path, mon
     assert [k for k in mixed.data.tags if k.startswith("history/")] == ["history/amp"]
 
 
+def test_a_resume_from_another_folder_keeps_the_runs_folder_and_store_in_its_config(tiny_phantom, tmp_path,
+                                                                                     monkeypatch, mlflow_store):
+    """A resume is the same run: its config.yaml keeps `output` and `tracking_uri` as the run
+    first wrote them (not relative to the resume's folder, not blank), so a later `--config` of
+    the file means what it meant; what the resume changed (the budget) is saved."""
+    (tmp_path / "A").mkdir()
+    (tmp_path / "B").mkdir()
+    monkeypatch.chdir(tmp_path / "A")
+    uri = mlflow_store(tmp_path / "m.db")
+    first = ["--method", "supervised", "--data", str(tiny_phantom), *TINY, "--output", "runs/b1", "--tracking-uri",
+             uri, "--run-name", "b1", "--max-iterations", "3"]
+    assert run_cli(train_main, first) == 0
+    saved = yaml.safe_load((tmp_path / "A" / "runs" / "b1" / "config.yaml").read_text())
+    monkeypatch.chdir(tmp_path / "B")
+    assert run_cli(train_main, ["--resume", "../A/runs/b1/last.pt", "--max-iterations", "6"]) == 0
+    resumed = yaml.safe_load((tmp_path / "A" / "runs" / "b1" / "config.yaml").read_text())
+    assert (resumed["output"], resumed["tracking_uri"], resumed["run_name"]) == ("runs/b1", uri, "b1")
+    # (device and compile are the machine's choices, made again by a resume: `auto` here)
+    assert resumed == {**saved, "max_iterations": 6, "device": "auto", "compile": "auto"}
+    (run,) = _runs(uri)  # the same run went on, in the store it was logged to
+    assert _steps(uri, run.info.run_id, "val/dice") == [3, 6]
+    assert sorted(p.name for p in (tmp_path / "B").iterdir()) == []
+
+
 @pytest.mark.parametrize("gone", ["other_store", "deleted"])
 def test_resume_without_its_mlflow_run_opens_a_new_one_with_a_warning(gone, tiny_phantom, tmp_path, monkeypatch,
                                                                         capsys, mlflow_store):
