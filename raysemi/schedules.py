@@ -119,6 +119,36 @@ def short_budget_note(max_iterations: int, reached: dict[str, float], warmups: d
             "(README: Short budgets)")
 
 
+def scaled_again_note(max_iterations: int, rampup_interval: int | None, mt_warmup: int | None,
+                      ramp: float) -> str | None:
+    """One line for values that `--schedules budget` would scale a second time, else None. Under
+    it a ramp (`ramp`: its units times `rampup_interval`, as set for 30,000 iterations; a search's
+    longest) over under a tenth of the run, or a warm-up that is not 0 but under a tenth of the
+    reference's, reads like one already scaled to a short run by hand (the quick start's 2 and 10:
+    a ramp over 1% of the run, a warm-up of 1/100 of the reference's), which it scales again. The
+    line says what they become in this run. None for a value not used or drawn by a search."""
+    given, effects, defaults = [], [], []
+    if rampup_interval is not None and 0 < ramp < REFERENCE_ITERATIONS / 10:
+        # the first iteration i with i // (scaled interval) >= units, i.e. i >= the scaled ramp
+        full = max(1, math.ceil(Fraction(ramp) * Fraction(max_iterations, REFERENCE_ITERATIONS)))
+        given.append(f"--rampup-interval {rampup_interval}")
+        effects.append(f"the consistency weight is at its full value by iteration {full:,}")
+        defaults.append(f"--rampup-interval {REFERENCE_RAMPUP_INTERVAL}")
+    if mt_warmup is not None and 0 < mt_warmup < REFERENCE_MT_WARMUP / 10:
+        _, warmup = schedule_lengths(0, mt_warmup, max_iterations, "budget")
+        given.append(f"--mt-warmup {mt_warmup}")
+        effects.append(f"the warm-up is {warmup:,} iteration{'' if warmup == 1 else 's'}")
+        defaults.append(f"--mt-warmup {REFERENCE_MT_WARMUP}")
+    if not given:
+        return None
+    one = len(given) == 1
+    return (f"note: --schedules budget counts {' '.join(given)} as set for {REFERENCE_ITERATIONS:,} iterations and "
+            f"scales {'it' if one else 'them'}: in {max_iterations:,} iterations {' and '.join(effects)}. "
+            f"If {'it was' if one else 'they were'} scaled to this budget by hand, give the reference's "
+            f"{' '.join(defaults)} (the default{'' if one else 's'}) and let it scale {'it' if one else 'them'} "
+            "(README: Short budgets)")
+
+
 def suggested_schedules(max_iterations: int, rampup: float, ramp: bool, warmup: bool, mode: str) -> str:
     """The flags that give the reference's schedules at this budget: for the `ramp`, a
     --rampup-interval that makes `rampup` units (200 if 0) span the run, as 200 units of 150 span

@@ -57,6 +57,10 @@ class Dist:
         text that reads as a number, '1e3', as the config reads them)."""
         return self.low if self.type in ("uniform", "loguniform", "int") else min(float(v) for v in self.values)
 
+    def highest(self) -> float:
+        """The largest value a numeric field's distribution can draw (as `lowest`)."""
+        return self.high if self.type in ("uniform", "loguniform", "int") else max(float(v) for v in self.values)
+
     def contains(self, value: Any) -> bool:
         """Whether `value` is one this distribution can draw, as Optuna decides it. Optuna refuses
         to start a trial at a categorical value outside the choices, and only warns at a number

@@ -306,13 +306,15 @@ def _final_report(config: TrainConfig, trainer, result, splits: dict[str, list],
 
 def budget_note(config: TrainConfig, methods: list[str] | None = None,
                 spaces: dict[str, dict[str, Any]] | None = None) -> str | None:
-    """The short-budget note (`schedules.short_budget_note`) for a run of `config`, or for a search
-    of `methods` over `spaces`, taking the values each space can draw that ramp up soonest: the
-    note is said only when no trial escapes it."""
+    """The notes on schedules for a run of `config`, or for a search of `methods` over `spaces`,
+    or None: the short-budget note (`schedules.short_budget_note`), taking the values each space
+    can draw that ramp up soonest, so it is said only when no trial escapes it; under `--schedules
+    budget`, the note on values it would scale a second time (`schedules.scaled_again_note`),
+    taking the longest ramp a space can draw and leaving out a warm-up it draws."""
     from raysemi.methods import get_method
-    from raysemi.schedules import ramp_reached, schedule_lengths, short_budget_note
+    from raysemi.schedules import ramp_reached, scaled_again_note, schedule_lengths, short_budget_note
 
-    reached, warmups = {}, {}
+    reached, warmups, longest, fixed_warmup = {}, {}, [], False
     for name in methods or [config.method]:
         cls, space = get_method(name), (spaces or {}).get(name, {})
         if not cls.uses_unlabeled:
@@ -320,12 +322,21 @@ def budget_note(config: TrainConfig, methods: list[str] | None = None,
 
         def soonest(field: str) -> Any:
             return space[field].lowest() if field in space else getattr(config, field)
+
         interval, warmup = schedule_lengths(soonest("rampup_interval"), int(soonest("mt_warmup")),
                                             config.max_iterations, config.schedules)
         reached[cls.name] = ramp_reached(config.max_iterations, soonest("consistency_rampup"), interval)
+        if "rampup_interval" not in space:  # the longest ramp a trial can draw, in units x interval
+            units = space["consistency_rampup"].highest() if "consistency_rampup" in space else config.consistency_rampup
+            longest.append(units * config.rampup_interval)
         if "mt_warmup" in cls.hyperparameters:
             warmups[cls.name] = warmup
-    return short_budget_note(config.max_iterations, reached, warmups, config.consistency_rampup, config.schedules)
+            fixed_warmup = fixed_warmup or "mt_warmup" not in space
+    notes = [short_budget_note(config.max_iterations, reached, warmups, config.consistency_rampup, config.schedules)]
+    if config.schedules == "budget":
+        notes.append(scaled_again_note(config.max_iterations, config.rampup_interval if longest else None,
+                                       config.mt_warmup if fixed_warmup else None, max(longest, default=0.0)))
+    return "\n".join(n for n in notes if n) or None
 
 
 def main(argv: list[str]) -> int:

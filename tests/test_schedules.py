@@ -107,6 +107,41 @@ def test_short_budget_note_says_what_stays_off_and_the_scaled_values():
     assert short_budget_note(1, {"m": 0.1}, {}).startswith("note: in 1 iteration the")
 
 
+def test_values_budget_would_scale_again_are_said_with_what_they_become():
+    """Under --schedules budget the quick start's hand-scaled --rampup-interval 2 --mt-warmup 10
+    count as set for 30,000 iterations: at 300 a ramp full by iteration 4 (200 units of 0.02) and a
+    1-iteration warm-up. Values a user may mean (the reference's, the short-budget note's own
+    alternative of 15 for a 2,000-unit ramp, no warm-up) are not said; a search counts the longest
+    ramp its spaces can draw and leaves out what they draw."""
+    from raysemi.config import TrainConfig
+    from raysemi.schedules import scaled_again_note
+    from raysemi.search_space import Dist, load_spaces
+    from raysemi.train import budget_note
+
+    note = scaled_again_note(300, 2, 10, 200 * 2)
+    assert note == ("note: --schedules budget counts --rampup-interval 2 --mt-warmup 10 as set for 30,000 iterations "
+                    "and scales them: in 300 iterations the consistency weight is at its full value by iteration 4 "
+                    "and the warm-up is 1 iteration. If they were scaled to this budget by hand, give the reference's "
+                    "--rampup-interval 150 --mt-warmup 1000 (the defaults) and let it scale them (README: Short "
+                    "budgets)")
+    # iteration 13 counts 195 units of 1/15, 14 counts 210: full by 14
+    assert "value by iteration 14. If it was scaled" in scaled_again_note(1000, 2, 1000, 200 * 2)
+    assert "--mt-warmup 10 as set" in scaled_again_note(1000, 150, 10, 200 * 150)
+    assert "warm-up is 10 iterations" in scaled_again_note(30_000, 150, 10, 200 * 150)
+    for quiet in [(300, 150, 1000, 200 * 150), (300, 15, 1000, 2000 * 15), (300, 2, 0, 0.0), (300, None, None, 400)]:
+        assert scaled_again_note(*quiet) is None, quiet
+    config = TrainConfig(method="mean_teacher", max_iterations=300, schedules="budget", rampup_interval=2, mt_warmup=10)
+    assert budget_note(config) == note
+    assert budget_note(config.replace(schedules="reference")) is None  # as given: the quick start, no note
+    assert budget_note(config.replace(method="supervised")) is None
+    assert "--mt-warmup" not in budget_note(config.replace(method="entropy_minimization"))  # it has no warm-up
+    # mean teacher's space draws --consistency-rampup up to 400: its longest ramp is 400 x 2
+    searched = budget_note(config, ["mean_teacher", "supervised"], load_spaces(["mean_teacher", "supervised"]))
+    assert "full value by iteration 8 and" in searched
+    drawn = {"mean_teacher": {"rampup_interval": Dist("choice", values=(1, 2)), "mt_warmup": Dist("int", 5, 20)}}
+    assert budget_note(config, ["mean_teacher"], drawn) is None
+
+
 def test_a_searchs_budget_note_counts_the_soonest_ramp_its_spaces_can_draw():
     """A search whose spaces sample --consistency-rampup down to 20 ramps up fully in 3,000
     iterations (no note); the same strategy trained at its base config does not (a note)."""

@@ -120,6 +120,15 @@ def test_budget_schedules_train_without_the_short_budget_note_and_are_saved(tiny
     # 0.1 * exp(-5) = 0.00067 that 150-iteration units would give
     weights = re.findall(r"consistency_weight ([0-9.]+)", (tmp_path / "a" / "train.log").read_text())
     assert weights and float(weights[0]) > 0.002
+    # the quick start's hand-scaled values under budget would be scaled again: said before training
+    capsys.readouterr()
+    assert run_cli(train_main, ["--data", str(tiny_phantom), *TINY, "--method", "mean_teacher", "--no-mlflow",
+                                "--schedules", "budget", "--rampup-interval", "2", "--mt-warmup", "10",
+                                "--output", "b"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("note: --schedules budget counts --rampup-interval 2 --mt-warmup 10 as set for 30,000 "
+                            "iterations and scales them: in 6 iterations the consistency weight is at its full "
+                            "value by iteration 1 and the warm-up is 1 iteration.")
     assert run_cli(train_main, ["--data", str(tiny_phantom), *TINY, "--no-mlflow", "--schedules", "bugdet"]) == 2
     assert "schedules: 'bugdet' is invalid; expected 'reference' or 'budget'" in capsys.readouterr().err
 
