@@ -85,9 +85,10 @@ class TrainConfig:
                                    "iterations of the reference's 30,000, scaled to --max-iterations)", "strategy")
     mt_warmup: int = _f(1000, "mean_teacher: iterations before the consistency term starts (reference: 1000; with "
                               "--schedules budget, of the reference's 30,000, scaled)", "strategy")
-    schedules: str = _f("reference", "how rampup_interval and mt_warmup count: 'reference': in iterations, as the "
-                                     "reference; 'budget': as set for the reference's 30,000 iterations, scaled to "
-                                     "max_iterations (a short search and its full-budget retrain then ramp alike)",
+    schedules: str = _f("reference", "how --rampup-interval and --mt-warmup count: 'reference': in iterations, as "
+                                     "the reference; 'budget': as set for the reference's 30,000 iterations, scaled "
+                                     "to --max-iterations (a short search and its full-budget retrain then ramp "
+                                     "alike; leave both at their defaults then)",
                         "strategy")
     ema_decay: float = _f(0.99, "teacher EMA decay (mean_teacher, uamt, ict)", "strategy")
     uncertainty_threshold_start: float = _f(0.75, "uamt: threshold start, as a fraction of ln 2", "strategy")
