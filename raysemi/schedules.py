@@ -45,6 +45,8 @@ def uncertainty_threshold(iteration: int, max_iterations: int, start: float = 0.
 REFERENCE_ITERATIONS = 30_000
 #: mean teacher's warm-up in the reference: iterations before its consistency term starts
 REFERENCE_MT_WARMUP = 1000
+#: the reference's consistency ramp, in ramp units (its `consistency_rampup`)
+REFERENCE_RAMPUP = 200.0
 #: the reference's iterations per consistency ramp unit (its `iter_num // 150`)
 REFERENCE_RAMPUP_INTERVAL = 150
 
@@ -81,14 +83,15 @@ def scaled_to_budget(iterations: int, max_iterations: int) -> int:
 
 
 def short_budget_note(max_iterations: int, reached: dict[str, float], warmups: dict[str, int],
-                      rampup: float = 200.0, mode: str = "reference") -> str | None:
+                      rampup: float = 200.0, mode: str = "reference", drawn: bool = False) -> str | None:
     """One line for a budget too short for the schedules, else None. `reached`: strategy -> the
     fraction of its final consistency weight reached by the last iteration (the most a search
     could draw); `warmups`: strategy -> iterations its consistency term is off at least; `rampup`:
-    the run's --consistency-rampup; `mode`: its --schedules. Said when a weight stays under half
-    its final value, or a term is off for half the run or more (under 'budget', not for the
-    1-iteration floor of a scaled warm-up). It suggests the reference's schedules scaled to the
-    budget (`suggested_schedules`); under 'reference', also the values for `--schedules budget`."""
+    the run's --consistency-rampup; `drawn`: a search's spaces draw it (a flag would not set it;
+    the suggestions then scale the reference's units). Said when a weight stays under half its final value, or a term is off for
+    half the run or more (under 'budget', not for the 1-iteration floor of a scaled warm-up). It
+    suggests the reference's schedules scaled to the budget (`suggested_schedules`); under
+    'reference', also the values for `--schedules budget`."""
     weak = {m: r for m, r in reached.items() if r < 0.5}
     late = {m: w for m, w in warmups.items() if w >= max_iterations / 2 and (mode != "budget" or w > 1)}
     if not weak and not late:
@@ -97,19 +100,19 @@ def short_budget_note(max_iterations: int, reached: dict[str, float], warmups: d
     if weak:
         unit = ("iterations of the reference's 30,000, scaled to this run by --schedules budget" if mode == "budget"
                 else "iterations")
+        units = "--consistency-rampup units (drawn by the spaces)" if drawn else "--consistency-rampup units"
         parts.append(f"the consistency weight reaches at most {max(weak.values()):.0%} of --consistency by the last "
-                     f"iteration ({', '.join(weak)}; its ramp is --consistency-rampup units of --rampup-interval "
-                     f"{unit})")
+                     f"iteration ({', '.join(weak)}; its ramp is {units} of --rampup-interval {unit})")
     for m, w in late.items():
         span = "throughout" if w >= max_iterations else f"for the first {w:,} of them"
         parts.append(f"{m}'s consistency term is off {span}" + (f" (--mt-warmup {w})" if mode != "budget" else ""))
     said = f"note: in {max_iterations:,} iteration{'' if max_iterations == 1 else 's'} {'; '.join(parts)}. "
-    fix = suggested_schedules(max_iterations, rampup, bool(weak), bool(late), mode)
+    fix = suggested_schedules(max_iterations, rampup, bool(weak), bool(late), mode, drawn)
     if mode == "budget":
         return (f"{said}The reference's schedules, which --schedules budget scales to this budget: {fix} "
                 "(README: Short budgets)")
     # values scaled by hand would be scaled again: --schedules budget wants them as for 30,000 iterations
-    scaled = suggested_schedules(max_iterations, rampup, bool(weak), bool(late), "budget")
+    scaled = suggested_schedules(max_iterations, rampup, bool(weak), bool(late), "budget", drawn)
     own = " ".join(([f"--rampup-interval {REFERENCE_RAMPUP_INTERVAL}"] if weak else []) +
                    ([f"--mt-warmup {REFERENCE_MT_WARMUP}"] if late else []))
     whose = ((" (the reference's values, the defaults)" if weak and late else " (the reference's value, the default)")
@@ -149,18 +152,21 @@ def scaled_again_note(max_iterations: int, rampup_interval: int | None, mt_warmu
             "(README: Short budgets)")
 
 
-def suggested_schedules(max_iterations: int, rampup: float, ramp: bool, warmup: bool, mode: str) -> str:
+def suggested_schedules(max_iterations: int, rampup: float, ramp: bool, warmup: bool, mode: str,
+                        drawn: bool = False) -> str:
     """The flags that give the reference's schedules at this budget: for the `ramp`, a
     --rampup-interval that makes `rampup` units (200 if 0) span the run, as 200 units of 150 span
     the reference's 30,000 (rounded, so up to 1.5 times it; with fewer iterations than units,
     units of 1 iteration and as many as the run has), and for the `warmup`, mean teacher's share
-    of the run. Under 'budget' they are given for 30,000 iterations, which it scales."""
+    of the run. Under 'budget' they are given for 30,000 iterations, which it scales. `drawn`: a
+    search's spaces draw the units, so the interval is the reference's 150 scaled (each draw then
+    spans the share of the run it would in the reference's) and no --consistency-rampup is given."""
     flags = []
     if ramp:
-        units = rampup if rampup > 0 else 200.0
+        units = REFERENCE_RAMPUP if drawn or rampup <= 0 else rampup
         span = REFERENCE_ITERATIONS if mode == "budget" else max_iterations  # what the ramp should span
         flags.append(f"--rampup-interval {max(1, round(span / units))}" if units <= span else
-                     f"--rampup-interval 1 --consistency-rampup {span}")
+                     "--rampup-interval 1" if drawn else f"--rampup-interval 1 --consistency-rampup {span}")
     if warmup:
         scaled = REFERENCE_MT_WARMUP if mode == "budget" else scaled_to_budget(REFERENCE_MT_WARMUP, max_iterations)
         flags.append(f"--mt-warmup {scaled}")

@@ -314,7 +314,7 @@ def budget_note(config: TrainConfig, methods: list[str] | None = None,
     from raysemi.methods import get_method
     from raysemi.schedules import ramp_reached, scaled_again_note, schedule_lengths, short_budget_note
 
-    reached, warmups, longest, fixed_warmup = {}, {}, [], False
+    reached, warmups, longest, fixed_warmup, drawn = {}, {}, [], False, False
     for name in methods or [config.method]:
         cls, space = get_method(name), (spaces or {}).get(name, {})
         if not cls.uses_unlabeled:
@@ -326,13 +326,16 @@ def budget_note(config: TrainConfig, methods: list[str] | None = None,
         interval, warmup = schedule_lengths(soonest("rampup_interval"), int(soonest("mt_warmup")),
                                             config.max_iterations, config.schedules)
         reached[cls.name] = ramp_reached(config.max_iterations, soonest("consistency_rampup"), interval)
+        if "consistency_rampup" in space and reached[cls.name] < 0.5:  # a weak ramp no flag's units would set
+            drawn = True
         if "rampup_interval" not in space:  # the longest ramp a trial can draw, in units x interval
             units = space["consistency_rampup"].highest() if "consistency_rampup" in space else config.consistency_rampup
             longest.append(units * config.rampup_interval)
         if "mt_warmup" in cls.hyperparameters:
             warmups[cls.name] = warmup
             fixed_warmup = fixed_warmup or "mt_warmup" not in space
-    notes = [short_budget_note(config.max_iterations, reached, warmups, config.consistency_rampup, config.schedules)]
+    notes = [short_budget_note(config.max_iterations, reached, warmups, config.consistency_rampup, config.schedules,
+                               drawn)]
     if config.schedules == "budget":
         notes.append(scaled_again_note(config.max_iterations, config.rampup_interval if longest else None,
                                        config.mt_warmup if fixed_warmup else None, max(longest, default=0.0)))

@@ -164,6 +164,22 @@ def test_a_searchs_budget_note_counts_the_soonest_ramp_its_spaces_can_draw():
     assert short.startswith("note: in 300 iterations the consistency weight reaches at most 1% of --consistency by "
                             "the last iteration (mean_teacher; ")
     assert "supervised" not in short and ": --rampup-interval 2 --mt-warmup 10; or --schedules budget" in short
+    # at 100 iterations a run is told to shorten its ramp to the run (units of 1, 100 of them); a
+    # search whose space draws --consistency-rampup cannot be (the draws override the flag): it is
+    # told the reference's interval scaled, and the units are said to be drawn
+    run = budget_note(base.replace(max_iterations=100))
+    assert ": --rampup-interval 1 --consistency-rampup 100 --mt-warmup 3; or" in run and "drawn" not in run
+    searched = budget_note(base.replace(max_iterations=100), ["mean_teacher"], load_spaces(["mean_teacher"]))
+    assert ": --rampup-interval 1 --mt-warmup 3; or --schedules budget with --rampup-interval 150 --mt-warmup 1000 " \
+        "(the reference's values, the defaults)" in searched
+    assert "its ramp is --consistency-rampup units (drawn by the spaces) of --rampup-interval iterations" in searched
+    assert "--consistency-rampup 100" not in searched
+    # a run set to a 2,000-unit ramp is told the interval that spans its run; a search drawing the units, 150 scaled
+    assert ": --rampup-interval 5; or --schedules budget with --rampup-interval 15," in budget_note(
+        base.replace(max_iterations=10_000, consistency_rampup=2000.0, mt_warmup=0))
+    assert ": --rampup-interval 50; or --schedules budget with --rampup-interval 150 " in budget_note(
+        base.replace(max_iterations=10_000, consistency_rampup=2000.0, mt_warmup=0), ["mean_teacher"],
+        {"mean_teacher": {"consistency_rampup": Dist("uniform", 1000.0, 3000.0)}})
 
 
 def test_budget_schedules_scale_the_reference_lengths_to_the_run():
